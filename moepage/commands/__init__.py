@@ -1,0 +1,18 @@
+"""One module per CLI verb; each exposes `register(subparsers)`."""
+from __future__ import annotations
+
+import importlib
+
+VERBS = ["serve", "generate", "inspect", "split", "verify"]
+OPTIONAL_VERBS = ["profile", "extract", "prune", "publish", "upcycle", "train", "probe", "bench"]
+
+
+def register_all(sub):
+    for verb in VERBS + OPTIONAL_VERBS:
+        try:
+            module = importlib.import_module(f"moepage.commands.{verb}")
+        except ModuleNotFoundError as e:
+            if e.name == f"moepage.commands.{verb}":
+                continue  # verb not built yet
+            raise
+        module.register(sub)

@@ -1,0 +1,1 @@
+"""Model definitions, KV cache, sampling, the generation loop, tokenizer and chat template."""

@@ -1,0 +1,211 @@
+"""Engine: a loaded model, its expert cache and KV cache, and the prefill/decode loop for one sequence at a time."""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from moepage.engine.checkpoint import Checkpoint, open_checkpoint
+from moepage.engine.kv_cache import ContextOverflow, KVCache
+from moepage.engine.model import MoEModel
+from moepage.engine.moe import PreparedExpert, prepare_expert
+from moepage.engine.sampling import Sampler, SamplingParams
+from moepage.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from moepage.paging.budget import MemoryPlan, plan_memory
+from moepage.paging.cache import ExpertCache
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class EngineConfig:
+    model: str
+    memory_budget: int | None = None  # bytes for resident + KV + expert cache; None = unlimited
+    expert_cache_bytes: int | None = None  # overrides the expert share of the budget
+    dtype: str = "auto"
+    ctx_size: int | None = None
+    policy: str = "lru"
+    io_threads: int = 2
+    prefetch: bool = True
+    device: str = "cpu"
+    threads: int | None = None
+    prefill_chunk: int = 512
+    verify_shards: bool = True
+    drop_page_cache: bool = True
+
+
+@dataclass
+class StepOutput:
+    token: int
+    text: str
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    finish_reason: str | None = None
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    first_token_time: float | None = None
+    token_times: list[float] = field(default_factory=list)
+
+    @property
+    def decode_tps(self) -> float:
+        n = self.completion_tokens - 1
+        return n / self.decode_seconds if n > 0 and self.decode_seconds > 0 else 0.0
+
+
+def resolve_dtype(name: str, checkpoint_dtype: str) -> torch.dtype:
+    key = checkpoint_dtype if name == "auto" else name
+    try:
+        return DTYPES[str(key).replace("torch.", "")]
+    except KeyError:
+        raise ValueError(f"unsupported dtype {key!r}; choose from {', '.join(DTYPES)}") from None
+
+
+class Engine:
+    def __init__(self, ckpt: Checkpoint, tokenizer: Tokenizer | None, model: MoEModel, cache: ExpertCache,
+                 kv: KVCache, plan: MemoryPlan, cfg: EngineConfig):
+        self.ckpt = ckpt
+        self.args = ckpt.args
+        self.tokenizer = tokenizer
+        self.model = model
+        self.cache = cache
+        self.kv = kv
+        self.plan = plan
+        self.cfg = cfg
+        self.lock = threading.Lock()
+        gen = ckpt.generation_config
+        eos = set(self.args.eos_token_ids) | set(_as_list(gen.get("eos_token_id")))
+        if tokenizer is not None and tokenizer.eos_id is not None:
+            eos.add(tokenizer.eos_id)
+        self.eos_ids = eos
+        self.last_stats = GenerationStats()
+
+    @classmethod
+    def load(cls, cfg: EngineConfig) -> "Engine":
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        ckpt = open_checkpoint(cfg.model, drop_page_cache=cfg.drop_page_cache, verify=cfg.verify_shards)
+        args = ckpt.args
+        dtype = resolve_dtype(cfg.dtype, args.torch_dtype)
+        device = torch.device(cfg.device)
+        weights = {c: ckpt.read_tensor(n).to(device=device, dtype=dtype) for c, n in ckpt.resident_checkpoint_names().items()}
+        resident_bytes = sum(t.numel() * t.element_size() for t in weights.values())
+        ctx = int(cfg.ctx_size or min(args.max_position_embeddings, 4096))
+        kv_bytes = KVCache.bytes_for(args.num_layers, args.num_kv_heads, args.head_dim, ctx, dtype)
+        n_experts = len(args.moe_layers) * args.num_experts
+        each = PreparedExpert.nbytes_for(args.hidden_size, args.moe_intermediate_size, dtype)
+        plan = plan_memory(cfg.memory_budget, resident_bytes, kv_bytes, each, n_experts, args.top_k, cfg.expert_cache_bytes)
+        source = ckpt.experts
+        cache = ExpertCache(
+            load=lambda layer, e: prepare_expert(source.read(layer, e), dtype, device),
+            nbytes_of=lambda layer: each,
+            budget_bytes=plan.expert_cache_bytes,
+            policy=cfg.policy,
+            workers=cfg.io_threads,
+        )
+        model = MoEModel(args, weights, cache, dtype, device)
+        for block in model.moe_blocks:
+            block.prefetch = cfg.prefetch
+        try:
+            tokenizer = Tokenizer.from_dir(ckpt.tokenizer_dir)
+        except FileNotFoundError:
+            tokenizer = None
+        return cls(ckpt, tokenizer, model, cache, model.new_kv_cache(ctx), plan, cfg)
+
+    @property
+    def ctx_size(self) -> int:
+        return self.kv.max_tokens
+
+    def close(self):
+        self.cache.close()
+
+    # ---- forward passes -----------------------------------------------------------------------
+    def prefill(self, ids: list[int], cancelled: Callable[[], bool] | None = None) -> torch.Tensor | None:
+        """Run the prompt through the model in chunks; logits [V] of the last position (None if cancelled)."""
+        self.kv.length = 0
+        logits = None
+        chunk = max(1, self.cfg.prefill_chunk)
+        for s in range(0, len(ids), chunk):
+            if cancelled is not None and cancelled():
+                return None
+            logits = self.model.forward(torch.tensor(ids[s : s + chunk]), self.kv, start=s)
+        return logits[-1]
+
+    def logits_all(self, ids: list[int]) -> torch.Tensor:
+        """Logits [T, V] for every position of ids (tests, perplexity)."""
+        with self.lock:
+            self.kv.length = 0
+            return self.model.forward(torch.tensor(ids), self.kv, start=0, all_logits=True)
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams,
+                 cancelled: Callable[[], bool] | None = None) -> Iterator[StepOutput]:
+        """Prefill then decode, yielding one StepOutput per generated token (text deltas respect stop strings)."""
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        params.validate(self.args.vocab_size)
+        if len(prompt_ids) >= self.ctx_size:
+            raise ContextOverflow(len(prompt_ids), self.ctx_size)
+        with self.lock:
+            yield from self._generate(prompt_ids, params, cancelled)
+
+    def _generate(self, prompt_ids, params: SamplingParams, cancelled):
+        stats = self.last_stats = GenerationStats(prompt_tokens=len(prompt_ids))
+        t0 = time.perf_counter()
+        logits = self.prefill(prompt_ids, cancelled)
+        if logits is None:
+            return
+        stats.prefill_seconds = time.perf_counter() - t0
+        sampler = Sampler(params, prompt_ids, logits.shape[-1])
+        detok = IncrementalDetokenizer(self.tokenizer, prompt_ids) if self.tokenizer else None
+        stops = [s for s in params.stop if s]
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
+        max_new = min(params.max_tokens or self.ctx_size, self.ctx_size - len(prompt_ids))
+        pending = ""  # text held back because it may be the start of a stop string
+        t_decode = time.perf_counter()
+        for n in range(max_new):
+            choice = sampler(logits)
+            now = time.perf_counter()
+            stats.token_times.append(now)
+            if stats.first_token_time is None:
+                stats.first_token_time = now - t0
+            stats.completion_tokens += 1
+            if choice.token in stop_ids:
+                yield StepOutput(choice.token, pending, choice.logprob, choice.top, "stop")
+                break
+            text = detok.push(choice.token) if detok else ""
+            pending += text
+            finish = None
+            if stops:
+                hit = min(((pending.find(s), s) for s in stops if s in pending), default=None)
+                if hit is not None:
+                    yield StepOutput(choice.token, pending[: hit[0]], choice.logprob, choice.top, "stop")
+                    break
+                keep = max((k for s in stops for k in range(1, len(s)) if pending.endswith(s[:k])), default=0)
+                emit, pending = (pending[:-keep], pending[-keep:]) if keep else (pending, "")
+            else:
+                emit, pending = pending, ""
+            last = n == max_new - 1
+            if last:
+                finish = "length"
+                if detok:
+                    emit += pending + detok.flush()
+            yield StepOutput(choice.token, emit, choice.logprob, choice.top, finish)
+            if last or (cancelled is not None and cancelled()):
+                break
+            logits = self.model.forward(torch.tensor([choice.token]), self.kv)[-1]
+        stats.decode_seconds = time.perf_counter() - t_decode
+
+
+def _as_list(v) -> list[int]:
+    if v is None:
+        return []
+    return [v] if isinstance(v, int) else list(v)

@@ -1,0 +1,130 @@
+"""The decoder shared by every supported MoE family; family differences live in ModelArgs.
+
+Shape legend: T tokens in this step, H hidden, N query heads, G kv heads, D head dim, V vocab.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from moepage.engine.kv_cache import KVCache
+from moepage.engine.model_args import ModelArgs
+from moepage.engine.moe import SparseMoE
+from moepage.kernels.experts import swiglu
+from moepage.kernels.norm import rms_norm
+from moepage.kernels.rope import RotaryTable, apply_rope
+from moepage.paging.cache import ExpertCache
+
+
+@dataclass
+class Layer:
+    attn_norm: torch.Tensor
+    ffn_norm: torch.Tensor
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    o: torch.Tensor
+    q_bias: torch.Tensor | None = None
+    k_bias: torch.Tensor | None = None
+    v_bias: torch.Tensor | None = None
+    o_bias: torch.Tensor | None = None
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
+    moe: SparseMoE | None = None
+    dense: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+
+class MoEModel:
+    def __init__(self, args: ModelArgs, weights: dict[str, torch.Tensor], cache: ExpertCache, dtype, device="cpu"):
+        self.args = args
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.cache = cache
+        self.embed = weights["embed"]  # [V, H]
+        self.norm = weights["norm"]
+        self.lm_head = weights["embed"] if args.tie_word_embeddings else weights["lm_head"]  # [V, H]
+        self.rope = RotaryTable(args.head_dim, args.rope_theta, args.rope_scaling, dtype, self.device)
+        self.scale = args.head_dim**-0.5
+        self.layers: list[Layer] = []
+        for i in range(args.num_layers):
+            p = f"layers.{i}."
+            opt = lambda n: weights.get(p + n)  # noqa: E731
+            layer = Layer(**{n: weights[p + n] for n in ("attn_norm", "ffn_norm", "q", "k", "v", "o")})
+            for n in ("q_bias", "k_bias", "v_bias", "o_bias", "q_norm", "k_norm"):
+                setattr(layer, n, opt(n))
+            if args.sparse_layers[i]:
+                shared = None
+                if args.shared_expert_intermediate_size:
+                    shared = (weights[p + "shared_gate"], weights[p + "shared_up"], weights[p + "shared_down"])
+                layer.moe = SparseMoE(i, weights[p + "router"], args.routing, cache, shared, opt("shared_expert_gate"))
+            else:
+                layer.dense = (weights[p + "dense_gate"], weights[p + "dense_up"], weights[p + "dense_down"])
+            self.layers.append(layer)
+
+    @property
+    def moe_blocks(self) -> list[SparseMoE]:
+        return [layer.moe for layer in self.layers if layer.moe is not None]
+
+    def new_kv_cache(self, max_tokens: int) -> KVCache:
+        a = self.args
+        return KVCache(a.num_layers, a.num_kv_heads, a.head_dim, max_tokens, self.dtype, self.device)
+
+    def _attention(self, i: int, layer: Layer, x: torch.Tensor, kv: KVCache, start: int) -> torch.Tensor:
+        a = self.args
+        T = x.shape[0]
+        q = F.linear(x, layer.q, layer.q_bias)  # [T, N*D]
+        k = F.linear(x, layer.k, layer.k_bias)  # [T, G*D]
+        v = F.linear(x, layer.v, layer.v_bias)
+        if a.qk_norm == "full":
+            q = rms_norm(q, layer.q_norm, a.rms_norm_eps)
+            k = rms_norm(k, layer.k_norm, a.rms_norm_eps)
+        if a.clip_qkv is not None:
+            q, k, v = (t.clamp(-a.clip_qkv, a.clip_qkv) for t in (q, k, v))
+        q = q.view(1, T, a.num_heads, a.head_dim)
+        k = k.view(1, T, a.num_kv_heads, a.head_dim)
+        if a.qk_norm == "head":
+            q = rms_norm(q, layer.q_norm, a.rms_norm_eps)
+            k = rms_norm(k, layer.k_norm, a.rms_norm_eps)
+        q = q.transpose(1, 2)  # [1, N, T, D]
+        k = k.transpose(1, 2)  # [1, G, T, D]
+        v = v.view(1, T, a.num_kv_heads, a.head_dim).transpose(1, 2)
+        cos, sin = self.rope.get(start, T)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        keys, values = kv.update(i, k, v, start)  # [1, G, S, D]
+        window = a.sliding_window
+        if start == 0 and (window is None or T <= window):
+            out = F.scaled_dot_product_attention(
+                q, keys, values, is_causal=T > 1, scale=self.scale, enable_gqa=a.num_heads != a.num_kv_heads
+            )
+        else:
+            S = keys.shape[2]
+            qpos = torch.arange(start, start + T, device=x.device)[:, None]
+            kpos = torch.arange(S, device=x.device)[None, :]
+            mask = kpos <= qpos  # [T, S]
+            if window is not None:
+                mask &= kpos > qpos - window
+            if T == 1 and bool(mask.all()):
+                mask = None
+            out = F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=a.num_heads != a.num_kv_heads
+            )
+        out = out.transpose(1, 2).reshape(T, a.num_heads * a.head_dim)  # [T, N*D]
+        return F.linear(out, layer.o, layer.o_bias)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, kv: KVCache, start: int | None = None, all_logits: bool = False):
+        """tokens [T] at positions start..start+T -> logits [T, V] (all_logits) or [1, V] for the last token."""
+        start = kv.length if start is None else start
+        a = self.args
+        h = F.embedding(tokens.to(self.device), self.embed)  # [T, H]
+        for i, layer in enumerate(self.layers):
+            r = rms_norm(h, layer.attn_norm, a.rms_norm_eps)
+            h = h + self._attention(i, layer, r, kv, start)
+            r = rms_norm(h, layer.ffn_norm, a.rms_norm_eps)
+            h = h + (layer.moe(r) if layer.moe is not None else swiglu(r, *layer.dense))
+        kv.length = start + tokens.shape[0]
+        if not all_logits:
+            h = h[-1:]
+        return F.linear(rms_norm(h, self.norm, a.rms_norm_eps), self.lm_head)  # [T|1, V]

@@ -1,0 +1,101 @@
+"""The sparse MoE block: router, routed experts through the ExpertCache, optional shared expert.
+
+Shape legend: T tokens, H hidden, E experts, K experts per token, I expert intermediate size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from moepage.kernels.experts import swiglu, swiglu_fused
+from moepage.kernels.routing import RoutingConfig, route
+from moepage.paging.cache import ExpertCache
+from moepage.paging.sources import ExpertWeights
+
+
+@dataclass
+class PreparedExpert:
+    """One routed expert ready to compute: w13 [2I, H] (gate rows, then up rows), w2 [H, I]."""
+
+    w13: torch.Tensor
+    w2: torch.Tensor
+    stored_nbytes: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.w13.numel() * self.w13.element_size() + self.w2.numel() * self.w2.element_size()
+
+    @staticmethod
+    def nbytes_for(hidden: int, intermediate: int, dtype: torch.dtype) -> int:
+        return 3 * hidden * intermediate * torch.empty(0, dtype=dtype).element_size()
+
+
+def prepare_expert(w: ExpertWeights, dtype: torch.dtype, device) -> PreparedExpert:
+    w13 = torch.cat([w.gate, w.up], dim=0).to(device=device, dtype=dtype)  # [2I, H]
+    w2 = w.down.to(device=device, dtype=dtype)  # [H, I]
+    return PreparedExpert(w13.contiguous(), w2.contiguous(), w.nbytes)
+
+
+RoutingObserver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+class SparseMoE:
+    def __init__(
+        self,
+        layer: int,
+        router: torch.Tensor,  # [E, H]
+        routing: RoutingConfig,
+        cache: ExpertCache,
+        shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,  # gate, up, down
+        shared_gate: torch.Tensor | None = None,  # [1, H]
+    ):
+        self.layer = layer
+        self.router = router
+        self.routing = routing
+        self.cache = cache
+        self.shared = shared
+        self.shared_gate = shared_gate
+        self.observers: list[RoutingObserver] = []
+        self.prefetch = True
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, H] -> [T, H]."""
+        shared_out = swiglu(x, *self.shared) if self.shared is not None else None
+        logits = F.linear(x, self.router)  # [T, E]
+        weights, indices = route(logits, self.routing)  # [T, K]
+        for obs in self.observers:
+            obs(self.layer, logits, weights, indices)
+        out = self.experts(x, indices, weights)
+        if shared_out is not None:
+            if self.shared_gate is not None:
+                shared_out = torch.sigmoid(F.linear(x, self.shared_gate)) * shared_out
+            out = out + shared_out
+        return out
+
+    def experts(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Sum over each token's K experts, in ascending expert order so paging never changes the sum."""
+        out = torch.zeros_like(x)  # [T, H]
+        groups: dict[int, tuple[list[int], list[int]]] = {}
+        for t, row in enumerate(indices.tolist()):
+            for k, e in enumerate(row):
+                groups.setdefault(e, ([], []))
+                groups[e][0].append(k)
+                groups[e][1].append(t)
+        order = sorted(groups)
+        if self.prefetch and len(order) > 1:
+            room = max(0, self.cache.budget // max(1, self.cache.nbytes_of(self.layer)) - 1)
+            self.cache.prefetch([(self.layer, e) for e in order[1 : 1 + room]])
+        for e in order:
+            ks, ts = groups[e]
+            # transformers orders rows by top-k slot, then token; keep that order.
+            pairs = sorted(zip(ks, ts))
+            pos = torch.tensor([p[0] for p in pairs])
+            tok = torch.tensor([p[1] for p in pairs])
+            with self.cache.use((self.layer, e)) as ex:
+                h = swiglu_fused(x[tok], ex.w13, ex.w2)  # [t, H]
+            h = h * weights[tok, pos, None]
+            out.index_add_(0, tok, h.to(out.dtype))
+        return out

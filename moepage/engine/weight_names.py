@@ -1,0 +1,48 @@
+"""Canonical weight names of a model instance and their translation through a family's table."""
+from __future__ import annotations
+
+import re
+
+from moepage.engine.model_args import ModelArgs
+
+_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
+
+
+def resident_names(args: ModelArgs) -> list[str]:
+    """Every canonical name the runtime keeps resident (all but routed experts)."""
+    names = ["embed", "norm"]
+    if not args.tie_word_embeddings:
+        names.append("lm_head")
+    for i in range(args.num_layers):
+        p = f"layers.{i}."
+        names += [p + n for n in ("attn_norm", "ffn_norm", "q", "k", "v", "o")]
+        if args.qkv_bias:
+            names += [p + "q_bias", p + "k_bias", p + "v_bias"]
+        if args.o_bias:
+            names.append(p + "o_bias")
+        if args.qk_norm:
+            names += [p + "q_norm", p + "k_norm"]
+        if args.sparse_layers[i]:
+            names.append(p + "router")
+            if args.shared_expert_intermediate_size:
+                names += [p + "shared_gate", p + "shared_up", p + "shared_down"]
+                if args.shared_expert_gate:
+                    names.append(p + "shared_expert_gate")
+        else:
+            names += [p + "dense_gate", p + "dense_up", p + "dense_down"]
+    return names
+
+
+def to_checkpoint(table: dict[str, str], canonical: str) -> str:
+    """'layers.3.q' -> 'model.layers.3.self_attn.q_proj.weight' using a family table."""
+    if canonical in table:
+        return table[canonical]
+    m = _LAYER.match(canonical)
+    if m and f"layers.{{L}}.{m.group(2)}" in table:
+        return table[f"layers.{{L}}.{m.group(2)}"].format(L=m.group(1))
+    raise KeyError(f"no checkpoint name for {canonical!r}")
+
+
+def expert_names(table: dict[str, str], layer: int, expert: int) -> dict[str, str]:
+    """{'gate': name, 'up': name, 'down': name} for one routed expert."""
+    return {part: t.format(L=layer, E=expert) for part, t in table.items()}

@@ -1,0 +1,87 @@
+"""Byte sizes from the command line and how a --memory-budget splits between its parts."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1 << 10, "kib": 1 << 10, "kb": 10**3,
+    "m": 1 << 20, "mib": 1 << 20, "mb": 10**6,
+    "g": 1 << 30, "gib": 1 << 30, "gb": 10**9,
+    "t": 1 << 40, "tib": 1 << 40, "tb": 10**12,
+}
+
+
+def parse_size(text: str | int) -> int:
+    """'6GB' (10^9), '6GiB' or '6G' (2^30), '512MiB', '1.5G', '1000000' -> bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"cannot parse size {text!r}; use e.g. 6GB, 6GiB, 512MiB or a byte count")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+@dataclass
+class MemoryPlan:
+    budget: int | None  # None: no limit, every expert may stay resident
+    resident_bytes: int
+    kv_bytes: int
+    expert_bytes_total: int
+    expert_bytes_each: int  # largest prepared expert
+    experts_total: int
+    top_k: int
+    expert_cache_bytes: int
+
+    @property
+    def min_expert_cache(self) -> int:
+        return self.top_k * self.expert_bytes_each
+
+    @property
+    def min_budget(self) -> int:
+        return self.resident_bytes + self.kv_bytes + self.min_expert_cache
+
+    @property
+    def fraction_resident(self) -> float:
+        return min(1.0, self.expert_cache_bytes / self.expert_bytes_total) if self.expert_bytes_total else 1.0
+
+    def summary(self) -> str:
+        head = f"memory budget {human(self.budget)}" if self.budget is not None else "memory budget: unlimited"
+        return (
+            f"{head}: resident weights {human(self.resident_bytes)}, KV cache {human(self.kv_bytes)}, "
+            f"expert cache {human(self.expert_cache_bytes)} = {self.fraction_resident:.0%} of "
+            f"{self.experts_total} experts ({human(self.expert_bytes_total)}, {human(self.expert_bytes_each)} each)"
+        )
+
+
+class BudgetError(ValueError):
+    pass
+
+
+def plan_memory(
+    budget: int | None, resident_bytes: int, kv_bytes: int, expert_bytes_each: int, experts_total: int, top_k: int,
+    expert_cache_bytes: int | None = None,
+) -> MemoryPlan:
+    """Split the budget; `expert_cache_bytes` overrides what is left for experts (tests, benchmarks)."""
+    total = expert_bytes_each * experts_total
+    if expert_cache_bytes is None:
+        expert_cache_bytes = total if budget is None else budget - resident_bytes - kv_bytes
+    plan = MemoryPlan(budget, resident_bytes, kv_bytes, total, expert_bytes_each, experts_total, top_k,
+                      min(int(expert_cache_bytes), total) if total else 0)
+    if experts_total and expert_cache_bytes < plan.min_expert_cache:
+        raise BudgetError(
+            f"memory budget too small: resident weights {human(resident_bytes)} + KV cache {human(kv_bytes)} leave "
+            f"{human(max(0, expert_cache_bytes))} for experts, but one token needs {top_k} experts x "
+            f"{human(expert_bytes_each)} = {human(plan.min_expert_cache)}; the minimum budget is "
+            f"{human(plan.min_budget)} ({plan.min_budget} bytes); lower --ctx-size to shrink the KV cache"
+        )
+    return plan

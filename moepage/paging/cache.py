@@ -1,0 +1,236 @@
+"""ExpertCache: prepared experts held under a byte budget, paged in on demand or ahead of time.
+
+Bytes are reserved before a read starts, so resident + in-flight bytes never exceed the budget.
+An expert in use (pinned) is never evicted; everything else leaves in the policy's order.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from moepage.paging.policy import make_policy
+from moepage.paging.stats import CacheStats
+
+Key = tuple[int, int]  # (layer, expert)
+
+
+class BudgetTooSmall(RuntimeError):
+    pass
+
+
+@dataclass
+class _Entry:
+    value: Any
+    nbytes: int
+    pins: int = 0
+    from_prefetch: bool = False
+
+
+class ExpertCache:
+    def __init__(
+        self,
+        load: Callable[[int, int], Any],
+        nbytes_of: Callable[[int], int],
+        budget_bytes: int,
+        policy: str = "lru",
+        workers: int = 2,
+    ):
+        self.load = load
+        self.nbytes_of = nbytes_of
+        self.budget = int(budget_bytes)
+        self.policy = make_policy(policy)
+        self.stats = CacheStats()
+        self._cond = threading.Condition()
+        self._entries: dict[Key, _Entry] = {}
+        self._loading: dict[Key, Future] = {}
+        self._used = 0
+        self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="moepage-pagein")
+        self.on_access: list[Callable[[Key, bool], None]] = []  # (key, hit) observers, e.g. a trace recorder
+
+    # ---- accounting ---------------------------------------------------------------------------
+    @property
+    def used_bytes(self) -> int:
+        return self._used
+
+    @property
+    def resident_keys(self) -> set[Key]:
+        with self._cond:
+            return set(self._entries)
+
+    def __contains__(self, key: Key) -> bool:
+        return key in self._entries
+
+    def _evict(self, key: Key):
+        e = self._entries.pop(key)
+        self.policy.remove(key)
+        self._used -= e.nbytes
+        with self.stats.lock:
+            self.stats.evictions += 1
+            if e.from_prefetch:
+                self.stats.prefetch_wasted += 1
+
+    def _reserve(self, n: int) -> bool:
+        if n > self.budget:
+            return False
+        while self._used + n > self.budget:
+            victim = next((k for k in self.policy.victims() if self._entries[k].pins == 0), None)
+            if victim is None:
+                return False
+            self._evict(victim)
+        self._used += n
+        return True
+
+    def resize(self, budget_bytes: int):
+        with self._cond:
+            self.budget = int(budget_bytes)
+            for k in list(self.policy.victims()):
+                if self._used <= self.budget:
+                    break
+                if self._entries[k].pins == 0:
+                    self._evict(k)
+
+    # ---- reads --------------------------------------------------------------------------------
+    def _read(self, key: Key):
+        t0 = time.perf_counter()
+        value = self.load(*key)
+        dt = time.perf_counter() - t0
+        with self.stats.lock:
+            self.stats.page_in.observe(dt)
+            self.stats.bytes_read += getattr(value, "stored_nbytes", 0)
+        return value
+
+    def acquire(self, key: Key):
+        """The prepared expert for key, pinned until release(key)."""
+        counted = False
+        while True:
+            with self._cond:
+                e = self._entries.get(key)
+                if e is not None:
+                    e.pins += 1
+                    self.policy.touch(key)
+                    with self.stats.lock:
+                        if not counted:
+                            self.stats.hits += 1
+                        if e.from_prefetch:
+                            self.stats.prefetch_used += 1
+                    e.from_prefetch = False
+                    for cb in self.on_access:
+                        cb(key, not counted)
+                    return e.value
+                if not counted:
+                    counted = True
+                    with self.stats.lock:
+                        self.stats.misses += 1
+                fut = self._loading.get(key)
+                if fut is None:
+                    n = self.nbytes_of(key[0])
+                    if not self._reserve(n):
+                        if self._loading:
+                            self._cond.wait(0.05)
+                            continue
+                        raise BudgetTooSmall(
+                            f"expert cache budget {self.budget} bytes cannot hold layer {key[0]} expert {key[1]} "
+                            f"({n} bytes) next to {sum(x.pins > 0 for x in self._entries.values())} experts in use"
+                        )
+                    fut = Future()
+                    self._loading[key] = fut
+                    mine = True
+                else:
+                    mine = False
+            if not mine:
+                try:
+                    fut.result()
+                except Exception:
+                    pass  # a failed prefetch: the next pass reads inline and raises the real error
+                continue
+            try:
+                value = self._read(key)
+            except BaseException as exc:
+                with self._cond:
+                    self._used -= n
+                    self._loading.pop(key, None)
+                    fut.set_exception(exc)
+                    self._cond.notify_all()
+                raise
+            with self._cond:
+                self._entries[key] = _Entry(value, n, pins=1)
+                self.policy.insert(key)
+                self._loading.pop(key, None)
+                fut.set_result(True)
+                self._cond.notify_all()
+                for cb in self.on_access:
+                    cb(key, False)
+            return value
+
+    def release(self, key: Key):
+        with self._cond:
+            e = self._entries.get(key)
+            if e is not None:
+                e.pins -= 1
+            self._cond.notify_all()
+
+    @contextmanager
+    def use(self, key: Key):
+        value = self.acquire(key)
+        try:
+            yield value
+        finally:
+            self.release(key)
+
+    def prefetch(self, keys) -> int:
+        """Start background reads of keys not yet resident; returns how many were issued."""
+        issued = 0
+        for key in keys:
+            with self._cond:
+                if key in self._entries or key in self._loading:
+                    continue
+                n = self.nbytes_of(key[0])
+                if not self._reserve(n):
+                    with self.stats.lock:
+                        self.stats.prefetch_dropped += 1
+                    continue
+                fut = Future()
+                self._loading[key] = fut
+                with self.stats.lock:
+                    self.stats.prefetch_issued += 1
+            self._pool.submit(self._prefetch_one, key, n, fut)
+            issued += 1
+        return issued
+
+    def _prefetch_one(self, key: Key, n: int, fut: Future):
+        try:
+            value = self._read(key)
+        except BaseException as exc:
+            with self._cond:
+                self._used -= n
+                self._loading.pop(key, None)
+                fut.set_exception(exc)
+                self._cond.notify_all()
+            return
+        with self._cond:
+            self._entries[key] = _Entry(value, n, from_prefetch=True)
+            self.policy.insert(key)
+            self._loading.pop(key, None)
+            fut.set_result(True)
+            self._cond.notify_all()
+
+    def wait_idle(self):
+        """Block until no read is in flight (tests, shutdown)."""
+        with self._cond:
+            while self._loading:
+                self._cond.wait(0.05)
+
+    def clear(self):
+        self.wait_idle()
+        with self._cond:
+            for k in [k for k, e in self._entries.items() if e.pins == 0]:
+                self._entries.pop(k)
+                self.policy.remove(k)
+            self._used = sum(e.nbytes for e in self._entries.values())
+
+    def close(self):
+        self._pool.shutdown(wait=True, cancel_futures=True)

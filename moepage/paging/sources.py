@@ -1,0 +1,161 @@
+"""Expert sources: where the bytes of one routed expert come from.
+
+Shape legend: I expert intermediate size, H hidden size.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from moepage.paging.safetensors_file import CheckpointError, SafetensorsFile
+
+
+@dataclass
+class ExpertWeights:
+    """Raw weights of one routed expert as stored: gate [I, H], up [I, H], down [H, I]."""
+
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.gate, self.up, self.down))
+
+
+class ExpertSource(ABC):
+    """Reads one routed expert's weights, each tensor one contiguous byte range."""
+
+    @abstractmethod
+    def read(self, layer: int, expert: int) -> ExpertWeights: ...
+
+    @abstractmethod
+    def stored_nbytes(self, layer: int) -> int:
+        """Bytes one expert of `layer` occupies on disk."""
+
+    @abstractmethod
+    def describe(self) -> str: ...
+
+
+def sha256_of(path: str, chunk: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+class TensorIndex:
+    """Tensor name -> the safetensors file that holds it, for one checkpoint."""
+
+    def __init__(self, files: list[SafetensorsFile]):
+        self.files = files
+        self.where: dict[str, SafetensorsFile] = {}
+        for f in files:
+            for name in f.tensors:
+                self.where[name] = f
+
+    def has(self, name: str) -> bool:
+        return name in self.where
+
+    def file_of(self, name: str, what: str) -> SafetensorsFile:
+        try:
+            return self.where[name]
+        except KeyError:
+            files = ", ".join(os.path.basename(f.path) for f in self.files) or "no files"
+            raise CheckpointError(f"tensor {name!r} ({what}) is missing from the checkpoint ({files})") from None
+
+    def read(self, name: str, what: str) -> torch.Tensor:
+        return self.file_of(name, what).read(name)
+
+    def info(self, name: str, what: str):
+        return self.file_of(name, what).tensors[name]
+
+
+class SafetensorsExpertSource(ExpertSource):
+    """Experts stored as per-expert tensors in the safetensors shards of an original HF checkpoint."""
+
+    def __init__(self, index: TensorIndex, expert_table: dict[str, str]):
+        self.index = index
+        self.table = expert_table
+
+    def names(self, layer: int, expert: int) -> dict[str, str]:
+        return {part: t.format(L=layer, E=expert) for part, t in self.table.items()}
+
+    def read(self, layer: int, expert: int) -> ExpertWeights:
+        return ExpertWeights(
+            **{p: self.index.read(n, f"layer {layer} expert {expert} {p}") for p, n in self.names(layer, expert).items()}
+        )
+
+    def stored_nbytes(self, layer: int) -> int:
+        return sum(self.index.info(n, "expert").nbytes for n in self.names(layer, 0).values())
+
+    def describe(self) -> str:
+        return f"safetensors ({len(self.index.files)} files)"
+
+
+class SplitExpertSource(ExpertSource):
+    """A `moepage split` directory: one small safetensors file per expert, sha256 checked at first page-in."""
+
+    def __init__(self, root: str, shard_path: Callable[[int, int], str], expert_table: dict[str, str],
+                 hashes: dict[str, str], drop_page_cache: bool = True, verify: bool = True):
+        self.root = root
+        self.shard_path = shard_path  # (layer, expert) -> path relative to root
+        self.table = expert_table
+        self.hashes = hashes
+        self.drop_page_cache = drop_page_cache
+        self.verify = verify
+        self._verified: set[str] = set()
+        self._lock = threading.Lock()
+        self._sizes: dict[int, int] = {}
+
+    def _open(self, layer: int, expert: int) -> SafetensorsFile:
+        rel = self.shard_path(layer, expert)
+        path = os.path.join(self.root, rel)
+        if not os.path.exists(path):
+            raise CheckpointError(f"{path}: expert shard for layer {layer} expert {expert} is missing")
+        if self.verify and rel not in self._verified and rel in self.hashes:
+            digest = sha256_of(path)
+            if digest != self.hashes[rel]:
+                raise CheckpointError(
+                    f"{path}: sha256 mismatch for layer {layer} expert {expert} "
+                    f"(manifest {self.hashes[rel][:16]}…, file {digest[:16]}…): the shard is corrupt; "
+                    f"run `moepage verify {self.root}`"
+                )
+            with self._lock:
+                self._verified.add(rel)
+        try:
+            return SafetensorsFile(path, drop_page_cache=self.drop_page_cache)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e} (layer {layer} expert {expert})") from None
+
+    def read(self, layer: int, expert: int) -> ExpertWeights:
+        f = self._open(layer, expert)
+        try:
+            out = {}
+            for part, t in self.table.items():
+                name = t.format(L=layer, E=expert)
+                if name not in f.tensors:
+                    raise CheckpointError(f"{f.path}: tensor {name!r} (layer {layer} expert {expert} {part}) is missing")
+                out[part] = f.read(name)
+            return ExpertWeights(**out)
+        finally:
+            f.close()
+
+    def stored_nbytes(self, layer: int) -> int:
+        if layer not in self._sizes:
+            f = self._open(layer, 0)
+            try:
+                self._sizes[layer] = sum(i.nbytes for i in f.tensors.values())
+            finally:
+                f.close()
+        return self._sizes[layer]
+
+    def describe(self) -> str:
+        return f"split shards in {self.root}"

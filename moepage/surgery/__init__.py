@@ -1,0 +1,1 @@
+"""Offline tools: split, verify, profile, extract, upcycle, train, export."""
