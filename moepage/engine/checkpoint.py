@@ -41,6 +41,7 @@ class Checkpoint:
     read_tensor: Callable[[str], torch.Tensor]  # checkpoint name -> tensor
     tensor_nbytes: Callable[[str], int]
     generation_config: dict = field(default_factory=dict)
+    tensor_numel: Callable[[str], int] | None = None
 
     def resident_checkpoint_names(self) -> dict[str, str]:
         """canonical -> checkpoint name for every resident tensor."""
@@ -49,6 +50,13 @@ class Checkpoint:
     @property
     def tokenizer_dir(self) -> str:
         return self.root
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
 
 
 def _load_json(path: str) -> dict:
@@ -98,6 +106,7 @@ def _open_hf(root: str, drop_page_cache: bool) -> Checkpoint:
         read_tensor=lambda n: index.read(n, "resident weight"),
         tensor_nbytes=lambda n: index.info(n, "resident weight").nbytes,
         generation_config=_generation_config(root),
+        tensor_numel=lambda n: _numel(index.info(n, "resident weight").shape),
     )
 
 
@@ -117,4 +126,5 @@ def _open_split(root: str, drop_page_cache: bool, verify: bool) -> Checkpoint:
         read_tensor=lambda n: index.read(n, "resident weight"),
         tensor_nbytes=lambda n: index.info(n, "resident weight").nbytes,
         generation_config=_generation_config(root),
+        tensor_numel=lambda n: _numel(index.info(n, "resident weight").shape),
     )

@@ -40,6 +40,8 @@ def prepare_expert(w: ExpertWeights, dtype: torch.dtype, device) -> PreparedExpe
 
 
 RoutingObserver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+# (layer, expert, x rows [t, H] routed to it, their routing weights [t], its unweighted output [t, H])
+ExpertOutputObserver = Callable[[int, int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
 class SparseMoE:
@@ -59,6 +61,7 @@ class SparseMoE:
         self.shared = shared
         self.shared_gate = shared_gate
         self.observers: list[RoutingObserver] = []
+        self.output_observers: list[ExpertOutputObserver] = []  # profiling (REAP saliency); empty when serving
         self.prefetch = True
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -96,6 +99,8 @@ class SparseMoE:
             tok = torch.tensor([p[1] for p in pairs])
             with self.cache.use((self.layer, e)) as ex:
                 h = swiglu_fused(x[tok], ex.w13, ex.w2)  # [t, H]
+            for obs in self.output_observers:
+                obs(self.layer, e, x[tok], weights[tok, pos], h)
             h = h * weights[tok, pos, None]
             out.index_add_(0, tok, h.to(out.dtype))
         return out

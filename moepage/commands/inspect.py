@@ -1,0 +1,46 @@
+"""`moepage inspect PATH`: architecture, sizes, bytes per expert and which budget fits what."""
+from __future__ import annotations
+
+import torch
+
+
+def register(sub):
+    p = sub.add_parser("inspect", help="print architecture, sizes and memory budgets for a model")
+    p.add_argument("path")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--ctx-size", type=int, default=None)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from moepage.engine.checkpoint import open_checkpoint
+    from moepage.engine.engine import resolve_dtype
+    from moepage.engine.kv_cache import KVCache
+    from moepage.engine.moe import PreparedExpert
+    from moepage.paging.budget import human
+
+    ckpt = open_checkpoint(args.path)
+    a = ckpt.args
+    dtype = resolve_dtype(args.dtype, a.torch_dtype)
+    size = torch.empty(0, dtype=dtype).element_size()
+    resident_stored = sum(ckpt.tensor_nbytes(n) for n in ckpt.resident_checkpoint_names().values())
+    numel = ckpt.tensor_numel or (lambda n: ckpt.tensor_nbytes(n) // 2)
+    resident = sum(numel(n) * size for n in ckpt.resident_checkpoint_names().values())
+    n_experts = len(a.moe_layers) * a.num_experts
+    each = PreparedExpert.nbytes_for(a.hidden_size, a.moe_intermediate_size, dtype)
+    stored_each = ckpt.experts.stored_nbytes(a.moe_layers[0]) if a.moe_layers else 0
+    ctx = args.ctx_size or min(a.max_position_embeddings, 4096)
+    kv = KVCache.bytes_for(a.num_layers, a.num_kv_heads, a.head_dim, ctx, dtype)
+    print(f"model: {ckpt.root} ({ckpt.kind}, {a.family})")
+    print(f"layers {a.num_layers} ({len(a.moe_layers)} MoE), hidden {a.hidden_size}, heads {a.num_heads}/{a.num_kv_heads} "
+          f"x {a.head_dim}, vocab {a.vocab_size}, max positions {a.max_position_embeddings}")
+    print(f"experts: {a.num_experts} per layer, top-{a.top_k}, FFN {a.moe_intermediate_size}"
+          + (f", shared expert FFN {a.shared_expert_intermediate_size}" if a.shared_expert_intermediate_size else ""))
+    print(f"bytes per expert: {human(stored_each)} on disk, {human(each)} in memory as {str(dtype).replace('torch.', '')}")
+    print(f"resident weights: {human(resident_stored)} on disk, {human(resident)} in memory; "
+          f"all experts: {human(each * n_experts)}; KV cache for {ctx} tokens: {human(kv)}")
+    print("memory budget -> experts resident:")
+    for frac in (1.0, 0.75, 0.5, 0.3, 0.1):
+        print(f"  {human(resident + kv + frac * each * n_experts):>10}  {frac:>4.0%}")
+    print(f"  {human(resident + kv + a.top_k * each):>10}  minimum ({a.top_k} experts: one token's experts of one layer)")
+    return 0

@@ -1,0 +1,88 @@
+"""`moepage split SRC OUT`: resident.safetensors + one safetensors file per routed expert + moepage.json.
+
+Tensors keep their checkpoint names and dtypes, so the family tables read both layouts.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Callable
+
+from safetensors.torch import save_file
+
+from moepage.engine.checkpoint import MANIFEST, TOKENIZER_FILES, open_checkpoint, split_shard_path
+from moepage.paging.sources import sha256_of
+
+RESIDENT_FILE = "resident.safetensors"
+
+
+def split_checkpoint(src: str, out: str, log: Callable[[str], None] = lambda s: None) -> dict:
+    ckpt = open_checkpoint(src, drop_page_cache=False, verify=True)
+    if os.path.exists(os.path.join(out, MANIFEST)):
+        raise FileExistsError(f"{out}: already holds a split model ({MANIFEST}); choose an empty directory")
+    os.makedirs(out, exist_ok=True)
+    files: dict[str, dict] = {}
+
+    def record(rel: str):
+        path = os.path.join(out, rel)
+        files[rel] = {"size": os.path.getsize(path), "sha256": sha256_of(path)}
+
+    resident = {name: ckpt.read_tensor(name).contiguous() for name in ckpt.resident_checkpoint_names().values()}
+    save_file(resident, os.path.join(out, RESIDENT_FILE), metadata={"format": "pt"})
+    record(RESIDENT_FILE)
+    log(f"resident weights: {len(resident)} tensors")
+    del resident
+    args = ckpt.args
+    for layer in args.moe_layers:
+        for e in range(args.num_experts):
+            w = ckpt.experts.read(layer, e)
+            names = {p: t.format(L=layer, E=e) for p, t in ckpt.family.EXPERT_NAMES.items()}
+            rel = split_shard_path(layer, e)
+            os.makedirs(os.path.dirname(os.path.join(out, rel)), exist_ok=True)
+            save_file({names[p]: getattr(w, p).contiguous() for p in names}, os.path.join(out, rel))
+            record(rel)
+        log(f"layer {layer}: {args.num_experts} expert shards")
+    copied = []
+    for name in ("config.json",) + TOKENIZER_FILES:
+        p = os.path.join(ckpt.root, name)
+        if os.path.exists(p):
+            shutil.copyfile(p, os.path.join(out, name))
+            copied.append(name)
+    manifest = {
+        "format": "moepage-split",
+        "version": 1,
+        "source_format": ckpt.kind,
+        "architecture": ckpt.config.get("model_type"),
+        "config": ckpt.config,
+        "resident": RESIDENT_FILE,
+        "experts": {"layers": args.moe_layers, "per_layer": args.num_experts, "shard_pattern": split_shard_path(0, 0)
+                    .replace("L000", "L{layer:03d}").replace("E0000", "E{expert:04d}")},
+        "tokenizer_files": [c for c in copied if c != "config.json"],
+        "files": files,
+    }
+    with open(os.path.join(out, MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=1)
+    return manifest
+
+
+def verify_split(root: str) -> list[str]:
+    """Problems found in a split directory (empty list: every file present with its recorded size and sha256)."""
+    path = os.path.join(root, MANIFEST)
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        return [f"{path}: missing (not a moepage split directory)"]
+    except json.JSONDecodeError as e:
+        return [f"{path}: not valid JSON: {e}"]
+    problems = []
+    for rel, meta in sorted(manifest.get("files", {}).items()):
+        p = os.path.join(root, rel)
+        if not os.path.exists(p):
+            problems.append(f"{p}: missing")
+        elif os.path.getsize(p) != meta["size"]:
+            problems.append(f"{p}: size {os.path.getsize(p)} bytes, manifest says {meta['size']}")
+        elif sha256_of(p) != meta["sha256"]:
+            problems.append(f"{p}: sha256 mismatch (file is corrupt)")
+    return problems

@@ -1,0 +1,85 @@
+"""The budget is a promise: peak RSS of `moepage generate` when the experts are 4x the expert budget."""
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import save_file
+
+from moepage.engine.families import qwen3_moe
+from moepage.engine.weight_names import expert_names, resident_names, to_checkpoint
+
+HIDDEN, FFN, EXPERTS, LAYERS, VOCAB = 512, 512, 64, 4, 512
+
+
+def write_big_qwen3(out):
+    """A Qwen3-MoE checkpoint with 384 MiB of bf16 experts, one shard per layer, written without transformers."""
+    config = {
+        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": VOCAB,
+        "hidden_size": HIDDEN, "num_hidden_layers": LAYERS, "num_attention_heads": 8, "num_key_value_heads": 4,
+        "head_dim": 64, "num_experts": EXPERTS, "num_experts_per_tok": 8, "moe_intermediate_size": FFN,
+        "intermediate_size": 1024, "max_position_embeddings": 1024, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+        "norm_topk_prob": True, "tie_word_embeddings": False, "dtype": "bfloat16",
+    }
+    (out / "config.json").write_text(json.dumps(config))
+    args = qwen3_moe.model_args(config)
+    g = torch.Generator().manual_seed(0)
+    shapes = {"embed": (VOCAB, HIDDEN), "lm_head": (VOCAB, HIDDEN), "norm": (HIDDEN,)}
+    per_layer = {"attn_norm": (HIDDEN,), "ffn_norm": (HIDDEN,), "q": (512, HIDDEN), "k": (256, HIDDEN),
+                 "v": (256, HIDDEN), "o": (HIDDEN, 512), "q_norm": (64,), "k_norm": (64,), "router": (EXPERTS, HIDDEN)}
+    weight_map = {}
+    resident = {}
+    for canonical in resident_names(args):
+        shape = shapes.get(canonical) or per_layer[canonical.split(".", 2)[2]]
+        t = torch.randn(shape, generator=g) * (0.05 if len(shape) == 2 else 0.0) + (1.0 if len(shape) == 1 else 0.0)
+        resident[to_checkpoint(qwen3_moe.NAMES, canonical)] = t.to(torch.bfloat16)
+    save_file(resident, str(out / "resident.safetensors"))
+    weight_map.update({n: "resident.safetensors" for n in resident})
+    for layer in range(LAYERS):
+        tensors = {}
+        for e in range(EXPERTS):
+            names = expert_names(qwen3_moe.EXPERT_NAMES, layer, e)
+            tensors[names["gate"]] = (torch.randn(FFN, HIDDEN, generator=g) * 0.05).to(torch.bfloat16)
+            tensors[names["up"]] = (torch.randn(FFN, HIDDEN, generator=g) * 0.05).to(torch.bfloat16)
+            tensors[names["down"]] = (torch.randn(HIDDEN, FFN, generator=g) * 0.05).to(torch.bfloat16)
+        fname = f"experts-{layer}.safetensors"
+        save_file(tensors, str(out / fname))
+        weight_map.update({n: fname for n in tensors})
+    (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return 3 * HIDDEN * FFN * 2 * EXPERTS * LAYERS
+
+
+def peak_rss_of(cmd: list[str]) -> tuple[int, str]:
+    """Peak RSS in bytes of a child process (ru_maxrss of the only child waited for by a fresh python)."""
+    probe = (
+        "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+        "sys.stdout.write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024) + '\\n' + r.stderr[-2000:]); "
+        "sys.exit(r.returncode)"
+    )
+    p = subprocess.run([sys.executable, "-c", probe, *cmd], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    first, _, rest = p.stdout.partition("\n")
+    return int(first), rest
+
+
+def test_peak_rss_stays_within_budget_plus_overhead(tmp_path, checkpoints):
+    model = tmp_path / "big"
+    model.mkdir()
+    experts_total = write_big_qwen3(model)
+    expert_budget = experts_total // 4
+    gen = [sys.executable, "-m", "moepage.cli", "generate", "--prompt-ids", "1,2,3,4,5,6,7,8", "--max-tokens", "8",
+           "--ignore-eos", "--ctx-size", "256", "--threads", "2"]
+    # The same command on a tiny model: the process overhead (torch, tokenizers, threads) the budget excludes.
+    baseline, _ = peak_rss_of(gen + ["--model", str(checkpoints("qwen3_moe", "float32"))])
+    resident_and_kv = 3 * 2**20 + 2 * VOCAB * HIDDEN * 2 + 256 * 4 * 2 * 4 * 64 * 2
+    budget = resident_and_kv + expert_budget
+    peak, log = peak_rss_of(gen + ["--model", str(model), "--memory-budget", str(budget)])
+    assert "evictions" in log
+    slack = 64 * 2**20
+    print(f"\nexperts {experts_total / 2**20:.0f} MiB, budget {budget / 2**20:.0f} MiB, baseline process "
+          f"{baseline / 2**20:.0f} MiB, peak {peak / 2**20:.0f} MiB, over baseline {(peak - baseline) / 2**20:.0f} MiB")
+    assert peak - baseline <= budget + slack, (peak, baseline, budget)
+    assert peak - baseline < experts_total / 2  # far from holding every expert

@@ -1,0 +1,126 @@
+"""Paging never changes the answer: expert budgets of 100%, 25% and the minimum, HF dir and split dir."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from conftest import prompt_ids
+from moepage.cli import main as cli_main
+from moepage.engine.engine import Engine, EngineConfig
+from moepage.engine.moe import PreparedExpert
+from moepage.engine.sampling import SamplingParams
+from moepage.paging.budget import BudgetError
+from moepage.paging.safetensors_file import CheckpointError
+from moepage.surgery.split import split_checkpoint, verify_split
+
+
+def run(path, expert_cache_bytes=None, n=32, prompt_len=40, **kw):
+    engine = Engine.load(EngineConfig(str(path), expert_cache_bytes=expert_cache_bytes, **kw))
+    ids = prompt_ids(prompt_len, engine.args.vocab_size, seed=3)
+    tokens = [s.token for s in engine.generate(ids, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))]
+    stats = engine.cache.stats.snapshot()
+    assert engine.cache.used_bytes <= engine.cache.budget
+    engine.close()
+    return tokens, stats, engine
+
+
+def expert_bytes(engine):
+    a = engine.args
+    return PreparedExpert.nbytes_for(a.hidden_size, a.moe_intermediate_size, engine.model.dtype)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe"])
+def test_budgets_give_identical_tokens(family, checkpoints):
+    path = checkpoints(family, "bfloat16")
+    full, full_stats, engine = run(path)
+    assert full_stats["evictions"] == 0
+    each = expert_bytes(engine)
+    total = each * len(engine.args.moe_layers) * engine.args.num_experts
+    for label, budget in (("100%", total), ("25%", total // 4), ("minimum", engine.args.top_k * each)):
+        tokens, stats, _ = run(path, budget)
+        assert tokens == full, f"{label} budget changed the output"
+        assert stats["misses"] > 0
+        if label != "100%":
+            assert stats["evictions"] > 0, f"{label}: no eviction happened ({stats})"
+
+
+def test_prefetch_off_same_tokens(checkpoints):
+    path = checkpoints("mixtral", "bfloat16")
+    a, _, engine = run(path, n=16)
+    b, stats, _ = run(path, expert_bytes(engine) * 2, n=16, prefetch=False)
+    assert a == b
+    assert stats["prefetch_issued"] == 0
+
+
+def test_budget_below_minimum_is_a_clear_error(checkpoints):
+    path = checkpoints("olmoe", "float32")
+    with pytest.raises(BudgetError, match="minimum budget is"):
+        Engine.load(EngineConfig(str(path), memory_budget=1000))
+    _, _, engine = run(path, n=2)
+    with pytest.raises(BudgetError, match="one token needs 2 experts"):
+        Engine.load(EngineConfig(str(path), expert_cache_bytes=expert_bytes(engine) * 2 - 1))
+
+
+def test_memory_budget_splits_into_parts(checkpoints):
+    path = checkpoints("qwen3_moe", "float32")
+    engine = Engine.load(EngineConfig(str(path), memory_budget=2_000_000, ctx_size=256))
+    p = engine.plan
+    assert p.resident_bytes + p.kv_bytes + p.expert_cache_bytes <= 2_000_000
+    assert "memory budget" in p.summary() and "experts" in p.summary()
+    engine.close()
+
+
+def test_split_serves_identical_tokens_and_verifies(checkpoints, tmp_path):
+    src = checkpoints("qwen3_moe", "bfloat16")
+    out = tmp_path / "split"
+    manifest = split_checkpoint(str(src), str(out))
+    assert manifest["format"] == "moepage-split"
+    assert verify_split(str(out)) == []
+    assert cli_main(["verify", str(out)]) == 0
+    a, _, engine = run(src)
+    b, _, _ = run(out)
+    c, stats, _ = run(out, expert_bytes(engine) * 2)
+    assert a == b == c
+    assert stats["evictions"] > 0
+
+
+def test_flipped_byte_is_reported_by_verify_and_at_page_in(checkpoints, tmp_path):
+    src = checkpoints("qwen3_moe", "float32")
+    out = tmp_path / "split"
+    split_checkpoint(str(src), str(out))
+    shard = out / "experts" / "L000" / "E0003.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0x40
+    shard.write_bytes(bytes(data))
+    problems = verify_split(str(out))
+    assert len(problems) == 1 and "E0003.safetensors" in problems[0] and "sha256" in problems[0]
+    assert cli_main(["verify", str(out)]) == 1
+    engine = Engine.load(EngineConfig(str(out)))
+    with pytest.raises(CheckpointError, match=r"E0003\.safetensors.*layer 0 expert 3"):
+        engine.cache.acquire((0, 3))
+    engine.close()
+
+
+def test_missing_shard_names_file_and_expert(checkpoints, tmp_path):
+    src = checkpoints("qwen3_moe", "float32")
+    out = tmp_path / "split"
+    split_checkpoint(str(src), str(out))
+    os.remove(out / "experts" / "L000" / "E0005.safetensors")
+    assert any("E0005.safetensors: missing" in p for p in verify_split(str(out)))
+    engine = Engine.load(EngineConfig(str(out)))
+    with pytest.raises(CheckpointError, match=r"E0005\.safetensors.*layer 0 expert 5 is missing"):
+        engine.cache.acquire((0, 5))
+    engine.close()
+
+
+def test_truncated_original_shard_is_reported_with_its_path(checkpoints, tmp_path):
+    src = checkpoints("mixtral", "float32")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in src.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    st = bad / "model.safetensors"
+    st.write_bytes(st.read_bytes()[:-1000])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        Engine.load(EngineConfig(str(bad)))

@@ -1,0 +1,114 @@
+"""Property tests: routing variants and the expert cache's byte budget and LRU order."""
+from __future__ import annotations
+
+import threading
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moepage.kernels.routing import RoutingConfig, route
+from moepage.paging.cache import ExpertCache
+
+
+@st.composite
+def logits_and_cfg(draw):
+    T = draw(st.integers(1, 6))
+    E = draw(st.sampled_from([4, 8, 16]))
+    K = draw(st.integers(1, min(E, 6)))
+    seed = draw(st.integers(0, 2**31 - 1))
+    logits = torch.randn(T, E, generator=torch.Generator().manual_seed(seed)) * draw(st.floats(0.1, 10.0))
+    return logits, K
+
+
+@settings(max_examples=60, deadline=None)
+@given(logits_and_cfg(), st.booleans())
+def test_softmax_topk_properties(data, norm):
+    logits, K = data
+    w, idx = route(logits, RoutingConfig(top_k=K, norm_topk_prob=norm))
+    probs = torch.softmax(logits, -1)
+    assert idx.shape == (logits.shape[0], K)
+    # the chosen experts are the K largest, in descending order, each distinct
+    assert torch.all(w[:, :-1] >= w[:, 1:])
+    for t in range(logits.shape[0]):
+        assert len(set(idx[t].tolist())) == K
+        kth = torch.topk(probs[t], K).values[-1]
+        assert torch.all(probs[t, idx[t]] >= kth - 1e-7)
+    if norm:
+        assert torch.allclose(w.sum(-1), torch.ones(w.shape[0]), atol=1e-5)
+    else:
+        assert torch.allclose(w, probs.gather(1, idx), atol=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(logits_and_cfg())
+def test_mixtral_topk_then_softmax_equivalence(data):
+    logits, K = data
+    w, idx = route(logits, RoutingConfig(top_k=K, norm_topk_prob=True, weights_in_logits_dtype=False))
+    expect = torch.softmax(logits.gather(1, idx), -1)  # Mixtral's published formulation: top-k, then softmax
+    assert w.dtype == torch.float32
+    assert torch.allclose(w, expect, atol=1e-5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 5), st.integers(0, 2**31 - 1))
+def test_sigmoid_group_topk(K, seed):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(3, 16, generator=g)
+    bias = torch.randn(16, generator=g) * 0.1
+    cfg = RoutingConfig(top_k=K, scoring="sigmoid_group_topk", n_group=4, topk_group=2, norm_topk_prob=True)
+    w, idx = route(logits, cfg, bias)
+    assert torch.allclose(w.sum(-1), torch.ones(3), atol=1e-5)
+    for t in range(3):
+        groups = {int(i) // 4 for i in idx[t]}
+        assert len(groups) <= 2  # experts come from at most topk_group groups
+
+
+class Loaded:
+    def __init__(self, key, nbytes):
+        self.key = key
+        self.stored_nbytes = nbytes
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 2), st.integers(0, 7)), min_size=1, max_size=80),
+    st.integers(1, 6),
+    st.booleans(),
+)
+def test_cache_never_exceeds_budget_and_evicts_lru(accesses, capacity, prefetch):
+    size = 100
+    peak = [0]
+    lock = threading.Lock()
+    cache = ExpertCache(load=lambda l, e: Loaded((l, e), size), nbytes_of=lambda l: size, budget_bytes=capacity * size)
+    model_lru: list = []  # most recent last
+    for i, key in enumerate(accesses):
+        if prefetch and i + 1 < len(accesses):
+            cache.prefetch([accesses[i + 1]])
+        with cache.use(key) as v:
+            assert v.key == key
+            with lock:
+                peak[0] = max(peak[0], cache.used_bytes)
+        cache.wait_idle()
+        assert cache.used_bytes <= capacity * size
+        if not prefetch:
+            if key in model_lru:
+                model_lru.remove(key)
+            model_lru.append(key)
+            model_lru = model_lru[-capacity:]
+            assert cache.resident_keys == set(model_lru)
+    assert peak[0] <= capacity * size
+    s = cache.stats.snapshot()
+    assert s["hits"] + s["misses"] == len(accesses)
+    cache.close()
+
+
+def test_pinned_experts_are_not_evicted():
+    cache = ExpertCache(load=lambda l, e: Loaded((l, e), 10), nbytes_of=lambda l: 10, budget_bytes=20)
+    a = cache.acquire((0, 0))
+    cache.acquire((0, 1))
+    cache.release((0, 1))
+    cache.acquire((0, 2))  # must evict (0, 1), not the pinned (0, 0)
+    assert (0, 0) in cache and (0, 1) not in cache
+    assert a.key == (0, 0)
+    cache.close()
