@@ -51,6 +51,16 @@ class Checkpoint:
     def tokenizer_dir(self) -> str:
         return self.root
 
+    def resident_tensor(self, name: str, dtype: torch.dtype, device) -> torch.Tensor:
+        """A resident weight as the model holds it (GGUF checkpoints keep quantized weights quantized)."""
+        return self.read_tensor(name).to(device=device, dtype=dtype)
+
+    def load_tokenizer(self):
+        """The model's Tokenizer (FileNotFoundError when it has none); GGUF checkpoints build it from metadata."""
+        from moepage.engine.tokenizer import Tokenizer
+
+        return Tokenizer.from_dir(self.tokenizer_dir)
+
 
 def _numel(shape) -> int:
     n = 1
@@ -76,6 +86,10 @@ def _generation_config(root: str) -> dict:
 
 def open_checkpoint(path: str, drop_page_cache: bool = True, verify: bool = True) -> Checkpoint:
     path = os.path.abspath(os.path.expanduser(str(path)))
+    if os.path.isfile(path) and _is_gguf(path):
+        from moepage.engine.gguf_checkpoint import open_gguf
+
+        return open_gguf(path, drop_page_cache, verify)
     if os.path.isfile(path):
         raise CheckpointError(f"{path}: a single file is not a safetensors model directory (GGUF files are opened by the GGUF loader)")
     if not os.path.isdir(path):
@@ -83,6 +97,13 @@ def open_checkpoint(path: str, drop_page_cache: bool = True, verify: bool = True
     if os.path.exists(os.path.join(path, MANIFEST)):
         return _open_split(path, drop_page_cache, verify)
     return _open_hf(path, drop_page_cache)
+
+
+def _is_gguf(path: str) -> bool:
+    if path.endswith(".gguf"):
+        return True
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
 
 
 def _open_hf(root: str, drop_page_cache: bool) -> Checkpoint:
@@ -114,6 +135,10 @@ def _open_split(root: str, drop_page_cache: bool, verify: bool) -> Checkpoint:
     manifest = _load_json(os.path.join(root, MANIFEST))
     if manifest.get("format") != "moepage-split":
         raise CheckpointError(f"{os.path.join(root, MANIFEST)}: not a moepage split manifest")
+    if manifest.get("source_format") == "gguf":
+        from moepage.engine.gguf_checkpoint import open_gguf_split
+
+        return open_gguf_split(root, manifest, drop_page_cache, verify)
     config = manifest["config"]
     family = family_for(config.get("model_type", "?"))
     args = family.model_args(config)

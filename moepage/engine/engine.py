@@ -11,7 +11,8 @@ import torch
 from moepage.engine.checkpoint import Checkpoint, open_checkpoint
 from moepage.engine.kv_cache import ContextOverflow, KVCache
 from moepage.engine.model import MoEModel
-from moepage.engine.moe import PreparedExpert, prepare_expert
+from moepage.engine.moe import PreparedExpert, prepare_expert  # noqa: F401 (re-exported)
+from moepage.engine.quantized_expert import expert_loader
 from moepage.engine.sampling import Sampler, SamplingParams
 from moepage.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from moepage.paging.budget import MemoryPlan, plan_memory
@@ -36,6 +37,7 @@ class EngineConfig:
     prefill_chunk: int = 512
     verify_shards: bool = True
     drop_page_cache: bool = True
+    prefix_cache: bool = False  # reuse the KV of the previous prompt's common prefix (faster, not bit-exact)
 
 
 @dataclass
@@ -51,6 +53,7 @@ class StepOutput:
 class GenerationStats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_prompt_tokens: int = 0  # prompt tokens whose KV was reused (prefix cache)
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     first_token_time: float | None = None
@@ -88,6 +91,7 @@ class Engine:
             eos.add(tokenizer.eos_id)
         self.eos_ids = eos
         self.last_stats = GenerationStats()
+        self.kv_ids: list[int] = []  # the tokens whose keys/values are in self.kv
 
     @classmethod
     def load(cls, cfg: EngineConfig) -> "Engine":
@@ -97,17 +101,16 @@ class Engine:
         args = ckpt.args
         dtype = resolve_dtype(cfg.dtype, args.torch_dtype)
         device = torch.device(cfg.device)
-        weights = {c: ckpt.read_tensor(n).to(device=device, dtype=dtype) for c, n in ckpt.resident_checkpoint_names().items()}
+        weights = {c: ckpt.resident_tensor(n, dtype, device) for c, n in ckpt.resident_checkpoint_names().items()}
         resident_bytes = sum(t.numel() * t.element_size() for t in weights.values())
         ctx = int(cfg.ctx_size or min(args.max_position_embeddings, 4096))
         kv_bytes = KVCache.bytes_for(args.num_layers, args.num_kv_heads, args.head_dim, ctx, dtype)
         n_experts = len(args.moe_layers) * args.num_experts
-        each = PreparedExpert.nbytes_for(args.hidden_size, args.moe_intermediate_size, dtype)
+        load_expert, expert_nbytes, each = expert_loader(ckpt.experts, args, dtype, device)
         plan = plan_memory(cfg.memory_budget, resident_bytes, kv_bytes, each, n_experts, args.top_k, cfg.expert_cache_bytes)
-        source = ckpt.experts
         cache = ExpertCache(
-            load=lambda layer, e: prepare_expert(source.read(layer, e), dtype, device),
-            nbytes_of=lambda layer: each,
+            load=load_expert,
+            nbytes_of=expert_nbytes,
             budget_bytes=plan.expert_cache_bytes,
             policy=cfg.policy,
             workers=cfg.io_threads,
@@ -116,7 +119,7 @@ class Engine:
         for block in model.moe_blocks:
             block.prefetch = cfg.prefetch
         try:
-            tokenizer = Tokenizer.from_dir(ckpt.tokenizer_dir)
+            tokenizer = ckpt.load_tokenizer()
         except FileNotFoundError:
             tokenizer = None
         return cls(ckpt, tokenizer, model, cache, model.new_kv_cache(ctx), plan, cfg)
@@ -131,19 +134,26 @@ class Engine:
     # ---- forward passes -----------------------------------------------------------------------
     def prefill(self, ids: list[int], cancelled: Callable[[], bool] | None = None) -> torch.Tensor | None:
         """Run the prompt through the model in chunks; logits [V] of the last position (None if cancelled)."""
-        self.kv.length = 0
+        start = 0
+        if self.cfg.prefix_cache:
+            start = min(_common_prefix(self.kv_ids, ids), len(ids) - 1)
+        self.kv.length = start
+        self.kv_ids = list(ids[:start])
+        self.last_stats.cached_prompt_tokens = start
         logits = None
         chunk = max(1, self.cfg.prefill_chunk)
-        for s in range(0, len(ids), chunk):
+        for s in range(start, len(ids), chunk):
             if cancelled is not None and cancelled():
                 return None
             logits = self.model.forward(torch.tensor(ids[s : s + chunk]), self.kv, start=s)
+            self.kv_ids = list(ids[: s + chunk])
         return logits[-1]
 
     def logits_all(self, ids: list[int]) -> torch.Tensor:
         """Logits [T, V] for every position of ids (tests, perplexity)."""
         with self.lock:
             self.kv.length = 0
+            self.kv_ids = list(ids)
             return self.model.forward(torch.tensor(ids), self.kv, start=0, all_logits=True)
 
     def generate(self, prompt_ids: list[int], params: SamplingParams,
@@ -202,7 +212,16 @@ class Engine:
             if last or (cancelled is not None and cancelled()):
                 break
             logits = self.model.forward(torch.tensor([choice.token]), self.kv)[-1]
+            self.kv_ids.append(choice.token)
         stats.decode_seconds = time.perf_counter() - t_decode
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
 
 
 def _as_list(v) -> list[int]:

@@ -76,3 +76,31 @@ def require(config: dict, *keys: str):
         if config.get(k) is not None:
             return config[k]
     raise ValueError(f"config.json is missing {' / '.join(keys)}")
+
+
+def common_args(config: dict, family: str, **family_fields) -> ModelArgs:
+    """The fields every supported family reads the same way from config.json, plus the family's own."""
+    layers = int(config["num_hidden_layers"])
+    heads = int(config["num_attention_heads"])
+    theta, scaling = rope_from_config(config)
+    fields = dict(
+        family=family,
+        vocab_size=int(config["vocab_size"]),
+        hidden_size=int(config["hidden_size"]),
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=int(config.get("num_key_value_heads") or heads),
+        head_dim=int(config.get("head_dim") or config["hidden_size"] // heads),
+        rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        max_position_embeddings=int(config.get("max_position_embeddings", 32768)),
+        sparse_layers=[True] * layers,
+        sliding_window=config.get("sliding_window") if config.get("use_sliding_window") else None,
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        torch_dtype=str(config.get("dtype") or config.get("torch_dtype") or "float32"),
+        bos_token_id=config.get("bos_token_id"),
+        eos_token_ids=eos_list(config.get("eos_token_id")),
+    )
+    fields.update(family_fields)
+    return ModelArgs(**fields)

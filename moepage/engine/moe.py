@@ -28,6 +28,10 @@ class PreparedExpert:
     def nbytes(self) -> int:
         return self.w13.numel() * self.w13.element_size() + self.w2.numel() * self.w2.element_size()
 
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
+        """x [t, H] -> [t, H] (QuantizedExpert has the same method for GGML-quantized experts)."""
+        return swiglu_fused(x, self.w13, self.w2)
+
     @staticmethod
     def nbytes_for(hidden: int, intermediate: int, dtype: torch.dtype) -> int:
         return 3 * hidden * intermediate * torch.empty(0, dtype=dtype).element_size()
@@ -42,6 +46,8 @@ def prepare_expert(w: ExpertWeights, dtype: torch.dtype, device) -> PreparedExpe
 RoutingObserver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 # (layer, expert, x rows [t, H] routed to it, their routing weights [t], its unweighted output [t, H])
 ExpertOutputObserver = Callable[[int, int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+# (layer, router logits [T, E]) -> (weights [T, K'], indices [T, K']) replacing route() when set
+ElasticHook = Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 class SparseMoE:
@@ -63,12 +69,13 @@ class SparseMoE:
         self.observers: list[RoutingObserver] = []
         self.output_observers: list[ExpertOutputObserver] = []  # profiling (REAP saliency); empty when serving
         self.prefetch = True
+        self.elastic: ElasticHook | None = None  # opt-in approximate routing (surgery/elastic.py); None = exact
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, H] -> [T, H]."""
         shared_out = swiglu(x, *self.shared) if self.shared is not None else None
         logits = F.linear(x, self.router)  # [T, E]
-        weights, indices = route(logits, self.routing)  # [T, K]
+        weights, indices = route(logits, self.routing) if self.elastic is None else self.elastic(self.layer, logits)
         for obs in self.observers:
             obs(self.layer, logits, weights, indices)
         out = self.experts(x, indices, weights)
@@ -80,6 +87,8 @@ class SparseMoE:
 
     def experts(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Sum over each token's K experts, in ascending expert order so paging never changes the sum."""
+        if x.shape[0] == 1:
+            return self._experts_one_token(x, indices[0].tolist(), weights[0])
         out = torch.zeros_like(x)  # [T, H]
         groups: dict[int, tuple[list[int], list[int]]] = {}
         for t, row in enumerate(indices.tolist()):
@@ -88,9 +97,7 @@ class SparseMoE:
                 groups[e][0].append(k)
                 groups[e][1].append(t)
         order = sorted(groups)
-        if self.prefetch and len(order) > 1:
-            room = max(0, self.cache.budget // max(1, self.cache.nbytes_of(self.layer)) - 1)
-            self.cache.prefetch([(self.layer, e) for e in order[1 : 1 + room]])
+        self._prefetch(order)
         for e in order:
             ks, ts = groups[e]
             # transformers orders rows by top-k slot, then token; keep that order.
@@ -98,9 +105,27 @@ class SparseMoE:
             pos = torch.tensor([p[0] for p in pairs])
             tok = torch.tensor([p[1] for p in pairs])
             with self.cache.use((self.layer, e)) as ex:
-                h = swiglu_fused(x[tok], ex.w13, ex.w2)  # [t, H]
+                h = ex.compute(x[tok])  # [t, H]
             for obs in self.output_observers:
                 obs(self.layer, e, x[tok], weights[tok, pos], h)
             h = h * weights[tok, pos, None]
             out.index_add_(0, tok, h.to(out.dtype))
+        return out
+
+    def _prefetch(self, experts: list[int]):
+        if self.prefetch and len(experts) > 1:
+            room = max(0, self.cache.budget // max(1, self.cache.nbytes_of(self.layer)) - 1)
+            self.cache.prefetch([(self.layer, e) for e in experts[1 : 1 + room]])
+
+    def _experts_one_token(self, x: torch.Tensor, row: list[int], w: torch.Tensor) -> torch.Tensor:
+        """Decode step: x [1, H], row = its K experts, w [K]. Same sums, in the same order, as experts()."""
+        slots = sorted(range(len(row)), key=row.__getitem__)
+        self._prefetch([row[k] for k in slots])
+        out = torch.zeros_like(x)
+        for k in slots:
+            with self.cache.use((self.layer, row[k])) as ex:
+                h = ex.compute(x)  # [1, H]
+            for obs in self.output_observers:
+                obs(self.layer, row[k], x, w[k : k + 1], h)
+            out.add_((h * w[k]).to(out.dtype))
         return out

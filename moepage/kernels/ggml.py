@@ -214,3 +214,24 @@ def dequantize(raw: torch.Tensor, qtype: GGMLType | int | str, shape: tuple[int,
         )
     blocks = raw.view(-1, t.type_size)  # [N, S]
     return fn(blocks).view(shape).to(dtype)
+
+
+# ---- quantized tensors held in memory ---------------------------------------------------------------
+@dataclass
+class QuantizedTensor:
+    """A GGML tensor kept as its stored bytes: data [R * row_bytes] uint8, logical shape (R, C)."""
+
+    data: torch.Tensor
+    type: GGMLType
+    shape: tuple[int, ...]
+    name: str = "?"
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel()
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(self.data, self.type, self.shape, self.name, dtype)
+
+    def to(self, device) -> "QuantizedTensor":
+        return QuantizedTensor(self.data.to(device), self.type, self.shape, self.name)

@@ -147,21 +147,8 @@ class ExpertCache:
                 except Exception:
                     pass  # a failed prefetch: the next pass reads inline and raises the real error
                 continue
-            try:
-                value = self._read(key)
-            except BaseException as exc:
-                with self._cond:
-                    self._used -= n
-                    self._loading.pop(key, None)
-                    fut.set_exception(exc)
-                    self._cond.notify_all()
-                raise
+            value = self._load_into(key, n, fut, pinned=True)
             with self._cond:
-                self._entries[key] = _Entry(value, n, pins=1)
-                self.policy.insert(key)
-                self._loading.pop(key, None)
-                fut.set_result(True)
-                self._cond.notify_all()
                 for cb in self.on_access:
                     cb(key, False)
             return value
@@ -203,6 +190,13 @@ class ExpertCache:
 
     def _prefetch_one(self, key: Key, n: int, fut: Future):
         try:
+            self._load_into(key, n, fut, pinned=False)
+        except BaseException:
+            pass  # recorded on the future; acquire() reads again inline and raises the real error
+
+    def _load_into(self, key: Key, n: int, fut: Future, pinned: bool):
+        """Read key into its reserved n bytes; on failure give the bytes back and re-raise."""
+        try:
             value = self._read(key)
         except BaseException as exc:
             with self._cond:
@@ -210,13 +204,14 @@ class ExpertCache:
                 self._loading.pop(key, None)
                 fut.set_exception(exc)
                 self._cond.notify_all()
-            return
+            raise
         with self._cond:
-            self._entries[key] = _Entry(value, n, from_prefetch=True)
+            self._entries[key] = _Entry(value, n, pins=1 if pinned else 0, from_prefetch=not pinned)
             self.policy.insert(key)
             self._loading.pop(key, None)
             fut.set_result(True)
             self._cond.notify_all()
+        return value
 
     def wait_idle(self):
         """Block until no read is in flight (tests, shutdown)."""

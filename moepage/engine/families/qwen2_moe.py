@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from moepage.engine.families import common
-from moepage.engine.model_args import ModelArgs, eos_list, rope_from_config, sparse_layer_flags
+from moepage.engine.model_args import ModelArgs, common_args, sparse_layer_flags
 from moepage.kernels.routing import RoutingConfig
 
 MODEL_TYPES = ("qwen2_moe",)
@@ -13,22 +13,10 @@ EXPERT_NAMES = common.QWEN_EXPERTS
 
 
 def model_args(config: dict) -> ModelArgs:
-    layers = int(config["num_hidden_layers"])
-    heads = int(config["num_attention_heads"])
     experts = int(config["num_experts"])
-    theta, scaling = rope_from_config(config)
-    return ModelArgs(
-        family="qwen2_moe",
-        vocab_size=int(config["vocab_size"]),
-        hidden_size=int(config["hidden_size"]),
-        num_layers=layers,
-        num_heads=heads,
-        num_kv_heads=int(config.get("num_key_value_heads") or heads),
-        head_dim=int(config["hidden_size"]) // heads,
-        rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-        rope_theta=theta,
-        rope_scaling=scaling,
-        max_position_embeddings=int(config.get("max_position_embeddings", 32768)),
+    return common_args(
+        config, "qwen2_moe",
+        head_dim=int(config["hidden_size"]) // int(config["num_attention_heads"]),
         num_experts=experts,
         moe_intermediate_size=int(config["moe_intermediate_size"]),
         intermediate_size=int(config.get("intermediate_size") or 0),
@@ -37,11 +25,6 @@ def model_args(config: dict) -> ModelArgs:
         routing=RoutingConfig(
             top_k=int(config["num_experts_per_tok"]), norm_topk_prob=bool(config.get("norm_topk_prob", False))
         ),
-        sparse_layers=sparse_layer_flags(config, layers, experts),
+        sparse_layers=sparse_layer_flags(config, int(config["num_hidden_layers"]), experts),
         qkv_bias=bool(config.get("qkv_bias", True)),
-        sliding_window=config.get("sliding_window") if config.get("use_sliding_window") else None,
-        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-        torch_dtype=str(config.get("dtype") or config.get("torch_dtype") or "float32"),
-        bos_token_id=config.get("bos_token_id"),
-        eos_token_ids=eos_list(config.get("eos_token_id")),
     )

@@ -1,0 +1,231 @@
+"""moepage vs llama.cpp vs transformers, in one run, on one model: resident and under cgroup memory caps.
+
+    python bench/bench.py --model /tmp/benchmodel --gguf /tmp/benchmodel.gguf [--caps 1,0.7,0.5,0.3]
+
+Prints one table of ratios (moepage / peer), writes bench/out/bench.json and bench/out/bench.png.
+Capped rows need root (cgroup v1 memory controller + drop_caches); they are skipped otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CGROOT = "/sys/fs/cgroup/memory"
+
+
+def model_bytes(model_dir: str) -> int:
+    return sum(os.path.getsize(f) for f in glob.glob(os.path.join(model_dir, "*.safetensors")))
+
+
+def can_cap() -> bool:
+    return os.geteuid() == 0 and os.path.isdir(CGROOT)
+
+
+def drop_caches():
+    subprocess.run(["sync"], check=False)
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def make_cgroup(name: str, limit: int) -> str:
+    path = os.path.join(CGROOT, name)
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "memory.limit_in_bytes"), "w") as f:
+        f.write(str(limit))
+    try:
+        with open(os.path.join(path, "memory.max_usage_in_bytes"), "w") as f:
+            f.write("0")
+    except OSError:
+        pass
+    return path
+
+
+def run(system: str, a, prompt_file: str, cgroup: str | None, extra: list[str]) -> dict:
+    cmd = [sys.executable, os.path.join(HERE, "run_one.py"), system, "--model", a.model, "--prompt-ids", prompt_file,
+           "--decode", str(a.decode), "--threads", str(a.threads), "--time-limit", str(a.time_limit)]
+    if a.gguf:
+        cmd += ["--gguf", a.gguf]
+    cmd += extra
+
+    def enter():
+        if cgroup:
+            with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
+                f.write(str(os.getpid()))
+
+    if cgroup:
+        drop_caches()
+    t0 = time.time()
+    p = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=enter, timeout=a.time_limit * 3 + 300)
+    line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if line is None:
+        return {"system": system, "error": f"exit {p.returncode}" + (" (killed: out of memory)" if p.returncode in (-9, 137) else ""),
+                "stderr": p.stderr[-600:], "wall_s": time.time() - t0}
+    out = json.loads(line[len("RESULT "):])
+    if cgroup:
+        with open(os.path.join(cgroup, "memory.max_usage_in_bytes")) as f:
+            out["cgroup_peak_bytes"] = int(f.read())
+    return out
+
+
+def raw_pread_p50(model_dir: str, samples: int = 64) -> float:
+    """p50 seconds to pread one expert's three byte ranges from the original shards, caches dropped."""
+    sys.path.insert(0, os.path.dirname(HERE))
+    from moepage.engine.checkpoint import open_checkpoint
+
+    ckpt = open_checkpoint(model_dir, drop_page_cache=True)
+    a = ckpt.args
+    rng = random.Random(0)
+    if can_cap():
+        drop_caches()
+    times = []
+    for _ in range(samples):
+        layer, e = rng.choice(a.moe_layers), rng.randrange(a.num_experts)
+        names = {p: t.format(L=layer, E=e) for p, t in ckpt.family.EXPERT_NAMES.items()}
+        t0 = time.perf_counter()
+        for n in names.values():
+            f = ckpt.experts.index.file_of(n, "expert")
+            info = f.tensors[n]
+            f.read_bytes(info.start, info.nbytes)
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def prompt_ids(model_dir: str, n: int) -> list[int]:
+    from moepage.engine.tokenizer import Tokenizer
+    from moepage.surgery.tokenizer_builder import local_corpus
+
+    tk = Tokenizer.from_dir(model_dir)
+    ids = tk.encode("\n".join(local_corpus(60_000)))
+    return ids[1000 : 1000 + n]
+
+
+def cap_label(cap, row) -> str:
+    return "none" if cap >= 1 else f"{cap:.0%} ({row['limit_bytes'] / 2**30:.2f} GiB)"
+
+
+def fmt(x, spec=".2f"):
+    return "-" if x is None else format(x, spec)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--gguf", default=None, help="the same model as GGUF (bf16) for llama.cpp")
+    ap.add_argument("--caps", default="1,0.7,0.5,0.3", help="memory caps as fractions of the model's bytes (1 = none)")
+    ap.add_argument("--systems", default="moepage,llamacpp,transformers")
+    ap.add_argument("--prompt-tokens", type=int, default=512)
+    ap.add_argument("--decode", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--time-limit", type=float, default=90.0, help="seconds of decoding per run at most")
+    ap.add_argument("--overhead", type=int, default=360 << 20,
+                    help="bytes of a cap left for the moepage process itself (python, torch, tokenizer)")
+    ap.add_argument("--out", default=os.path.join(HERE, "out"))
+    a = ap.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    systems = a.systems.split(",")
+    if "llamacpp" in systems and not a.gguf:
+        sys.exit("--gguf is required for llamacpp")
+    size = model_bytes(a.model)
+    prompt_file = os.path.join(a.out, "prompt.json")
+    with open(prompt_file, "w") as f:
+        json.dump(prompt_ids(a.model, a.prompt_tokens), f)
+    rows = []
+    for cap in [float(c) for c in a.caps.split(",")]:
+        limit = None if cap >= 1 else int(cap * size)
+        if limit and not can_cap():
+            print(f"skipping the {cap:.0%} cap: needs root and cgroup v1 memory at {CGROOT}", file=sys.stderr)
+            continue
+        cg = make_cgroup(f"moepage-bench-{int(cap * 100)}", limit) if limit else None
+        for system in systems:
+            if system == "transformers" and limit:
+                continue  # transformers loads every weight; it does not run under a cap below the model size
+            extra = []
+            if system == "moepage" and limit:
+                extra = ["--memory-budget", str(limit - a.overhead)]
+            variants = [("", extra)]
+            if system == "moepage" and limit and cap == min(float(c) for c in a.caps.split(",")):
+                variants.append((" (prefetch off)", extra + ["--no-prefetch"]))
+            for suffix, ex in variants:
+                print(f"running {system}{suffix} at cap {cap:.0%} ...", file=sys.stderr, flush=True)
+                r = run(system, a, prompt_file, cg, ex)
+                r.update(cap=cap, limit_bytes=limit, label=system + suffix)
+                rows.append(r)
+                print("  ", {k: r.get(k) for k in ("decode_tps", "prefill_tps", "ttft_s", "n_decoded", "error")},
+                      file=sys.stderr, flush=True)
+    pread_p50 = raw_pread_p50(a.model)
+    report(rows, pread_p50, size, a)
+
+
+def report(rows, pread_p50, size, a):
+    def get(label, cap):
+        return next((r for r in rows if r["label"] == label and r["cap"] == cap), None)
+
+    caps = sorted({r["cap"] for r in rows}, reverse=True)
+    ref = get("moepage", 1.0)
+    lines = [f"model {a.model}: {size / 2**30:.2f} GiB, prompt {a.prompt_tokens} tokens, decode {a.decode}, "
+             f"{a.threads} threads", "",
+             "| cap | system | decode tok/s | prefill tok/s | TTFT s | peak RSS MiB | moepage/peer decode | same tokens |",
+             "|---|---|---|---|---|---|---|---|"]
+    for cap in caps:
+        me = get("moepage", cap)
+        for r in [r for r in rows if r["cap"] == cap]:
+            ratio = None
+            if r["label"] != "moepage" and me and me.get("decode_tps") and r.get("decode_tps"):
+                ratio = me["decode_tps"] / r["decode_tps"]
+            same = ""
+            if r["label"].startswith("moepage") and ref and r.get("tokens"):
+                n = min(len(ref["tokens"]), len(r["tokens"]))
+                same = "yes" if r["tokens"][:n] == ref["tokens"][:n] else "NO"
+            rss = r.get("peak_rss_bytes")
+            lines.append(
+                f"| {cap_label(cap, r)} | {r['label']} | "
+                f"{fmt(r.get('decode_tps'))} | {fmt(r.get('prefill_tps'), '.1f')} | {fmt(r.get('ttft_s'))} | "
+                f"{fmt(rss / 2**20 if rss else None, '.0f')} | {fmt(ratio) + 'x' if ratio else '-'} | {same}"
+                + (f" {r['error']}" if r.get("error") else "") + " |")
+    low = get("moepage", min(caps)) if caps else None
+    if low and low.get("cache"):
+        c = low["cache"]
+        lines += ["", f"at the {min(caps):.0%} cap: expert cache hit rate {c['hit_rate']:.1%}, page-in p50 "
+                  f"{c['page_in_p50_s'] * 1e3:.2f} ms / raw pread p50 {pread_p50 * 1e3:.2f} ms = "
+                  f"{c['page_in_p50_s'] / pread_p50:.2f}x; prefetch issued {c['prefetch_issued']}, used "
+                  f"{c['prefetch_used']} (precision {c['prefetch_used'] / max(1, c['prefetch_issued']):.1%})"]
+        off = get("moepage (prefetch off)", min(caps))
+        if off and off.get("decode_tps") and low.get("decode_tps"):
+            lines.append(f"prefetch on/off at {min(caps):.0%}: {low['decode_tps'] / off['decode_tps']:.2f}x decode")
+    text = "\n".join(lines)
+    print(text)
+    with open(os.path.join(a.out, "bench.json"), "w") as f:
+        json.dump({"rows": rows, "raw_pread_p50_s": pread_p50, "model_bytes": size, "table": text}, f, indent=1)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for label in sorted({r["label"] for r in rows}):
+            pts = sorted((r["cap"], r["decode_tps"]) for r in rows if r["label"] == label and r.get("decode_tps"))
+            if pts:
+                ax.plot([p[0] * 100 for p in pts], [p[1] for p in pts], marker="o", label=label)
+        ax.set_xlabel("memory cap, % of model bytes (100 = no cap)")
+        ax.set_ylabel("decode tokens/s")
+        ax.set_yscale("log")
+        ax.invert_xaxis()
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(os.path.join(a.out, "bench.png"), dpi=120)
+    except ImportError:
+        print("matplotlib not installed: no PNG", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

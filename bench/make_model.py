@@ -1,0 +1,62 @@
+"""Generate the bench model reproducibly: Qwen3-MoE shape scaled to fit (DESIGN.md, "What is measured").
+
+12 layers, 64 experts, top-8, hidden 1024, expert FFN 384, vocabulary 151936, bf16, seed 0 (about 2.5 GB).
+Tokenizer: the real Qwen2 tokenizer from llama-cpp-python's sdist (models/ggml-vocab-qwen2.gguf) when
+--vocab-gguf is given, otherwise moepage's locally trained byte-level BPE (ids past its vocabulary are unused).
+
+    python bench/make_model.py OUT [--vocab-gguf PATH] [--layers 12 --experts 64 ...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--experts", type=int, default=64)
+    ap.add_argument("--top-k", type=int, default=8)
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--ffn", type=int, default=384)
+    ap.add_argument("--vocab", type=int, default=151936)
+    ap.add_argument("--vocab-gguf", default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    os.makedirs(a.out, exist_ok=True)
+    eos = None
+    if a.vocab_gguf:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(os.path.dirname(a.vocab_gguf), gguf_file=os.path.basename(a.vocab_gguf))
+        tok.save_pretrained(a.out)
+        eos = tok.convert_tokens_to_ids("<|im_end|>")
+    else:
+        from moepage.surgery.tokenizer_builder import build_tokenizer, local_corpus, save_tokenizer
+
+        eos = save_tokenizer(build_tokenizer(local_corpus(), 4096), a.out)["eos_token_id"]
+    cfg = Qwen3MoeConfig(
+        vocab_size=a.vocab, hidden_size=a.hidden, num_hidden_layers=a.layers, num_attention_heads=16,
+        num_key_value_heads=4, head_dim=128, num_experts=a.experts, num_experts_per_tok=a.top_k,
+        moe_intermediate_size=a.ffn, intermediate_size=3 * a.hidden, max_position_embeddings=4096,
+        norm_topk_prob=True, eos_token_id=eos, tie_word_embeddings=False, rope_theta=1e6,
+    )
+    torch.manual_seed(a.seed)
+    with torch.device("cpu"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.04)
+    model.save_pretrained(a.out, max_shard_size="1GB")
+    print(json.dumps({"out": a.out, "params": sum(p.numel() for p in model.parameters())}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""`moepage extract MODEL --profile P --domain code --keep N OUT [--dense]`: a domain's experts as a smaller model."""
+from __future__ import annotations
+
+from moepage.paging.budget import parse_size
+
+
+def register(sub):
+    p = sub.add_parser("extract", help="keep a domain's N most salient experts per layer (smaller MoE, or --dense)")
+    p.add_argument("model", help="model directory (HF safetensors or moepage split)")
+    p.add_argument("out", help="output directory for the new checkpoint")
+    p.add_argument("--profile", required=True, help="profile JSON from `moepage profile`")
+    p.add_argument("--domain", required=True, help="domain of the profile whose experts to keep")
+    p.add_argument("--keep", type=int, required=True, help="experts kept per MoE layer (top-k is clamped to it)")
+    p.add_argument("--dense", action="store_true",
+                   help="merge the kept experts of each layer into one dense FFN and write the family's dense model")
+    p.add_argument("--criterion", default="saliency", choices=["saliency", "count", "mass"],
+                   help="expert ranking: saliency (REAP, default), count (selections) or mass (routing weight)")
+    p.add_argument("--name", default=None, help="model name for the card (default <base>-<domain>-<N>e)")
+    p.add_argument("--max-shard-size", type=parse_size, default=None, help="largest safetensors shard (default 2GiB)")
+    p.add_argument("--eval", action="append", default=None, metavar="FILE",
+                   help="held-out text: measure base and new perplexity for the model card (MoE results; repeatable)")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty output directory")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from moepage.surgery.pipeline import extract_model
+
+    r = extract_model(args.model, args.profile, args.domain, args.keep, args.out, dense=args.dense,
+                      criterion=args.criterion, overwrite=args.overwrite, name=args.name,
+                      max_shard_bytes=args.max_shard_size, eval_files=args.eval)
+    what = f"dense {r['architecture']} (intermediate {r['intermediate_size']})" if args.dense else \
+        f"MoE with {r['experts_per_layer']} experts per layer, top-{r['top_k']}"
+    print(f"wrote {r['name']} to {r['out']}: {what}, {r['bytes'] / 2**20:.1f} MiB")
+    return 0

@@ -1,0 +1,35 @@
+"""`moepage prune MODEL --profile P OUT --ratio 0.5`: REAP pruning to one global budget."""
+from __future__ import annotations
+
+from moepage.paging.budget import parse_size
+
+
+def register(sub):
+    p = sub.add_parser("prune", help="drop the least salient experts (REAP) to fit one global budget")
+    p.add_argument("model", help="model directory (HF safetensors or moepage split)")
+    p.add_argument("out", help="output directory for the pruned checkpoint")
+    p.add_argument("--profile", required=True, help="profile JSON from `moepage profile`")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--ratio", type=float, help="fraction of routed experts to keep, e.g. 0.5")
+    budget.add_argument("--keep", type=int, help="experts to keep per MoE layer")
+    budget.add_argument("--max-size", type=parse_size, help="total checkpoint size, e.g. 12GB")
+    p.add_argument("--domain", action="append", default=None,
+                   help="calibration domains to rank by (repeatable; default: all domains of the profile)")
+    p.add_argument("--criterion", default="saliency", choices=["saliency", "count", "mass"])
+    p.add_argument("--name", default=None)
+    p.add_argument("--max-shard-size", type=parse_size, default=None)
+    p.add_argument("--eval", action="append", default=None, metavar="FILE",
+                   help="held-out text: measure base and new perplexity for the model card (MoE results; repeatable)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from moepage.surgery.pipeline import prune_model
+
+    r = prune_model(args.model, args.profile, args.out, ratio=args.ratio, keep=args.keep, max_bytes=args.max_size,
+                    domains=args.domain, criterion=args.criterion, overwrite=args.overwrite, name=args.name,
+                    max_shard_bytes=args.max_shard_size, eval_files=args.eval)
+    print(f"wrote {r['name']} to {r['out']}: {r['experts_per_layer']} experts per layer, {r['bytes'] / 2**20:.1f} MiB")
+    print(f"free REAP allocation of the same budget (layer: experts): {r['free_allocation']}")
+    return 0

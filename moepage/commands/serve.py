@@ -1,0 +1,67 @@
+"""`moepage serve [MODEL]`: the OpenAI-compatible server (no MODEL: the built-in demo model)."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from moepage.cli import add_engine_arguments, engine_config
+
+
+def register(sub):
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
+                       description="MODEL is a local directory, a .gguf file or a Hugging Face repo id; "
+                                   "without it a small built-in demo MoE is served.")
+    p.add_argument("model", nargs="?", default=None, help="model directory, .gguf file or Hub repo id")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None, help="model id clients use (default: from the path)")
+    p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    p.add_argument("--api-key", action="append", default=[],
+                   help="require `Authorization: Bearer KEY` (repeatable; default: $MOEPAGE_API_KEY if set)")
+    p.add_argument("--cors", action="append", default=[], metavar="ORIGIN",
+                   help="allow browser requests from ORIGIN (repeatable, or '*')")
+    p.add_argument("--max-queue", type=int, default=16, help="requests that may wait for the engine; more get 429")
+    p.add_argument("--tool-parser", default="auto", choices=["auto", "hermes", "qwen3_coder", "mistral"],
+                   help="tool-call format in the model's output (auto: all of them)")
+    p.add_argument("--sse-ping", type=float, default=10.0, help="seconds between SSE comment pings on a silent stream")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_engine_arguments(p)
+    p.set_defaults(func=run)
+
+
+def settings_from_args(args, model_id: str):
+    from moepage.server.settings import ServerSettings
+
+    keys = tuple(args.api_key) or ((os.environ["MOEPAGE_API_KEY"],) if os.environ.get("MOEPAGE_API_KEY") else ())
+    cors = [o for item in args.cors for o in item.split(",") if o]
+    if args.max_queue < 0:
+        raise ValueError("--max-queue must be >= 0")
+    return ServerSettings(model_id=args.served_model_name or model_id, host=args.host, port=args.port,
+                          api_keys=keys, cors_origins=cors, max_queue=args.max_queue, tool_parser=args.tool_parser,
+                          sse_ping_seconds=args.sse_ping)
+
+
+def run(args) -> int:
+    import uvicorn
+
+    from moepage.engine.engine import Engine
+    from moepage.server.app import create_app
+    from moepage.server.model_source import resolve_model
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    resolved = resolve_model(args.model, args.revision)
+    settings = settings_from_args(args, resolved.model_id)
+    print(f"moepage serve: loading {resolved.path} ({resolved.kind})", file=sys.stderr)
+    engine = Engine.load(engine_config(args, resolved.path))
+    print(engine.plan.summary(), file=sys.stderr)
+    app = create_app(engine, settings)
+    print(f"serving `{settings.model_id}` at http://{settings.host}:{settings.port}/v1 "
+          f"(context {engine.ctx_size} tokens{', API key required' if settings.api_keys else ''})", file=sys.stderr)
+    if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_keys:
+        print("warning: listening beyond this machine without --api-key", file=sys.stderr)
+    try:
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level)
+    finally:
+        engine.close()
+    return 0

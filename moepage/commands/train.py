@@ -1,0 +1,69 @@
+"""`moepage train MODEL OUT --mode named|emergent|lm [--teacher T]`: train on local domain text, resumably."""
+from __future__ import annotations
+
+import json
+import os
+
+
+def register(sub):
+    p = sub.add_parser("train", help="train a dense or MoE Qwen model: next-token + distillation + router loss")
+    p.add_argument("model", help="starting checkpoint (dense Qwen2/Qwen3 or Qwen2-MoE/Qwen3-MoE)")
+    p.add_argument("out", help="output directory: train_state.pt (resumable), train_log.jsonl, final checkpoint")
+    p.add_argument("--mode", default="named", choices=["lm", "emergent", "named"],
+                   help="router loss: named (domain i -> expert i), emergent (load balancing) or lm (none)")
+    p.add_argument("--corpus", default=None,
+                   help="domain corpus .npz; default: build OUT/corpus.npz from this machine's files "
+                        "with the model's tokenizer")
+    p.add_argument("--domains", default=None,
+                   help="comma-separated domains to train on (default: all, in corpus order)")
+    p.add_argument("--teacher", default=None, help="teacher checkpoint (same tokenizer) for top-k logit distillation")
+    p.add_argument("--distill-coef", type=float, default=0.5, help="weight of the distillation loss (with --teacher)")
+    p.add_argument("--distill-topk", type=int, default=16)
+    p.add_argument("--router-coef", type=float, default=0.1)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=10, help="linear LR warmup steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps")
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--no-resume", action="store_true", help="start over even if OUT/train_state.pt exists")
+    p.add_argument("--threads", type=int, default=None, help="torch compute threads")
+    p.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import torch
+
+    from moepage.surgery.corpus import CorpusSpec, DomainCorpus, build_corpus
+    from moepage.surgery.train import TrainConfig, train
+    from moepage.surgery.trainable_model import TrainableDecoder
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = TrainableDecoder.from_pretrained(args.model)
+    os.makedirs(args.out, exist_ok=True)
+    corpus_path = args.corpus or os.path.join(args.out, "corpus.npz")
+    if not os.path.exists(corpus_path):
+        if args.corpus:
+            raise FileNotFoundError(f"{args.corpus}: no such corpus file")
+        from tokenizers import Tokenizer
+
+        tok_file = os.path.join(args.model, "tokenizer.json")
+        if not os.path.exists(tok_file):
+            raise FileNotFoundError(f"{args.model}: no tokenizer.json to build the corpus with (pass --corpus)")
+        tok = Tokenizer.from_file(tok_file)
+        build_corpus(tok, CorpusSpec(), separator_id=tok.token_to_id("<|endoftext|>")).save(corpus_path)
+    corpus = DomainCorpus.load(corpus_path)
+    cfg = TrainConfig(mode=args.mode, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                      warmup_steps=args.warmup, router_coef=args.router_coef,
+                      distill_coef=args.distill_coef if args.teacher else 0.0, distill_topk=args.distill_topk,
+                      seed=args.seed, save_every=args.save_every, log_every=args.log_every,
+                      domains=args.domains.split(",") if args.domains else [])
+    teacher = TrainableDecoder.from_pretrained(args.teacher) if args.teacher else None
+    result = train(model, corpus, cfg, args.out, resume=not args.no_resume, teacher=teacher)
+    model.save_pretrained(args.out, dtype=getattr(torch, args.save_dtype), tokenizer_from=args.model)
+    print(json.dumps(result, indent=2))
+    return 0

@@ -1,0 +1,57 @@
+"""Experts that stay GGML-quantized in the expert cache, and the choice of loader for the cache.
+
+A QuantizedExpert holds the stored bytes of gate, up and down (its `nbytes` is the quantized size, which is
+what the byte budget counts) and dequantizes one expert just in time when tokens are routed to it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from moepage.engine.model_args import ModelArgs
+from moepage.engine.moe import PreparedExpert, prepare_expert
+from moepage.kernels.ggml import QuantizedTensor
+from moepage.kernels.ggml_experts import swiglu_quantized
+from moepage.paging.sources import ExpertSource
+
+
+@dataclass
+class QuantizedExpert:
+    """gate [I, H], up [I, H], down [H, I] as GGML bytes; compute() runs the SwiGLU FFN in x's dtype."""
+
+    gate: QuantizedTensor
+    up: QuantizedTensor
+    down: QuantizedTensor
+    stored_nbytes: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.gate.nbytes + self.up.nbytes + self.down.nbytes
+
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
+        """x [t, H] -> [t, H]."""
+        return swiglu_quantized(x, self.gate, self.up, self.down)
+
+
+def prepare_quantized_expert(w, device) -> QuantizedExpert:
+    """QuantizedExpertWeights (paging.gguf_experts) -> QuantizedExpert on `device`."""
+    return QuantizedExpert(w.gate.to(device), w.up.to(device), w.down.to(device), w.nbytes)
+
+
+ExpertLoad = Callable[[int, int], object]
+
+
+def expert_loader(source: ExpertSource, args: ModelArgs, dtype: torch.dtype, device
+                  ) -> tuple[ExpertLoad, Callable[[int], int], int]:
+    """(load(layer, expert), nbytes_of(layer), largest expert's bytes) for the ExpertCache.
+
+    Quantized sources keep experts quantized (bytes = stored bytes); everything else is converted to `dtype`.
+    """
+    if getattr(source, "quantized", False):
+        sizes = {layer: source.stored_nbytes(layer) for layer in args.moe_layers}
+        return (lambda layer, e: prepare_quantized_expert(source.read_quantized(layer, e), device),
+                lambda layer: sizes[layer], max(sizes.values()))
+    each = PreparedExpert.nbytes_for(args.hidden_size, args.moe_intermediate_size, dtype)
+    return (lambda layer, e: prepare_expert(source.read(layer, e), dtype, device)), (lambda layer: each), each

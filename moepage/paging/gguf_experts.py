@@ -1,0 +1,179 @@
+"""Routed experts paged out of GGUF tensors: each expert is one contiguous byte range of
+`blk.N.ffn_{gate,up,down}_exps.weight` (in a .gguf file) or one per-expert shard of a GGUF split directory.
+
+Shape legend: E experts, I expert intermediate size, H hidden size.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from moepage.kernels.ggml import SUPPORTED, QuantizedTensor, is_quantized
+from moepage.paging.gguf_file import GGUFFile
+from moepage.paging.safetensors_file import CheckpointError, SafetensorsFile
+from moepage.paging.sources import ExpertSource, ExpertWeights, sha256_of
+
+PARTS = ("gate", "up", "down")
+
+
+@dataclass
+class QuantizedExpertWeights:
+    """One routed expert as stored: gate [I, H], up [I, H], down [H, I], each a QuantizedTensor."""
+
+    gate: QuantizedTensor
+    up: QuantizedTensor
+    down: QuantizedTensor
+
+    @property
+    def nbytes(self) -> int:
+        return self.gate.nbytes + self.up.nbytes + self.down.nbytes
+
+    @property
+    def quantized(self) -> bool:
+        return any(is_quantized(t.type) for t in (self.gate, self.up, self.down))
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> ExpertWeights:
+        return ExpertWeights(self.gate.dequantize(dtype), self.up.dequantize(dtype), self.down.dequantize(dtype))
+
+
+class QuantizedExpertSource(ExpertSource):
+    """An ExpertSource whose experts may be GGML-quantized: `read_quantized` returns the stored bytes,
+    `read` the float32 values (for tools that want numbers)."""
+
+    quantized: bool = False  # True when any expert tensor is a block-quantized type
+
+    def read_quantized(self, layer: int, expert: int) -> QuantizedExpertWeights:
+        raise NotImplementedError
+
+    def read(self, layer: int, expert: int) -> ExpertWeights:
+        q = self.read_quantized(layer, expert)
+        try:
+            return q.dequantize(torch.float32)
+        except ValueError as e:
+            raise CheckpointError(f"{self.describe()}: layer {layer} expert {expert}: {e}") from None
+
+    def stored_nbytes(self, layer: int) -> int:
+        raise NotImplementedError
+
+
+class GGUFExpertSource(QuantizedExpertSource):
+    """Experts of a .gguf file: expert e of layer L is slice e of the three [E, ., .] tensors (one pread each)."""
+
+    def __init__(self, gguf: GGUFFile, table: dict[str, str], moe_layers: list[int]):
+        self.file = gguf
+        self.table = table  # part -> "blk.{L}.ffn_gate_exps.weight"
+        self.moe_layers = moe_layers
+        for layer in moe_layers:
+            for p in PARTS:
+                name = table[p].format(L=layer)
+                kind = gguf.info(name, f"layer {layer} experts {p}").type
+                if kind.name not in SUPPORTED:
+                    raise CheckpointError(f"{gguf.path}: unsupported quant type {kind.name} in tensor {name!r} "
+                                          f"(moepage dequantizes {', '.join(SUPPORTED)})")
+        self.quantized = any(is_quantized(gguf.info(table[p].format(L=L), "expert").type)
+                             for L in moe_layers for p in PARTS)
+
+    def read_quantized(self, layer: int, expert: int) -> QuantizedExpertWeights:
+        return QuantizedExpertWeights(**{
+            p: self.file.read_slice(self.table[p].format(L=layer), expert, f"layer {layer} expert {expert} {p}")
+            for p in PARTS
+        })
+
+    def stored_nbytes(self, layer: int) -> int:
+        total = 0
+        for p in PARTS:
+            info = self.file.info(self.table[p].format(L=layer), "expert")
+            total += info.nbytes // info.shape[0]
+        return total
+
+    def describe(self) -> str:
+        return f"GGUF {os.path.basename(self.file.path)}"
+
+
+# ---- split directories --------------------------------------------------------------------------------
+def shard_metadata(q: QuantizedExpertWeights) -> dict[str, str]:
+    """safetensors __metadata__ describing the GGML type and logical shape of each part."""
+    meta = {"format": "moepage-gguf-expert"}
+    for p in PARTS:
+        t: QuantizedTensor = getattr(q, p)
+        meta[f"{p}.type"] = t.type.name
+        meta[f"{p}.shape"] = ",".join(str(s) for s in t.shape)
+    return meta
+
+
+class GGUFSplitExpertSource(QuantizedExpertSource):
+    """A GGUF split directory: one safetensors file per expert holding the raw GGML bytes of gate, up and down
+    as uint8 tensors; their types and shapes are in the file's metadata. sha256 checked at first page-in."""
+
+    def __init__(self, root: str, shard_path: Callable[[int, int], str], hashes: dict[str, str],
+                 moe_layers: list[int], drop_page_cache: bool = True, verify: bool = True):
+        self.root = root
+        self.shard_path = shard_path
+        self.hashes = hashes
+        self.drop_page_cache = drop_page_cache
+        self.verify = verify
+        self._verified: set[str] = set()
+        self._lock = threading.Lock()
+        self._sizes: dict[int, int] = {}
+        self.quantized = any(self._read(L, 0).quantized for L in moe_layers[:1])
+
+    def _open(self, layer: int, expert: int) -> SafetensorsFile:
+        rel = self.shard_path(layer, expert)
+        path = os.path.join(self.root, rel)
+        if not os.path.exists(path):
+            raise CheckpointError(f"{path}: expert shard for layer {layer} expert {expert} is missing")
+        if self.verify and rel not in self._verified and rel in self.hashes:
+            digest = sha256_of(path)
+            if digest != self.hashes[rel]:
+                raise CheckpointError(
+                    f"{path}: sha256 mismatch for layer {layer} expert {expert} "
+                    f"(manifest {self.hashes[rel][:16]}…, file {digest[:16]}…): the shard is corrupt"
+                )
+            with self._lock:
+                self._verified.add(rel)
+        try:
+            return SafetensorsFile(path, drop_page_cache=self.drop_page_cache)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e} (layer {layer} expert {expert})") from None
+
+    def _read(self, layer: int, expert: int) -> QuantizedExpertWeights:
+        from moepage.kernels.ggml import ggml_type
+
+        f = self._open(layer, expert)
+        try:
+            parts = {}
+            for p in PARTS:
+                try:
+                    kind = ggml_type(f.metadata[f"{p}.type"], p)
+                    shape = tuple(int(s) for s in f.metadata[f"{p}.shape"].split(","))
+                except (KeyError, ValueError) as e:
+                    raise CheckpointError(f"{f.path}: GGUF expert shard metadata for {p!r} is missing or bad ({e})") from None
+                if p not in f.tensors:
+                    raise CheckpointError(f"{f.path}: tensor {p!r} (layer {layer} expert {expert}) is missing")
+                raw = f.read(p).reshape(-1)
+                if raw.numel() != kind.nbytes(shape):
+                    raise CheckpointError(f"{f.path}: tensor {p!r} has {raw.numel()} bytes, {kind.name} {shape} needs "
+                                          f"{kind.nbytes(shape)}")
+                parts[p] = QuantizedTensor(raw, kind, shape, f"layer {layer} expert {expert} {p}")
+            return QuantizedExpertWeights(**parts)
+        finally:
+            f.close()
+
+    def read_quantized(self, layer: int, expert: int) -> QuantizedExpertWeights:
+        return self._read(layer, expert)
+
+    def stored_nbytes(self, layer: int) -> int:
+        if layer not in self._sizes:
+            f = self._open(layer, 0)
+            try:
+                self._sizes[layer] = sum(i.nbytes for i in f.tensors.values())
+            finally:
+                f.close()
+        return self._sizes[layer]
+
+    def describe(self) -> str:
+        return f"GGUF split shards in {self.root}"

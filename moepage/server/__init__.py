@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP server over one engine: protocol models, routes, SSE streaming, metrics."""

@@ -1,0 +1,229 @@
+"""POST /v1/chat/completions: template, generate, parse tool calls; JSON or SSE chunks."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from moepage.engine.engine import StepOutput
+from moepage.server.errors import APIError
+from moepage.server.generation import ClientDisconnected, GenerationService, engine_error
+from moepage.server.prompts import chat_prompt_ids, tool_dicts
+from moepage.server.protocol import (
+    ChatChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChoiceLogprobs, ChunkChoice, Delta,
+    DeltaFunctionCall, DeltaToolCall, ResponseFunctionCall, ResponseMessage, ResponseToolCall, TokenLogprob,
+    TopLogprob, Usage, new_id, now,
+)
+from moepage.server.streaming import DONE, chunk_json, error_event, sse_response
+from moepage.server.tool_parsers import FORMATS, ContentDelta, ToolCallArguments, ToolCallParser, ToolCallStart
+
+log = logging.getLogger("moepage.server")
+
+
+class ChoiceAssembler:
+    """Turns one generation's steps into deltas (streamed) and the final message (both from the same parser)."""
+
+    def __init__(self, index: int, tokenizer, tools: list[dict] | None, formats: tuple[str, ...], logprobs: bool):
+        self.index = index
+        self.tokenizer = tokenizer
+        self.parser = ToolCallParser(tools, formats) if tools else None
+        self.want_logprobs = logprobs
+        self.content = ""
+        self.logprobs: list[TokenLogprob] = []
+        self._pending_lp: list[TokenLogprob] = []
+        self.tokens = 0
+        self.finish_reason: str | None = None
+
+    def _token_lp(self, token: int, logprob: float, top) -> TokenLogprob:
+        def entry(t, lp):
+            text = self.tokenizer.decode([t], skip_special_tokens=False) if self.tokenizer else str(t)
+            return TopLogprob(token=text, logprob=lp, bytes=list(text.encode("utf-8")))
+
+        head = entry(token, logprob)
+        return TokenLogprob(**head.model_dump(), top_logprobs=[entry(t, lp) for t, lp in (top or [])])
+
+    def step(self, s: StepOutput) -> list[Delta]:
+        self.tokens += 1
+        if self.want_logprobs and s.logprob is not None:
+            lp = self._token_lp(s.token, s.logprob, s.top_logprobs)
+            self.logprobs.append(lp)
+            self._pending_lp.append(lp)
+        if s.finish_reason:
+            self.finish_reason = s.finish_reason
+        return self._deltas(self.parser.feed(s.text) if self.parser else [ContentDelta(s.text)] if s.text else [])
+
+    def finish(self) -> list[Delta]:
+        deltas = self._deltas(self.parser.finish()) if self.parser else []
+        if self.parser and self.parser.calls and self.finish_reason == "stop":
+            self.finish_reason = "tool_calls"
+        return deltas
+
+    def take_logprobs(self) -> ChoiceLogprobs | None:
+        if not self._pending_lp:
+            return None
+        out, self._pending_lp = self._pending_lp, []
+        return ChoiceLogprobs(content=out)
+
+    def _deltas(self, events) -> list[Delta]:
+        out = []
+        for e in events:
+            if isinstance(e, ContentDelta):
+                self.content += e.text
+                out.append(Delta(content=e.text))
+            elif isinstance(e, ToolCallStart):
+                out.append(Delta(tool_calls=[DeltaToolCall(index=e.index, id=e.id, type="function",
+                                                           function=DeltaFunctionCall(name=e.name, arguments=""))]))
+            elif isinstance(e, ToolCallArguments) and e.delta:
+                out.append(Delta(tool_calls=[DeltaToolCall(index=e.index, function=DeltaFunctionCall(arguments=e.delta))]))
+        return out
+
+    def message(self) -> ResponseMessage:
+        calls = self.parser.calls if self.parser else []
+        content = self.content
+        if calls and not content.strip():
+            content = None
+        tool_calls = [ResponseToolCall(id=c.id, function=ResponseFunctionCall(name=c.name, arguments=c.arguments))
+                      for c in calls] or None
+        return ResponseMessage(content=content, tool_calls=tool_calls)
+
+
+def _check_json_output(text: str | None, fmt) -> APIError | None:
+    if fmt is None or fmt.type == "text":
+        return None
+    try:
+        value = json.loads(text or "")
+    except ValueError:
+        return APIError(422, f"response_format {fmt.type} is validated, not constrained, and the model's output is not "
+                             f"valid JSON: {(text or '')[:200]!r}", param="response_format", code="invalid_json_output")
+    if fmt.type == "json_object" and not isinstance(value, dict):
+        return APIError(422, "response_format json_object: the model's output is JSON but not an object",
+                        param="response_format", code="invalid_json_output")
+    return None
+
+
+class ChatHandler:
+    def __init__(self, service: GenerationService):
+        self.svc = service
+
+    def _formats(self) -> tuple[str, ...]:
+        name = self.svc.settings.tool_parser
+        return FORMATS if name == "auto" else ("hermes", "qwen3_coder") if name == "hermes" else (name,)
+
+    async def __call__(self, req: ChatCompletionRequest, request: Request) -> Response:
+        svc = self.svc
+        svc.check_model(req.model)
+        svc.check_n(req.n)
+        use_tools = bool(req.tools) and req.tool_choice != "none"
+        if getattr(req.tool_choice, "function", None) is not None and req.tools:
+            names = {t.function.name for t in req.tools}
+            if req.tool_choice.function.name not in names:
+                raise APIError(400, f"tool_choice names {req.tool_choice.function.name!r}, which is not in tools",
+                               param="tool_choice")
+        if req.response_format is not None and req.response_format.type == "json_schema" \
+                and req.response_format.json_schema is None:
+            raise APIError(400, "response_format json_schema needs a `json_schema` object", param="response_format")
+        prompt_ids = chat_prompt_ids(svc.engine.tokenizer, req.messages, req.tools if use_tools else None,
+                                     template_kwargs=req.chat_template_kwargs)
+        svc.check_context(prompt_ids, "messages")
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        n = req.n or 1
+        params = [svc.sampling_params(req, max_tokens, logprobs, i) for i in range(n)]
+        tools = tool_dicts(req.tools) if use_tools else None
+        assemblers = [ChoiceAssembler(i, svc.engine.tokenizer, tools, self._formats(), bool(req.logprobs))
+                      for i in range(n)]
+        rid, created, model = new_id("chatcmpl"), now(), svc.settings.model_id
+        if svc.settings.log_requests:
+            log.info("chat %s: %d messages, %d tools, stream=%s, prompt %d tokens, max_tokens=%s", rid,
+                     len(req.messages), len(req.tools or []), bool(req.stream), len(prompt_ids), max_tokens)
+        first = svc.submit(prompt_ids, params[0])
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            events = self._stream(rid, created, model, prompt_ids, params, assemblers, first, include_usage,
+                                  req.response_format)
+            return sse_response(events, svc.settings.sse_ping_seconds)
+        try:
+            for i, a in enumerate(assemblers):
+                job = first if i == 0 else svc.submit(prompt_ids, params[i])
+                try:
+                    for step in await svc.collect(job, request):
+                        a.step(step)
+                except ClientDisconnected:
+                    log.info("chat %s: client disconnected, generation cancelled", rid)
+                    return Response(status_code=499)
+                except Exception as e:
+                    raise engine_error(e, "messages") from None
+                a.finish()
+        finally:
+            first.cancel()
+        choices = [ChatChoice(index=a.index, message=a.message(), finish_reason=a.finish_reason,
+                              logprobs=ChoiceLogprobs(content=a.logprobs) if req.logprobs else None) for a in assemblers]
+        for c in choices:
+            err = _check_json_output(c.message.content, req.response_format)
+            if err:
+                raise err
+        completion = sum(a.tokens for a in assemblers)
+        usage = Usage(prompt_tokens=len(prompt_ids), completion_tokens=completion,
+                      total_tokens=len(prompt_ids) + completion)
+        body = ChatCompletion(id=rid, created=created, model=model, choices=choices, usage=usage)
+        if svc.settings.log_requests:
+            log.info("chat %s: %d tokens, finish %s, tool calls %s", rid, completion,
+                     [a.finish_reason for a in assemblers], [len(c.message.tool_calls or []) for c in choices])
+        return JSONResponse(body.model_dump())
+
+    async def _stream(self, rid, created, model, prompt_ids, params, assemblers, first, include_usage, fmt):
+        svc = self.svc
+
+        def chunk(index, delta, finish=None, logprobs=None):
+            c = ChatCompletionChunk(id=rid, created=created, model=model,
+                                    choices=[ChunkChoice(index=index, delta=delta, finish_reason=finish,
+                                                         logprobs=logprobs)])
+            return chunk_json(c, include_usage)
+
+        job = first
+        try:
+            for i, a in enumerate(assemblers):
+                if i > 0:
+                    try:
+                        job = svc.submit(prompt_ids, params[i])
+                    except APIError as e:
+                        yield error_event(e)
+                        break
+                yield chunk(i, Delta(role="assistant", content=""))
+                try:
+                    async for step in job.steps():
+                        for d in a.step(step):
+                            yield chunk(i, d, logprobs=a.take_logprobs())
+                except Exception as e:
+                    try:
+                        err = engine_error(e, "messages")
+                    except Exception as inner:
+                        log.exception("generation failed")
+                        err = APIError(500, f"generation failed: {type(inner).__name__}: {inner}")
+                    yield error_event(err)
+                    break
+                for d in a.finish():
+                    yield chunk(i, d, logprobs=a.take_logprobs())
+                err = _check_json_output(a.message().content, fmt)
+                if err:
+                    yield error_event(err)
+                yield chunk(i, Delta(), a.finish_reason, a.take_logprobs())
+            if include_usage:
+                completion = sum(a.tokens for a in assemblers)
+                usage = Usage(prompt_tokens=len(prompt_ids), completion_tokens=completion,
+                              total_tokens=len(prompt_ids) + completion)
+                final = ChatCompletionChunk(id=rid, created=created, model=model, choices=[], usage=usage)
+                yield chunk_json(final, True)
+            yield DONE
+            if svc.settings.log_requests:
+                log.info("chat %s: streamed %d tokens, finish %s, tool calls %s", rid,
+                         sum(a.tokens for a in assemblers), [a.finish_reason for a in assemblers],
+                         [len(a.parser.calls) if a.parser else 0 for a in assemblers])
+        except (asyncio.CancelledError, GeneratorExit):
+            log.info("chat %s: client disconnected, generation cancelled", rid)
+            raise
+        finally:
+            job.cancel()

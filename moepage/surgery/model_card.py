@@ -1,0 +1,67 @@
+"""README.md model card for an extracted / pruned / merged model: name, provenance, profile, quality."""
+from __future__ import annotations
+
+import math
+import re
+
+from moepage import __version__
+
+
+def model_name(base: str, domain: str, n: int, dense: bool = False) -> str:
+    """Naming convention: <base>-<domain>-<N>e, with -dense appended for a merged dense model."""
+    slug = lambda s: re.sub(r"[^A-Za-z0-9._-]+", "-", s).strip("-")  # noqa: E731
+    return f"{slug(base)}-{slug(domain)}-{n}e" + ("-dense" if dense else "")
+
+
+def _quality_rows(quality: dict | None) -> str:
+    if not quality:
+        return ("Not measured. For a MoE result, `moepage extract/prune ... --eval heldout.txt` measures perplexity of "
+                "the base and the new model; a dense result needs an external evaluation (e.g. transformers).\n")
+    lines = ["| model | text | tokens | perplexity |", "|---|---|---|---|"]
+    for row in quality.get("rows", []):
+        lines.append(f"| {row['model']} | {row['text']} | {row['tokens']} | {row['perplexity']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def render_model_card(*, name: str, base: str, family: str, operation: str, domain: str | None, summary: dict,
+                      profile: dict | None, criterion: str, quality: dict | None = None, notes: list[str] | None = None) -> str:
+    tags = ["moepage", "mixture-of-experts" if summary["kind"] == "moe" else "dense", "expert-pruning"]
+    lines = [
+        "---",
+        f"base_model: {base}",
+        "tags:",
+        *[f"- {t}" for t in tags],
+        "---",
+        "",
+        f"# {name}",
+        "",
+        f"Made with moepage {__version__} `{operation}` from **{base}** ({family}).",
+        "",
+        "## What was done",
+        "",
+    ]
+    if summary["kind"] == "moe":
+        lines.append(f"- Kept {summary['experts_per_layer']} routed experts per MoE layer, top-k {summary['top_k']}; "
+                     "router rows of the dropped experts removed, the kept experts renumbered in their original order.")
+    else:
+        lines.append(f"- Merged the kept experts of each MoE layer into one dense SwiGLU FFN "
+                     f"(intermediate {summary['intermediate_size']}), each expert's down projection scaled by the "
+                     f"domain's average routing weight; written as `{summary['architecture']}`.")
+    lines.append(f"- Experts ranked by `{criterion}` ({'REAP: mean routing weight x expert output norm' if criterion == 'saliency' else criterion})"
+                 + (f" on domain `{domain}`." if domain else "."))
+    for note in notes or []:
+        lines.append(f"- {note}")
+    lines += ["", "Kept experts (layer: original indices):", "", "```"]
+    lines += [f"{layer}: {experts}" for layer, experts in summary["kept"].items()]
+    lines += ["```", ""]
+    if profile is not None:
+        lines += ["## Profile used", "", f"Profile of `{profile['model']['name']}`, settings {profile.get('settings', {})}.", "",
+                  "| domain | tokens | base perplexity | sources (sha256) |", "|---|---|---|---|"]
+        for dname, d in sorted(profile["domains"].items()):
+            srcs = ", ".join(f"{s['path']} ({s['sha256'][:12]})" for s in d.get("sources", []))
+            ppl = f"{math.exp(d['nll']):.3f}" if d.get("nll") is not None else "-"
+            lines.append(f"| {dname} | {d['tokens']} | {ppl} | {srcs} |")
+        lines.append("")
+    lines += ["## Quality", "", _quality_rows(quality)]
+    lines += ["## Files", "", ", ".join(f"`{f}`" for f in summary["files"]) + f" ({summary['bytes'] / 2**20:.1f} MiB of weights)", ""]
+    return "\n".join(lines)
