@@ -139,3 +139,17 @@ def test_prefix_cache_reuses_kv_and_matches(checkpoints):
     assert cached.kv_ids[: len(turns[1])] == turns[1]
     plain.close()
     cached.close()
+
+
+def test_decode_keeps_special_tool_call_markers(tokenizer_dir, tmp_path):
+    """Mistral's [TOOL_CALLS] is a special token: skipping special tokens must not hide it from the parsers."""
+    from tokenizers import AddedToken, Tokenizer as HFTokenizer
+
+    hf = HFTokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    hf.add_special_tokens([AddedToken("[TOOL_CALLS]", special=True), AddedToken("<|junk|>", special=True)])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_bytes((tokenizer_dir / "tokenizer_config.json").read_bytes())
+    tk = Tokenizer.from_dir(str(tmp_path))
+    ids = tk.encode('<|junk|>[TOOL_CALLS][{"name": "f"}]', add_special_tokens=False)
+    assert tk.decode(ids) == '[TOOL_CALLS][{"name": "f"}]'
+    assert tk.decode(ids, skip_special_tokens=False).startswith("<|junk|>[TOOL_CALLS]")

@@ -118,3 +118,17 @@ def test_formats_can_be_restricted():
     assert calls == [] and content == MISTRAL_ARGS
     with pytest.raises(ValueError):
         ToolCallParser(None, ("llama",))
+
+
+@pytest.mark.parametrize("cuts", [[], "each"])
+def test_hermes_arguments_given_as_a_json_string_are_not_double_encoded(cuts):
+    text = '<tool_call>{"name": "run", "arguments": "{\\"cmd\\": \\"ls\\"}"}</tool_call>'
+    _, calls = run_stream(text, list(range(len(text))) if cuts == "each" else [])
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("run", {"cmd": "ls"})]
+
+
+@pytest.mark.parametrize("cuts", [[], "each"])
+def test_hermes_keys_after_arguments_do_not_leak_into_them(cuts):
+    text = '<tool_call>{"name": "run", "arguments": {"cmd": "a}b", "opts": {"x": [1]}}, "id": "abc"}</tool_call>'
+    _, calls = run_stream(text, list(range(len(text))) if cuts == "each" else [])
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("run", {"cmd": "a}b", "opts": {"x": [1]}})]

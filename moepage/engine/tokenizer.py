@@ -11,6 +11,11 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
 
+# Special tokens that mark tool calls: kept in decoded text so the server's tool-call parsers can see them
+# (Mistral's [TOOL_CALLS] is a special token; a plain skip_special_tokens decode would drop it).
+TOOL_CALL_MARKERS = frozenset({"[TOOL_CALLS]", "[ARGS]", "[CALL_ID]", "<tool_call>", "</tool_call>"})
+
+
 class ChatTemplateError(ValueError):
     pass
 
@@ -41,6 +46,7 @@ class Tokenizer:
         self.eos_id = self.tk.token_to_id(self.eos_token) if self.eos_token else None
         self.chat_template = chat_template
         self.special_ids = {i for i, t in self._added().items() if t.special}
+        self.hidden_ids = {i for i in self.special_ids if self.tk.id_to_token(i) not in TOOL_CALL_MARKERS}
         self._template = None
         if chat_template:
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
@@ -88,7 +94,10 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return self.tk.decode(ids, skip_special_tokens=skip_special_tokens)
+        """Text of ids; skip_special_tokens drops special tokens except the tool-call markers."""
+        if skip_special_tokens:
+            ids = [i for i in ids if i not in self.hidden_ids]
+        return self.tk.decode(ids, skip_special_tokens=False)
 
     def token_to_id(self, token: str) -> int | None:
         return self.tk.token_to_id(token)

@@ -66,6 +66,28 @@ def _held_prefix(text: str, tags: tuple[str, ...]) -> int:
     return best
 
 
+def _balanced_end(text: str) -> int | None:
+    """Index just past the JSON object/array that text starts with, or None while it is still open."""
+    depth, in_str, esc = 0, False, False
+    for i, ch in enumerate(text):
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "{[":
+            depth += 1
+        elif ch in "}]":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+    return None
+
+
 def _param_types(tools: list[dict] | None) -> dict[str, dict[str, str]]:
     out = {}
     for tool in tools or []:
@@ -154,13 +176,22 @@ class _TaggedBlock(_Block):
                 return self._json_whole(body)
             else:
                 return events
-        args = body[self.args_start:].lstrip()
-        if final:
-            args = args.rstrip()
-            if args.endswith("}"):
-                args = args[:-1].rstrip()
+        raw = body[self.args_start:].lstrip()
+        if raw[:1] in ("{", "["):  # an object streams as it comes; text after its closing brace is not arguments
+            end = _balanced_end(raw)
+            args = raw if end is None else raw[:end]
+            if end is None and final:
+                args = args.rstrip()
+        elif raw[:1] == '"':  # arguments given as a JSON string holding the arguments: sent once it is complete
+            try:
+                value, _ = json.JSONDecoder().raw_decode(raw)
+            except ValueError:
+                value = None
+            args = value if isinstance(value, str) else ""
         else:
-            args = args.rstrip("} \t\r\n")
+            args = ""
+        if final and not args and self.sent == 0:
+            args = "{}"
         if len(args) > self.sent:
             events.append(self.p.arguments(self.index, args[self.sent:]))
             self.sent = len(args)
