@@ -21,6 +21,7 @@ from moepage.server.settings import ServerSettings
 MODEL_ID = "demo-test"
 HERMES_PIECES = ('{"name": "get_weather", ', '"arguments": {"city": ', '"Paris"}}')
 XML_PIECES = ("<function=get_weather>", "<parameter=city>", "</parameter>", "</function>")
+JSON_PIECES = ('{"city": "Paris"}',)
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "Weather for a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
@@ -32,7 +33,7 @@ EXPERT_BYTES = 96 * 1024  # one prepared expert of the demo shape (fp32)
 def engine(tmp_path_factory):
     # Small lm_head: logits near 0, so logit_bias can steer the model (tool calls); extra tokens keep the
     # forced sequences free of repeats. A 6-expert cache (of 64) makes every request page experts.
-    spec = DemoSpec(lm_head_scale=1e-3, extra_tokens=HERMES_PIECES + XML_PIECES)
+    spec = DemoSpec(lm_head_scale=1e-3, extra_tokens=HERMES_PIECES + XML_PIECES + JSON_PIECES)
     path = build_demo_model(tmp_path_factory.mktemp("demo"), spec)
     eng = Engine.load(EngineConfig(model=path, ctx_size=512, threads=1, expert_cache_bytes=6 * EXPERT_BYTES))
     yield eng
@@ -202,12 +203,49 @@ def test_tool_call_parsed_streamed_and_not(client, engine, text, content):
     assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
 
 
-def test_tool_choice_none_leaves_text(client, engine):
+def rendered_prompt(http, messages, tools=None) -> list[int]:
+    body = {"messages": messages} | ({"tools": tools} if tools else {})
+    return http.post("/tokenize", json=body).json()["tokens"]
+
+
+def test_tool_choice_none_offers_tools_but_does_not_parse(client, http, engine):
+    # As vLLM by default: the tools are in the prompt, the output is not parsed for calls.
+    with_tools, without = rendered_prompt(http, USER, TOOLS), rendered_prompt(http, USER)
+    assert len(with_tools) > len(without)
     r = client.chat.completions.create(model=MODEL_ID, messages=USER, tools=TOOLS, tool_choice="none",
                                        **forced(engine, HERMES_CALL))
+    assert r.usage.prompt_tokens == len(with_tools)
     assert r.choices[0].message.tool_calls is None
     assert r.choices[0].finish_reason == "stop"
     assert "get_weather" in r.choices[0].message.content
+
+
+TWO_TOOLS = [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}] + TOOLS
+
+
+@pytest.mark.parametrize("tool_choice, prefix, model_writes", [
+    ("required", "<tool_call>\n", "".join(HERMES_PIECES) + "</tool_call>"),
+    ({"type": "function", "function": {"name": "get_weather"}},
+     '<tool_call>\n{"name": "get_weather", "arguments": ', '{"city": "Paris"}}</tool_call>'),
+])
+def test_tool_choice_forces_a_call_through_a_prompt_prefix(client, http, engine, tool_choice, prefix, model_writes):
+    """The demo template is Hermes/Qwen JSON: the opening (and the name) are appended to the prompt; the model
+    writes only the rest, and the parser, fed the prefix first, returns the call."""
+    prompt = rendered_prompt(http, USER, TWO_TOOLS) + engine.tokenizer.encode(prefix, add_special_tokens=False)
+    kw = dict(model=MODEL_ID, messages=USER, tools=TWO_TOOLS, tool_choice=tool_choice, **forced(engine, model_writes))
+    r = client.chat.completions.create(**kw)
+    assert r.usage.prompt_tokens == len(prompt)
+    assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
+    [call] = r.choices[0].message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+
+    chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    deltas = [d for c in chunks if c.choices for d in (c.choices[0].delta.tool_calls or [])]
+    assert deltas[0].id and deltas[0].type == "function" and deltas[0].function.name == "get_weather"
+    assert all(d.id is None and d.function.name is None for d in deltas[1:])
+    assert "".join(d.function.arguments or "" for d in deltas) == call.function.arguments
+    assert not "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert chunks[-1].usage.prompt_tokens == len(prompt)
 
 
 def test_tool_result_round_trip(client, http, engine):
@@ -295,6 +333,8 @@ BAD_CHAT = [
      "messages[0].content[0]"),
     ({"messages": USER, "tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, 400,
      "tool_choice"),
+    ({"messages": USER, "tool_choice": "required"}, 400, "tool_choice"),
+    ({"messages": USER, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, 400, "tool_choice"),
     ({"messages": USER, "model": "gpt-4o"}, 404, "model"),
 ]
 
@@ -513,3 +553,51 @@ def test_response_format_json_is_validated_not_constrained(http):
     assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_json_output"
     body["response_format"] = {"type": "json_schema"}
     assert http.post("/v1/chat/completions", json=body).json()["error"]["param"] == "response_format"
+
+
+PLACE = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+         "additionalProperties": False}
+SCHEMA_CASES = [
+    (PLACE, None),
+    ({**PLACE, "properties": {"city": {"type": "integer"}}}, "at $.city: expected integer, got string"),
+    ({**PLACE, "required": ["city", "country"]}, "at $: missing required property 'country'"),
+    ({"type": "object", "properties": {}, "additionalProperties": False}, "at $: property 'city' is not allowed"),
+    ({"type": "object", "properties": {"city": {"enum": ["Rome", "Oslo"]}}}, 'at $.city: "Paris" is not one of'),
+    ({"type": "array", "items": {"type": "string"}}, "at $: expected array, got object"),
+]
+
+
+def json_schema_format(schema):
+    return {"type": "json_schema", "json_schema": {"name": "place", "schema": schema}}
+
+
+@pytest.mark.parametrize("schema, problem", SCHEMA_CASES)
+def test_response_format_json_schema_is_validated(client, engine, schema, problem):
+    kw = dict(model=MODEL_ID, messages=USER, response_format=json_schema_format(schema),
+              **forced(engine, '{"city": "Paris"}'))
+    if problem is None:
+        r = client.chat.completions.create(**kw)
+        assert json.loads(r.choices[0].message.content) == {"city": "Paris"}
+        return
+    with pytest.raises(openai.UnprocessableEntityError) as e:
+        client.chat.completions.create(**kw)
+    assert e.value.code == "json_schema_mismatch" and e.value.param == "response_format"
+    assert problem in e.value.message and "validated, not constrained" in e.value.message
+
+
+def test_response_format_violation_streamed_is_an_error_event_before_done(client, http, engine):
+    schema = SCHEMA_CASES[1][0]
+    body = dict(model=MODEL_ID, messages=USER, response_format=json_schema_format(schema), stream=True,
+                stream_options={"include_usage": True}, **forced(engine, '{"city": "Paris"}'))
+    with http.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        data = [line[len("data: "):] for line in r.iter_lines() if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    error = json.loads(data[-2])["error"]
+    assert error["code"] == "json_schema_mismatch" and "at $.city: expected integer" in error["message"]
+    chunks = [json.loads(d) for d in data[:-2]]
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == '{"city": "Paris"}'
+    assert all(c["choices"] and c["choices"][0]["finish_reason"] is None for c in chunks)  # no finish, no usage
+    with pytest.raises(openai.APIError) as e:
+        list(client.chat.completions.create(**body))
+    assert "at $.city: expected integer" in e.value.message

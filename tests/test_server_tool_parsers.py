@@ -6,9 +6,11 @@ import json
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from moepage.server.tool_choice import forced_prefix, template_tool_format
 from moepage.server.tool_parsers import (
     ContentDelta, ToolCallArguments, ToolCallParser, ToolCallStart, parse_all,
 )
+from moepage.surgery.tokenizer_builder import CHATML_TEMPLATE
 
 TOOLS = [{"type": "function", "function": {"name": "run", "parameters": {"type": "object", "properties": {
     "cmd": {"type": "string"}, "n": {"type": "integer"}, "opts": {"type": "object"}}}}}]
@@ -132,3 +134,41 @@ def test_hermes_keys_after_arguments_do_not_leak_into_them(cuts):
     text = '<tool_call>{"name": "run", "arguments": {"cmd": "a}b", "opts": {"x": [1]}}, "id": "abc"}</tool_call>'
     _, calls = run_stream(text, list(range(len(text))) if cuts == "each" else [])
     assert [(c.name, json.loads(c.arguments)) for c in calls] == [("run", {"cmd": "a}b", "opts": {"x": [1]}})]
+
+
+# ---- tool_choice: the template's format and the forced prefix -------------------------------------------
+
+# Shortened from the Qwen3-Coder template's tool instructions and its rendering of past calls.
+QWEN3_CODER_TEMPLATE = ("{{- '<tool_call>\\n<function=' + tool_call.name + '>\\n' }}{%- for k, v in args %}"
+                        "{{- '<parameter=' + k + '>\\n' }}{{- v }}{{- '\\n</parameter>\\n' }}{%- endfor %}"
+                        "{{- '</function>\\n</tool_call>' }}")
+MISTRAL_V11_TEMPLATE = "{{- '[TOOL_CALLS]' + tc.function.name + '[ARGS]' + tc.function.arguments|tojson }}"
+MISTRAL_V3_TEMPLATE = "{{- '[TOOL_CALLS] [' }}{%- for tc in message.tool_calls %}{{- tc|tojson }}{%- endfor %}"
+
+
+@pytest.mark.parametrize("template, configured, fmt", [
+    (CHATML_TEMPLATE, "auto", "hermes"),
+    (QWEN3_CODER_TEMPLATE, "auto", "qwen3_coder"),
+    (QWEN3_CODER_TEMPLATE, "hermes", "qwen3_coder"),
+    (MISTRAL_V11_TEMPLATE, "auto", "mistral_args"),
+    (MISTRAL_V3_TEMPLATE, "auto", "mistral"),
+    ("{{ messages[0].content }}", "auto", None),
+    ("{{ messages[0].content }}", "hermes", "hermes"),
+    (None, "qwen3_coder", "qwen3_coder"),
+])
+def test_tool_format_from_template(template, configured, fmt):
+    assert template_tool_format(template, configured) == fmt
+
+
+@pytest.mark.parametrize("fmt, rest", [
+    ("hermes", '{"cmd": "ls", "n": 2}}\n</tool_call>'),
+    ("qwen3_coder", "<parameter=cmd>\nls\n</parameter>\n<parameter=n>\n2\n</parameter>\n</function>\n</tool_call>"),
+    ("mistral_args", '{"cmd": "ls", "n": 2}'),
+    ("mistral", '{"cmd": "ls", "n": 2}}]'),
+])
+def test_named_prefix_plus_model_output_parses_to_that_call(fmt, rest):
+    prefix = forced_prefix(fmt, "run")
+    content, calls = parse_all(prefix + rest, TOOLS)
+    assert content is None and [(c.name, json.loads(c.arguments)) for c in calls] == [("run", {"cmd": "ls", "n": 2})]
+    opening = forced_prefix(fmt, None)
+    assert prefix.startswith(opening) and opening in ("<tool_call>\n", "[TOOL_CALLS]")

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, Response
 from moepage.engine.engine import StepOutput
 from moepage.server.errors import APIError
 from moepage.server.generation import ClientDisconnected, GenerationService, engine_error
+from moepage.server.json_schema import validate as validate_json
 from moepage.server.prompts import chat_prompt_ids, tool_dicts
 from moepage.server.protocol import (
     ChatChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChoiceLogprobs, ChunkChoice, Delta,
@@ -18,6 +19,7 @@ from moepage.server.protocol import (
     TopLogprob, Usage, new_id, now,
 )
 from moepage.server.streaming import DONE, chunk_json, error_event, sse_response
+from moepage.server.tool_choice import forced_prefix, template_tool_format
 from moepage.server.tool_parsers import FORMATS, ContentDelta, ToolCallArguments, ToolCallParser, ToolCallStart
 
 log = logging.getLogger("moepage.server")
@@ -26,10 +28,12 @@ log = logging.getLogger("moepage.server")
 class ChoiceAssembler:
     """Turns one generation's steps into deltas (streamed) and the final message (both from the same parser)."""
 
-    def __init__(self, index: int, tokenizer, tools: list[dict] | None, formats: tuple[str, ...], logprobs: bool):
+    def __init__(self, index: int, tokenizer, tools: list[dict] | None, formats: tuple[str, ...], logprobs: bool,
+                 prefix: str = ""):
         self.index = index
         self.tokenizer = tokenizer
         self.parser = ToolCallParser(tools, formats) if tools else None
+        self.prefix = prefix  # forced tool-call opening already in the prompt: parsed as if the model wrote it
         self.want_logprobs = logprobs
         self.content = ""
         self.logprobs: list[TokenLogprob] = []
@@ -44,6 +48,10 @@ class ChoiceAssembler:
 
         head = entry(token, logprob)
         return TokenLogprob(**head.model_dump(), top_logprobs=[entry(t, lp) for t, lp in (top or [])])
+
+    def start(self) -> list[Delta]:
+        """Deltas of the forced prefix (a tool call's start: its id and, when named, its name)."""
+        return self._deltas(self.parser.feed(self.prefix)) if self.parser and self.prefix else []
 
     def step(self, s: StepOutput) -> list[Delta]:
         self.tokens += 1
@@ -91,6 +99,7 @@ class ChoiceAssembler:
 
 
 def _check_json_output(text: str | None, fmt) -> APIError | None:
+    """response_format is validated after generation, not constrained during it: a 422 when the output fails."""
     if fmt is None or fmt.type == "text":
         return None
     try:
@@ -99,8 +108,16 @@ def _check_json_output(text: str | None, fmt) -> APIError | None:
         return APIError(422, f"response_format {fmt.type} is validated, not constrained, and the model's output is not "
                              f"valid JSON: {(text or '')[:200]!r}", param="response_format", code="invalid_json_output")
     if fmt.type == "json_object" and not isinstance(value, dict):
-        return APIError(422, "response_format json_object: the model's output is JSON but not an object",
-                        param="response_format", code="invalid_json_output")
+        return APIError(422, "response_format json_object is validated, not constrained, and the model's output is "
+                             "JSON but not an object", param="response_format", code="invalid_json_output")
+    schema = fmt.json_schema.schema_ if fmt.type == "json_schema" and fmt.json_schema else None
+    if schema is not None:
+        problem = validate_json(value, schema)
+        if problem:
+            name = f" {fmt.json_schema.name!r}" if fmt.json_schema.name else ""
+            return APIError(422, f"response_format json_schema is validated, not constrained, and the model's output "
+                                 f"does not match the schema{name} {problem}", param="response_format",
+                            code="json_schema_mismatch")
     return None
 
 
@@ -112,33 +129,58 @@ class ChatHandler:
         name = self.svc.settings.tool_parser
         return FORMATS if name == "auto" else ("hermes", "qwen3_coder") if name == "hermes" else (name,)
 
+    def _tool_prefix(self, req: ChatCompletionRequest) -> str:
+        """The forced start of the output for tool_choice "required" or a named function ("" otherwise)."""
+        choice = req.tool_choice
+        if choice is None or choice in ("auto", "none"):
+            return ""
+        if not req.tools:
+            raise APIError(400, f"tool_choice {choice if isinstance(choice, str) else 'with a function name'} "
+                                f"needs `tools`", param="tool_choice")
+        name = None
+        if not isinstance(choice, str):
+            name = choice.function.name
+            if name not in {t.function.name for t in req.tools}:
+                raise APIError(400, f"tool_choice names {name!r}, which is not in tools", param="tool_choice")
+        tokenizer = self.svc.engine.tokenizer
+        fmt = template_tool_format(tokenizer.chat_template if tokenizer else None, self.svc.settings.tool_parser)
+        if fmt is None:
+            raise APIError(400, "tool_choice \"required\" or a named function needs a chat template with a known "
+                                "tool-call format (Hermes/Qwen <tool_call>, Qwen3-Coder <function=...>, Mistral "
+                                "[TOOL_CALLS]); this model's template shows none: use \"auto\" or start the server "
+                                "with --tool-parser", param="tool_choice", code="tool_choice_unsupported")
+        return forced_prefix(fmt, name)
+
     async def __call__(self, req: ChatCompletionRequest, request: Request) -> Response:
         svc = self.svc
         svc.check_model(req.model)
         svc.check_n(req.n)
-        use_tools = bool(req.tools) and req.tool_choice != "none"
-        if getattr(req.tool_choice, "function", None) is not None and req.tools:
-            names = {t.function.name for t in req.tools}
-            if req.tool_choice.function.name not in names:
-                raise APIError(400, f"tool_choice names {req.tool_choice.function.name!r}, which is not in tools",
-                               param="tool_choice")
+        prefix = self._tool_prefix(req)
         if req.response_format is not None and req.response_format.type == "json_schema" \
                 and req.response_format.json_schema is None:
             raise APIError(400, "response_format json_schema needs a `json_schema` object", param="response_format")
-        prompt_ids = chat_prompt_ids(svc.engine.tokenizer, req.messages, req.tools if use_tools else None,
+        # Tools go to the template even with tool_choice "none" (as in vLLM); "none" only turns parsing off.
+        prompt_ids = chat_prompt_ids(svc.engine.tokenizer, req.messages, req.tools or None,
                                      template_kwargs=req.chat_template_kwargs)
+        if prefix:
+            prompt_ids = prompt_ids + svc.engine.tokenizer.encode(prefix, add_special_tokens=False)
         svc.check_context(prompt_ids, "messages")
         max_tokens = req.max_completion_tokens or req.max_tokens
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         n = req.n or 1
         params = [svc.sampling_params(req, max_tokens, logprobs, i) for i in range(n)]
-        tools = tool_dicts(req.tools) if use_tools else None
-        assemblers = [ChoiceAssembler(i, svc.engine.tokenizer, tools, self._formats(), bool(req.logprobs))
+        tools = tool_dicts(req.tools) if req.tools and req.tool_choice != "none" else None
+        assemblers = [ChoiceAssembler(i, svc.engine.tokenizer, tools, self._formats(), bool(req.logprobs), prefix)
                       for i in range(n)]
         rid, created, model = new_id("chatcmpl"), now(), svc.settings.model_id
         if svc.settings.log_requests:
-            log.info("chat %s: %d messages, %d tools, stream=%s, prompt %d tokens, max_tokens=%s", rid,
-                     len(req.messages), len(req.tools or []), bool(req.stream), len(prompt_ids), max_tokens)
+            choice = req.tool_choice if isinstance(req.tool_choice, (str, type(None))) else \
+                f"function:{req.tool_choice.function.name}"
+            log.info("chat %s: %d messages, %d tools, tool_choice=%s, stream=%s, include_usage=%s, "
+                     "response_format=%s, prompt %d tokens, max_tokens=%s", rid, len(req.messages),
+                     len(req.tools or []), choice, bool(req.stream),
+                     bool(req.stream_options and req.stream_options.include_usage),
+                     req.response_format.type if req.response_format else None, len(prompt_ids), max_tokens)
         first = svc.submit(prompt_ids, params[0])
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -148,6 +190,7 @@ class ChatHandler:
         try:
             for i, a in enumerate(assemblers):
                 job = first if i == 0 else svc.submit(prompt_ids, params[i])
+                a.start()
                 try:
                     for step in await svc.collect(job, request):
                         a.step(step)
@@ -184,6 +227,7 @@ class ChatHandler:
             return chunk_json(c, include_usage)
 
         job = first
+        failed = False  # after an error event only [DONE] follows: no finish chunk, no usage chunk
         try:
             for i, a in enumerate(assemblers):
                 if i > 0:
@@ -191,8 +235,11 @@ class ChatHandler:
                         job = svc.submit(prompt_ids, params[i])
                     except APIError as e:
                         yield error_event(e)
+                        failed = True
                         break
                 yield chunk(i, Delta(role="assistant", content=""))
+                for d in a.start():
+                    yield chunk(i, d)
                 try:
                     async for step in job.steps():
                         for d in a.step(step):
@@ -204,14 +251,18 @@ class ChatHandler:
                         log.exception("generation failed")
                         err = APIError(500, f"generation failed: {type(inner).__name__}: {inner}")
                     yield error_event(err)
+                    failed = True
                     break
                 for d in a.finish():
                     yield chunk(i, d, logprobs=a.take_logprobs())
                 err = _check_json_output(a.message().content, fmt)
-                if err:
+                if err:  # the content went out already; the error replaces the finish chunk
+                    log.info("chat %s: %s", rid, err.message)
                     yield error_event(err)
+                    failed = True
+                    break
                 yield chunk(i, Delta(), a.finish_reason, a.take_logprobs())
-            if include_usage:
+            if include_usage and not failed:
                 completion = sum(a.tokens for a in assemblers)
                 usage = Usage(prompt_tokens=len(prompt_ids), completion_tokens=completion,
                               total_tokens=len(prompt_ids) + completion)
