@@ -266,3 +266,58 @@ def test_prune_global_budget(planted, tmp_path):
         prune_model(str(planted), prof, str(tmp_path / "x"), ratio=0.5, keep=2)
     with pytest.raises(ValueError, match="too small"):
         prune_model(str(planted), prof, str(tmp_path / "x"), max_bytes=1000)
+
+
+# ---- ranking criterion ---------------------------------------------------------------------------------
+
+def test_default_criterion_weighs_frequency_unit():
+    """The demo-model case from the audit: 2042 tokens to expert 0, 2 to expert 2 (with larger outputs)."""
+    from moepage.surgery.selection import DEFAULT_CRITERION, global_budget_per_layer, top_experts_per_layer
+
+    stats = {"count": [[2042, 0, 2, 0]], "mass": [[2000.0, 0.0, 1.9, 0.0]], "saliency": [[3.0, 0.0, 40.0, 0.0]]}
+    assert DEFAULT_CRITERION == "activation"
+    assert top_experts_per_layer(stats, [3], 1) == {3: [0]}
+    assert top_experts_per_layer(stats, [3], 1, "saliency") == {3: [2]}  # REAP per routed token, kept by name
+    assert top_experts_per_layer(stats, [3], 1, "reap") == {3: [2]}
+    assert top_experts_per_layer(stats, [3], 1, "count") == {3: [0]}
+    assert global_budget_per_layer({k: v * 2 for k, v in stats.items()}, [0, 1], 3) == {0: 2, 1: 1}
+    with pytest.raises(ValueError, match="unknown criterion"):
+        top_experts_per_layer(stats, [3], 1, "loudest")
+
+
+def test_rare_loud_expert_does_not_beat_a_busy_one_by_default(tmp_path, tokenizer_dir, capsys):
+    """A real model: alpha text routes to experts {1, 6}; a single letter word in it reaches expert 3, whose
+    outputs are made 25x larger. `extract --keep 1` with the default criterion keeps a busy expert;
+    REAP (per routed token) keeps the rare loud one."""
+    from moepage.cli import main
+    from moepage.engine.tokenizer import Tokenizer
+
+    path = make_checkpoint(tmp_path / "loud", "qwen3_moe", tokenizer_dir, seed=7)
+    tok = Tokenizer.from_dir(str(path))
+    vocab = json.loads((path / "config.json").read_text())["vocab_size"]
+    plant_routing(path, "qwen3_moe", token_signs(tok, vocab, ALPHA, BETA), ALPHA_EXPERTS, BETA_EXPERTS)
+    w = _weights(path)
+    fam = family_for("qwen3_moe")
+    for layer in (0, 2):
+        w[expert_names(fam.EXPERT_NAMES, layer, 3)["down"]] *= 25.0  # row 0 stays zero: routing is unchanged
+    save_file(w, str(path / "model.safetensors"), metadata={"format": "pt"})
+    text = tmp_path / "alpha.txt"
+    text.write_text(ALPHA + " fox " + ALPHA)
+    prof = tmp_path / "p.json"
+    assert main(["profile", str(path), "--domain", f"alpha={text}", "-o", str(prof), "--no-heatmap"]) == 0
+    d = json.loads(prof.read_text())["domains"]["alpha"]
+    for row in range(2):
+        count, sal = d["count"][row], d["saliency"][row]
+        assert 0 < count[3] * 10 < min(count[1], count[6]), count  # expert 3 is rare ...
+        assert sal[3] > 2 * max(s for e, s in enumerate(sal) if e != 3), sal  # ... and the loudest
+    assert main(["extract", str(path), str(tmp_path / "default"), "--profile", str(prof), "--domain", "alpha",
+                 "--keep", "1"]) == 0
+    kept = json.loads((tmp_path / "default" / "moepage_surgery.json").read_text())
+    assert kept["criterion"] == "activation"
+    assert all(v[0] in ALPHA_EXPERTS for v in kept["kept"].values()), kept["kept"]
+    assert "Router-weighted activation mass" in (tmp_path / "default" / "README.md").read_text().replace("router-", "Router-")
+    assert main(["extract", str(path), str(tmp_path / "reap"), "--profile", str(prof), "--domain", "alpha",
+                 "--keep", "1", "--criterion", "saliency"]) == 0
+    kept = json.loads((tmp_path / "reap" / "moepage_surgery.json").read_text())
+    assert kept["kept"] == {"0": [3], "2": [3]}
+    assert "selection count" in (tmp_path / "reap" / "README.md").read_text()

@@ -2,10 +2,18 @@
 from __future__ import annotations
 
 from moepage.paging.budget import parse_size
+from moepage.surgery.selection import CRITERIA, CRITERION_HELP, DEFAULT_CRITERION
+
+
+def add_criterion_argument(p):
+    p.add_argument("--criterion", default=DEFAULT_CRITERION, choices=CRITERIA,
+                   help="how experts are ranked: " + "; ".join(f"{c}: {h}" for c, h in CRITERION_HELP.items()
+                                                              if c != "reap")
+                   + f" (reap = saliency). Default {DEFAULT_CRITERION}.")
 
 
 def register(sub):
-    p = sub.add_parser("extract", help="keep a domain's N most salient experts per layer (smaller MoE, or --dense)")
+    p = sub.add_parser("extract", help="keep a domain's N most used experts per layer (smaller MoE, or --dense)")
     p.add_argument("model", help="model directory (HF safetensors or moepage split)")
     p.add_argument("out", help="output directory for the new checkpoint")
     p.add_argument("--profile", required=True, help="profile JSON from `moepage profile`")
@@ -13,8 +21,7 @@ def register(sub):
     p.add_argument("--keep", type=int, required=True, help="experts kept per MoE layer (top-k is clamped to it)")
     p.add_argument("--dense", action="store_true",
                    help="merge the kept experts of each layer into one dense FFN and write the family's dense model")
-    p.add_argument("--criterion", default="saliency", choices=["saliency", "count", "mass"],
-                   help="expert ranking: saliency (REAP, default), count (selections) or mass (routing weight)")
+    add_criterion_argument(p)
     p.add_argument("--name", default=None, help="model name for the card (default <base>-<domain>-<N>e)")
     p.add_argument("--max-shard-size", type=parse_size, default=None, help="largest safetensors shard (default 2GiB)")
     p.add_argument("--eval", action="append", default=None, metavar="FILE",

@@ -1,11 +1,12 @@
-"""`moepage prune MODEL --profile P OUT --ratio 0.5`: REAP pruning to one global budget."""
+"""`moepage prune MODEL --profile P OUT --ratio 0.5`: expert pruning to one global budget."""
 from __future__ import annotations
 
+from moepage.commands.extract import add_criterion_argument
 from moepage.paging.budget import parse_size
 
 
 def register(sub):
-    p = sub.add_parser("prune", help="drop the least salient experts (REAP) to fit one global budget")
+    p = sub.add_parser("prune", help="drop the least used experts (router-weighted activation mass by default) to fit one global budget")
     p.add_argument("model", help="model directory (HF safetensors or moepage split)")
     p.add_argument("out", help="output directory for the pruned checkpoint")
     p.add_argument("--profile", required=True, help="profile JSON from `moepage profile`")
@@ -15,7 +16,7 @@ def register(sub):
     budget.add_argument("--max-size", type=parse_size, help="total checkpoint size, e.g. 12GB")
     p.add_argument("--domain", action="append", default=None,
                    help="calibration domains to rank by (repeatable; default: all domains of the profile)")
-    p.add_argument("--criterion", default="saliency", choices=["saliency", "count", "mass"])
+    add_criterion_argument(p)
     p.add_argument("--name", default=None)
     p.add_argument("--max-shard-size", type=parse_size, default=None)
     p.add_argument("--eval", action="append", default=None, metavar="FILE",

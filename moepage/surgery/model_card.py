@@ -47,8 +47,14 @@ def render_model_card(*, name: str, base: str, family: str, operation: str, doma
         lines.append(f"- Merged the kept experts of each MoE layer into one dense SwiGLU FFN "
                      f"(intermediate {summary['intermediate_size']}), each expert's down projection scaled by the "
                      f"domain's average routing weight; written as `{summary['architecture']}`.")
-    lines.append(f"- Experts ranked by `{criterion}` ({'REAP: mean routing weight x expert output norm' if criterion == 'saliency' else criterion})"
-                 + (f" on domain `{domain}`." if domain else "."))
+    from moepage.surgery.selection import CRITERION_HELP
+
+    lines.append(f"- Experts ranked by `{criterion}`: {CRITERION_HELP.get(criterion, criterion)}"
+                 + (f", measured on domain `{domain}`." if domain else "."))
+    if criterion in ("saliency", "reap"):
+        lines.append("- Note: REAP saliency is averaged over only the tokens routed to each expert, so it does not "
+                     "weigh how often an expert is used; moepage's default, `activation`, multiplies it by the "
+                     "selection count.")
     for note in notes or []:
         lines.append(f"- {note}")
     lines += ["", "Kept experts (layer: original indices):", "", "```"]

@@ -10,7 +10,7 @@ from moepage.surgery.dense import dense_target, write_dense
 from moepage.surgery.extract import write_extracted_moe
 from moepage.surgery.model_card import model_name, render_model_card
 from moepage.surgery.profile_format import combined_domain, domain as profile_domain, load_profile
-from moepage.surgery.selection import check_profile_matches, top_experts_per_layer
+from moepage.surgery.selection import DEFAULT_CRITERION, check_profile_matches, top_experts_per_layer
 
 SURGERY_RECORD = "moepage_surgery.json"
 
@@ -41,7 +41,7 @@ def _measure(base_dir: str, out_dir: str, name: str, eval_files: list[str] | Non
 
 
 def extract_model(model: str, profile_path: str, domain: str, keep: int, out: str, dense: bool = False,
-                  criterion: str = "saliency", overwrite: bool = False, name: str | None = None,
+                  criterion: str = DEFAULT_CRITERION, overwrite: bool = False, name: str | None = None,
                   max_shard_bytes: int | None = None, eval_files: list[str] | None = None) -> dict:
     """`moepage extract`: keep the `keep` most salient experts per layer for `domain`."""
     _check_eval(eval_files, dense)
@@ -79,10 +79,10 @@ def extract_model(model: str, profile_path: str, domain: str, keep: int, out: st
 
 
 def prune_model(model: str, profile_path: str, out: str, *, ratio: float | None = None, keep: int | None = None,
-                max_bytes: int | None = None, domains: list[str] | None = None, criterion: str = "saliency",
+                max_bytes: int | None = None, domains: list[str] | None = None, criterion: str = DEFAULT_CRITERION,
                 overwrite: bool = False, name: str | None = None, max_shard_bytes: int | None = None,
                 eval_files: list[str] | None = None) -> dict:
-    """`moepage prune`: one budget for the whole model, REAP saliency over a calibration mix of domains."""
+    """`moepage prune`: one budget for the whole model, experts ranked over a calibration mix of domains."""
     from moepage.surgery.prune import experts_per_layer_for_budget, global_allocation
 
     _check_eval(eval_files, False)
@@ -97,10 +97,10 @@ def prune_model(model: str, profile_path: str, out: str, *, ratio: float | None 
     summary = write_extracted_moe(ckpt, kept, out_dir, max_shard_bytes)
     base = profile["model"]["name"]
     label = "+".join(domains) if domains else "mix"
-    name = name or model_name(base, f"reap-{label}", n)
+    name = name or model_name(base, f"{'reap' if criterion in ('saliency', 'reap') else 'pruned'}-{label}", n)
     notes = [f"Global budget: {n} experts in each of {len(ckpt.args.moe_layers)} MoE layers "
              f"({n * len(ckpt.args.moe_layers)} of {ckpt.args.num_experts * len(ckpt.args.moe_layers)}).",
-             "A free per-layer allocation of the same budget by REAP would keep (layer: experts) "
+             f"A free per-layer allocation of the same budget by `{criterion}` would keep (layer: experts) "
              f"{allocation}; Hugging Face configs hold one expert count for all layers, so the budget is spread evenly."]
     quality = _measure(ckpt.root, out_dir, name, eval_files, False)
     card = render_model_card(name=name, base=base, family=ckpt.args.family, operation="prune", domain=label,

@@ -1,13 +1,13 @@
 """`moepage prune`: turn one global budget (a ratio, an expert count or a size in bytes) into experts per layer.
 
-The experts themselves are ranked by REAP saliency over a calibration mix (selection.py); the written model
+The experts themselves are ranked over a calibration mix (selection.py; default: router-weighted activation mass); the written model
 is a standard checkpoint, so every layer keeps the same number. `global_allocation` reports how a free
 per-layer split of the same budget would fall, to show how uneven the layers' needs are.
 """
 from __future__ import annotations
 
 from moepage.engine.checkpoint import Checkpoint
-from moepage.surgery.selection import global_budget_per_layer
+from moepage.surgery.selection import DEFAULT_CRITERION, global_budget_per_layer
 
 
 def resident_bytes(ckpt: Checkpoint) -> int:
@@ -39,5 +39,6 @@ def experts_per_layer_for_budget(ckpt: Checkpoint, *, ratio: float | None = None
     return int(min(E, n))
 
 
-def global_allocation(stats: dict, moe_layers: list[int], experts_per_layer: int, criterion: str = "saliency") -> dict[int, int]:
+def global_allocation(stats: dict, moe_layers: list[int], experts_per_layer: int,
+                      criterion: str = DEFAULT_CRITERION) -> dict[int, int]:
     return global_budget_per_layer(stats, moe_layers, experts_per_layer * len(moe_layers), criterion)
