@@ -368,6 +368,27 @@ def test_context_overflow_is_400_with_both_numbers(client, engine):
     assert e.value.code == "context_length_exceeded"
 
 
+def test_prompt_plus_max_tokens_over_context_is_cut_with_length(client, engine):
+    """Only a prompt that leaves no room is a 400; max_tokens past the context is cut, finish_reason "length"."""
+    ids = engine.tokenizer.encode("hello world")
+    at_limit = (ids * 600)[:512]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL_ID, prompt=at_limit, max_tokens=1)
+    assert e.value.code == "context_length_exceeded" and "512" in e.value.message
+    r = client.completions.create(model=MODEL_ID, prompt=at_limit[:-1], max_tokens=50, extra_body={"ignore_eos": True})
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 1
+    messages = [{"role": "user", "content": "hello world " * 60}]
+    n = len(engine.tokenizer.apply_chat_template(messages))
+    assert 400 < n < 500
+    kw = dict(model=MODEL_ID, messages=messages, max_tokens=400, extra_body={"ignore_eos": True})
+    r = client.chat.completions.create(**kw)
+    assert r.choices[0].finish_reason == "length"
+    assert (r.usage.prompt_tokens, r.usage.total_tokens) == (n, 512)
+    chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+    assert chunks[-1].usage.total_tokens == 512
+
+
 def test_suffix_with_echo_rejected(http):
     r = http.post("/v1/completions", json={"prompt": "a", "suffix": "b", "echo": True})
     assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
