@@ -106,3 +106,32 @@ def test_publish_uploads_through_the_api(tmp_path):
     assert r["url"].endswith("abc")
     with pytest.raises(ValueError, match="no config.json"):
         publish(str(tmp_path / ".cache"), "me/toy", dry_run=True)
+
+
+def test_dense_eval_scores_the_dense_model(profiled, tmp_path):
+    """`extract --dense --eval`: the card's perplexity of the dense result equals transformers' on the same tokens."""
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from moepage.engine.tokenizer import Tokenizer
+
+    model, _, prof = profiled
+    held = tmp_path / "held.py"
+    held.write_text(CODE)
+    out = tmp_path / "dense"
+    assert main(["extract", str(model), str(out), "--profile", str(prof), "--domain", "code", "--keep", "2", "--dense",
+                 "--eval", str(held)]) == 0
+    record = json.loads((out / "moepage_surgery.json").read_text())
+    base, new = record["quality"]["rows"]
+    assert base["model"] == "base" and base["scored_by"] == "moepage engine"
+    assert new["model"] == record["name"] and new["scored_by"].startswith("moepage dense forward")
+    ids = Tokenizer.from_dir(str(out)).encode(CODE)
+    assert new["tokens"] == base["tokens"] == len(ids) - 1
+    with torch.no_grad():
+        logits = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)(torch.tensor([ids])).logits[0]
+    want = math.exp(torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:])).item())
+    assert abs(new["perplexity"] - want) / want < 1e-4, (new["perplexity"], want)
+    card = (out / "README.md").read_text()
+    assert f"| {record['name']} | held.py | {len(ids) - 1} |" in card and "| base | held.py |" in card

@@ -12,6 +12,20 @@ def add_criterion_argument(p):
                    + f" (reap = saliency). Default {DEFAULT_CRITERION}.")
 
 
+def add_gguf_arguments(p):
+    p.add_argument("--gguf", action="store_true",
+                   help="also write OUT/<name>.gguf (llama.cpp architecture and tokenizer metadata) next to the safetensors")
+    p.add_argument("--gguf-type", default="auto", choices=["auto", "f32", "f16", "bf16", "q8_0"],
+                   help="GGUF tensor type (auto: the checkpoint's dtype; norms and routers stay F32)")
+
+
+def print_gguf(r: dict):
+    if r.get("gguf"):
+        print(f"wrote {r['gguf']['path']} (GGUF {r['gguf']['architecture']}, {r['gguf']['bytes'] / 2**20:.1f} MiB)")
+        for note in r["gguf"]["notes"]:
+            print(f"note: {note}")
+
+
 def register(sub):
     p = sub.add_parser("extract", help="keep a domain's N most used experts per layer (smaller MoE, or --dense)")
     p.add_argument("model", help="model directory (HF safetensors or moepage split)")
@@ -25,7 +39,8 @@ def register(sub):
     p.add_argument("--name", default=None, help="model name for the card (default <base>-<domain>-<N>e)")
     p.add_argument("--max-shard-size", type=parse_size, default=None, help="largest safetensors shard (default 2GiB)")
     p.add_argument("--eval", action="append", default=None, metavar="FILE",
-                   help="held-out text: measure base and new perplexity for the model card (MoE results; repeatable)")
+                   help="held-out text: measure base and new perplexity for the model card (MoE or --dense; repeatable)")
+    add_gguf_arguments(p)
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty output directory")
     p.set_defaults(func=run)
 
@@ -35,8 +50,10 @@ def run(args) -> int:
 
     r = extract_model(args.model, args.profile, args.domain, args.keep, args.out, dense=args.dense,
                       criterion=args.criterion, overwrite=args.overwrite, name=args.name,
-                      max_shard_bytes=args.max_shard_size, eval_files=args.eval)
+                      max_shard_bytes=args.max_shard_size, eval_files=args.eval,
+                      gguf_type=args.gguf_type if args.gguf else None)
     what = f"dense {r['architecture']} (intermediate {r['intermediate_size']})" if args.dense else \
         f"MoE with {r['experts_per_layer']} experts per layer, top-{r['top_k']}"
     print(f"wrote {r['name']} to {r['out']}: {what}, {r['bytes'] / 2**20:.1f} MiB")
+    print_gguf(r)
     return 0

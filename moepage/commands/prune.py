@@ -1,7 +1,7 @@
 """`moepage prune MODEL --profile P OUT --ratio 0.5`: expert pruning to one global budget."""
 from __future__ import annotations
 
-from moepage.commands.extract import add_criterion_argument
+from moepage.commands.extract import add_criterion_argument, add_gguf_arguments, print_gguf
 from moepage.paging.budget import parse_size
 
 
@@ -20,7 +20,8 @@ def register(sub):
     p.add_argument("--name", default=None)
     p.add_argument("--max-shard-size", type=parse_size, default=None)
     p.add_argument("--eval", action="append", default=None, metavar="FILE",
-                   help="held-out text: measure base and new perplexity for the model card (MoE results; repeatable)")
+                   help="held-out text: measure base and new perplexity for the model card (repeatable)")
+    add_gguf_arguments(p)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=run)
 
@@ -30,7 +31,9 @@ def run(args) -> int:
 
     r = prune_model(args.model, args.profile, args.out, ratio=args.ratio, keep=args.keep, max_bytes=args.max_size,
                     domains=args.domain, criterion=args.criterion, overwrite=args.overwrite, name=args.name,
-                    max_shard_bytes=args.max_shard_size, eval_files=args.eval)
+                    max_shard_bytes=args.max_shard_size, eval_files=args.eval,
+                    gguf_type=args.gguf_type if args.gguf else None)
     print(f"wrote {r['name']} to {r['out']}: {r['experts_per_layer']} experts per layer, {r['bytes'] / 2**20:.1f} MiB")
-    print(f"free REAP allocation of the same budget (layer: experts): {r['free_allocation']}")
+    print_gguf(r)
+    print(f"free allocation by {args.criterion} of the same budget (layer: experts): {r['free_allocation']}")
     return 0

@@ -20,7 +20,7 @@ def prepare_output_dir(out_dir: str, overwrite: bool = False) -> str:
         if not overwrite:
             raise FileExistsError(f"{out_dir}: output directory exists and is not empty (pass --overwrite)")
         for f in os.listdir(out_dir):
-            if f.endswith(".safetensors") or f == "model.safetensors.index.json":
+            if f.endswith((".safetensors", ".gguf")) or f == "model.safetensors.index.json":
                 os.remove(os.path.join(out_dir, f))
     os.makedirs(out_dir, exist_ok=True)
     return out_dir

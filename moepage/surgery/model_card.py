@@ -15,11 +15,12 @@ def model_name(base: str, domain: str, n: int, dense: bool = False) -> str:
 
 def _quality_rows(quality: dict | None) -> str:
     if not quality:
-        return ("Not measured. For a MoE result, `moepage extract/prune ... --eval heldout.txt` measures perplexity of "
-                "the base and the new model; a dense result needs an external evaluation (e.g. transformers).\n")
-    lines = ["| model | text | tokens | perplexity |", "|---|---|---|---|"]
+        return ("Not measured. `moepage extract/prune ... --eval heldout.txt` measures the perplexity of the base and "
+                "the new model (MoE or --dense) on the same tokens.\n")
+    lines = ["| model | text | tokens | perplexity | scored by |", "|---|---|---|---|---|"]
     for row in quality.get("rows", []):
-        lines.append(f"| {row['model']} | {row['text']} | {row['tokens']} | {row['perplexity']:.3f} |")
+        lines.append(f"| {row['model']} | {row['text']} | {row['tokens']} | {row['perplexity']:.3f} | "
+                     f"{row.get('scored_by', '-')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -69,5 +70,6 @@ def render_model_card(*, name: str, base: str, family: str, operation: str, doma
             lines.append(f"| {dname} | {d['tokens']} | {ppl} | {srcs} |")
         lines.append("")
     lines += ["## Quality", "", _quality_rows(quality)]
-    lines += ["## Files", "", ", ".join(f"`{f}`" for f in summary["files"]) + f" ({summary['bytes'] / 2**20:.1f} MiB of weights)", ""]
+    lines += ["## Files", "", ", ".join(f"`{f}`" for f in summary["files"]) + f" ({summary['bytes'] / 2**20:.1f} MiB of weights)"
+              + (f"; GGUF: `{summary['gguf_file']}`" if summary.get("gguf_file") else ""), ""]
     return "\n".join(lines)

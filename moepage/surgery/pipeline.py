@@ -23,28 +23,46 @@ def _finish(out_dir: str, summary: dict, card: str, record: dict):
         f.write("\n")
 
 
-def _check_eval(eval_files: list[str] | None, dense: bool):
-    if eval_files and dense:
-        raise ValueError("--eval measures MoE checkpoints through the moepage engine; a dense result cannot be scored here")
+def _check_eval(eval_files: list[str] | None, gguf_type: str | None = None):
     for path in eval_files or []:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: evaluation text file not found")
+    if gguf_type is not None:
+        from moepage.surgery.gguf_export import GGUF_TYPES
+
+        if gguf_type not in GGUF_TYPES:
+            raise ValueError(f"unknown GGUF type {gguf_type!r}; choose from {', '.join(GGUF_TYPES)}")
 
 
-def _measure(base_dir: str, out_dir: str, name: str, eval_files: list[str] | None, dense: bool) -> dict | None:
+def _measure(base_dir: str, out_dir: str, name: str, eval_files: list[str] | None) -> dict | None:
     if not eval_files:
         return None
-    _check_eval(eval_files, dense)
+    _check_eval(eval_files)
     from moepage.surgery.quality import quality_table
 
     return quality_table(base_dir, out_dir, name, eval_files)
 
 
+def _gguf(out_dir: str, name: str, gguf_type: str | None, summary: dict, notes: list[str]) -> dict | None:
+    """Write OUT/<name>.gguf next to the safetensors when asked; its caveats join the card's notes."""
+    if gguf_type is None:
+        return None
+    from moepage.surgery.gguf_export import write_gguf
+
+    r = write_gguf(out_dir, os.path.join(out_dir, f"{name}.gguf"), gguf_type, name)
+    summary["gguf_file"] = os.path.basename(r["path"])
+    notes.append(f"`{summary['gguf_file']}`: the same weights as GGUF (architecture `{r['architecture']}`, tensor type "
+                 f"{gguf_type}, {r['bytes'] / 2**20:.1f} MiB) for llama.cpp and other GGUF runtimes.")
+    notes += [f"GGUF: {n}" for n in r["notes"]]
+    return {**r, "path": summary["gguf_file"]}
+
+
 def extract_model(model: str, profile_path: str, domain: str, keep: int, out: str, dense: bool = False,
                   criterion: str = DEFAULT_CRITERION, overwrite: bool = False, name: str | None = None,
-                  max_shard_bytes: int | None = None, eval_files: list[str] | None = None) -> dict:
-    """`moepage extract`: keep the `keep` most salient experts per layer for `domain`."""
-    _check_eval(eval_files, dense)
+                  max_shard_bytes: int | None = None, eval_files: list[str] | None = None,
+                  gguf_type: str | None = None) -> dict:
+    """`moepage extract`: keep the `keep` best experts per layer for `domain` (gguf_type: also write a GGUF)."""
+    _check_eval(eval_files, gguf_type)
     profile = load_profile(profile_path)
     stats = profile_domain(profile, domain)
     ckpt = open_checkpoint(model)
@@ -68,11 +86,12 @@ def extract_model(model: str, profile_path: str, domain: str, keep: int, out: st
     if dense and ckpt.args.shared_expert_gate:
         notes.append("The shared expert's sigmoid gate is replaced by its mean on the domain's text (an approximation "
                      "unless the gate is constant).")
-    quality = _measure(ckpt.root, out_dir, name, eval_files, dense)
+    gguf = _gguf(out_dir, name, gguf_type, summary, notes)
+    quality = _measure(ckpt.root, out_dir, name, eval_files)
     card = render_model_card(name=name, base=base, family=ckpt.args.family, operation="extract" + (" --dense" if dense else ""),
                              domain=domain, summary=summary, profile=profile, criterion=criterion, notes=notes,
                              quality=quality)
-    record = {"quality": quality, "name": name, "operation": "extract", "base": base, "domain": domain, "keep": keep, "dense": dense,
+    record = {"quality": quality, "gguf": gguf, "name": name, "operation": "extract", "base": base, "domain": domain, "keep": keep, "dense": dense,
               "criterion": criterion, "profile": os.path.basename(profile_path), **summary}
     _finish(out_dir, summary, card, record)
     return {**record, "out": out_dir}
@@ -81,11 +100,11 @@ def extract_model(model: str, profile_path: str, domain: str, keep: int, out: st
 def prune_model(model: str, profile_path: str, out: str, *, ratio: float | None = None, keep: int | None = None,
                 max_bytes: int | None = None, domains: list[str] | None = None, criterion: str = DEFAULT_CRITERION,
                 overwrite: bool = False, name: str | None = None, max_shard_bytes: int | None = None,
-                eval_files: list[str] | None = None) -> dict:
+                eval_files: list[str] | None = None, gguf_type: str | None = None) -> dict:
     """`moepage prune`: one budget for the whole model, experts ranked over a calibration mix of domains."""
     from moepage.surgery.prune import experts_per_layer_for_budget, global_allocation
 
-    _check_eval(eval_files, False)
+    _check_eval(eval_files, gguf_type)
     profile = load_profile(profile_path)
     stats = combined_domain(profile, domains)
     ckpt = open_checkpoint(model)
@@ -102,10 +121,11 @@ def prune_model(model: str, profile_path: str, out: str, *, ratio: float | None 
              f"({n * len(ckpt.args.moe_layers)} of {ckpt.args.num_experts * len(ckpt.args.moe_layers)}).",
              f"A free per-layer allocation of the same budget by `{criterion}` would keep (layer: experts) "
              f"{allocation}; Hugging Face configs hold one expert count for all layers, so the budget is spread evenly."]
-    quality = _measure(ckpt.root, out_dir, name, eval_files, False)
+    gguf = _gguf(out_dir, name, gguf_type, summary, notes)
+    quality = _measure(ckpt.root, out_dir, name, eval_files)
     card = render_model_card(name=name, base=base, family=ckpt.args.family, operation="prune", domain=label,
                              summary=summary, profile=profile, criterion=criterion, notes=notes, quality=quality)
-    record = {"quality": quality, "name": name, "operation": "prune", "base": base, "domains": domains or sorted(profile["domains"]),
+    record = {"quality": quality, "gguf": gguf, "name": name, "operation": "prune", "base": base, "domains": domains or sorted(profile["domains"]),
               "experts_per_layer": n, "criterion": criterion, "profile": os.path.basename(profile_path),
               "free_allocation": {str(k): v for k, v in allocation.items()}, **summary}
     _finish(out_dir, summary, card, record)
