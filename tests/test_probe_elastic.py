@@ -87,3 +87,117 @@ def test_bad_elastic_options():
         ElasticRouting(ElasticConfig(experts_per_token=9), routing, 4)
     with pytest.raises(ValueError, match="not in 0..3"):
         ElasticRouting(ElasticConfig(restrict_to=(7,)), routing, 4)
+
+
+# ---- the flags on `moepage serve` / `moepage generate` ---------------------------------------------------
+
+def expected_tokens(path, cfg: ElasticConfig, ids: list[int], n: int) -> list[int]:
+    from moepage.engine.sampling import SamplingParams
+
+    engine = Engine.load(EngineConfig(model=str(path)))
+    try:
+        apply_elastic(engine, cfg)
+        return [s.token for s in engine.generate(ids, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))]
+    finally:
+        engine.close()
+
+
+def printed_tokens(err: str) -> list[int]:
+    line = next(x for x in err.splitlines() if x.startswith("tokens:"))
+    return [int(t) for t in line.split()[1:]]
+
+
+def test_generate_cli_elastic_flags(moe_dir, capsys):
+    from moepage.cli import main
+
+    base = ["generate", "--model", str(moe_dir), "--prompt-ids", "5,6,7,8,9", "--max-tokens", "6", "--ignore-eos"]
+    assert main(base) == 0
+    err = capsys.readouterr().err
+    assert "routing: exact" in err and "APPROXIMATE" not in err
+    exact = printed_tokens(err)
+    assert exact == expected_tokens(moe_dir, ElasticConfig(), [5, 6, 7, 8, 9], 6)
+    for flags, cfg, words in (
+        (["--shared-only"], ElasticConfig(shared_only=True), "shared-only"),
+        (["--experts-per-token", "2"], ElasticConfig(experts_per_token=2), "k=2"),
+        (["--restrict-to-domain", "b"], ElasticConfig(restrict_to=(1,)), "domain 'b' (named expert)"),
+        (["--cache-aware-margin", "0.3"], ElasticConfig(cache_margin=0.3), "cache-aware margin 0.3"),
+    ):
+        assert main(base + flags) == 0, flags
+        err = capsys.readouterr().err
+        assert "routing: APPROXIMATE" in err and words in err, err
+        assert printed_tokens(err) == expected_tokens(moe_dir, cfg, [5, 6, 7, 8, 9], 6), flags
+
+
+def test_elastic_flag_errors(moe_dir, tmp_path, capsys):
+    from moepage.cli import main
+
+    base = ["generate", "--model", str(moe_dir), "--prompt-ids", "5,6", "--max-tokens", "1"]
+    assert main(base + ["--shared-only", "--experts-per-token", "1"]) == 2
+    assert "cannot be combined" in capsys.readouterr().err
+    assert main(base + ["--restrict-to-domain", "code"]) == 2
+    assert "needs --profile P" in capsys.readouterr().err
+    assert main(base + ["--profile", str(tmp_path / "nope.json"), "--restrict-to-domain", "a"]) == 2
+    assert "profile file not found" in capsys.readouterr().err
+    assert main(base + ["--experts-per-token", "5"]) == 2
+    assert "between 1 and 2" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(base + ["--cache-aware-margin", "-1"])
+
+
+def test_restrict_to_domain_from_a_profile(moe_dir, tmp_path):
+    """With --profile, each layer keeps the domain's most used experts (extract's ranking), per layer."""
+    import argparse
+
+    from moepage.commands.elastic_args import install_elastic
+    from moepage.surgery.profile_format import FORMAT, VERSION, write_profile
+
+    engine = Engine.load(EngineConfig(model=str(moe_dir)))
+    layers = list(engine.args.moe_layers)
+    assert layers == [0, 1]
+    stats = {"tokens": 100, "count": [[10, 90], [80, 20]], "mass": [[5.0, 60.0], [50.0, 8.0]],
+             "mean_norm": [[1.0, 1.0], [1.0, 1.0]], "saliency": [[5.0, 1.0], [1.0, 1.0]],
+             "avg_gate": [[0.05, 0.6], [0.5, 0.08]], "shared_gate": None, "nll": 1.0, "sources": []}
+    profile = {"format": FORMAT, "version": VERSION, "domains": {"x": stats}, "specialization": [None, None],
+               "model": {"name": "tiny", "family": "qwen2_moe", "num_experts": 2, "top_k": 1, "moe_layers": layers},
+               "settings": {}}
+    write_profile(profile, str(tmp_path / "p.json"))
+    args = argparse.Namespace(experts_per_token=None, shared_only=False, restrict_to_domain="x",
+                              profile=str(tmp_path / "p.json"), restrict_experts=1, cache_aware_margin=None)
+    try:
+        cfg, line = install_elastic(engine, args)
+        assert cfg.restrict_to == {0: (1,), 1: (0,)}  # saliency x count: 90 > 50 in layer 0 (REAP alone: 0)
+        assert "APPROXIMATE" in line and "L0: 1; L1: 0" in line
+        assert all(b.elastic is not None and b.elastic.cfg == cfg for b in engine.model.moe_blocks)
+        ids = list(range(5, 30))
+        engine.logits_all(ids)
+        assert engine.model.cache.resident_keys <= {(0, 1), (1, 0)}
+    finally:
+        engine.close()
+
+
+def test_serve_installs_elastic_routing_at_load(moe_dir, monkeypatch, capsys):
+    """`moepage serve MODEL --shared-only`: the engine handed to the app routes shared-only, the startup log
+    says so and the server settings carry the mode; one generation equals the shared-only reference."""
+    from moepage.cli import main
+    from moepage.engine.sampling import SamplingParams
+
+    seen = {}
+
+    def fake_create_app(engine, settings):
+        seen["settings"] = settings
+        seen["tokens"] = [s.token for s in engine.generate([5, 6, 7], SamplingParams(max_tokens=5, temperature=0.0,
+                                                                                    ignore_eos=True))]
+        seen["hooks"] = [b.elastic for b in engine.model.moe_blocks]
+        return object()
+
+    monkeypatch.setattr("moepage.server.app.create_app", fake_create_app)
+    monkeypatch.setattr("uvicorn.run", lambda *a, **k: None)
+    assert main(["serve", str(moe_dir), "--shared-only"]) == 0
+    err = capsys.readouterr().err
+    assert "routing: APPROXIMATE (shared-only)" in err
+    assert seen["settings"].routing == "shared-only"
+    assert all(h is not None and h.cfg.shared_only for h in seen["hooks"])
+    assert seen["tokens"] == expected_tokens(moe_dir, ElasticConfig(shared_only=True), [5, 6, 7], 5)
+    assert main(["serve", str(moe_dir)]) == 0
+    assert "routing: exact" in capsys.readouterr().err
+    assert seen["settings"].routing == "exact" and all(h is None for h in seen["hooks"])

@@ -5,6 +5,7 @@ import sys
 import time
 
 from moepage.cli import add_engine_arguments, engine_config
+from moepage.commands.elastic_args import add_elastic_arguments, check_elastic_args, install_elastic
 
 
 def register(sub):
@@ -20,6 +21,7 @@ def register(sub):
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--prompt-ids", default=None, help="comma-separated token ids instead of --prompt")
     add_engine_arguments(p)
+    add_elastic_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -27,9 +29,15 @@ def run(args) -> int:
     from moepage.engine.engine import Engine
     from moepage.engine.sampling import SamplingParams
 
+    check_elastic_args(args)
     t0 = time.perf_counter()
     engine = Engine.load(engine_config(args, args.model))
     print(engine.plan.summary(), file=sys.stderr)
+    try:
+        print(install_elastic(engine, args)[1], file=sys.stderr)
+    except (ValueError, OSError):
+        engine.close()
+        raise
     print(f"loaded in {time.perf_counter() - t0:.2f}s", file=sys.stderr)
     if args.prompt_ids:
         ids = [int(x) for x in args.prompt_ids.split(",") if x.strip()]

@@ -6,6 +6,7 @@ import os
 import sys
 
 from moepage.cli import add_engine_arguments, engine_config
+from moepage.commands.elastic_args import add_elastic_arguments, check_elastic_args, install_elastic
 
 
 def register(sub):
@@ -27,10 +28,11 @@ def register(sub):
     p.add_argument("--sse-ping", type=float, default=10.0, help="seconds between SSE comment pings on a silent stream")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_engine_arguments(p)
+    add_elastic_arguments(p)
     p.set_defaults(func=run)
 
 
-def settings_from_args(args, model_id: str):
+def settings_from_args(args, model_id: str, routing: str = "exact"):
     from moepage.server.settings import ServerSettings
 
     keys = tuple(args.api_key) or ((os.environ["MOEPAGE_API_KEY"],) if os.environ.get("MOEPAGE_API_KEY") else ())
@@ -39,7 +41,7 @@ def settings_from_args(args, model_id: str):
         raise ValueError("--max-queue must be >= 0")
     return ServerSettings(model_id=args.served_model_name or model_id, host=args.host, port=args.port,
                           api_keys=keys, cors_origins=cors, max_queue=args.max_queue, tool_parser=args.tool_parser,
-                          sse_ping_seconds=args.sse_ping)
+                          sse_ping_seconds=args.sse_ping, routing=routing)
 
 
 def run(args) -> int:
@@ -52,9 +54,17 @@ def run(args) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     resolved = resolve_model(args.model, args.revision)
     settings = settings_from_args(args, resolved.model_id)
+    check_elastic_args(args)  # contradictory flags fail before the (slow) load
     print(f"moepage serve: loading {resolved.path} ({resolved.kind})", file=sys.stderr)
     engine = Engine.load(engine_config(args, resolved.path))
     print(engine.plan.summary(), file=sys.stderr)
+    try:
+        elastic, line = install_elastic(engine, args)
+    except (ValueError, OSError):
+        engine.close()
+        raise
+    print(line, file=sys.stderr)
+    settings.routing = "exact" if elastic.is_default else elastic.describe()
     app = create_app(engine, settings)
     print(f"serving `{settings.model_id}` at http://{settings.host}:{settings.port}/v1 "
           f"(context {engine.ctx_size} tokens{', API key required' if settings.api_keys else ''})", file=sys.stderr)

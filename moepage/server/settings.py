@@ -18,6 +18,9 @@ class ServerSettings:
     tool_parser: str = "auto"  # auto | hermes | qwen3_coder | mistral
     max_n: int = 8
     log_requests: bool = True
+    # "exact", or the description of the approximate (elastic) routing mode the engine was started with
+    # (`moepage serve --experts-per-token / --shared-only / --restrict-to-domain / --cache-aware-margin`)
+    routing: str = "exact"
 
     def accepts_model(self, name: str | None) -> bool:
         return not name or name == self.model_id or name in self.model_aliases
