@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 from conftest import prompt_ids
 from moepage.cli import main as cli_main
@@ -124,3 +125,46 @@ def test_truncated_original_shard_is_reported_with_its_path(checkpoints, tmp_pat
     st.write_bytes(st.read_bytes()[:-1000])
     with pytest.raises(CheckpointError, match="model.safetensors"):
         Engine.load(EngineConfig(str(bad)))
+
+
+def test_embedding_on_disk_gives_identical_tokens(checkpoints):
+    path = checkpoints("qwen3_moe", "bfloat16")
+    full, _, held = run(path)
+    tokens, _, disk = run(path, embed_on_disk=True)
+    assert tokens == full
+    assert disk.model.embed is None and disk.plan.on_disk_bytes > 0
+    assert disk.plan.resident_bytes == held.plan.resident_bytes - disk.plan.on_disk_bytes
+    assert "read from disk row by row" in disk.plan.summary()
+    with pytest.raises(IndexError, match="outside the embedding table"):
+        disk.model.embed_rows(torch.tensor([disk.args.vocab_size]))
+
+
+@pytest.mark.parametrize("direct", ["1", "0"])
+def test_direct_and_buffered_reads_agree_and_experts_are_zero_copy(checkpoints, monkeypatch, direct):
+    """O_DIRECT spans and buffered preads give the same bytes; an expert whose tensors lie back to back is
+    kept in the buffer it was read into (gate and up rows form w13 without a copy)."""
+    import moepage.paging.pread as pread
+    from moepage.engine.checkpoint import open_checkpoint
+    from moepage.engine.moe import prepare_expert
+    from safetensors.torch import load_file
+
+    monkeypatch.setattr(pread, "DIRECT_READS", direct == "1")
+    path = checkpoints("qwen3_moe", "bfloat16")
+    ckpt = open_checkpoint(str(path))
+    ref = {}
+    for f in path.glob("*.safetensors"):
+        ref.update(load_file(str(f)))
+    layer = ckpt.args.moe_layers[-1]
+    w = ckpt.experts.read(layer, 3)
+    names = ckpt.experts.names(layer, 3)
+    for part in ("gate", "up", "down"):
+        assert torch.equal(getattr(w, part), ref[names[part]])
+    f = ckpt.experts.index.file_of(names["gate"], "expert")
+    assert (f._direct_fd is not None) == (direct == "1")
+    info = f.tensors[names["up"]]
+    odd = f.read_span(info.start + 3, info.end - 5)  # unaligned both ends
+    assert bytes(odd.numpy()) == bytes(ref[names["up"]].view(torch.uint8).reshape(-1)[3:-5].numpy())
+    ex = prepare_expert(w, torch.bfloat16, "cpu")
+    assert ex.w13.untyped_storage().data_ptr() == ex.w2.untyped_storage().data_ptr()
+    assert ex.w13.untyped_storage().nbytes() <= PreparedExpert.nbytes_for(w.gate.shape[1], w.gate.shape[0], torch.bfloat16)
+    assert torch.equal(ex.w13, torch.cat([ref[names["gate"]], ref[names["up"]]]))

@@ -17,7 +17,9 @@ from moepage.engine.families import family_for
 from moepage.engine.model_args import ModelArgs
 from moepage.engine.weight_names import resident_names, to_checkpoint
 from moepage.paging.safetensors_file import CheckpointError, SafetensorsFile
-from moepage.paging.sources import ExpertSource, SafetensorsExpertSource, SplitExpertSource, TensorIndex
+from moepage.paging.sources import (
+    ExpertSource, SafetensorsExpertSource, SplitExpertSource, TensorIndex, TensorRows,
+)
 
 MANIFEST = "moepage.json"
 TOKENIZER_FILES = (
@@ -42,6 +44,13 @@ class Checkpoint:
     tensor_nbytes: Callable[[str], int]
     generation_config: dict = field(default_factory=dict)
     tensor_numel: Callable[[str], int] | None = None
+    index: TensorIndex | None = None  # safetensors checkpoints: where each resident tensor lives
+
+    def tensor_rows(self, name: str, dtype: torch.dtype, device) -> TensorRows | None:
+        """The resident tensor `name` read row by row from disk, where the format allows it."""
+        if self.index is None:
+            return None
+        return TensorRows(self.index.file_of(name, "resident weight"), name, dtype, device)
 
     def resident_checkpoint_names(self) -> dict[str, str]:
         """canonical -> checkpoint name for every resident tensor."""
@@ -128,6 +137,7 @@ def _open_hf(root: str, drop_page_cache: bool) -> Checkpoint:
         tensor_nbytes=lambda n: index.info(n, "resident weight").nbytes,
         generation_config=_generation_config(root),
         tensor_numel=lambda n: _numel(index.info(n, "resident weight").shape),
+        index=index,
     )
 
 
@@ -152,4 +162,5 @@ def _open_split(root: str, drop_page_cache: bool, verify: bool) -> Checkpoint:
         tensor_nbytes=lambda n: index.info(n, "resident weight").nbytes,
         generation_config=_generation_config(root),
         tensor_numel=lambda n: _numel(index.info(n, "resident weight").shape),
+        index=index,
     )

@@ -38,6 +38,9 @@ class EngineConfig:
     verify_shards: bool = True
     drop_page_cache: bool = True
     prefix_cache: bool = False  # reuse the KV of the previous prompt's common prefix (faster, not bit-exact)
+    # Read the token embedding table row by row from disk instead of holding it (0.3-0.6 GB for a 150k vocabulary).
+    # None: do so when a memory budget is set and the embeddings are not tied to the lm_head.
+    embed_on_disk: bool | None = None
 
 
 @dataclass
@@ -101,13 +104,21 @@ class Engine:
         args = ckpt.args
         dtype = resolve_dtype(cfg.dtype, args.torch_dtype)
         device = torch.device(cfg.device)
-        weights = {c: ckpt.resident_tensor(n, dtype, device) for c, n in ckpt.resident_checkpoint_names().items()}
+        names = ckpt.resident_checkpoint_names()
+        embed_rows = None
+        on_disk = cfg.embed_on_disk if cfg.embed_on_disk is not None else cfg.memory_budget is not None
+        if on_disk and not args.tie_word_embeddings:
+            embed_rows = ckpt.tensor_rows(names["embed"], dtype, device)
+        weights = {c: ckpt.resident_tensor(n, dtype, device) for c, n in names.items()
+                   if not (c == "embed" and embed_rows is not None)}
         resident_bytes = sum(t.numel() * t.element_size() for t in weights.values())
         ctx = int(cfg.ctx_size or min(args.max_position_embeddings, 4096))
         kv_bytes = KVCache.bytes_for(args.num_layers, args.num_kv_heads, args.head_dim, ctx, dtype)
         n_experts = len(args.moe_layers) * args.num_experts
         load_expert, expert_nbytes, each = expert_loader(ckpt.experts, args, dtype, device)
         plan = plan_memory(cfg.memory_budget, resident_bytes, kv_bytes, each, n_experts, args.top_k, cfg.expert_cache_bytes)
+        if embed_rows is not None:
+            plan.on_disk_bytes = ckpt.tensor_nbytes(names["embed"])
         cache = ExpertCache(
             load=load_expert,
             nbytes_of=expert_nbytes,
@@ -115,7 +126,7 @@ class Engine:
             policy=cfg.policy,
             workers=cfg.io_threads,
         )
-        model = MoEModel(args, weights, cache, dtype, device)
+        model = MoEModel(args, weights, cache, dtype, device, embed_rows)
         for block in model.moe_blocks:
             block.prefetch = cfg.prefetch
         try:

@@ -5,6 +5,7 @@ Shape legend: T tokens in this step, H hidden, N query heads, G kv heads, D head
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from moepage.engine.kv_cache import KVCache
 from moepage.engine.model_args import ModelArgs
 from moepage.engine.moe import SparseMoE
+from moepage.kernels.cpu_bf16 import linear
 from moepage.kernels.experts import swiglu
 from moepage.kernels.norm import rms_norm
 from moepage.kernels.rope import RotaryTable, apply_rope
@@ -37,12 +39,14 @@ class Layer:
 
 
 class MoEModel:
-    def __init__(self, args: ModelArgs, weights: dict[str, torch.Tensor], cache: ExpertCache, dtype, device="cpu"):
+    def __init__(self, args: ModelArgs, weights: dict[str, torch.Tensor], cache: ExpertCache, dtype, device="cpu",
+                 embed_rows: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.args = args
         self.dtype = dtype
         self.device = torch.device(device)
         self.cache = cache
-        self.embed = weights["embed"]  # [V, H]
+        self.embed = weights.get("embed")  # [V, H]; None when embed_rows reads it from disk
+        self.embed_rows = embed_rows
         self.norm = weights["norm"]
         self.lm_head = weights["embed"] if args.tie_word_embeddings else weights["lm_head"]  # [V, H]
         self.rope = RotaryTable(args.head_dim, args.rope_theta, args.rope_scaling, dtype, self.device)
@@ -74,9 +78,9 @@ class MoEModel:
     def _attention(self, i: int, layer: Layer, x: torch.Tensor, kv: KVCache, start: int) -> torch.Tensor:
         a = self.args
         T = x.shape[0]
-        q = F.linear(x, layer.q, layer.q_bias)  # [T, N*D]
-        k = F.linear(x, layer.k, layer.k_bias)  # [T, G*D]
-        v = F.linear(x, layer.v, layer.v_bias)
+        q = linear(x, layer.q, layer.q_bias)  # [T, N*D]
+        k = linear(x, layer.k, layer.k_bias)  # [T, G*D]
+        v = linear(x, layer.v, layer.v_bias)
         if a.qk_norm == "full":
             q = rms_norm(q, layer.q_norm, a.rms_norm_eps)
             k = rms_norm(k, layer.k_norm, a.rms_norm_eps)
@@ -111,14 +115,17 @@ class MoEModel:
                 q, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=a.num_heads != a.num_kv_heads
             )
         out = out.transpose(1, 2).reshape(T, a.num_heads * a.head_dim)  # [T, N*D]
-        return F.linear(out, layer.o, layer.o_bias)
+        return linear(out, layer.o, layer.o_bias)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, kv: KVCache, start: int | None = None, all_logits: bool = False):
         """tokens [T] at positions start..start+T -> logits [T, V] (all_logits) or [1, V] for the last token."""
         start = kv.length if start is None else start
         a = self.args
-        h = F.embedding(tokens.to(self.device), self.embed)  # [T, H]
+        if self.embed_rows is not None:
+            h = self.embed_rows(tokens)  # [T, H]
+        else:
+            h = F.embedding(tokens.to(self.device), self.embed)  # [T, H]
         for i, layer in enumerate(self.layers):
             r = rms_norm(h, layer.attn_norm, a.rms_norm_eps)
             h = h + self._attention(i, layer, r, kv, start)
@@ -127,4 +134,4 @@ class MoEModel:
         kv.length = start + tokens.shape[0]
         if not all_logits:
             h = h[-1:]
-        return F.linear(rms_norm(h, self.norm, a.rms_norm_eps), self.lm_head)  # [T|1, V]
+        return linear(rms_norm(h, self.norm, a.rms_norm_eps), self.lm_head)  # [T|1, V]

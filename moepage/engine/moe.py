@@ -10,9 +10,11 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from moepage.kernels.cpu_bf16 import experts_one_token
 from moepage.kernels.experts import swiglu, swiglu_fused
 from moepage.kernels.routing import RoutingConfig, route
 from moepage.paging.cache import ExpertCache
+from moepage.paging.pread import ALIGN
 from moepage.paging.sources import ExpertWeights
 
 
@@ -34,11 +36,26 @@ class PreparedExpert:
 
     @staticmethod
     def nbytes_for(hidden: int, intermediate: int, dtype: torch.dtype) -> int:
-        return 3 * hidden * intermediate * torch.empty(0, dtype=dtype).element_size()
+        """Upper bound of the memory one prepared expert holds: its weights, plus the page alignment of a
+        zero-copy read (the weights stay in the aligned buffer they were read into)."""
+        return 3 * hidden * intermediate * torch.empty(0, dtype=dtype).element_size() + 3 * ALIGN
+
+
+def _rows_back_to_back(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """b's rows follow a's in the same storage (same dtype and row width): together they are one tensor."""
+    return (a.dim() == 2 and b.dim() == 2 and a.dtype == b.dtype and a.shape[1] == b.shape[1]
+            and a.is_contiguous() and b.is_contiguous() and a.device == b.device
+            and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+            and b.data_ptr() == a.data_ptr() + a.numel() * a.element_size())
 
 
 def prepare_expert(w: ExpertWeights, dtype: torch.dtype, device) -> PreparedExpert:
-    w13 = torch.cat([w.gate, w.up], dim=0).to(device=device, dtype=dtype)  # [2I, H]
+    device = torch.device(device)
+    if w.gate.dtype == dtype and w.gate.device == device and _rows_back_to_back(w.gate, w.up):
+        w13 = w.gate.new_empty(0).set_(w.gate.untyped_storage(), w.gate.storage_offset(),
+                                      (w.gate.shape[0] + w.up.shape[0], w.gate.shape[1]))  # [2I, H], no copy
+    else:
+        w13 = torch.cat([w.gate, w.up], dim=0).to(device=device, dtype=dtype)  # [2I, H]
     w2 = w.down.to(device=device, dtype=dtype)  # [H, I]
     return PreparedExpert(w13.contiguous(), w2.contiguous(), w.nbytes)
 
@@ -120,7 +137,19 @@ class SparseMoE:
     def _experts_one_token(self, x: torch.Tensor, row: list[int], w: torch.Tensor) -> torch.Tensor:
         """Decode step: x [1, H], row = its K experts, w [K]. Same sums, in the same order, as experts()."""
         slots = sorted(range(len(row)), key=row.__getitem__)
-        self._prefetch([row[k] for k in slots])
+        experts = [row[k] for k in slots]
+        self._prefetch(experts)
+        if not self.output_observers:
+            keys = [(self.layer, e) for e in experts]
+            held = self.cache.acquire_many(keys)
+            try:
+                if all(isinstance(ex, PreparedExpert) for ex in held):
+                    out = experts_one_token(x, [ex.w13 for ex in held], [ex.w2 for ex in held], w[slots].float())
+                    if out is not None:
+                        return out
+                return self._sum_experts(x, experts, held, w[slots])
+            finally:
+                self.cache.release_many(keys)
         out = torch.zeros_like(x)
         for k in slots:
             with self.cache.use((self.layer, row[k])) as ex:
@@ -128,4 +157,11 @@ class SparseMoE:
             for obs in self.output_observers:
                 obs(self.layer, row[k], x, w[k : k + 1], h)
             out.add_((h * w[k]).to(out.dtype))
+        return out
+
+    @staticmethod
+    def _sum_experts(x: torch.Tensor, experts: list[int], held: list, w: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(x)  # [1, H]
+        for ex, wk in zip(held, w):
+            out.add_((ex.compute(x) * wk).to(out.dtype))
         return out

@@ -41,6 +41,7 @@ class MemoryPlan:
     experts_total: int
     top_k: int
     expert_cache_bytes: int
+    on_disk_bytes: int = 0  # resident-kind weights read from disk on demand instead (the embedding table)
 
     @property
     def min_expert_cache(self) -> int:
@@ -60,6 +61,7 @@ class MemoryPlan:
             f"{head}: resident weights {human(self.resident_bytes)}, KV cache {human(self.kv_bytes)}, "
             f"expert cache {human(self.expert_cache_bytes)} = {self.fraction_resident:.0%} of "
             f"{self.experts_total} experts ({human(self.expert_bytes_total)}, {human(self.expert_bytes_each)} each)"
+            + (f"; embedding table ({human(self.on_disk_bytes)}) read from disk row by row" if self.on_disk_bytes else "")
         )
 
 

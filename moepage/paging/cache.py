@@ -160,6 +160,25 @@ class ExpertCache:
                 e.pins -= 1
             self._cond.notify_all()
 
+    def acquire_many(self, keys: list[Key]) -> list:
+        """acquire() each key in order (their reads were prefetched together); all pinned until release_many."""
+        got = []
+        try:
+            for key in keys:
+                got.append(self.acquire(key))
+        except BaseException:
+            self.release_many(keys[: len(got)])
+            raise
+        return got
+
+    def release_many(self, keys: list[Key]):
+        with self._cond:
+            for key in keys:
+                e = self._entries.get(key)
+                if e is not None:
+                    e.pins -= 1
+            self._cond.notify_all()
+
     @contextmanager
     def use(self, key: Key):
         value = self.acquire(key)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from moepage.kernels.ggml import GGMLType, QuantizedTensor, UnsupportedQuantType, dequantize, ggml_type
-from moepage.paging.safetensors_file import CheckpointError
+from moepage.paging.pread import CheckpointError, PreadFile
 
 GGUF_MAGIC = b"GGUF"
 
@@ -50,15 +50,9 @@ def _field_value(field):
     return field.parts[-1].tolist()[0]
 
 
-class GGUFFile:
+class GGUFFile(PreadFile):
     def __init__(self, path: str, drop_page_cache: bool = False):
-        self.path = str(path)
-        self.drop_page_cache = drop_page_cache
-        try:
-            self.fd = os.open(self.path, os.O_RDONLY)
-        except OSError as e:
-            raise CheckpointError(f"{self.path}: cannot open GGUF file: {e.strerror}") from None
-        self.size = os.fstat(self.fd).st_size
+        super().__init__(path, drop_page_cache, "GGUF file")
         head = os.pread(self.fd, 8, 0)
         if len(head) < 8 or head[:4] != GGUF_MAGIC:
             self.close()
@@ -118,23 +112,9 @@ class GGUFFile:
             raise CheckpointError(f"{self.path}: tensor {name!r} ({what}) is missing from the GGUF file") from None
 
     # ---- bytes ------------------------------------------------------------------------------------
-    def read_bytes(self, start: int, length: int) -> bytearray:
-        buf = bytearray(length)
-        view = memoryview(buf)
-        got = 0
-        while got < length:
-            n = os.preadv(self.fd, [view[got:]], start + got)
-            if n <= 0:
-                raise CheckpointError(f"{self.path}: file truncated while reading bytes [{start}, {start + length})")
-            got += n
-        if self.drop_page_cache and hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(self.fd, start, length, os.POSIX_FADV_DONTNEED)
-        return buf
-
     def read_quantized(self, name: str, what: str = "tensor") -> QuantizedTensor:
         info = self.info(name, what)
-        raw = torch.frombuffer(self.read_bytes(info.start, info.nbytes), dtype=torch.uint8) if info.nbytes else \
-            torch.empty(0, dtype=torch.uint8)
+        raw = self.read_span(info.start, info.end)
         return QuantizedTensor(raw, info.type, info.shape, name)
 
     def read_slice(self, name: str, index: int, what: str = "tensor") -> QuantizedTensor:
@@ -144,7 +124,7 @@ class GGUFFile:
         if not 0 <= index < outer:
             raise CheckpointError(f"{self.path}: index {index} out of range for tensor {name!r} of shape {info.shape}")
         each = info.nbytes // outer
-        raw = torch.frombuffer(self.read_bytes(info.start + index * each, each), dtype=torch.uint8)
+        raw = self.read_span(info.start + index * each, info.start + (index + 1) * each)
         return QuantizedTensor(raw, info.type, inner, f"{name}[{index}]")
 
     def read(self, name: str, dtype: torch.dtype | None = None, what: str = "tensor") -> torch.Tensor:
@@ -156,14 +136,3 @@ class GGUFFile:
             return q.dequantize(dtype)
         except (UnsupportedQuantType, ValueError) as e:
             raise CheckpointError(f"{self.path}: {e}") from None
-
-    def close(self):
-        if getattr(self, "fd", -1) >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass

@@ -1,7 +1,4 @@
-"""A safetensors file read with pread: header parsed once, each tensor one contiguous byte range.
-
-Never maps the file, so the OS page cache is not what holds the model.
-"""
+"""A safetensors file read with pread: header parsed once, each tensor one contiguous byte range."""
 from __future__ import annotations
 
 import json
@@ -11,6 +8,10 @@ from dataclasses import dataclass
 
 import torch
 
+from moepage.paging.pread import CheckpointError, PreadFile
+
+__all__ = ["CheckpointError", "SafetensorsFile", "TensorInfo", "DTYPES", "DTYPE_NAMES"]
+
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -18,12 +19,6 @@ DTYPES = {
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER = 256 * 1024 * 1024
-
-
-class CheckpointError(ValueError):
-    """A weight file is missing, truncated or malformed; the message names the file."""
-
-
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
@@ -37,15 +32,9 @@ class TensorInfo:
         return self.end - self.start
 
 
-class SafetensorsFile:
+class SafetensorsFile(PreadFile):
     def __init__(self, path: str, drop_page_cache: bool = False):
-        self.path = str(path)
-        self.drop_page_cache = drop_page_cache
-        try:
-            self.fd = os.open(self.path, os.O_RDONLY)
-        except OSError as e:
-            raise CheckpointError(f"{self.path}: cannot open weight file: {e.strerror}") from None
-        self.size = os.fstat(self.fd).st_size
+        super().__init__(path, drop_page_cache, "weight file")
         self.tensors, self.metadata = self._parse_header()
 
     def _parse_header(self) -> tuple[dict[str, TensorInfo], dict]:
@@ -84,33 +73,15 @@ class SafetensorsFile:
             tensors[name] = TensorInfo(name, dtype, shape, base + start, base + end)
         return tensors, header.get("__metadata__") or {}
 
-    def read_bytes(self, start: int, length: int) -> bytearray:
-        buf = bytearray(length)
-        view = memoryview(buf)
-        got = 0
-        while got < length:
-            n = os.preadv(self.fd, [view[got:]], start + got)
-            if n <= 0:
-                raise CheckpointError(f"{self.path}: file truncated while reading bytes [{start}, {start + length})")
-            got += n
-        if self.drop_page_cache and hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(self.fd, start, length, os.POSIX_FADV_DONTNEED)
-        return buf
-
     def read(self, name: str) -> torch.Tensor:
         info = self.tensors[name]
-        buf = self.read_bytes(info.start, info.nbytes)
+        return self.tensor_in(self.read_span(info.start, info.end), info, info.start)
+
+    @staticmethod
+    def tensor_in(span: torch.Tensor, info: TensorInfo, span_start: int) -> torch.Tensor:
+        """The tensor `info` as a view into span (uint8 bytes read from span_start)."""
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=info.dtype)
-        return torch.frombuffer(buf, dtype=info.dtype).view(info.shape)
+        raw = span[info.start - span_start : info.end - span_start]
+        return raw.view(info.dtype).view(info.shape)
 
-    def close(self):
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass

@@ -51,6 +51,46 @@ def sha256_of(path: str, chunk: int = 8 << 20) -> str:
     return h.hexdigest()
 
 
+def read_parts(files: dict[str, SafetensorsFile], names: dict[str, str]) -> dict[str, torch.Tensor]:
+    """{part: tensor} for one expert; parts that lie back to back in one file come from a single read."""
+    out: dict[str, torch.Tensor] = {}
+    by_file: dict[int, list[str]] = {}
+    for part, f in files.items():
+        by_file.setdefault(id(f), []).append(part)
+    for parts in by_file.values():
+        f = files[parts[0]]
+        infos = sorted(((f.tensors[names[p]], p) for p in parts), key=lambda t: t[0].start)
+        if all(a.end == b.start for (a, _), (b, _) in zip(infos, infos[1:])):
+            span = f.read_span(infos[0][0].start, infos[-1][0].end)
+            for info, p in infos:
+                out[p] = f.tensor_in(span, info, infos[0][0].start)
+        else:
+            for info, p in infos:
+                out[p] = f.read(names[p])
+    return out
+
+
+class TensorRows:
+    """A 2-D tensor kept on disk and read a row at a time (an embedding table outside the memory budget)."""
+
+    def __init__(self, f: SafetensorsFile, name: str, dtype: torch.dtype, device):
+        info = f.tensors[name]
+        self.f, self.info, self.dtype, self.device = f, info, dtype, torch.device(device)
+        self.rows, self.cols = info.shape
+        self.row_bytes = info.nbytes // self.rows
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [T] -> rows [T, cols] in the compute dtype."""
+        flat = ids.reshape(-1).tolist()
+        out = torch.empty(len(flat), self.cols, dtype=self.info.dtype)
+        raw = out.view(torch.uint8)  # [T, row bytes]
+        for i, row in enumerate(flat):
+            if not 0 <= row < self.rows:
+                raise IndexError(f"token id {row} is outside the embedding table ({self.rows} rows)")
+            self.f._read_buffered(memoryview(raw[i].numpy()), self.info.start + row * self.row_bytes)
+        return out.to(device=self.device, dtype=self.dtype).view(*ids.shape, self.cols)
+
+
 class TensorIndex:
     """Tensor name -> the safetensors file that holds it, for one checkpoint."""
 
@@ -89,9 +129,9 @@ class SafetensorsExpertSource(ExpertSource):
         return {part: t.format(L=layer, E=expert) for part, t in self.table.items()}
 
     def read(self, layer: int, expert: int) -> ExpertWeights:
-        return ExpertWeights(
-            **{p: self.index.read(n, f"layer {layer} expert {expert} {p}") for p, n in self.names(layer, expert).items()}
-        )
+        names = self.names(layer, expert)
+        files = {p: self.index.file_of(n, f"layer {layer} expert {expert} {p}") for p, n in names.items()}
+        return ExpertWeights(**read_parts(files, names))
 
     def stored_nbytes(self, layer: int) -> int:
         return sum(self.index.info(n, "expert").nbytes for n in self.names(layer, 0).values())
@@ -138,13 +178,11 @@ class SplitExpertSource(ExpertSource):
     def read(self, layer: int, expert: int) -> ExpertWeights:
         f = self._open(layer, expert)
         try:
-            out = {}
-            for part, t in self.table.items():
-                name = t.format(L=layer, E=expert)
+            names = {part: t.format(L=layer, E=expert) for part, t in self.table.items()}
+            for part, name in names.items():
                 if name not in f.tensors:
                     raise CheckpointError(f"{f.path}: tensor {name!r} (layer {layer} expert {expert} {part}) is missing")
-                out[part] = f.read(name)
-            return ExpertWeights(**out)
+            return ExpertWeights(**read_parts({p: f for p in names}, names))
         finally:
             f.close()
 
