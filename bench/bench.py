@@ -99,12 +99,10 @@ def raw_pread_p50(model_dir: str, samples: int = 64) -> float:
 
 
 def prompt_ids(model_dir: str, n: int) -> list[int]:
+    from moepage.commands.bench import prompt_from_corpus
     from moepage.engine.tokenizer import Tokenizer
-    from moepage.surgery.tokenizer_builder import local_corpus
 
-    tk = Tokenizer.from_dir(model_dir)
-    ids = tk.encode("\n".join(local_corpus(60_000)))
-    return ids[1000 : 1000 + n]
+    return prompt_from_corpus(Tokenizer.from_dir(model_dir), n)
 
 
 def cap_label(cap, row) -> str:

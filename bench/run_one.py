@@ -11,23 +11,20 @@ import resource
 import sys
 import time
 
+from moepage.commands.bench import timings
+
 
 def run_moepage(a, prompt):
+    from moepage.commands.bench import measure
     from moepage.engine.engine import Engine, EngineConfig
-    from moepage.engine.sampling import SamplingParams
 
     cfg = EngineConfig(a.model, memory_budget=a.memory_budget, ctx_size=a.ctx, threads=a.threads,
-                       prefetch=not a.no_prefetch, policy=a.policy, dtype=a.dtype)
+                       prefetch=not a.no_prefetch, pregate=not a.no_prefetch, policy=a.policy, dtype=a.dtype)
     engine = Engine.load(cfg)
-    stamps, tokens = [], []
-    t0 = time.perf_counter()
-    for step in engine.generate(prompt, SamplingParams(max_tokens=a.decode, temperature=0, ignore_eos=True)):
-        stamps.append(time.perf_counter())
-        tokens.append(step.token)
-        if stamps[-1] - t0 > a.time_limit:
-            break
-    extra = {"cache": engine.cache.stats.snapshot(), "plan": engine.plan.summary()}
-    return t0, stamps, tokens, extra
+    try:
+        return measure(engine, prompt, a.decode, a.time_limit)
+    finally:
+        engine.close()
 
 
 def run_llamacpp(a, prompt):
@@ -42,7 +39,7 @@ def run_llamacpp(a, prompt):
         tokens.append(int(tok))
         if len(tokens) >= a.decode or stamps[-1] - t0 > a.time_limit:
             break
-    return t0, stamps, tokens, {}
+    return timings(t0, stamps, tokens, prompt)
 
 
 def run_transformers(a, prompt):
@@ -71,7 +68,7 @@ def run_transformers(a, prompt):
     with torch.inference_mode():
         model.generate(torch.tensor([prompt]), max_new_tokens=a.decode, do_sample=False, streamer=Clock(),
                        eos_token_id=None, pad_token_id=0, max_time=a.time_limit)
-    return t0, stamps, tokens, {}
+    return timings(t0, stamps, tokens, prompt)
 
 
 def main():
@@ -93,14 +90,8 @@ def main():
     with open(a.prompt_ids) as f:
         prompt = json.load(f)
     runner = {"moepage": run_moepage, "llamacpp": run_llamacpp, "transformers": run_transformers}[a.system]
-    t0, stamps, tokens, extra = runner(a, prompt)
-    ttft = stamps[0] - t0 if stamps else None
-    decode_tps = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else None
-    out = {
-        "system": a.system, "ttft_s": ttft, "prefill_tps": len(prompt) / ttft if ttft else None,
-        "decode_tps": decode_tps, "tokens": tokens, "n_decoded": len(tokens),
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, **extra,
-    }
+    out = {"system": a.system, **runner(a, prompt),
+           "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     sys.stdout.write("RESULT " + json.dumps(out) + "\n")
 
 

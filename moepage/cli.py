@@ -14,9 +14,13 @@ def add_engine_arguments(p: argparse.ArgumentParser):
                    help="bytes for the expert cache alone (overrides the share --memory-budget leaves)")
     p.add_argument("--dtype", default="auto", help="compute dtype: auto (checkpoint's), float32, bfloat16, float16")
     p.add_argument("--ctx-size", type=int, default=None, help="KV cache length in tokens (default min(model max, 4096))")
-    p.add_argument("--policy", default="lru", help="expert cache eviction policy: lru | lfu")
+    p.add_argument("--policy", default="lru", help="expert cache eviction policy: lru | lfu | stale")
     p.add_argument("--io-threads", type=int, default=2, help="threads reading experts from disk")
     p.add_argument("--no-prefetch", action="store_true", help="read experts only when a layer needs them")
+    p.add_argument("--no-pregate", action="store_true",
+                   help="do not predict the next layer's experts with its router (pre-gating) during decode")
+    p.add_argument("--trace", default=None, metavar="FILE",
+                   help="record every expert access (JSON lines) for `moepage bench --replay`")
     p.add_argument("--threads", type=int, default=None, help="torch compute threads")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, mps")
     p.add_argument("--no-verify", action="store_true", help="skip sha256 checks of split shards at first page-in")
@@ -29,6 +33,7 @@ def engine_config(args, model: str):
         model=model, memory_budget=args.memory_budget, expert_cache_bytes=args.expert_cache, dtype=args.dtype,
         ctx_size=args.ctx_size, policy=args.policy, io_threads=args.io_threads, prefetch=not args.no_prefetch,
         threads=args.threads, device=args.device, verify_shards=not args.no_verify,
+        pregate=not args.no_pregate, trace=args.trace,
     )
 
 

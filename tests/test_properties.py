@@ -112,3 +112,40 @@ def test_pinned_experts_are_not_evicted():
     assert (0, 0) in cache and (0, 1) not in cache
     assert a.key == (0, 0)
     cache.close()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.sampled_from(["lru", "lfu", "stale"]),
+    st.lists(st.tuples(st.integers(0, 3), st.integers(0, 5)), min_size=1, max_size=60),
+    st.integers(2, 6),
+)
+def test_every_policy_keeps_the_budget_and_never_evicts_pinned(policy, accesses, capacity):
+    size = 10
+    cache = ExpertCache(load=lambda l, e: Loaded((l, e), size), nbytes_of=lambda l: size,
+                        budget_bytes=capacity * size, policy=policy)
+    pinned = cache.acquire((9, 9))  # held for the whole run
+    for key in accesses:
+        with cache.use(key) as v:
+            assert v.key == key and (9, 9) in cache
+        assert cache.used_bytes <= capacity * size
+    assert pinned.key == (9, 9)
+    cache.release((9, 9))
+    cache.close()
+
+
+def test_stale_evicts_the_layer_just_run_and_replay_agrees_with_the_cache():
+    from moepage.paging.policy import StalePolicy
+    from moepage.paging.trace import replay
+
+    p = StalePolicy()
+    for key in [(0, 1), (1, 1), (2, 1), (0, 2)]:
+        p.insert(key)
+    # layer 0 ran last: its experts go first (the one used less first), then layer 2, then layer 1 (next to run)
+    p.touch((0, 2))
+    assert list(p.victims()) == [(0, 1), (0, 2), (2, 1), (1, 1)]
+    # a loop over more experts than fit: LRU never hits, stale keeps a fixed subset and hits on it every pass
+    loop = [(layer, 0) for layer in range(6)] * 10
+    assert replay(loop, "lru", 4).hits == 0
+    assert replay(loop, "stale", 4).hits >= 9 * 3
+    assert replay(loop, "lru", 6).hits == 54 and replay(loop, "stale", 6).hits == 54

@@ -16,6 +16,7 @@ from moepage.engine.quantized_expert import expert_loader
 from moepage.engine.sampling import Sampler, SamplingParams
 from moepage.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from moepage.paging.budget import MemoryPlan, plan_memory
+from moepage.paging.trace import TraceRecorder
 from moepage.paging.cache import ExpertCache
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -41,6 +42,8 @@ class EngineConfig:
     # Read the token embedding table row by row from disk instead of holding it (0.3-0.6 GB for a 150k vocabulary).
     # None: do so when a memory budget is set and the embeddings are not tied to the lm_head.
     embed_on_disk: bool | None = None
+    pregate: bool = True  # prefetch the next layer's likely experts during decode (only when experts are paged)
+    trace: str | None = None  # write every expert access to this file (JSON lines) for offline policy replays
 
 
 @dataclass
@@ -129,6 +132,9 @@ class Engine:
         model = MoEModel(args, weights, cache, dtype, device, embed_rows)
         for block in model.moe_blocks:
             block.prefetch = cfg.prefetch
+            block.pregate = cfg.pregate and plan.fraction_resident < 1.0
+        if cfg.trace:
+            cache.on_access.append(TraceRecorder(cfg.trace))
         try:
             tokenizer = ckpt.load_tokenizer()
         except FileNotFoundError:
@@ -141,6 +147,9 @@ class Engine:
 
     def close(self):
         self.cache.close()
+        for cb in self.cache.on_access:
+            if isinstance(cb, TraceRecorder):
+                cb.close()
 
     # ---- forward passes -----------------------------------------------------------------------
     def prefill(self, ids: list[int], cancelled: Callable[[], bool] | None = None) -> torch.Tensor | None:

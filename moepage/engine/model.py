@@ -67,6 +67,10 @@ class MoEModel:
                 layer.dense = (weights[p + "dense_gate"], weights[p + "dense_up"], weights[p + "dense_down"])
             self.layers.append(layer)
 
+        blocks = self.moe_blocks
+        for a, b in zip(blocks, blocks[1:]):
+            a.next = b
+
     @property
     def moe_blocks(self) -> list[SparseMoE]:
         return [layer.moe for layer in self.layers if layer.moe is not None]

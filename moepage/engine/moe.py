@@ -87,12 +87,19 @@ class SparseMoE:
         self.output_observers: list[ExpertOutputObserver] = []  # profiling (REAP saliency); empty when serving
         self.prefetch = True
         self.elastic: ElasticHook | None = None  # opt-in approximate routing (surgery/elastic.py); None = exact
+        # Pre-gating: during a decode step, this layer's input through the next sparse layer's router predicts
+        # that layer's experts, whose reads start while this layer computes (Mixtral-offloading's speculation).
+        self.next: SparseMoE | None = None
+        self.pregate = True
+        self._guess: set[int] | None = None  # what the previous layer predicted for this one
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, H] -> [T, H]."""
         shared_out = swiglu(x, *self.shared) if self.shared is not None else None
         logits = F.linear(x, self.router)  # [T, E]
         weights, indices = route(logits, self.routing) if self.elastic is None else self.elastic(self.layer, logits)
+        if self._guess is not None:
+            self._score_guess(indices)
         for obs in self.observers:
             obs(self.layer, logits, weights, indices)
         out = self.experts(x, indices, weights)
@@ -142,6 +149,7 @@ class SparseMoE:
         if not self.output_observers:
             keys = [(self.layer, e) for e in experts]
             held = self.cache.acquire_many(keys)
+            self._pregate_next(x)
             try:
                 if all(isinstance(ex, PreparedExpert) for ex in held):
                     out = experts_one_token(x, [ex.w13 for ex in held], [ex.w2 for ex in held], w[slots].float())
@@ -158,6 +166,20 @@ class SparseMoE:
                 obs(self.layer, row[k], x, w[k : k + 1], h)
             out.add_((h * w[k]).to(out.dtype))
         return out
+
+    def _pregate_next(self, x: torch.Tensor):
+        """x [1, H]: start reading the experts the next sparse layer's router would pick for x."""
+        nxt = self.next
+        if nxt is None or not (self.pregate and self.prefetch) or nxt.elastic is not None:
+            return
+        _, guess = route(F.linear(x, nxt.router), nxt.routing)  # [1, K]
+        nxt._guess = set(guess[0].tolist())
+        self.cache.prefetch([(nxt.layer, e) for e in sorted(nxt._guess)])
+
+    def _score_guess(self, indices: torch.Tensor):
+        if indices.shape[0] == 1:
+            self.cache.stats.count_guess(self._guess, set(indices[0].tolist()))
+        self._guess = None
 
     @staticmethod
     def _sum_experts(x: torch.Tensor, experts: list[int], held: list, w: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,10 @@
-"""Eviction policies for the expert cache: which resident expert goes first."""
+"""Eviction policies for the expert cache: which resident expert goes first.
+
+Keys are (layer, expert). A decode step visits the layers in order, so the experts used most recently are the
+ones needed furthest in the future: with a cache smaller than one token's experts LRU evicts exactly what the
+next layers need. "stale" evicts by layer distance (the layer just run goes first, then the one before it),
+least frequently used first within a layer.
+"""
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -61,7 +67,45 @@ class LFUPolicy:
         return iter(sorted(self.counts, key=lambda k: (self.counts[k], self.last[k])))
 
 
-POLICIES = {"lru": LRUPolicy, "lfu": LFUPolicy}
+class StalePolicy:
+    """Evict the experts whose layer runs again furthest in the future; within a layer, the least used."""
+
+    name = "stale"
+
+    def __init__(self, half_life: int = 4096):
+        self.by_layer: dict[int, set] = {}
+        self.lfu = LFUPolicy(half_life)
+        self.current = 0  # layer of the latest access
+        self.layers = 1  # layers seen so far (max layer + 1)
+
+    def _seen(self, key):
+        self.current = key[0]
+        self.layers = max(self.layers, key[0] + 1)
+
+    def insert(self, key):
+        self._seen(key)
+        self.by_layer.setdefault(key[0], set()).add(key)
+        self.lfu.insert(key)
+
+    def touch(self, key):
+        self._seen(key)
+        self.lfu.touch(key)
+
+    def remove(self, key):
+        bucket = self.by_layer.get(key[0])
+        if bucket is not None:
+            bucket.discard(key)
+        self.lfu.remove(key)
+
+    def victims(self):
+        counts, last = self.lfu.counts, self.lfu.last
+        for back in range(self.layers):
+            bucket = self.by_layer.get((self.current - back) % self.layers)
+            if bucket:
+                yield from sorted(bucket, key=lambda k: (counts[k], last[k]))
+
+
+POLICIES = {"lru": LRUPolicy, "lfu": LFUPolicy, "stale": StalePolicy}
 
 
 def make_policy(name: str):

@@ -41,6 +41,9 @@ class CacheStats:
     prefetch_used: int = 0
     prefetch_wasted: int = 0
     prefetch_dropped: int = 0
+    guess_predicted: int = 0  # pre-gating: experts predicted for the next layer
+    guess_correct: int = 0  # ... that the next layer then used
+    guess_needed: int = 0  # experts the predicted layers used
     page_in: LatencyHistogram = field(default_factory=LatencyHistogram)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -49,6 +52,20 @@ class CacheStats:
         total = self.hits + self.misses
         return self.hits / total if total else 0.0
 
+    def count_guess(self, predicted: set, actual: set):
+        with self.lock:
+            self.guess_predicted += len(predicted)
+            self.guess_needed += len(actual)
+            self.guess_correct += len(predicted & actual)
+
+    @property
+    def guess_precision(self) -> float:
+        return self.guess_correct / self.guess_predicted if self.guess_predicted else 0.0
+
+    @property
+    def guess_recall(self) -> float:
+        return self.guess_correct / self.guess_needed if self.guess_needed else 0.0
+
     def snapshot(self) -> dict:
         with self.lock:
             return {
@@ -56,6 +73,9 @@ class CacheStats:
                 "bytes_read": self.bytes_read, "hit_rate": self.hit_rate,
                 "prefetch_issued": self.prefetch_issued, "prefetch_used": self.prefetch_used,
                 "prefetch_wasted": self.prefetch_wasted, "prefetch_dropped": self.prefetch_dropped,
+                "guess_predicted": self.guess_predicted, "guess_correct": self.guess_correct,
+                "guess_needed": self.guess_needed, "guess_precision": self.guess_precision,
+                "guess_recall": self.guess_recall,
                 "page_in_count": self.page_in.n, "page_in_seconds_total": self.page_in.total,
                 "page_in_p50_s": self.page_in.quantile(0.5), "page_in_p99_s": self.page_in.quantile(0.99),
             }
