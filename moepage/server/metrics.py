@@ -43,11 +43,16 @@ class EngineCollector(Collector):
         yield counter("moepage_prefetch_used", "Prefetched experts that were used", s["prefetch_used"])
         yield counter("moepage_prefetch_wasted", "Prefetched experts evicted unused", s["prefetch_wasted"])
         yield counter("moepage_prefetch_dropped", "Prefetches skipped for lack of budget", s["prefetch_dropped"])
+        yield counter("moepage_pregate_predicted_experts", "Experts the pre-gating router guess named for the next layer",
+                      s["guess_predicted"])
+        yield counter("moepage_pregate_correct_experts", "Pre-gating guesses the next layer then used", s["guess_correct"])
+        yield counter("moepage_pregate_needed_experts", "Experts used by layers that had a pre-gating guess",
+                      s["guess_needed"])
 
         hist = cache.stats.page_in
         with cache.stats.lock:
             counts, total = list(hist.counts), hist.total
-        source = self.engine.ckpt.experts.describe() if hasattr(self.engine, "ckpt") else "unknown"
+        source = self.engine.ckpt.kind if hasattr(self.engine, "ckpt") else "unknown"  # hf | split | gguf
         cumulative, buckets = 0, []
         for bound, n in zip(list(hist.buckets) + [float("inf")], counts):
             cumulative += n
