@@ -321,3 +321,16 @@ def test_rare_loud_expert_does_not_beat_a_busy_one_by_default(tmp_path, tokenize
     kept = json.loads((tmp_path / "reap" / "moepage_surgery.json").read_text())
     assert kept["kept"] == {"0": [3], "2": [3]}
     assert "selection count" in (tmp_path / "reap" / "README.md").read_text()
+
+
+def test_profile_reads_gzipped_text(tmp_path):
+    """Calibration text under /usr/share/doc is often README.gz: profile must score its text, not its bytes."""
+    import gzip
+
+    from moepage.surgery.profile import read_sources
+
+    (tmp_path / "plain.txt").write_text("hello prose\n")
+    with gzip.open(tmp_path / "README.gz", "wt", encoding="utf-8") as f:
+        f.write("compressed prose text\n")
+    got = read_sources([str(tmp_path / "README.gz"), str(tmp_path / "plain.txt")], "prose")
+    assert [s.text for s in got] == ["compressed prose text\n", "hello prose\n"]

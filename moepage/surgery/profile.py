@@ -8,6 +8,7 @@ Shape legend: T tokens, E experts, K experts per token, t tokens routed to one e
 from __future__ import annotations
 
 import glob
+import gzip
 import hashlib
 import os
 from dataclasses import dataclass
@@ -44,7 +45,8 @@ def parse_domain_args(specs: list[list[str]]) -> dict[str, list[str]]:
 
 
 def read_sources(patterns: list[str], domain_name: str) -> list[TextSource]:
-    """Files, directories (every file below, sorted) and glob patterns -> texts, in a stable order."""
+    """Files, directories (every file below, sorted) and glob patterns -> texts, in a stable order (.gz files are
+    decompressed)."""
     paths: list[str] = []
     for pattern in patterns:
         if os.path.isdir(pattern):
@@ -57,7 +59,8 @@ def read_sources(patterns: list[str], domain_name: str) -> list[TextSource]:
         paths += found
     sources = []
     for p in paths:
-        with open(p, encoding="utf-8", errors="replace") as f:
+        opener = gzip.open if p.endswith(".gz") else open  # /usr/share/doc style README.gz: its text, not its bytes
+        with opener(p, "rt", encoding="utf-8", errors="replace") as f:
             sources.append(TextSource(p, f.read()))
     if not any(s.text.strip() for s in sources):
         raise ValueError(f"domain {domain_name!r}: its files contain no text")
