@@ -125,7 +125,7 @@ def test_dense_eval_scores_the_dense_model(profiled, tmp_path):
                  "--eval", str(held)]) == 0
     record = json.loads((out / "moepage_surgery.json").read_text())
     base, new = record["quality"]["rows"]
-    assert base["model"] == "base" and base["scored_by"] == "moepage engine"
+    assert base["model"] == "base" and base["scored_by"] == "moepage engine (fp32)"
     assert new["model"] == record["name"] and new["scored_by"].startswith("moepage dense forward")
     ids = Tokenizer.from_dir(str(out)).encode(CODE)
     assert new["tokens"] == base["tokens"] == len(ids) - 1

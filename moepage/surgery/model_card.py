@@ -6,6 +6,7 @@ import re
 
 from moepage import __version__
 
+SOURCES_SHOWN = 5  # calibration files listed per domain in the card
 
 def model_name(base: str, domain: str, n: int, dense: bool = False) -> str:
     """Naming convention: <base>-<domain>-<N>e, with -dense appended for a merged dense model."""
@@ -65,7 +66,10 @@ def render_model_card(*, name: str, base: str, family: str, operation: str, doma
         lines += ["## Profile used", "", f"Profile of `{profile['model']['name']}`, settings {profile.get('settings', {})}.", "",
                   "| domain | tokens | base perplexity | sources (sha256) |", "|---|---|---|---|"]
         for dname, d in sorted(profile["domains"].items()):
-            srcs = ", ".join(f"{s['path']} ({s['sha256'][:12]})" for s in d.get("sources", []))
+            sources = d.get("sources", [])
+            srcs = ", ".join(f"{s['path']} ({s['sha256'][:12]})" for s in sources[:SOURCES_SHOWN])
+            if len(sources) > SOURCES_SHOWN:
+                srcs += f", ... ({len(sources)} files; all listed with sha256 in the profile JSON)"
             ppl = f"{math.exp(d['nll']):.3f}" if d.get("nll") is not None else "-"
             lines.append(f"| {dname} | {d['tokens']} | {ppl} | {srcs} |")
         lines.append("")

@@ -3,7 +3,7 @@
 MoE checkpoints are scored through the moepage engine (the serving path). Dense results of `extract --dense`
 are scored through moepage's own dense forward (surgery/trainable_model.TrainableDecoder: the same kernels as
 the engine) for Qwen2/Qwen3, and through transformers for the other dense families (Mistral). Every model sees
-the same token windows of the same text, so base and new rows compare.
+the same token windows of the same text in fp32, so base and new rows compare.
 """
 from __future__ import annotations
 
@@ -34,11 +34,11 @@ def scorer(model_dir: str) -> tuple[Callable[[list[int]], torch.Tensor], object,
     if model_type not in DENSE_MODEL_TYPES:
         from moepage.engine.engine import Engine, EngineConfig
 
-        engine = Engine.load(EngineConfig(model=model_dir))
+        engine = Engine.load(EngineConfig(model=model_dir, dtype="float32"))
         if engine.tokenizer is None:
             engine.close()
             raise ValueError(f"{model_dir}: no tokenizer files; cannot score text")
-        return (lambda ids: engine.logits_all(ids).float()), engine.tokenizer, engine.close, "moepage engine"
+        return (lambda ids: engine.logits_all(ids).float()), engine.tokenizer, engine.close, "moepage engine (fp32)"
     try:
         tokenizer = Tokenizer.from_dir(model_dir)
     except FileNotFoundError:
