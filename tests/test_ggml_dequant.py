@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from moepage.kernels.ggml import BY_NAME, UnsupportedQuantType, dequantize
+from moepage.kernels.ggml import BY_NAME, NATIVE_TYPES, QuantizedTensor, UnsupportedQuantType, dequantize
 
 gguf = pytest.importorskip("gguf")
 from gguf.quants import dequantize as reference_dequantize  # noqa: E402
@@ -89,3 +89,26 @@ def test_wrong_byte_count_is_reported():
         dequantize(torch.zeros(33, dtype=torch.uint8), "Q8_0", (1, 32), tensor="w")
     with pytest.raises(ValueError, match="not a multiple of the Q4_K block size"):
         dequantize(torch.zeros(144, dtype=torch.uint8), "Q4_K", (1, 255), tensor="w")
+
+
+@pytest.mark.parametrize("qtype", sorted(NATIVE_TYPES))
+def test_native_block_decoders_match_gguf_and_linear_matches_dequantized(qtype):
+    """The C++ kernels (csrc/ggml_gemv.cpp): dequantize bit for bit like gguf-py; a matvec over blocks decoded in
+    registers equals F.linear over the dequantized weight up to fp32 summation order."""
+    from moepage.kernels import native
+    from moepage.kernels.ggml_linear import ggml_linear
+
+    module = native.load("ggml_gemv")
+    if module is None:
+        pytest.skip("the C++ kernels did not build on this machine (see the log); torch runs instead")
+    columns = 512
+    raw = random_rows(qtype, 9, columns, seed=11)
+    ref = reference_dequantize(raw, gguf.GGMLQuantizationType[qtype])
+    data = torch.from_numpy(raw.copy()).reshape(-1)
+    np.testing.assert_array_equal(module.dequantize(data, qtype, 9, columns).numpy().view(np.uint32), ref.view(np.uint32))
+    q = QuantizedTensor(data, BY_NAME[qtype], (9, columns), "w")
+    x = torch.randn(3, columns, generator=torch.Generator().manual_seed(0))
+    want = torch.nn.functional.linear(x, torch.from_numpy(ref))
+    got = ggml_linear(x, q)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    assert ggml_linear(x.bfloat16(), q).dtype == torch.bfloat16

@@ -217,6 +217,18 @@ def dequantize(raw: torch.Tensor, qtype: GGMLType | int | str, shape: tuple[int,
 
 
 # ---- quantized tensors held in memory ---------------------------------------------------------------
+NATIVE_TYPES = {"Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K"}  # block decoders in csrc/ggml_gemv.cpp
+
+
+def native_ggml(q: "QuantizedTensor"):
+    """The C++ block-decoding module when it handles q (a CPU tensor of one of NATIVE_TYPES), else None."""
+    if q.type.name not in NATIVE_TYPES or q.data.device.type != "cpu" or not q.data.is_contiguous():
+        return None
+    from moepage.kernels import native
+
+    return native.load("ggml_gemv")
+
+
 @dataclass
 class QuantizedTensor:
     """A GGML tensor kept as its stored bytes: data [R * row_bytes] uint8, logical shape (R, C)."""
@@ -231,6 +243,10 @@ class QuantizedTensor:
         return self.data.numel()
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        fast = native_ggml(self)
+        if fast is not None:
+            rows = self.data.numel() // self.type.row_bytes(self.shape[-1])
+            return fast.dequantize(self.data, self.type.name, rows, self.shape[-1]).view(self.shape).to(dtype)
         return dequantize(self.data, self.type, self.shape, self.name, dtype)
 
     def to(self, device) -> "QuantizedTensor":

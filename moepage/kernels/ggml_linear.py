@@ -13,7 +13,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from moepage.kernels.ggml import QuantizedTensor
+from moepage.kernels.ggml import QuantizedTensor, native_ggml
 
 Q8_0_ACTIVATIONS = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"}
 Q8_K_ACTIVATIONS = {"Q4_K", "Q5_K", "Q6_K"}
@@ -59,8 +59,16 @@ def ggml_activations(x: torch.Tensor, weight_type: str) -> torch.Tensor:
     return x
 
 
+GEMV_ROWS = 8  # up to this many tokens, blocks are decoded inside the matmul; more: dequantize, then GEMM
+
+
 def ggml_linear(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [T, K] @ w [N, K]^T (+ bias) -> [T, N], w dequantized just in time."""
+    """x [T, K] @ w [N, K]^T (+ bias) -> [T, N]: blocks decoded inside the matmul for a few tokens (C++),
+    otherwise w dequantized just in time."""
+    fast = native_ggml(w) if not EMULATE and x.dim() == 2 and x.shape[0] <= GEMV_ROWS else None
+    if fast is not None and x.device.type == "cpu":
+        out = fast.linear(x, w.data, w.type.name, w.shape[0])
+        return out if bias is None else out + bias
     return F.linear(ggml_activations(x, w.type.name), w.dequantize(x.dtype), bias)
 
 

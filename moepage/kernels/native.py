@@ -1,0 +1,53 @@
+"""C++ CPU kernels (moepage/kernels/csrc/*.cpp), compiled once on first use with torch.utils.cpp_extension.
+
+Compiled modules are cached under ~/.cache/torch_extensions (about 40 s per module the first time, on 2 cores).
+`load(name)` is None where the CPU lacks what the module needs, no compiler or ninja is found, or
+MOEPAGE_KERNELS=torch is set; callers then use plain torch.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+log = logging.getLogger("moepage.kernels")
+CSRC = os.path.join(os.path.dirname(__file__), "csrc")
+# module -> (CPU flags it needs, extra compiler flags); bump the version suffix when a source changes.
+MODULES = {
+    "bf16_decode": ({"avx512f", "avx512bw", "avx512_bf16"}, ["-mavx512f", "-mavx512bw", "-mavx512bf16"]),
+    "ggml_gemv": ({"avx512f"}, ["-mavx512f", "-mf16c", "-ffp-contract=off"]),
+}
+VERSION = "v2"
+_lock = threading.Lock()
+_loaded: dict[str, object] = {}
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def load(name: str):
+    with _lock:
+        if name in _loaded:
+            return _loaded[name]
+        needs, flags = MODULES[name]
+        module = None
+        if os.environ.get("MOEPAGE_KERNELS", "auto") != "torch" and needs <= cpu_flags():
+            try:
+                from torch.utils.cpp_extension import load as build
+
+                log.info("compiling moepage's %s CPU kernels (once; cached under ~/.cache/torch_extensions)", name)
+                module = build(name=f"moepage_{name}_{VERSION}", sources=[os.path.join(CSRC, f"{name}.cpp")],
+                               extra_cflags=["-O3", "-fopenmp", *flags], extra_ldflags=["-fopenmp"], verbose=False)
+            except Exception as e:  # no compiler, no ninja, an old assembler: torch instead
+                first = str(e).splitlines()[0] if str(e) else type(e).__name__
+                log.warning("%s CPU kernels unavailable (%s); using torch", name, first)
+        _loaded[name] = module
+        return module
