@@ -133,7 +133,7 @@ def main(argv=None):
         model.save_pretrained(a.out, dtype=torch.bfloat16, tokenizer_from=moe_dir)
         info = json.load(open(os.path.join(tok_dir, "info.json")))
         _generation_config(a.out, info)
-        for name in ("routing.png", "corpus.manifest.json"):
+        for name in ("routing.png", "elastic.png", "corpus.manifest.json"):
             if os.path.exists(os.path.join(a.work, name)):
                 shutil.copyfile(os.path.join(a.work, name), os.path.join(a.out, name))
         write_demo_card(a.out, a.work, timings)
@@ -197,9 +197,40 @@ def elastic_modes(num_experts: int) -> list[tuple[str, dict]]:
     ]
 
 
-def measure_elastic(model_dir: str, corpus: DomainCorpus, tokens_per_domain: int = 1024, decode_tokens: int = 48):
-    """Per mode: held-out perplexity per domain (served by Engine, bf16), weights in memory, decode tok/s."""
+def measure_elastic(model_dir: str, corpus: DomainCorpus, tokens_per_domain: int = 4096, decode_tokens: int = 48):
+    """The elastic modes of elastic_modes() on model_dir (see measure_rows)."""
+    rows = [{"mode": label, "model": model_dir, **mode} for label, mode in elastic_modes(4)]
+    return measure_rows(rows, corpus, tokens_per_domain=tokens_per_domain, decode_tokens=decode_tokens)
+
+
+def model_params(model_dir: str, experts_per_token: int | None = None, shared_only: bool = False) -> dict:
+    """Parameters of a checkpoint: total, and active per token (resident + the routed experts a token runs)."""
+    from moepage.engine.checkpoint import open_checkpoint
+
+    ckpt = open_checkpoint(model_dir)
+    try:
+        a = ckpt.args
+        resident = sum(ckpt.read_tensor(n).numel() for n in ckpt.resident_checkpoint_names().values())
+        expert = 3 * a.hidden_size * a.moe_intermediate_size
+        layers = len(a.moe_layers)
+        k = 0 if shared_only else (experts_per_token or a.top_k)
+        return {"total": resident + a.num_experts * expert * layers, "active": resident + k * expert * layers}
+    finally:
+        close = getattr(ckpt, "close", None)
+        if close:
+            close()
+
+
+def measure_rows(rows: list[dict], corpus: DomainCorpus, tokens_per_domain: int = 4096, seq_len: int = 256,
+                 decode_tokens: int = 48, decode_runs: int = 7, dtype: str = "bfloat16") -> list[dict]:
+    """Each row: {"mode": label, "model": dir, "elastic": ElasticConfig kwargs, "cache_experts": experts the cache
+    may hold (None = all)}. Measured through the moepage Engine on the same held-out windows for every row:
+    perplexity per domain (first tokens_per_domain tokens, seq_len windows), resident weight bytes, peak bytes of
+    routed experts held, cache hit rate over scoring + decoding, params total/active, and decode tok/s: the median
+    of decode_runs greedy runs, taken round-robin over all rows (engines open together) so that a load spike on a
+    shared machine hits every row alike."""
     import math
+    import statistics
 
     from moepage.engine.engine import Engine, EngineConfig
     from moepage.engine.moe import PreparedExpert
@@ -207,39 +238,53 @@ def measure_elastic(model_dir: str, corpus: DomainCorpus, tokens_per_domain: int
     from moepage.surgery.elastic import ElasticConfig, apply_elastic
     from moepage.surgery.probe import ProbeConfig, windows
 
-    rows = []
-    for label, mode in elastic_modes(4):
-        probe_engine = Engine.load(EngineConfig(model=model_dir, dtype="bfloat16", prefetch=False))
-        each = PreparedExpert.nbytes_for(probe_engine.args.hidden_size, probe_engine.args.moe_intermediate_size,
-                                         torch.bfloat16)
-        probe_engine.close()
-        cache_bytes = None if mode["cache_experts"] is None else mode["cache_experts"] * each
-        engine = Engine.load(EngineConfig(model=model_dir, dtype="bfloat16", expert_cache_bytes=cache_bytes,
-                                          prefetch=False))
-        try:
-            apply_elastic(engine, ElasticConfig(**mode["elastic"]))
-            ppl, peak = {}, 0
+    engines, out = [], []
+    try:
+        for row in rows:
+            model_dir = row["model"]
+            cache_bytes = None
+            if row.get("cache_experts") is not None:
+                probe_engine = Engine.load(EngineConfig(model=model_dir, dtype=dtype, prefetch=False))
+                each = PreparedExpert.nbytes_for(probe_engine.args.hidden_size, probe_engine.args.moe_intermediate_size,
+                                                 getattr(torch, dtype))
+                probe_engine.close()
+                cache_bytes = row["cache_experts"] * each
+            engine = Engine.load(EngineConfig(model=model_dir, dtype=dtype, expert_cache_bytes=cache_bytes,
+                                              prefetch=False))
+            engines.append(engine)
+            cfg = ElasticConfig(**row.get("elastic", {}))
+            apply_elastic(engine, cfg)
+            ppl, tokens, peak = {}, {}, 0
             for domain in corpus.domains:
-                data = windows(corpus.heldout[domain], ProbeConfig(tokens_per_domain=tokens_per_domain, seq_len=256))
+                data = windows(corpus.heldout[domain], ProbeConfig(tokens_per_domain=tokens_per_domain, seq_len=seq_len))
                 nll, n = 0.0, 0
-                for row in data.tolist():
-                    logits = engine.logits_all(row[:-1]).float()
-                    nll += torch.nn.functional.cross_entropy(logits, torch.tensor(row[1:]), reduction="sum").item()
-                    n += len(row) - 1
+                for ids in data.tolist():
+                    logits = engine.logits_all(ids[:-1]).float()
+                    nll += torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]), reduction="sum").item()
+                    n += len(ids) - 1
                     peak = max(peak, engine.model.cache.used_bytes)
-                ppl[domain] = round(math.exp(nll / n), 2)
-            ids = engine.tokenizer.encode(CODE_PROMPT)
-            list(engine.generate(ids, SamplingParams(max_tokens=decode_tokens, temperature=0.0, ignore_eos=True)))
-            tps = engine.last_stats.decode_tps
-            peak = max(peak, engine.model.cache.used_bytes)
-            rows.append({"mode": label, "perplexity": ppl, "resident_bytes": engine.plan.resident_bytes,
-                         "expert_bytes_peak": peak, "decode_tok_s": round(tps, 1),
-                         "hit_rate": round(getattr(engine.model.cache.stats, "hit_rate", float("nan")), 3)
-                         if hasattr(engine.model.cache, "stats") else None})
-            print(f"[elastic] {rows[-1]}", flush=True)
-        finally:
+                ppl[domain], tokens[domain] = round(math.exp(nll / n), 2), n
+            params = model_params(model_dir, cfg.experts_per_token, cfg.shared_only)
+            out.append({"mode": row["mode"], "model": os.path.relpath(model_dir, ROOT), "perplexity": ppl,
+                        "tokens": tokens, "resident_bytes": engine.plan.resident_bytes, "expert_bytes_peak": peak,
+                        "params_total": params["total"], "params_active": params["active"], "decode_tok_s_runs": []})
+            print(f"[measure] {out[-1]}", flush=True)
+        prompt = engines[0].tokenizer.encode(CODE_PROMPT)
+        params = SamplingParams(max_tokens=decode_tokens, temperature=0.0, ignore_eos=True)
+        for _ in range(decode_runs):
+            for engine, result in zip(engines, out):
+                list(engine.generate(prompt, params))
+                result["decode_tok_s_runs"].append(round(engine.last_stats.decode_tps, 1))
+                result["expert_bytes_peak"] = max(result["expert_bytes_peak"], engine.model.cache.used_bytes)
+        for engine, result in zip(engines, out):
+            result["decode_tok_s"] = round(statistics.median(result["decode_tok_s_runs"]), 1)
+            result["hit_rate"] = round(engine.model.cache.stats.snapshot()["hit_rate"], 3)
+            print(f"[decode] {result['mode']}: {result['decode_tok_s']} tok/s {result['decode_tok_s_runs']}, "
+                  f"hit rate {result['hit_rate']}", flush=True)
+    finally:
+        for engine in engines:
             engine.close()
-    return rows
+    return out
 
 
 def sample_generations(model_dir: str) -> dict:
@@ -303,7 +348,8 @@ def write_demo_card(out_dir: str, work: str, timings: dict):
       f"{dense_result.get('lm', float('nan')):.2f} (dense) / {named_result.get('lm', float('nan')):.2f} (MoE) |")
     w("")
     w("## Rebuild\n")
-    w("```\nnice -n 19 python scripts/train_demo.py   # writes moepage/demo_model/, work files in build/demo/\n```\n")
+    w("```\nnice -n 19 python scripts/train_demo.py    # writes moepage/demo_model/, work files in build/demo/\n"
+      "nice -n 19 python scripts/demo_tables.py   # elastic / extraction tables and elastic.png (below)\n```\n")
     w("Stage wall times on the machine that built this copy (2 CPU cores shared with other jobs, so expect less "
       "elsewhere): " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + ". Every stage is deterministic "
       "given the same files (seeded init, data order a pure function of the seed); the corpus manifest "
@@ -345,19 +391,20 @@ def write_demo_card(out_dir: str, work: str, timings: dict):
       ", ".join(f"layer {j}: {v:.2f}" for j, v in zip(named["layers"], named["separation"])) +
       f" (upcycled before training: {', '.join(f'{v:.2f}' for v in probe_results['upcycled']['separation'])}).\n")
     w("![routing share](routing.png)\n")
-    if elastic:
+    tables_path = os.path.join(work, "tables.json")
+    if os.path.exists(tables_path):  # scripts/demo_tables.py: elastic modes + extracted models, same tokens
+        from demo_tables import render_sections
+
+        w(render_sections(json.load(open(tables_path))))
+    elif elastic:
         w("## Elastic serving (moepage Engine, bf16)\n")
-        w("Perplexity on the first 1024 held-out tokens per domain (a subset of the 4096 above, so the numbers "
-          "differ from the table above; compare rows with each other). Resident weights are everything but the "
-          "routed experts; the expert cache holds the routed experts that were actually paged in.\n")
-        w("| mode | " + " | ".join(domains) +
-          " | resident weights | peak expert cache | cache hit rate | decode tok/s |"
+        w("| mode | " + " | ".join(domains) + " | resident weights | peak expert cache | cache hit rate | decode tok/s |"
           "\n|---|" + "---|" * (len(domains) + 4))
         for r in elastic:
             hit = "-" if r.get("hit_rate") is None else f"{r['hit_rate']:.0%}"
             w(f"| {r['mode']} | " + " | ".join(f"{r['perplexity'][d]:.2f}" for d in domains) +
               f" | {_mb(r['resident_bytes'])} | {_mb(r['expert_bytes_peak'])} | {hit} | {r['decode_tok_s']:.0f} |")
-        w("\nDecode tok/s is from one 48-token greedy run on a loaded shared machine: compare rows, not machines.\n")
+        w("")
     w("## Samples (greedy, bf16)\n")
     w("Completion prompt:\n\n```python\n" + CODE_PROMPT + samples["completion"] + "\n```\n")
     w(f"Chat prompt *{CHAT_PROMPT}*:\n\n```\n" + samples["chat"] + "\n```\n")

@@ -84,3 +84,22 @@ def test_served_completion_of_python_code_returns_code_looking_text(demo_server)
     assert r.status_code == 200, r.text
     text = r.json()["choices"][0]["text"]
     assert looks_like_python(text), text
+
+
+def test_card_has_the_elastic_and_extraction_tables():
+    """scripts/demo_tables.py: one table on the same held-out tokens for elastic modes and extracted models, with
+    params / memory / tok/s for every row, the PNG it references, and the extraction table (issue 6)."""
+    card = (SHIPPED_DIR / "README.md").read_text()
+    assert "![perplexity per domain against memory and decode speed, per mode](elastic.png)" in card
+    png = SHIPPED_DIR / "elastic.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size < 400_000
+    section = card[card.index("## Elastic serving and extracted models"):card.index("## Extracting the code experts")]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| mode")]
+    for needle in ("full: top-1", "shared expert only", "extracted code, N=1 of 4", "extracted code, N=2 of 4",
+                   "extracted code, N=1, --dense", "dense base"):
+        assert any(r.startswith(f"| {needle}") for r in rows), needle
+    for r in rows:
+        cells = [c.strip() for c in r.strip("|").split("|")]
+        assert len(cells) == 11 and " / " in cells[5] and cells[-1].isdigit(), r  # params, memory, tok/s filled
+    extraction = card[card.index("## Extracting the code experts"):]
+    assert "moepage extract moepage/demo_model" in extraction and "--dense" in extraction

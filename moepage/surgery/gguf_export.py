@@ -190,7 +190,7 @@ def _hparams(writer, arch: str, args, config: dict, moe: bool, notes: list[str])
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR if kind == "linear" else gguf.RopeScalingType.YARN)
         writer.add_rope_scaling_factor(float(scaling["factor"]))
         if kind == "yarn":
-            writer.add_rope_scaling_orig_ctx_len(int(scaling["original_max_position_embeddings"]))
+            writer.add_rope_scaling_orig_ctx_len(int(scaling.get("original_max_position_embeddings") or 0))
     elif kind not in (None, "default"):
         raise GGUFExportError(f"rope scaling {kind!r} has no GGUF writer here")
     if args.sliding_window:
