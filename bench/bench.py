@@ -74,28 +74,44 @@ def run(system: str, a, prompt_file: str, cgroup: str | None, extra: list[str]) 
     return out
 
 
-def raw_pread_p50(model_dir: str, samples: int = 64) -> float:
-    """p50 seconds to pread one expert's three byte ranges from the original shards, caches dropped."""
+def raw_pread_p50(model_dir: str, samples: int = 64) -> dict:
+    """p50 seconds to read one expert's bytes (its three tensors' span) with a bare os.preadv, page cache dropped:
+    with O_DIRECT into an aligned buffer (what moepage does) and buffered (what a plain pread does)."""
+    import mmap
+
     sys.path.insert(0, os.path.dirname(HERE))
     from moepage.engine.checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(model_dir, drop_page_cache=True)
     a = ckpt.args
     rng = random.Random(0)
-    if can_cap():
-        drop_caches()
-    times = []
-    for _ in range(samples):
-        layer, e = rng.choice(a.moe_layers), rng.randrange(a.num_experts)
-        names = {p: t.format(L=layer, E=e) for p, t in ckpt.family.EXPERT_NAMES.items()}
-        t0 = time.perf_counter()
-        for n in names.values():
-            f = ckpt.experts.index.file_of(n, "expert")
-            info = f.tensors[n]
-            f.read_bytes(info.start, info.nbytes)
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2]
+    picks = [(rng.choice(a.moe_layers), rng.randrange(a.num_experts)) for _ in range(samples)]
+    out = {}
+    for mode in ("direct", "buffered"):
+        if can_cap():
+            drop_caches()
+        times = []
+        for layer, e in picks:
+            names = list(ckpt.experts.names(layer, e).values())
+            f = ckpt.experts.index.file_of(names[0], "expert")
+            start = min(f.tensors[n].start for n in names)
+            end = max(f.tensors[n].end for n in names)
+            if mode == "direct":
+                lo, hi = start - start % 4096, -(-end // 4096) * 4096
+                fd = os.open(f.path, os.O_RDONLY | os.O_DIRECT)
+                buf = mmap.mmap(-1, hi - lo)
+                t0 = time.perf_counter()
+                os.preadv(fd, [buf], lo)
+            else:
+                fd = os.open(f.path, os.O_RDONLY)
+                buf = bytearray(end - start)
+                t0 = time.perf_counter()
+                os.preadv(fd, [buf], start)
+            times.append(time.perf_counter() - t0)
+            os.close(fd)
+        times.sort()
+        out[mode] = times[len(times) // 2]
+    return out
 
 
 def prompt_ids(model_dir: str, n: int) -> list[int]:
@@ -123,8 +139,9 @@ def main():
     ap.add_argument("--decode", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--time-limit", type=float, default=90.0, help="seconds of decoding per run at most")
-    ap.add_argument("--overhead", type=int, default=360 << 20,
-                    help="bytes of a cap left for the moepage process itself (python, torch, tokenizer)")
+    ap.add_argument("--overhead", type=int, default=330 << 20,
+                    help="bytes of a cap left for the moepage process itself (python, torch, tokenizer, kernels)")
+    ap.add_argument("--io-threads", type=int, default=2, help="moepage expert read threads")
     ap.add_argument("--out", default=os.path.join(HERE, "out"))
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
@@ -146,10 +163,13 @@ def main():
             if system == "transformers" and limit:
                 continue  # transformers loads every weight; it does not run under a cap below the model size
             extra = []
-            if system == "moepage" and limit:
-                extra = ["--memory-budget", str(limit - a.overhead)]
+            if system == "moepage":
+                extra = ["--io-threads", str(a.io_threads)]
+                if limit:
+                    extra += ["--memory-budget", str(limit - a.overhead)]
             variants = [("", extra)]
             if system == "moepage" and limit and cap == min(float(c) for c in a.caps.split(",")):
+                variants[0] = ("", extra + ["--trace", os.path.join(a.out, "trace.jsonl")])
                 variants.append((" (prefetch off)", extra + ["--no-prefetch"]))
             for suffix, ex in variants:
                 print(f"running {system}{suffix} at cap {cap:.0%} ...", file=sys.stderr, flush=True)
@@ -160,6 +180,20 @@ def main():
                       file=sys.stderr, flush=True)
     pread_p50 = raw_pread_p50(a.model)
     report(rows, pread_p50, size, a)
+
+
+def policy_replays(a, low) -> list[str]:
+    """Every eviction policy replayed on the trace of the lowest cap's run, at that run's expert-cache size."""
+    from moepage.paging.trace import load_trace, replay
+
+    path = os.path.join(a.out, "trace.jsonl")
+    if not os.path.exists(path) or not low or not low.get("cache_capacity_experts"):
+        return []
+    keys = load_trace(path)
+    cap = low["cache_capacity_experts"]
+    results = [replay(keys, p, cap) for p in ("lru", "lfu", "stale")]
+    return ["", f"eviction policies replayed on that run's routing trace ({len(keys)} expert accesses, cache of {cap} "
+            "experts): " + ", ".join(f"{r.policy} {r.hit_rate:.1%}" for r in results) + " hit rate"]
 
 
 def report(rows, pread_p50, size, a):
@@ -191,17 +225,23 @@ def report(rows, pread_p50, size, a):
     low = get("moepage", min(caps)) if caps else None
     if low and low.get("cache"):
         c = low["cache"]
-        lines += ["", f"at the {min(caps):.0%} cap: expert cache hit rate {c['hit_rate']:.1%}, page-in p50 "
-                  f"{c['page_in_p50_s'] * 1e3:.2f} ms / raw pread p50 {pread_p50 * 1e3:.2f} ms = "
-                  f"{c['page_in_p50_s'] / pread_p50:.2f}x; prefetch issued {c['prefetch_issued']}, used "
-                  f"{c['prefetch_used']} (precision {c['prefetch_used'] / max(1, c['prefetch_issued']):.1%})"]
+        raw = pread_p50["direct"]
+        lines += ["", f"at the {min(caps):.0%} cap: expert cache hit rate {c['hit_rate']:.1%}; page-in p50 "
+                  f"{c['page_in_p50_s'] * 1e3:.2f} ms (p99 {c['page_in_p99_s'] * 1e3:.2f} ms) vs a bare O_DIRECT pread of "
+                  f"the same bytes {raw * 1e3:.2f} ms = {c['page_in_p50_s'] / raw:.2f}x (buffered pread "
+                  f"{pread_p50['buffered'] * 1e3:.2f} ms); prefetch issued {c['prefetch_issued']}, used "
+                  f"{c['prefetch_used']} ({c['prefetch_used'] / max(1, c['prefetch_issued']):.1%}); pre-gating guesses "
+                  f"precision {c['guess_precision']:.1%}, recall {c['guess_recall']:.1%}"]
         off = get("moepage (prefetch off)", min(caps))
         if off and off.get("decode_tps") and low.get("decode_tps"):
-            lines.append(f"prefetch on/off at {min(caps):.0%}: {low['decode_tps'] / off['decode_tps']:.2f}x decode")
+            lines.append(f"prefetch on/off at {min(caps):.0%}: {low['decode_tps'] / off['decode_tps']:.2f}x decode "
+                         f"({low['decode_tps']:.2f} vs {off['decode_tps']:.2f} tok/s)")
+        lines += policy_replays(a, low)
     text = "\n".join(lines)
     print(text)
     with open(os.path.join(a.out, "bench.json"), "w") as f:
-        json.dump({"rows": rows, "raw_pread_p50_s": pread_p50, "model_bytes": size, "table": text}, f, indent=1)
+        json.dump({"rows": rows, "raw_pread_p50_s": pread_p50, "model_bytes": size, "table": text,
+                   "command": " ".join(sys.argv)}, f, indent=1)
     try:
         import matplotlib
 

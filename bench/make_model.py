@@ -4,13 +4,18 @@
 Tokenizer: the real Qwen2 tokenizer from llama-cpp-python's sdist (models/ggml-vocab-qwen2.gguf) when
 --vocab-gguf is given, otherwise moepage's locally trained byte-level BPE (ids past its vocabulary are unused).
 
-    python bench/make_model.py OUT [--vocab-gguf PATH] [--layers 12 --experts 64 ...]
+    python bench/make_model.py OUT [--vocab-gguf PATH] [--gguf OUT.gguf --converter DIR] [--layers 12 ...]
+
+--gguf also writes the same model as a bf16 GGUF with llama.cpp's own converter (convert_hf_to_gguf.py from the
+llama-cpp-python sdist's vendor/llama.cpp, given as --converter), for the llama.cpp side of bench/bench.py.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import subprocess
+import sys
 
 import torch
 
@@ -26,6 +31,8 @@ def main():
     ap.add_argument("--vocab", type=int, default=151936)
     ap.add_argument("--vocab-gguf", default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--gguf", default=None, help="also write this bf16 GGUF with llama.cpp's converter")
+    ap.add_argument("--converter", default=None, help="directory holding llama.cpp's convert_hf_to_gguf.py")
     a = ap.parse_args()
     from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
@@ -56,6 +63,12 @@ def main():
                 p.normal_(0.0, 0.04)
     model.save_pretrained(a.out, max_shard_size="1GB")
     print(json.dumps({"out": a.out, "params": sum(p.numel() for p in model.parameters())}))
+    if a.gguf:
+        if not a.converter:
+            sys.exit("--gguf needs --converter (the llama-cpp-python sdist's vendor/llama.cpp directory)")
+        env = dict(os.environ, PYTHONPATH=os.path.join(a.converter, "gguf-py"))
+        subprocess.run([sys.executable, os.path.join(a.converter, "convert_hf_to_gguf.py"), a.out, "--outfile", a.gguf,
+                        "--outtype", "bf16"], check=True, env=env)
 
 
 if __name__ == "__main__":

@@ -66,6 +66,7 @@ def measure(engine, prompt: list[int], decode: int, time_limit: float) -> dict:
         **timings(t0, stamps, tokens, prompt),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "cache": engine.cache.stats.snapshot(), "plan": engine.plan.summary(),
+        "cache_capacity_experts": engine.plan.expert_cache_bytes // max(1, engine.plan.expert_bytes_each),
     }
 
 
