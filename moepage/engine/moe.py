@@ -111,6 +111,8 @@ class SparseMoE:
 
     def experts(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Sum over each token's K experts, in ascending expert order so paging never changes the sum."""
+        if indices.shape[-1] == 0:  # no routed expert (elastic shared-only)
+            return torch.zeros_like(x)
         if x.shape[0] == 1:
             return self._experts_one_token(x, indices[0].tolist(), weights[0])
         out = torch.zeros_like(x)  # [T, H]

@@ -201,22 +201,3 @@ def apply_elastic(engine, cfg: ElasticConfig) -> None:
                               is_resident=lambda layer, e: (layer, e) in cache)
     for block in engine.model.moe_blocks:
         block.elastic = hook
-        _no_routed_experts_guard(block, on=cfg.shared_only)
-
-
-def _no_routed_experts_guard(block, on: bool) -> None:
-    """Shared-only routes every token to zero experts. SparseMoE's one-token (decode) path assumes at least one
-    expert (its fused kernel indexes the first), so while shared-only is on, the block's `experts` is wrapped to
-    return zeros for K = 0 (an instance attribute; removed again when the mode is switched off).
-    TODO(engine): handle K = 0 in SparseMoE._experts_one_token and drop this guard."""
-    block.__dict__.pop("experts", None)
-    if not on:
-        return
-    routed = block.experts  # the class's bound method
-
-    def experts(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        if indices.shape[-1] == 0:
-            return torch.zeros_like(x)
-        return routed(x, indices, weights)
-
-    block.experts = experts
