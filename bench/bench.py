@@ -49,7 +49,8 @@ def make_cgroup(name: str, limit: int) -> str:
 
 def run(system: str, a, prompt_file: str, cgroup: str | None, extra: list[str]) -> dict:
     cmd = [sys.executable, os.path.join(HERE, "run_one.py"), system, "--model", a.model, "--prompt-ids", prompt_file,
-           "--decode", str(a.decode), "--threads", str(a.threads), "--time-limit", str(a.time_limit)]
+           "--decode", str(a.decode), "--threads", str(a.threads), "--time-limit", str(a.time_limit),
+           "--ctx", str(a.prompt_tokens + a.decode + 64)]
     if a.gguf:
         cmd += ["--gguf", a.gguf]
     cmd += extra
@@ -92,23 +93,23 @@ def raw_pread_p50(model_dir: str, samples: int = 64) -> dict:
             drop_caches()
         times = []
         for layer, e in picks:
-            names = list(ckpt.experts.names(layer, e).values())
-            f = ckpt.experts.index.file_of(names[0], "expert")
-            start = min(f.tensors[n].start for n in names)
-            end = max(f.tensors[n].end for n in names)
-            if mode == "direct":
-                lo, hi = start - start % 4096, -(-end // 4096) * 4096
-                fd = os.open(f.path, os.O_RDONLY | os.O_DIRECT)
-                buf = mmap.mmap(-1, hi - lo)
+            by_file: dict = {}
+            for n in ckpt.experts.names(layer, e).values():
+                f = ckpt.experts.index.file_of(n, "expert")
+                lo, hi = by_file.get(f.path, (f.tensors[n].start, f.tensors[n].end))
+                by_file[f.path] = (min(lo, f.tensors[n].start), max(hi, f.tensors[n].end))
+            spent = 0.0
+            for path, (start, end) in by_file.items():
+                if mode == "direct":
+                    lo, hi = start - start % 4096, -(-end // 4096) * 4096
+                    fd, buf, at = os.open(path, os.O_RDONLY | os.O_DIRECT), mmap.mmap(-1, hi - lo), lo
+                else:
+                    fd, buf, at = os.open(path, os.O_RDONLY), bytearray(end - start), start
                 t0 = time.perf_counter()
-                os.preadv(fd, [buf], lo)
-            else:
-                fd = os.open(f.path, os.O_RDONLY)
-                buf = bytearray(end - start)
-                t0 = time.perf_counter()
-                os.preadv(fd, [buf], start)
-            times.append(time.perf_counter() - t0)
-            os.close(fd)
+                os.preadv(fd, [buf], at)
+                spent += time.perf_counter() - t0
+                os.close(fd)
+            times.append(spent)
         times.sort()
         out[mode] = times[len(times) // 2]
     return out
@@ -176,6 +177,8 @@ def main():
                 r = run(system, a, prompt_file, cg, ex)
                 r.update(cap=cap, limit_bytes=limit, label=system + suffix)
                 rows.append(r)
+                with open(os.path.join(a.out, "rows.partial.json"), "w") as f:
+                    json.dump(rows, f, indent=1)
                 print("  ", {k: r.get(k) for k in ("decode_tps", "prefill_tps", "ttft_s", "n_decoded", "error")},
                       file=sys.stderr, flush=True)
     pread_p50 = raw_pread_p50(a.model)

@@ -19,6 +19,8 @@ def add_engine_arguments(p: argparse.ArgumentParser):
     p.add_argument("--no-prefetch", action="store_true", help="read experts only when a layer needs them")
     p.add_argument("--no-pregate", action="store_true",
                    help="do not predict the next layer's experts with its router (pre-gating) during decode")
+    p.add_argument("--secretary", default=None, metavar="PROFILE",
+                   help="a `moepage profile` JSON: guess each prompt's domain and prefetch its hottest experts")
     p.add_argument("--trace", default=None, metavar="FILE",
                    help="record every expert access (JSON lines) for `moepage bench --replay`")
     p.add_argument("--threads", type=int, default=None, help="torch compute threads")
@@ -33,7 +35,7 @@ def engine_config(args, model: str):
         model=model, memory_budget=args.memory_budget, expert_cache_bytes=args.expert_cache, dtype=args.dtype,
         ctx_size=args.ctx_size, policy=args.policy, io_threads=args.io_threads, prefetch=not args.no_prefetch,
         threads=args.threads, device=args.device, verify_shards=not args.no_verify,
-        pregate=not args.no_pregate, trace=args.trace,
+        pregate=not args.no_pregate, trace=args.trace, secretary=args.secretary,
     )
 
 

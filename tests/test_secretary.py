@@ -139,3 +139,64 @@ def test_budget_from_bytes():
     assert experts_budget_from_bytes(1000, 100, 0.5) == 5
     with pytest.raises(ValueError):
         experts_budget_from_bytes(1000, 0)
+
+
+def test_repeated_prefetch_counts_only_fresh_reads(secretary):
+    """A second request for the same domain finds its experts resident: nothing issued, nothing counted as used."""
+    sec = Secretary(list(secretary.domains.values()))
+    cache, loaded = make_cache(budget_experts=16)
+    try:
+        _, _, keys = sec.prefetch(cache, "def f(x): return x", budget=4)
+        cache.wait_idle()
+        for key in keys:
+            with cache.use(key):
+                pass
+        sec.end_request()
+        _, _, again = sec.prefetch(cache, "def g(y): return y", budget=4)
+        cache.wait_idle()
+        for key in again:
+            with cache.use(key):
+                pass
+        snap = sec.snapshot()
+        assert again == keys
+        assert (snap["prefetch_requested"], snap["prefetch_issued"], snap["prefetch_used"]) == (8, 4, 4)
+        assert snap["prefetch_precision"] == 1.0
+    finally:
+        cache.close()
+
+
+def test_engine_secretary_on_the_demo_model_prefetches_and_keeps_tokens():
+    """The shipped demo model and its profile: a code prompt is classified as code, its experts are read before
+    prefill and used, /metrics reports it, and the tokens equal a run without the secretary."""
+    import os
+
+    from moepage.demo import SHIPPED_DIR
+    from moepage.engine.engine import Engine, EngineConfig
+    from moepage.engine.moe import PreparedExpert
+    from moepage.engine.sampling import SamplingParams
+    from moepage.server.metrics import EngineCollector
+
+    profile = os.path.join(SHIPPED_DIR, "profile.json")
+    text = "import os\n\ndef read_lines(path):\n    with open(path) as f:\n        return f.read().splitlines()\n"
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    tokens = {}
+    for on in (False, True):
+        probe = Engine.load(EngineConfig(str(SHIPPED_DIR)))
+        a = probe.args
+        each = PreparedExpert.nbytes_for(a.hidden_size, a.moe_intermediate_size, probe.model.dtype)
+        probe.close()
+        engine = Engine.load(EngineConfig(str(SHIPPED_DIR), expert_cache_bytes=6 * each,
+                                          secretary=profile if on else None))
+        tokens[on] = [s.token for s in engine.generate(engine.tokenizer.encode(text), params)]
+        if on:
+            snap = engine.secretary.snapshot()
+            assert snap["predictions"] == {"code": 1} and snap["prefetch_issued"] > 0
+            assert 0 < snap["prefetch_used"] <= snap["prefetch_issued"]
+
+            class Worker:
+                running = waiting = 0
+
+            names = {m.name for m in EngineCollector(engine, Worker(), "demo").collect()}
+            assert {"moepage_secretary_predictions", "moepage_secretary_prefetch_used"} <= names
+        engine.close()
+    assert tokens[True] == tokens[False]

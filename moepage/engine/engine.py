@@ -46,6 +46,7 @@ class EngineConfig:
     pregate: bool = True  # prefetch the next layer's likely experts during decode (only when experts are paged)
     trace: str | None = None  # write every expert access to this file (JSON lines) for offline policy replays
     tokenizer: bool = True  # False: token ids in and out only (benchmarks; saves ~100 MB for a 150k vocabulary)
+    secretary: str | None = None  # a `moepage profile` JSON: guess each prompt's domain, prefetch its hot experts
 
 
 @dataclass
@@ -100,6 +101,7 @@ class Engine:
         self.eos_ids = eos
         self.last_stats = GenerationStats()
         self.kv_ids: list[int] = []  # the tokens whose keys/values are in self.kv
+        self.secretary = None  # paging.secretary.Secretary when EngineConfig.secretary names a profile
 
     @classmethod
     def load(cls, cfg: EngineConfig) -> "Engine":
@@ -145,7 +147,14 @@ class Engine:
                 tokenizer = ckpt.load_tokenizer()
             except FileNotFoundError:
                 pass
-        return cls(ckpt, tokenizer, model, cache, model.new_kv_cache(ctx), plan, cfg)
+        engine = cls(ckpt, tokenizer, model, cache, model.new_kv_cache(ctx), plan, cfg)
+        if cfg.secretary:
+            from moepage.paging.secretary import Secretary
+
+            if tokenizer is None:
+                raise ValueError("the secretary reads prompt text: it needs the model's tokenizer")
+            engine.secretary = Secretary.from_profile(cfg.secretary)
+        return engine
 
     @property
     def ctx_size(self) -> int:
@@ -191,7 +200,20 @@ class Engine:
         if len(prompt_ids) >= self.ctx_size:
             raise ContextOverflow(len(prompt_ids), self.ctx_size)
         with self.lock:
-            yield from self._generate(prompt_ids, params, cancelled)
+            if self.secretary is not None:
+                self._ask_secretary(prompt_ids)
+            try:
+                yield from self._generate(prompt_ids, params, cancelled)
+            finally:
+                if self.secretary is not None:
+                    self.secretary.end_request()
+
+    def _ask_secretary(self, prompt_ids: list[int]):
+        """Prefetch the hottest experts of the prompt's guessed domain (half the expert cache) before prefill."""
+        from moepage.paging.secretary import experts_budget_from_bytes
+
+        budget = experts_budget_from_bytes(self.cache.budget, self.plan.expert_bytes_each)
+        self.secretary.prefetch(self.cache, self.tokenizer.decode(prompt_ids), budget)
 
     def _generate(self, prompt_ids, params: SamplingParams, cancelled):
         stats = self.last_stats = GenerationStats(prompt_tokens=len(prompt_ids))

@@ -102,7 +102,11 @@ class MoEModel:
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         keys, values = kv.update(i, k, v, start)  # [1, G, S, D]
         window = a.sliding_window
-        if start == 0 and (window is None or T <= window):
+        if T == 1 and (window is None or keys.shape[2] <= window):  # one new token sees every cached position
+            out = F.scaled_dot_product_attention(
+                q, keys, values, scale=self.scale, enable_gqa=a.num_heads != a.num_kv_heads
+            )
+        elif start == 0 and (window is None or T <= window):
             out = F.scaled_dot_product_attention(
                 q, keys, values, is_causal=T > 1, scale=self.scale, enable_gqa=a.num_heads != a.num_kv_heads
             )
@@ -113,8 +117,6 @@ class MoEModel:
             mask = kpos <= qpos  # [T, S]
             if window is not None:
                 mask &= kpos > qpos - window
-            if T == 1 and bool(mask.all()):
-                mask = None
             out = F.scaled_dot_product_attention(
                 q, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=a.num_heads != a.num_kv_heads
             )

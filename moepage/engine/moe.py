@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from moepage.kernels.cpu_bf16 import experts_one_token
+from moepage.kernels.cpu_bf16 import experts_one_token, linear
 from moepage.kernels.experts import swiglu, swiglu_fused
 from moepage.kernels.routing import RoutingConfig, route
 from moepage.paging.cache import ExpertCache
@@ -96,7 +96,7 @@ class SparseMoE:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, H] -> [T, H]."""
         shared_out = swiglu(x, *self.shared) if self.shared is not None else None
-        logits = F.linear(x, self.router)  # [T, E]
+        logits = linear(x, self.router)  # [T, E]
         weights, indices = route(logits, self.routing) if self.elastic is None else self.elastic(self.layer, logits)
         if self._guess is not None:
             self._score_guess(indices)
@@ -147,14 +147,15 @@ class SparseMoE:
         """Decode step: x [1, H], row = its K experts, w [K]. Same sums, in the same order, as experts()."""
         slots = sorted(range(len(row)), key=row.__getitem__)
         experts = [row[k] for k in slots]
-        self._prefetch(experts)
+        self._prefetch([e for e in experts if (self.layer, e) not in self.cache])
         if not self.output_observers:
             keys = [(self.layer, e) for e in experts]
             held = self.cache.acquire_many(keys)
             self._pregate_next(x)
             try:
                 if all(isinstance(ex, PreparedExpert) for ex in held):
-                    out = experts_one_token(x, [ex.w13 for ex in held], [ex.w2 for ex in held], w[slots].float())
+                    wl = w.tolist()
+                    out = experts_one_token(x, [ex.w13 for ex in held], [ex.w2 for ex in held], [wl[k] for k in slots])
                     if out is not None:
                         return out
                 return self._sum_experts(x, experts, held, w[slots])
@@ -174,7 +175,7 @@ class SparseMoE:
         nxt = self.next
         if nxt is None or not (self.pregate and self.prefetch) or nxt.elastic is not None:
             return
-        _, guess = route(F.linear(x, nxt.router), nxt.routing)  # [1, K]
+        _, guess = route(linear(x, nxt.router), nxt.routing)  # [1, K]
         nxt._guess = set(guess[0].tolist())
         self.cache.prefetch([(nxt.layer, e) for e in sorted(nxt._guess)])
 

@@ -17,7 +17,7 @@ MODULES = {
     "bf16_decode": ({"avx512f", "avx512bw", "avx512_bf16"}, ["-mavx512f", "-mavx512bw", "-mavx512bf16"]),
     "ggml_gemv": ({"avx512f"}, ["-mavx512f", "-mf16c", "-ffp-contract=off"]),
 }
-VERSION = "v2"
+VERSION = "v5"
 _lock = threading.Lock()
 _loaded: dict[str, object] = {}
 
@@ -34,6 +34,8 @@ def cpu_flags() -> set[str]:
 
 
 def load(name: str):
+    if name in _loaded:  # loaded (or known unavailable): no lock on the hot path
+        return _loaded[name]
     with _lock:
         if name in _loaded:
             return _loaded[name]

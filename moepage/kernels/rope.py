@@ -8,6 +8,8 @@ import math
 
 import torch
 
+from moepage.kernels import native
+
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> tuple[torch.Tensor, float]:
     """Inverse frequencies [D/2] and the attention scaling factor for the rope type in `scaling`."""
@@ -73,4 +75,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [1, N, T, D], cos/sin [T, D]."""
+    if x.dtype == torch.bfloat16 and cos.dtype == torch.bfloat16 and x.device.type == "cpu" and x.stride(-1) == 1:
+        fast = native.load("bf16_decode")
+        if fast is not None:  # same rounding steps as below, one call
+            return fast.rope(x, cos, sin)
     return (x * cos) + (rotate_half(x) * sin)

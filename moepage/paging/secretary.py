@@ -8,7 +8,8 @@ Use:
     sec = Secretary.from_profile("profile.json")
     domain, confidence = sec.predict(prompt_text)
     keys = sec.experts_for(domain, budget=64)        # [(layer, expert)], hottest first within each layer
-    sec.prefetch(cache, prompt_text, budget=64)      # predict + cache.prefetch + counters
+    sec.prefetch(cache, prompt_text, budget=64)      # predict + cache.prefetch + counters, before prefill
+    sec.end_request()                                # after generation: stop attributing accesses
     sec.snapshot()                                   # counters for /metrics
 """
 from __future__ import annotations
@@ -66,7 +67,7 @@ class SecretaryCounters:
     skipped_low_confidence: int = 0
     prefetch_requested: int = 0  # keys the secretary asked the cache for
     prefetch_issued: int = 0  # of those, reads the cache actually started (not already resident)
-    prefetch_used: int = 0  # experts the secretary asked for that the model then used
+    prefetch_used: int = 0  # of the issued reads, experts the model then used during the same request
     last_domain: str | None = None
     last_confidence: float = 0.0
 
@@ -171,13 +172,18 @@ class Secretary:
                 return domain, confidence, []
         keys = self.experts_for(domain, budget)
         self._watch(cache)
+        fresh = [k for k in keys if k not in cache]  # a key already resident is no prefetch of ours
+        issued = cache.prefetch(fresh)
         with self._lock:
-            self._outstanding.update(keys)
+            self._outstanding = set(fresh)
             self.counters.prefetch_requested += len(keys)
-        issued = cache.prefetch(keys)
-        with self._lock:
             self.counters.prefetch_issued += issued
         return domain, confidence, keys
+
+    def end_request(self):
+        """Stop attributing accesses to the last request's prefetch (what it read and nobody used is waste)."""
+        with self._lock:
+            self._outstanding = set()
 
     def _watch(self, cache):
         if id(cache) in self._watched:
@@ -202,7 +208,7 @@ class Secretary:
                 "prefetch_requested": c.prefetch_requested,
                 "prefetch_issued": c.prefetch_issued,
                 "prefetch_used": c.prefetch_used,
-                "prefetch_precision": c.prefetch_used / c.prefetch_requested if c.prefetch_requested else 0.0,
+                "prefetch_precision": c.prefetch_used / c.prefetch_issued if c.prefetch_issued else 0.0,
                 "last_domain": c.last_domain,
                 "last_confidence": c.last_confidence,
             }

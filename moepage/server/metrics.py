@@ -71,6 +71,22 @@ class EngineCollector(Collector):
         yield gauge("moepage_requests_running", "Requests generating now", self.worker.running)
         yield gauge("moepage_requests_waiting", "Requests queued behind the running one", self.worker.waiting)
         yield gauge("moepage_context_length_tokens", "KV cache length in tokens", self.engine.ctx_size)
+        secretary = getattr(self.engine, "secretary", None)
+        if secretary is not None:
+            yield from self._secretary(secretary.snapshot(), counter)
+
+    def _secretary(self, snap: dict, counter):
+        predictions = CounterMetricFamily("moepage_secretary_predictions", "Requests the secretary assigned to each "
+                                          "domain", labels=["model", "domain"])
+        for domain, n in snap["predictions"].items():
+            predictions.add_metric([self.model_id, domain], n)
+        yield predictions
+        yield counter("moepage_secretary_prefetch_issued", "Expert reads the secretary started before prefill",
+                      snap["prefetch_issued"])
+        yield counter("moepage_secretary_prefetch_used", "Secretary-prefetched experts the request then used",
+                      snap["prefetch_used"])
+        yield counter("moepage_secretary_skipped", "Requests below the secretary's confidence threshold",
+                      snap["skipped_low_confidence"])
 
 
 class RequestMetrics:
