@@ -17,6 +17,7 @@ from moepage.surgery.split import split_checkpoint, verify_split
 
 
 def run(path, expert_cache_bytes=None, n=32, prompt_len=40, **kw):
+    kw.setdefault("preload", False)  # page in on demand, so every budget exercises misses
     engine = Engine.load(EngineConfig(str(path), expert_cache_bytes=expert_cache_bytes, **kw))
     ids = prompt_ids(prompt_len, engine.args.vocab_size, seed=3)
     tokens = [s.token for s in engine.generate(ids, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))]
@@ -44,6 +45,18 @@ def test_budgets_give_identical_tokens(family, checkpoints):
         assert stats["misses"] > 0
         if label != "100%":
             assert stats["evictions"] > 0, f"{label}: no eviction happened ({stats})"
+
+
+def test_preload_reads_every_expert_at_load_when_all_fit(checkpoints):
+    path = checkpoints("qwen3_moe", "bfloat16")
+    want, _, _ = run(path)
+    tokens, stats, engine = run(path, preload=None)  # the default: preload when the budget holds every expert
+    assert tokens == want
+    a = engine.args
+    assert stats["misses"] == 0 and stats["prefetch_issued"] == len(a.moe_layers) * a.num_experts
+    small = Engine.load(EngineConfig(str(path), expert_cache_bytes=expert_bytes(engine) * a.top_k * 2))
+    assert small.cache.stats.prefetch_issued == 0 and small.cache.used_bytes == 0  # does not fit: on demand
+    small.close()
 
 
 def test_prefetch_off_same_tokens(checkpoints):

@@ -47,6 +47,9 @@ class EngineConfig:
     trace: str | None = None  # write every expert access to this file (JSON lines) for offline policy replays
     tokenizer: bool = True  # False: token ids in and out only (benchmarks; saves ~100 MB for a 150k vocabulary)
     secretary: str | None = None  # a `moepage profile` JSON: guess each prompt's domain, prefetch its hot experts
+    # Read every expert at load when the budget holds them all (a fully resident model starts warm, as llama.cpp's
+    # mmap does with a warm page cache). None: do so exactly when every expert fits.
+    preload: bool | None = None
 
 
 @dataclass
@@ -147,6 +150,9 @@ class Engine:
                 tokenizer = ckpt.load_tokenizer()
             except FileNotFoundError:
                 pass
+        if cfg.preload if cfg.preload is not None else plan.fraction_resident >= 1.0:
+            cache.prefetch([(layer, e) for layer in args.moe_layers for e in range(args.num_experts)])
+            cache.wait_idle()
         engine = cls(ckpt, tokenizer, model, cache, model.new_kv_cache(ctx), plan, cfg)
         if cfg.secretary:
             from moepage.paging.secretary import Secretary
