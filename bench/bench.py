@@ -171,6 +171,7 @@ def main():
             variants = [("", extra)]
             if system == "moepage" and limit and cap == min(float(c) for c in a.caps.split(",")):
                 variants[0] = ("", extra + ["--trace", os.path.join(a.out, "trace.jsonl")])
+                variants.append((" (+ pre-gating)", extra + ["--pregate"]))
                 variants.append((" (prefetch off)", extra + ["--no-prefetch"]))
             for suffix, ex in variants:
                 print(f"running {system}{suffix} at cap {cap:.0%} ...", file=sys.stderr, flush=True)
@@ -233,8 +234,12 @@ def report(rows, pread_p50, size, a):
                   f"{c['page_in_p50_s'] * 1e3:.2f} ms (p99 {c['page_in_p99_s'] * 1e3:.2f} ms) vs a bare O_DIRECT pread of "
                   f"the same bytes {raw * 1e3:.2f} ms = {c['page_in_p50_s'] / raw:.2f}x (buffered pread "
                   f"{pread_p50['buffered'] * 1e3:.2f} ms); prefetch issued {c['prefetch_issued']}, used "
-                  f"{c['prefetch_used']} ({c['prefetch_used'] / max(1, c['prefetch_issued']):.1%}); pre-gating guesses "
-                  f"precision {c['guess_precision']:.1%}, recall {c['guess_recall']:.1%}"]
+                  f"{c['prefetch_used']} ({c['prefetch_used'] / max(1, c['prefetch_issued']):.1%})"]
+        pg = get("moepage (+ pre-gating)", min(caps))
+        if pg and pg.get("cache"):
+            c = pg["cache"]
+            lines.append(f"pre-gating at {min(caps):.0%}: {pg['decode_tps'] or 0:.2f} tok/s, guesses precision "
+                         f"{c['guess_precision']:.1%}, recall {c['guess_recall']:.1%}")
         off = get("moepage (prefetch off)", min(caps))
         if off and off.get("decode_tps") and low.get("decode_tps"):
             lines.append(f"prefetch on/off at {min(caps):.0%}: {low['decode_tps'] / off['decode_tps']:.2f}x decode "

@@ -19,7 +19,7 @@ def run_moepage(a, prompt):
     from moepage.engine.engine import Engine, EngineConfig
 
     cfg = EngineConfig(a.model, memory_budget=a.memory_budget, ctx_size=a.ctx, threads=a.threads,
-                       prefetch=not a.no_prefetch, pregate=not a.no_prefetch, policy=a.policy, dtype=a.dtype,
+                       prefetch=not a.no_prefetch, pregate=a.pregate and not a.no_prefetch, policy=a.policy, dtype=a.dtype,
                        io_threads=a.io_threads, trace=a.trace, tokenizer=False)
     engine = Engine.load(cfg)
     try:
@@ -83,6 +83,7 @@ def main():
     ap.add_argument("--ctx", type=int, default=1024)
     ap.add_argument("--memory-budget", type=int, default=None)
     ap.add_argument("--no-prefetch", action="store_true")
+    ap.add_argument("--pregate", action="store_true")
     ap.add_argument("--policy", default="lru")
     ap.add_argument("--io-threads", type=int, default=2)
     ap.add_argument("--trace", default=None)

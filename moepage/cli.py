@@ -17,8 +17,9 @@ def add_engine_arguments(p: argparse.ArgumentParser):
     p.add_argument("--policy", default="lru", help="expert cache eviction policy: lru | lfu | stale")
     p.add_argument("--io-threads", type=int, default=2, help="threads reading experts from disk")
     p.add_argument("--no-prefetch", action="store_true", help="read experts only when a layer needs them")
-    p.add_argument("--no-pregate", action="store_true",
-                   help="do not predict the next layer's experts with its router (pre-gating) during decode")
+    p.add_argument("--pregate", action="store_true",
+                   help="during decode, read the experts the next layer's router picks for the current hidden state "
+                        "(pre-gating; measured slower on the bench model, see README)")
     p.add_argument("--secretary", default=None, metavar="PROFILE",
                    help="a `moepage profile` JSON: guess each prompt's domain and prefetch its hottest experts")
     p.add_argument("--trace", default=None, metavar="FILE",
@@ -35,7 +36,7 @@ def engine_config(args, model: str):
         model=model, memory_budget=args.memory_budget, expert_cache_bytes=args.expert_cache, dtype=args.dtype,
         ctx_size=args.ctx_size, policy=args.policy, io_threads=args.io_threads, prefetch=not args.no_prefetch,
         threads=args.threads, device=args.device, verify_shards=not args.no_verify,
-        pregate=not args.no_pregate, trace=args.trace, secretary=args.secretary,
+        pregate=args.pregate, trace=args.trace, secretary=args.secretary,
     )
 
 

@@ -22,7 +22,7 @@ def test_pregating_predicts_next_layer_and_keeps_tokens(checkpoints, tmp_path):
     each = PreparedExpert.nbytes_for(a.hidden_size, a.moe_intermediate_size, full.model.dtype)
     full.close()
     trace = tmp_path / "t.jsonl"
-    paged = Engine.load(EngineConfig(path, expert_cache_bytes=each * (a.top_k + 2), trace=str(trace)))
+    paged = Engine.load(EngineConfig(path, expert_cache_bytes=each * (a.top_k + 2), trace=str(trace), pregate=True))
     assert all(b.pregate for b in paged.model.moe_blocks)
     got = [s.token for s in paged.generate(ids, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))]
     s = paged.cache.stats.snapshot()

@@ -43,7 +43,10 @@ class EngineConfig:
     # Read the token embedding table row by row from disk instead of holding it (0.3-0.6 GB for a 150k vocabulary).
     # None: do so when a memory budget is set and the embeddings are not tied to the lm_head.
     embed_on_disk: bool | None = None
-    pregate: bool = True  # prefetch the next layer's likely experts during decode (only when experts are paged)
+    # Pre-gating: during decode, read the experts the next layer's router picks for the current hidden state.
+    # Off by default: on the bench model it cost 10% at a 50% cap (99% hits) and 15% at 30% (disk-bound, 62%
+    # of its guesses right, so a third of its reads were waste); see README "Speed and memory".
+    pregate: bool = False
     trace: str | None = None  # write every expert access to this file (JSON lines) for offline policy replays
     tokenizer: bool = True  # False: token ids in and out only (benchmarks; saves ~100 MB for a 150k vocabulary)
     secretary: str | None = None  # a `moepage profile` JSON: guess each prompt's domain, prefetch its hot experts
