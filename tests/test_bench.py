@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 
 from conftest import prompt_ids
 from moepage.cli import main as cli_main

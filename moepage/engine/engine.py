@@ -11,7 +11,6 @@ import torch
 from moepage.engine.checkpoint import Checkpoint, open_checkpoint
 from moepage.engine.kv_cache import ContextOverflow, KVCache
 from moepage.engine.model import MoEModel
-from moepage.engine.moe import PreparedExpert, prepare_expert  # noqa: F401 (re-exported)
 from moepage.engine.quantized_expert import expert_loader
 from moepage.engine.sampling import Sampler, SamplingParams
 from moepage.engine.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -119,6 +118,13 @@ class Engine:
         args = ckpt.args
         dtype = resolve_dtype(cfg.dtype, args.torch_dtype)
         device = torch.device(cfg.device)
+        if device.type == "cpu":  # build (first run only) or load the C++ kernels now, not on the first request
+            from moepage.kernels import native
+
+            if dtype == torch.bfloat16:
+                native.load("bf16_decode")
+            if getattr(ckpt.experts, "quantized", False) or ckpt.kind == "gguf":
+                native.load("ggml_gemv")
         names = ckpt.resident_checkpoint_names()
         embed_rows = None
         on_disk = cfg.embed_on_disk if cfg.embed_on_disk is not None else cfg.memory_budget is not None

@@ -6,7 +6,6 @@ Shape legend: E experts, I expert intermediate size, H hidden size.
 from __future__ import annotations
 
 import os
-import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -15,7 +14,7 @@ import torch
 from moepage.kernels.ggml import SUPPORTED, QuantizedTensor, is_quantized
 from moepage.paging.gguf_file import GGUFFile
 from moepage.paging.safetensors_file import CheckpointError, SafetensorsFile
-from moepage.paging.sources import ExpertSource, ExpertWeights, sha256_of
+from moepage.paging.sources import ExpertSource, ExpertWeights, ShardFiles
 
 PARTS = ("gate", "up", "down")
 
@@ -112,33 +111,12 @@ class GGUFSplitExpertSource(QuantizedExpertSource):
     def __init__(self, root: str, shard_path: Callable[[int, int], str], hashes: dict[str, str],
                  moe_layers: list[int], drop_page_cache: bool = True, verify: bool = True):
         self.root = root
-        self.shard_path = shard_path
-        self.hashes = hashes
-        self.drop_page_cache = drop_page_cache
-        self.verify = verify
-        self._verified: set[str] = set()
-        self._lock = threading.Lock()
+        self.shards = ShardFiles(root, shard_path, hashes, drop_page_cache, verify)
         self._sizes: dict[int, int] = {}
         self.quantized = any(self._read(L, 0).quantized for L in moe_layers[:1])
 
     def _open(self, layer: int, expert: int) -> SafetensorsFile:
-        rel = self.shard_path(layer, expert)
-        path = os.path.join(self.root, rel)
-        if not os.path.exists(path):
-            raise CheckpointError(f"{path}: expert shard for layer {layer} expert {expert} is missing")
-        if self.verify and rel not in self._verified and rel in self.hashes:
-            digest = sha256_of(path)
-            if digest != self.hashes[rel]:
-                raise CheckpointError(
-                    f"{path}: sha256 mismatch for layer {layer} expert {expert} "
-                    f"(manifest {self.hashes[rel][:16]}…, file {digest[:16]}…): the shard is corrupt"
-                )
-            with self._lock:
-                self._verified.add(rel)
-        try:
-            return SafetensorsFile(path, drop_page_cache=self.drop_page_cache)
-        except CheckpointError as e:
-            raise CheckpointError(f"{e} (layer {layer} expert {expert})") from None
+        return self.shards.open(layer, expert)
 
     def _read(self, layer: int, expert: int) -> QuantizedExpertWeights:
         from moepage.kernels.ggml import ggml_type

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from moepage.kernels.ggml import GGMLType, QuantizedTensor, UnsupportedQuantType, dequantize, ggml_type
+from moepage.kernels.ggml import GGMLType, QuantizedTensor, UnsupportedQuantType, ggml_type
 from moepage.paging.pread import CheckpointError, PreadFile
 
 GGUF_MAGIC = b"GGUF"

@@ -140,22 +140,21 @@ class SafetensorsExpertSource(ExpertSource):
         return f"safetensors ({len(self.index.files)} files)"
 
 
-class SplitExpertSource(ExpertSource):
-    """A `moepage split` directory: one small safetensors file per expert, sha256 checked at first page-in."""
+class ShardFiles:
+    """The per-expert files of a `moepage split` directory, each sha256-checked against the manifest the first
+    time it is opened (a corrupt or missing shard is an error naming the file, layer and expert)."""
 
-    def __init__(self, root: str, shard_path: Callable[[int, int], str], expert_table: dict[str, str],
-                 hashes: dict[str, str], drop_page_cache: bool = True, verify: bool = True):
+    def __init__(self, root: str, shard_path: Callable[[int, int], str], hashes: dict[str, str],
+                 drop_page_cache: bool = True, verify: bool = True):
         self.root = root
         self.shard_path = shard_path  # (layer, expert) -> path relative to root
-        self.table = expert_table
         self.hashes = hashes
         self.drop_page_cache = drop_page_cache
         self.verify = verify
         self._verified: set[str] = set()
         self._lock = threading.Lock()
-        self._sizes: dict[int, int] = {}
 
-    def _open(self, layer: int, expert: int) -> SafetensorsFile:
+    def open(self, layer: int, expert: int) -> SafetensorsFile:
         rel = self.shard_path(layer, expert)
         path = os.path.join(self.root, rel)
         if not os.path.exists(path):
@@ -174,6 +173,20 @@ class SplitExpertSource(ExpertSource):
             return SafetensorsFile(path, drop_page_cache=self.drop_page_cache)
         except CheckpointError as e:
             raise CheckpointError(f"{e} (layer {layer} expert {expert})") from None
+
+
+class SplitExpertSource(ExpertSource):
+    """A `moepage split` directory: one small safetensors file per expert, sha256 checked at first page-in."""
+
+    def __init__(self, root: str, shard_path: Callable[[int, int], str], expert_table: dict[str, str],
+                 hashes: dict[str, str], drop_page_cache: bool = True, verify: bool = True):
+        self.root = root
+        self.shards = ShardFiles(root, shard_path, hashes, drop_page_cache, verify)
+        self.table = expert_table
+        self._sizes: dict[int, int] = {}
+
+    def _open(self, layer: int, expert: int) -> SafetensorsFile:
+        return self.shards.open(layer, expert)
 
     def read(self, layer: int, expert: int) -> ExpertWeights:
         f = self._open(layer, expert)
