@@ -37,7 +37,14 @@ def engine_config(args, model: str):
         ctx_size=args.ctx_size, policy=args.policy, io_threads=args.io_threads, prefetch=not args.no_prefetch,
         threads=args.threads, device=args.device, verify_shards=not args.no_verify,
         pregate=args.pregate, trace=args.trace, secretary=args.secretary,
+        # an approximate routing mode reads fewer experts: page in what it uses rather than everything at load
+        preload=False if _elastic(args) else None,
     )
+
+
+def _elastic(args) -> bool:
+    return bool(getattr(args, "shared_only", False) or getattr(args, "experts_per_token", None)
+                or getattr(args, "restrict_to_domain", None) or getattr(args, "cache_aware_margin", None))
 
 
 

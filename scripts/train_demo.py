@@ -250,7 +250,7 @@ def measure_rows(rows: list[dict], corpus: DomainCorpus, tokens_per_domain: int 
                 probe_engine.close()
                 cache_bytes = row["cache_experts"] * each
             engine = Engine.load(EngineConfig(model=model_dir, dtype=dtype, expert_cache_bytes=cache_bytes,
-                                              prefetch=False))
+                                              prefetch=False, preload=False))  # page in what routing uses
             engines.append(engine)
             cfg = ElasticConfig(**row.get("elastic", {}))
             apply_elastic(engine, cfg)

@@ -27,7 +27,7 @@ def moe_dir(tmp_path_factory):
 
 
 def served_logits(path, cfg: ElasticConfig):
-    engine = Engine.load(EngineConfig(model=str(path), dtype="float32"))
+    engine = Engine.load(EngineConfig(model=str(path), dtype="float32", preload=False))
     try:
         apply_elastic(engine, cfg)
         return engine.logits_all(IDS), engine.model.cache.used_bytes
@@ -151,7 +151,7 @@ def test_restrict_to_domain_from_a_profile(moe_dir, tmp_path):
     from moepage.commands.elastic_args import install_elastic
     from moepage.surgery.profile_format import FORMAT, VERSION, write_profile
 
-    engine = Engine.load(EngineConfig(model=str(moe_dir)))
+    engine = Engine.load(EngineConfig(model=str(moe_dir), preload=False))  # as serve does with --restrict-to-domain
     layers = list(engine.args.moe_layers)
     assert layers == [0, 1]
     stats = {"tokens": 100, "count": [[10, 90], [80, 20]], "mass": [[5.0, 60.0], [50.0, 8.0]],
