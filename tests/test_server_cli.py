@@ -175,3 +175,13 @@ def test_hub_gguf_missing_file_is_a_clear_error(gguf_cache, spec, message):
     cache, _ = gguf_cache
     r = resolve_offline(cache, spec)
     assert message in r["error"] and spec.split(":")[0].split("/Qwen3-30B-A3B-Q")[0] in r["error"], r
+
+
+def test_elastic_flags_turn_preload_off():
+    """An approximate routing mode pages in only the experts it uses; exact routing preloads when all fit."""
+    from moepage.cli import engine_config
+
+    parser = build_parser()
+    assert engine_config(parser.parse_args(["serve", "m"]), "m").preload is None
+    assert engine_config(parser.parse_args(["serve", "m", "--shared-only"]), "m").preload is False
+    assert engine_config(parser.parse_args(["generate", "--model", "m", "--experts-per-token", "1"]), "m").preload is False
