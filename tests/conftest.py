@@ -42,11 +42,10 @@ def tokenizer_dir(tmp_path_factory):
     return d
 
 
-def make_checkpoint(out_dir, family: str, tokenizer_dir, dtype=torch.float32, seed: int = 0, **over):
+def save_random_checkpoint(cfg, out_dir, tokenizer_dir, seed: int = 0, dtype=torch.float32):
+    """A transformers model of `cfg`, randomly initialised with seed, saved with the test tokenizer."""
     from transformers import AutoModelForCausalLM
 
-    info = json.loads((tokenizer_dir / "info.json").read_text())
-    cfg = family_config(family, info["vocab_size"], info["eos_token_id"], **over)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)
     # Larger init than the default 0.02 so tiny random models have decisive logits.
@@ -54,11 +53,16 @@ def make_checkpoint(out_dir, family: str, tokenizer_dir, dtype=torch.float32, se
         for p in model.parameters():
             if p.dim() >= 2:
                 p.normal_(0.0, 0.08)
-    model = model.to(dtype)
-    model.save_pretrained(out_dir)
+    model.to(dtype).save_pretrained(out_dir)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (out_dir / name).write_bytes((tokenizer_dir / name).read_bytes())
     return out_dir
+
+
+def make_checkpoint(out_dir, family: str, tokenizer_dir, dtype=torch.float32, seed: int = 0, **over):
+    info = json.loads((tokenizer_dir / "info.json").read_text())
+    cfg = family_config(family, info["vocab_size"], info["eos_token_id"], **over)
+    return save_random_checkpoint(cfg, out_dir, tokenizer_dir, seed, dtype)
 
 
 @pytest.fixture(scope="session")

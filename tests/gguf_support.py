@@ -15,9 +15,8 @@ import tarfile
 import textwrap
 
 import pytest
-import torch
 
-from conftest import family_config
+from conftest import family_config, save_random_checkpoint
 
 LLAMA_CPP_VERSION = "0.3.36"
 CANDIDATES = [
@@ -114,13 +113,11 @@ def quantize(src: str, dst: str, ftype_name: str) -> str:
     return dst
 
 
-def make_gguf_source(out_dir, family: str, tokenizer_dir, seed: int = 0):
+def make_gguf_source(out_dir, family: str, tokenizer_dir, seed: int = 0, **over):
     """A tiny HF checkpoint with K-quant friendly shapes and every layer sparse (llama.cpp's MoE graphs
-    have no dense layers), written as bf16-free float32 safetensors."""
-    from transformers import AutoModelForCausalLM
-
+    have no dense layers), written as float32 safetensors."""
     info = json.loads((tokenizer_dir / "info.json").read_text())
-    cfg = family_config(family, info["vocab_size"], info["eos_token_id"], **GGUF_SHAPE)
+    cfg = family_config(family, info["vocab_size"], info["eos_token_id"], **{**GGUF_SHAPE, **over})
     if family == "qwen3_moe":
         cfg.head_dim = 64
         cfg.moe_intermediate_size = EXPERT_FFN
@@ -133,16 +130,7 @@ def make_gguf_source(out_dir, family: str, tokenizer_dir, seed: int = 0):
         cfg.intermediate_size = EXPERT_FFN
     if family == "olmoe":  # llama.cpp's olmoe graph normalises k over all heads: no GQA (as in OLMoE itself)
         cfg.num_key_value_heads = cfg.num_attention_heads
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.08)
-    model.save_pretrained(out_dir)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        (out_dir / name).write_bytes((tokenizer_dir / name).read_bytes())
-    return out_dir
+    return save_random_checkpoint(cfg, out_dir, tokenizer_dir, seed)
 
 
 class LlamaCppGreedy:

@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import family_config, make_checkpoint
-from gguf_support import EXPERT_FFN, GGUF_SHAPE, LlamaCppGreedy
+from gguf_support import LlamaCppGreedy, make_gguf_source
 from moepage.cli import main
 from moepage.engine.engine import Engine, EngineConfig
 from moepage.engine.sampling import SamplingParams
@@ -28,35 +27,6 @@ CALIBRATION = "import os\nimport sys\n\ndef add(a, b):\n    return a + b\n" * 6
 MOE = {"qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe", "mixtral": "llama", "olmoe": "olmoe"}
 DENSE = {"qwen3_moe": ("qwen3", "Qwen3ForCausalLM"), "qwen2_moe": ("qwen2", "Qwen2ForCausalLM"),
          "mixtral": ("llama", "MistralForCausalLM")}
-
-
-def gguf_source(out_dir, family: str, tokenizer_dir, seed: int = 0, **over):
-    """A tiny checkpoint llama.cpp's MoE graphs accept: every layer sparse, head_dim 64."""
-    from transformers import AutoModelForCausalLM
-
-    info = json.loads((tokenizer_dir / "info.json").read_text())
-    cfg = family_config(family, info["vocab_size"], info["eos_token_id"], **{**GGUF_SHAPE, **over})
-    if family in ("qwen3_moe", "qwen2_moe"):
-        cfg.moe_intermediate_size = EXPERT_FFN
-        cfg.mlp_only_layers = []
-        if family == "qwen3_moe":
-            cfg.head_dim = 64
-        else:
-            cfg.shared_expert_intermediate_size = EXPERT_FFN
-    else:
-        cfg.intermediate_size = EXPERT_FFN
-    if family == "olmoe":
-        cfg.num_key_value_heads = cfg.num_attention_heads
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.08)
-    model.save_pretrained(out_dir)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        (out_dir / name).write_bytes((tokenizer_dir / name).read_bytes())
-    return out_dir
 
 
 def profile_of(model_dir, out_path):
@@ -75,7 +45,7 @@ def results(tmp_path_factory, tokenizer_dir):
     root = tmp_path_factory.mktemp("surgery-gguf")
     out = {}
     for i, family in enumerate(MOE):
-        src = gguf_source(root / family, family, tokenizer_dir, seed=20 + i)
+        src = make_gguf_source(root / family, family, tokenizer_dir, seed=20 + i)
         prof = profile_of(src, root / f"{family}-profile.json")
         out[family] = {"src": src, "moe": extract_model(str(src), prof, "code", 4, str(root / f"{family}-4e"),
                                                         gguf_type="auto")}
@@ -205,7 +175,7 @@ def test_tied_qwen2moe_gets_output_weight_and_prune_gguf(tmp_path, tokenizer_dir
     """llama.cpp's qwen2moe has no fallback to the embedding: output.weight is written from it (prune --gguf)."""
     import gguf
 
-    src = gguf_source(tmp_path / "tied", "qwen2_moe", tokenizer_dir, seed=31, tie_word_embeddings=True)
+    src = make_gguf_source(tmp_path / "tied", "qwen2_moe", tokenizer_dir, seed=31, tie_word_embeddings=True)
     assert json.loads((src / "config.json").read_text())["tie_word_embeddings"] is True
     prof = profile_of(src, tmp_path / "p.json")
     out = tmp_path / "pruned"

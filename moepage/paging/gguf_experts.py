@@ -112,7 +112,6 @@ class GGUFSplitExpertSource(QuantizedExpertSource):
                  moe_layers: list[int], drop_page_cache: bool = True, verify: bool = True):
         self.root = root
         self.shards = ShardFiles(root, shard_path, hashes, drop_page_cache, verify)
-        self._sizes: dict[int, int] = {}
         self.quantized = any(self._read(L, 0).quantized for L in moe_layers[:1])
 
     def _open(self, layer: int, expert: int) -> SafetensorsFile:
@@ -145,13 +144,7 @@ class GGUFSplitExpertSource(QuantizedExpertSource):
         return self._read(layer, expert)
 
     def stored_nbytes(self, layer: int) -> int:
-        if layer not in self._sizes:
-            f = self._open(layer, 0)
-            try:
-                self._sizes[layer] = sum(i.nbytes for i in f.tensors.values())
-            finally:
-                f.close()
-        return self._sizes[layer]
+        return self.shards.expert_nbytes(layer)
 
     def describe(self) -> str:
         return f"GGUF split shards in {self.root}"

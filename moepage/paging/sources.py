@@ -153,6 +153,17 @@ class ShardFiles:
         self.verify = verify
         self._verified: set[str] = set()
         self._lock = threading.Lock()
+        self._sizes: dict[int, int] = {}
+
+    def expert_nbytes(self, layer: int) -> int:
+        """Bytes of one expert's tensors in `layer` (every expert of a layer has the same shapes)."""
+        if layer not in self._sizes:
+            f = self.open(layer, 0)
+            try:
+                self._sizes[layer] = sum(i.nbytes for i in f.tensors.values())
+            finally:
+                f.close()
+        return self._sizes[layer]
 
     def open(self, layer: int, expert: int) -> SafetensorsFile:
         rel = self.shard_path(layer, expert)
@@ -183,7 +194,6 @@ class SplitExpertSource(ExpertSource):
         self.root = root
         self.shards = ShardFiles(root, shard_path, hashes, drop_page_cache, verify)
         self.table = expert_table
-        self._sizes: dict[int, int] = {}
 
     def _open(self, layer: int, expert: int) -> SafetensorsFile:
         return self.shards.open(layer, expert)
@@ -200,13 +210,7 @@ class SplitExpertSource(ExpertSource):
             f.close()
 
     def stored_nbytes(self, layer: int) -> int:
-        if layer not in self._sizes:
-            f = self._open(layer, 0)
-            try:
-                self._sizes[layer] = sum(i.nbytes for i in f.tensors.values())
-            finally:
-                f.close()
-        return self._sizes[layer]
+        return self.shards.expert_nbytes(layer)
 
     def describe(self) -> str:
         return f"split shards in {self.root}"

@@ -30,7 +30,7 @@ import torch
 
 from moepage.engine.families import FAMILIES, common
 from moepage.engine.gguf_tokenizer import CONTROL, LLAMA3_SPLIT, NORMAL, QWEN2_SPLIT, UNUSED, USER_DEFINED
-from moepage.engine.weight_names import expert_names, resident_names, to_checkpoint
+from moepage.engine.weight_names import resident_names, to_checkpoint
 
 MOE_ARCH = {"qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe", "mixtral": "llama", "olmoe": "olmoe"}
 DENSE_ARCH = {"qwen3": "qwen3", "qwen2": "qwen2", "mistral": "llama", "llama": "llama"}
