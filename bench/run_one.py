@@ -84,7 +84,7 @@ def main():
     ap.add_argument("--memory-budget", type=int, default=None)
     ap.add_argument("--no-prefetch", action="store_true")
     ap.add_argument("--pregate", action="store_true")
-    ap.add_argument("--policy", default="lru")
+    ap.add_argument("--policy", default="auto")
     ap.add_argument("--io-threads", type=int, default=2)
     ap.add_argument("--trace", default=None)
     ap.add_argument("--dtype", default="auto")

@@ -14,7 +14,9 @@ def add_engine_arguments(p: argparse.ArgumentParser):
                    help="bytes for the expert cache alone (overrides the share --memory-budget leaves)")
     p.add_argument("--dtype", default="auto", help="compute dtype: auto (checkpoint's), float32, bfloat16, float16")
     p.add_argument("--ctx-size", type=int, default=None, help="KV cache length in tokens (default min(model max, 4096))")
-    p.add_argument("--policy", default="lru", help="expert cache eviction policy: lru | lfu | stale")
+    p.add_argument("--policy", default="auto",
+                   help="expert cache eviction policy: lru | lfu | stale | auto (stale when the cache holds fewer experts "
+                        "than one token uses, else lru)")
     p.add_argument("--io-threads", type=int, default=2, help="threads reading experts from disk")
     p.add_argument("--no-prefetch", action="store_true", help="read experts only when a layer needs them")
     p.add_argument("--pregate", action="store_true",

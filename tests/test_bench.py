@@ -52,3 +52,18 @@ def test_bench_cli_measures_and_replays(checkpoints, tmp_path, capsys):
     bad.write_text('{"l": 1}\n')
     assert cli_main(["bench", "--replay", str(bad)]) == 2
     assert "expected" in capsys.readouterr().err
+
+
+def test_auto_policy_is_stale_below_one_tokens_experts(checkpoints):
+    path = str(checkpoints("mixtral", "bfloat16"))
+    full = Engine.load(EngineConfig(path))
+    a = full.args
+    each = PreparedExpert.nbytes_for(a.hidden_size, a.moe_intermediate_size, full.model.dtype)
+    full.close()
+    per_token = len(a.moe_layers) * a.top_k
+    small = Engine.load(EngineConfig(path, expert_cache_bytes=each * (per_token - 1)))
+    large = Engine.load(EngineConfig(path, expert_cache_bytes=each * per_token))
+    fixed = Engine.load(EngineConfig(path, expert_cache_bytes=each * (per_token - 1), policy="lfu"))
+    assert (small.cache.policy.name, large.cache.policy.name, fixed.cache.policy.name) == ("stale", "lru", "lfu")
+    for e in (small, large, fixed):
+        e.close()
