@@ -1,14 +1,18 @@
 """C++ CPU kernels (moepage/kernels/csrc/*.cpp), compiled once on first use with torch.utils.cpp_extension.
 
-Compiled modules are cached under ~/.cache/torch_extensions (about 40 s per module the first time, on 2 cores).
+Compiled modules are cached under ~/.cache/moepage/kernels, one directory per Python environment (about 40 s per
+module the first time, on 2 cores).
 `load(name)` is None where the CPU lacks what the module needs, no compiler or ninja is found, or
 MOEPAGE_KERNELS=torch is set; callers then use plain torch.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import sys
 import threading
+import time
 
 log = logging.getLogger("moepage.kernels")
 CSRC = os.path.join(os.path.dirname(__file__), "csrc")
@@ -18,6 +22,22 @@ MODULES = {
     "ggml_gemv": ({"avx512f"}, ["-mavx512f", "-mf16c", "-ffp-contract=off"]),
 }
 VERSION = "v5"
+STALE_LOCK_SECONDS = 600  # a build lock older than this was left by a killed build (torch would wait on it forever)
+
+
+def build_directory(name: str) -> str:
+    """One build directory per module, torch and Python environment: two venvs never rebuild each other's copy."""
+    import torch
+
+    env = hashlib.sha256(f"{sys.prefix}|{torch.__version__}|{VERSION}".encode()).hexdigest()[:12]
+    base = os.environ.get("MOEPAGE_KERNEL_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "moepage", "kernels")
+    path = os.path.join(base, f"{name}-{env}")
+    os.makedirs(path, exist_ok=True)
+    lock = os.path.join(path, "lock")
+    if os.path.exists(lock) and time.time() - os.path.getmtime(lock) > STALE_LOCK_SECONDS:
+        os.remove(lock)
+    return path
 _lock = threading.Lock()
 _loaded: dict[str, object] = {}
 
@@ -45,9 +65,10 @@ def load(name: str):
             try:
                 from torch.utils.cpp_extension import load as build
 
-                log.info("compiling moepage's %s CPU kernels (once; cached under ~/.cache/torch_extensions)", name)
+                log.info("compiling moepage's %s CPU kernels (once per environment; cached under ~/.cache/moepage)", name)
                 module = build(name=f"moepage_{name}_{VERSION}", sources=[os.path.join(CSRC, f"{name}.cpp")],
-                               extra_cflags=["-O3", "-fopenmp", *flags], extra_ldflags=["-fopenmp"], verbose=False)
+                               extra_cflags=["-O3", "-fopenmp", *flags], extra_ldflags=["-fopenmp"], verbose=False,
+                               build_directory=build_directory(name))
             except Exception as e:  # no compiler, no ninja, an old assembler: torch instead
                 first = str(e).splitlines()[0] if str(e) else type(e).__name__
                 log.warning("%s CPU kernels unavailable (%s); using torch", name, first)

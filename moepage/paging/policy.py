@@ -2,8 +2,8 @@
 
 Keys are (layer, expert). A decode step visits the layers in order, so the experts used most recently are the
 ones needed furthest in the future: with a cache smaller than one token's experts LRU evicts exactly what the
-next layers need. "stale" evicts by layer distance (the layer just run goes first, then the one before it),
-least frequently used first within a layer.
+next layers need. "stale" evicts by layer distance (the layer that ran just before the current one goes first,
+then the one before it; the current layer's own experts last), least frequently used first within a layer.
 """
 from __future__ import annotations
 
@@ -99,7 +99,9 @@ class StalePolicy:
 
     def victims(self):
         counts, last = self.lfu.counts, self.lfu.last
-        for back in range(self.layers):
+        # the layer before the current one ran longest ago in this step and runs again last; the current layer's
+        # experts (being read or used right now) go only after every other layer's
+        for back in list(range(1, self.layers)) + [0]:
             bucket = self.by_layer.get((self.current - back) % self.layers)
             if bucket:
                 yield from sorted(bucket, key=lambda k: (counts[k], last[k]))
