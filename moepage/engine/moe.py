@@ -148,27 +148,24 @@ class SparseMoE:
         slots = sorted(range(len(row)), key=row.__getitem__)
         experts = [row[k] for k in slots]
         self._prefetch([e for e in experts if (self.layer, e) not in self.cache])
-        if not self.output_observers:
-            keys = [(self.layer, e) for e in experts]
-            held = self.cache.acquire_many(keys)
-            self._pregate_next(x)
-            try:
-                if all(isinstance(ex, PreparedExpert) for ex in held):
-                    wl = w.tolist()
-                    out = experts_one_token(x, [ex.w13 for ex in held], [ex.w2 for ex in held], [wl[k] for k in slots])
-                    if out is not None:
-                        return out
-                return self._sum_experts(x, experts, held, w[slots])
-            finally:
-                self.cache.release_many(keys)
-        out = torch.zeros_like(x)
-        for k in slots:
-            with self.cache.use((self.layer, row[k])) as ex:
+        keys = [(self.layer, e) for e in experts]
+        held = self.cache.acquire_many(keys)
+        self._pregate_next(x)
+        try:
+            if not self.output_observers and all(isinstance(ex, PreparedExpert) for ex in held):
+                wl = w.tolist()
+                out = experts_one_token(x, [ex.w13 for ex in held], [ex.w2 for ex in held], [wl[k] for k in slots])
+                if out is not None:
+                    return out
+            out = torch.zeros_like(x)  # [1, H]
+            for k, e, ex in zip(slots, experts, held):
                 h = ex.compute(x)  # [1, H]
-            for obs in self.output_observers:
-                obs(self.layer, row[k], x, w[k : k + 1], h)
-            out.add_((h * w[k]).to(out.dtype))
-        return out
+                for obs in self.output_observers:
+                    obs(self.layer, e, x, w[k : k + 1], h)
+                out.add_((h * w[k]).to(out.dtype))
+            return out
+        finally:
+            self.cache.release_many(keys)
 
     def _pregate_next(self, x: torch.Tensor):
         """x [1, H]: start reading the experts the next sparse layer's router would pick for x."""
@@ -183,10 +180,3 @@ class SparseMoE:
         if indices.shape[0] == 1:
             self.cache.stats.count_guess(self._guess, set(indices[0].tolist()))
         self._guess = None
-
-    @staticmethod
-    def _sum_experts(x: torch.Tensor, experts: list[int], held: list, w: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros_like(x)  # [1, H]
-        for ex, wk in zip(held, w):
-            out.add_((ex.compute(x) * wk).to(out.dtype))
-        return out

@@ -40,10 +40,11 @@ class PreadFile:
 
     def read_bytes(self, start: int, length: int) -> bytearray:
         buf = bytearray(length)
-        self._read_buffered(memoryview(buf), start)
+        self.read_into(memoryview(buf), start)
         return buf
 
-    def _read_buffered(self, view: memoryview, start: int):
+    def read_into(self, view: memoryview, start: int):
+        """Fill view with the bytes at start.. (buffered pread, page cache dropped after when asked)."""
         length, got = len(view), 0
         while got < length:
             n = os.preadv(self.fd, [view[got:]], start + got)
@@ -81,7 +82,7 @@ class PreadFile:
                 self._direct_ok = False
         out = torch.empty(end - start, dtype=torch.uint8)
         if end > start:
-            self._read_buffered(memoryview(out.numpy()), start)
+            self.read_into(memoryview(out.numpy()), start)
         return out
 
     def close(self):

@@ -87,7 +87,7 @@ class TensorRows:
         for i, row in enumerate(flat):
             if not 0 <= row < self.rows:
                 raise IndexError(f"token id {row} is outside the embedding table ({self.rows} rows)")
-            self.f._read_buffered(memoryview(raw[i].numpy()), self.info.start + row * self.row_bytes)
+            self.f.read_into(memoryview(raw[i].numpy()), self.info.start + row * self.row_bytes)
         return out.to(device=self.device, dtype=self.dtype).view(*ids.shape, self.cols)
 
 
