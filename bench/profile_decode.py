@@ -50,6 +50,12 @@ def main():
     model_module.linear = lambda x, w, b=None: timed(linear, "lm_head matvec" if w.shape[0] == big and w.dim() == 2
                                                      and x.shape[0] == 1 else "attention projections")(x, w, b)
     moe_module.experts_one_token = timed(moe_module.experts_one_token, "routed experts (fused kernel)")
+    kernel = engine.model._decode_kernel
+    if kernel is not None:  # the attention half of each layer runs in one C++ call
+        class Timed:
+            attention_decode = staticmethod(timed(kernel.attention_decode, "attention half (fused kernel)"))
+        engine.model._decode_kernel = Timed()
+    moe_module.route = timed(moe_module.route, "routing (softmax, top-k)")
     forward = timed(engine.model.forward, "forward")
     engine.model.forward = forward
     t0 = None

@@ -30,7 +30,7 @@ def family_config(family: str, vocab: int, eos: int, **over):
     if family == "mixtral":
         return MixtralConfig(**common, num_local_experts=8, num_experts_per_tok=2, intermediate_size=32)
     if family == "olmoe":
-        return OlmoeConfig(**common, num_experts=8, num_experts_per_tok=2, intermediate_size=32, clip_qkv=8.0)
+        return OlmoeConfig(**{"clip_qkv": 8.0, **common}, num_experts=8, num_experts_per_tok=2, intermediate_size=32)
     raise ValueError(family)
 
 

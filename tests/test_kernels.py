@@ -66,3 +66,82 @@ def test_stale_build_lock_is_removed(tmp_path, monkeypatch):
     old = time.time() - native.STALE_LOCK_SECONDS - 5
     os.utime(lock, (old, old))
     assert not os.path.exists(os.path.join(native.build_directory("bf16_decode"), "lock"))
+
+
+@needs_kernels
+@pytest.mark.parametrize("norm,in_dtype", [(True, True), (False, False)])
+def test_kernel_routing_equals_route_even_on_ties(norm, in_dtype):
+    """bf16 router logits tie often; the kernel's softmax top-k must pick and weigh the experts route() picks."""
+    from moepage.kernels.routing import RoutingConfig, route
+
+    cfg = RoutingConfig(top_k=8, norm_topk_prob=norm, weights_in_logits_dtype=in_dtype)
+    ties = 0
+    for seed in range(200):
+        g = torch.Generator().manual_seed(seed)
+        logits = (torch.randint(-6, 6, (1, 64), generator=g).float() / 4).bfloat16()  # few distinct values
+        w, idx = route(logits, cfg)
+        experts, weights = bf16.route_softmax_topk(logits, 8, norm, in_dtype)
+        order = sorted(range(8), key=lambda k: idx[0, k].item())
+        assert experts == [idx[0, k].item() for k in order]
+        assert torch.equal(weights, w[0, order])
+        ties += logits[0].sort(descending=True).values[7] == logits[0].sort(descending=True).values[8]
+    assert ties > 50  # the boundary between chosen and unchosen experts was a tie in many draws
+
+
+def reference_attention_layer(h, p, k_cache, v_cache, pos, qk_mode, eps=1e-6):
+    """The torch ops model.py runs for one token (T=1): norm, q/k/v, qk norm, RoPE, cache write, SDPA, o, residual,
+    ffn norm, router."""
+    from moepage.kernels.norm import rms_norm
+
+    G, S, D = k_cache.shape
+    N = p["q"].shape[0] // D
+    r = rms_norm(h, p["attn_norm"], eps)
+    q, k, v = F.linear(r, p["q"], p["bq"]), F.linear(r, p["k"], p["bk"]), F.linear(r, p["v"], p["bv"])
+    if qk_mode == 2:
+        q, k = rms_norm(q, p["q_norm"], eps), rms_norm(k, p["k_norm"], eps)
+    q, k = q.view(1, 1, N, D), k.view(1, 1, G, D)
+    if qk_mode == 1:
+        q, k = rms_norm(q, p["q_norm"], eps), rms_norm(k, p["k_norm"], eps)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(1, 1, G, D).transpose(1, 2)
+    q = (q * p["cos"]) + (rotate_half(q) * p["sin"])
+    k = (k * p["cos"]) + (rotate_half(k) * p["sin"])
+    k_cache[:, pos], v_cache[:, pos] = k[0, :, 0], v[0, :, 0]
+    keys, values = k_cache[None, :, : pos + 1], v_cache[None, :, : pos + 1]
+    out = F.scaled_dot_product_attention(q, keys, values, scale=D**-0.5, enable_gqa=True)
+    h2 = h + F.linear(out.transpose(1, 2).reshape(1, N * D), p["o"], p["bo"])
+    r2 = rms_norm(h2, p["ffn_norm"], eps)
+    return h2, r2, F.linear(r2, p["router"])
+
+
+@needs_kernels
+@pytest.mark.parametrize("qk_mode,bias,D,pos", [(1, False, 128, 700), (2, False, 64, 9), (0, True, 16, 0),
+                                                 (0, False, 80, 40)])
+def test_attention_decode_matches_the_torch_ops(qk_mode, bias, D, pos):
+    H, N, G, S, E = 256, 8, 2, 768, 16
+    p = {"attn_norm": rand(H, scale=0.3) + 1, "ffn_norm": rand(H, scale=0.3) + 1, "q": rand(N * D, H, scale=0.06),
+         "k": rand(G * D, H, scale=0.06), "v": rand(G * D, H, scale=0.06), "o": rand(H, N * D, scale=0.06),
+         "router": rand(E, H, scale=0.06), "bq": rand(N * D) if bias else None, "bk": rand(G * D) if bias else None,
+         "bv": rand(G * D) if bias else None, "bo": rand(H) if bias else None}
+    p["q_norm"], p["k_norm"] = (rand(D) + 1, rand(D) + 1) if qk_mode == 1 else (rand(N * D) + 1, rand(G * D) + 1)
+    table = RotaryTable(D, 1e4, None, torch.bfloat16, "cpu")
+    cos, sin = table.get(pos, 1)
+    p["cos"], p["sin"] = cos, sin
+    h = rand(1, H)
+    k_cache, v_cache = rand(G, S, D), rand(G, S, D)
+    kc, vc = k_cache.clone(), v_cache.clone()
+    want = reference_attention_layer(h, p, k_cache, v_cache, pos, qk_mode)
+    got = bf16.attention_decode(h, p["attn_norm"], p["ffn_norm"], 1e-6, p["q"], p["k"], p["v"], p["o"], p["bq"],
+                                p["bk"], p["bv"], p["bo"], qk_mode, p["q_norm"] if qk_mode else None,
+                                p["k_norm"] if qk_mode else None, cos[0], sin[0], kc, vc, pos, D**-0.5, p["router"],
+                                4, True, True)
+    assert torch.equal(kc, k_cache) and torch.equal(vc, v_cache)  # the new k, v rows are the reference's exactly
+    for name, a, b in zip(("h", "r", "router logits"), got[:3], want):
+        diff = (a.float() - b.float()).abs().max().item()
+        assert diff <= 4 * b.float().abs().max().item() * 2**-8, f"{name}: {diff}"
+    assert (got[0] != want[0]).float().mean().item() < 0.1  # fp32 sums in another order: a few 1-ulp differences
+    from moepage.kernels.norm import rms_norm
+
+    assert torch.equal(got[1], rms_norm(got[0], p["ffn_norm"], 1e-6))  # given h, the rest follows exactly
+    assert (got[2] != F.linear(got[1], p["router"])).float().mean().item() <= 1 / 16
+    experts, weights = bf16.route_softmax_topk(got[2], 4, True, True)
+    assert (got[3], torch.equal(got[4], weights)) == (experts, True)

@@ -10,14 +10,18 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from moepage.engine.kv_cache import KVCache
+from moepage.engine.kv_cache import ContextOverflow, KVCache
 from moepage.engine.model_args import ModelArgs
 from moepage.engine.moe import SparseMoE
+from moepage.kernels import native
 from moepage.kernels.cpu_bf16 import linear
 from moepage.kernels.experts import swiglu
 from moepage.kernels.norm import rms_norm
 from moepage.kernels.rope import RotaryTable, apply_rope
 from moepage.paging.cache import ExpertCache
+
+
+QK_NORM_MODE = {None: 0, "head": 1, "full": 2}
 
 
 @dataclass
@@ -70,10 +74,47 @@ class MoEModel:
         blocks = self.moe_blocks
         for a, b in zip(blocks, blocks[1:]):
             a.next = b
+        self._decode_kernel = self._attention_decode_kernel()
 
     @property
     def moe_blocks(self) -> list[SparseMoE]:
         return [layer.moe for layer in self.layers if layer.moe is not None]
+
+    def _attention_decode_kernel(self):
+        """The C++ kernel that runs a decode token through a layer's attention half in one call, or None where the
+        model is not all plain bf16 CPU tensors (quantized GGUF attention, float32, another device)."""
+        a = self.args
+        if self.dtype != torch.bfloat16 or self.device.type != "cpu" or a.clip_qkv is not None:
+            return None
+        plain = lambda t: t is None or (type(t) is torch.Tensor and t.dtype == torch.bfloat16  # noqa: E731
+                                        and t.is_contiguous())
+        for layer in self.layers:
+            router = layer.moe.router if layer.moe is not None else None
+            if not all(plain(t) for t in (layer.attn_norm, layer.ffn_norm, layer.q, layer.k, layer.v, layer.o,
+                                          layer.q_bias, layer.k_bias, layer.v_bias, layer.o_bias, layer.q_norm,
+                                          layer.k_norm, router)):
+                return None
+        return native.load("bf16_decode")
+
+    def _decode_layer(self, i: int, layer: Layer, h: torch.Tensor, kv: KVCache, start: int) -> torch.Tensor:
+        """h [1, H] -> [1, H] for one decode token: attention, norms and router in one kernel call, then the MoE."""
+        a = self.args
+        if start >= kv.max_tokens:
+            raise ContextOverflow(start + 1, kv.max_tokens)
+        cos, sin = self.rope.get(start, 1)
+        moe = layer.moe
+        router = moe.router if moe is not None and moe.elastic is None else None
+        top_k = moe.routing.top_k if router is not None and moe.routes_in_kernel else 0
+        h, r, logits, experts, weights = self._decode_kernel.attention_decode(
+            h, layer.attn_norm, layer.ffn_norm, a.rms_norm_eps, layer.q, layer.k, layer.v, layer.o,
+            layer.q_bias, layer.k_bias, layer.v_bias, layer.o_bias, QK_NORM_MODE[a.qk_norm], layer.q_norm,
+            layer.k_norm, cos[0], sin[0], kv.k[i, 0], kv.v[i, 0], start, self.scale, router, top_k,
+            moe is not None and moe.routing.norm_topk_prob, moe is not None and moe.routing.weights_in_logits_dtype)
+        if top_k:
+            return moe.decode_routed(r, experts, weights, h)
+        if moe is not None:
+            return h + moe(r, logits=logits)
+        return h + swiglu(r, *layer.dense)
 
     def new_kv_cache(self, max_tokens: int) -> KVCache:
         a = self.args
@@ -135,7 +176,12 @@ class MoEModel:
             h = self.embed_rows(tokens)  # [T, H]
         else:
             h = F.embedding(tokens.to(self.device), self.embed)  # [T, H]
+        window = a.sliding_window
+        fused = (self._decode_kernel is not None and tokens.shape[0] == 1 and (window is None or start < window))
         for i, layer in enumerate(self.layers):
+            if fused:
+                h = self._decode_layer(i, layer, h, kv, start)
+                continue
             r = rms_norm(h, layer.attn_norm, a.rms_norm_eps)
             h = h + self._attention(i, layer, r, kv, start)
             r = rms_norm(h, layer.ffn_norm, a.rms_norm_eps)

@@ -93,10 +93,11 @@ class SparseMoE:
         self.pregate = True
         self._guess: set[int] | None = None  # what the previous layer predicted for this one
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, H] -> [T, H]."""
+    def __call__(self, x: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+        """x [T, H] -> [T, H]; logits [T, E] = x through the router when the caller already computed them."""
         shared_out = swiglu(x, *self.shared) if self.shared is not None else None
-        logits = linear(x, self.router)  # [T, E]
+        if logits is None:
+            logits = linear(x, self.router)  # [T, E]
         weights, indices = route(logits, self.routing) if self.elastic is None else self.elastic(self.layer, logits)
         if self._guess is not None:
             self._score_guess(indices)
@@ -143,10 +144,26 @@ class SparseMoE:
             room = max(0, self.cache.budget // max(1, self.cache.nbytes_of(self.layer)) - 1)
             self.cache.prefetch([(self.layer, e) for e in experts[1 : 1 + room]])
 
+    @property
+    def routes_in_kernel(self) -> bool:
+        """A decode step may take its routing from the attention kernel (softmax top-k computed in C++ with the
+        same ATen ops): nothing here needs the router's tensors."""
+        return (self.routing.scoring == "softmax_topk" and self.elastic is None and self.shared is None
+                and not self.observers and not self.output_observers and self._guess is None)
+
+    def decode_routed(self, x: torch.Tensor, experts: list[int], w: torch.Tensor, residual: torch.Tensor):
+        """residual + this block's output for x [1, H] routed to experts (ascending) with weights w [K] in the same
+        order, as the attention kernel returns them."""
+        return self._experts_sorted(x, experts, w, list(range(len(experts))), residual)
+
     def _experts_one_token(self, x: torch.Tensor, row: list[int], w: torch.Tensor) -> torch.Tensor:
         """Decode step: x [1, H], row = its K experts, w [K]. Same sums, in the same order, as experts()."""
         slots = sorted(range(len(row)), key=row.__getitem__)
-        experts = [row[k] for k in slots]
+        return self._experts_sorted(x, [row[k] for k in slots], w, slots)
+
+    def _experts_sorted(self, x: torch.Tensor, experts: list[int], w: torch.Tensor, slots: list[int],
+                        residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x [1, H] through experts (ascending), expert i weighted by w[slots[i]]; (+ residual [1, H])."""
         self._prefetch([e for e in experts if (self.layer, e) not in self.cache])
         keys = [(self.layer, e) for e in experts]
         held = self.cache.acquire_many(keys)
@@ -154,7 +171,8 @@ class SparseMoE:
         try:
             if not self.output_observers and all(isinstance(ex, PreparedExpert) for ex in held):
                 wl = w.tolist()
-                out = experts_one_token(x, [ex.w13 for ex in held], [ex.w2 for ex in held], [wl[k] for k in slots])
+                out = experts_one_token(x, [ex.w13 for ex in held], [ex.w2 for ex in held], [wl[k] for k in slots],
+                                        residual)
                 if out is not None:
                     return out
             out = torch.zeros_like(x)  # [1, H]
@@ -163,7 +181,7 @@ class SparseMoE:
                 for obs in self.output_observers:
                     obs(self.layer, e, x, w[k : k + 1], h)
                 out.add_((h * w[k]).to(out.dtype))
-            return out
+            return out if residual is None else residual + out
         finally:
             self.cache.release_many(keys)
 

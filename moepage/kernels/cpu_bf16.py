@@ -35,9 +35,9 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
 
 
 def experts_one_token(x: torch.Tensor, w13: list[torch.Tensor], w2: list[torch.Tensor],
-                      weights: list[float]) -> torch.Tensor | None:
-    """x [1, H] through experts (w13 [2I, H], w2 [H, I]) weighted by weights (floats), summed in list order;
-    None when the fused kernel does not apply (caller computes expert by expert)."""
+                      weights: list[float], residual: torch.Tensor | None = None) -> torch.Tensor | None:
+    """x [1, H] through experts (w13 [2I, H], w2 [H, I]) weighted by weights (floats), summed in list order
+    (+ residual [1, H]); None when the fused kernel does not apply (caller computes expert by expert)."""
     if not (_fast(x, w13[0]) and x.shape[0] == 1):
         return None
-    return native.load("bf16_decode").experts_one_token(x.contiguous(), w13, w2, weights)
+    return native.load("bf16_decode").experts_one_token(x.contiguous(), w13, w2, weights, residual)

@@ -98,9 +98,9 @@ inline float round_bf16(float v) { return static_cast<float>(bf16(v)); }
 
 // One decode token through E routed experts: x [1, H]; w13[e] [2I, H] (gate rows then up rows); w2[e] [H, I];
 // weights [E] (values of the caller's routing-weight dtype); returns [1, H] bf16 = sum over e in the
-// given order of bf16(bf16(expert_e(x)) * weight_e), accumulated in bf16.
+// given order of bf16(bf16(expert_e(x)) * weight_e), accumulated in bf16 (+ residual [1, H], rounded once more).
 torch::Tensor experts_one_token(torch::Tensor x, std::vector<torch::Tensor> w13, std::vector<torch::Tensor> w2,
-                                std::vector<double> weights) {
+                                std::vector<double> weights, c10::optional<torch::Tensor> residual) {
   check_bf16_2d(x, "x");
   TORCH_CHECK(x.size(0) == 1, "experts_one_token takes one token");
   const int64_t E = (int64_t)w13.size(), H = x.size(1);
@@ -129,12 +129,18 @@ torch::Tensor experts_one_token(torch::Tensor x, std::vector<torch::Tensor> w13,
       for (int64_t j = 0; j < H; ++j) c[j] = round_bf16(round_bf16(h[j]) * wv[e]);
     }
   });
+  const bf16* res = nullptr;
+  if (residual.has_value() && residual->defined()) {
+    check_bf16_2d(*residual, "residual");
+    TORCH_CHECK(residual->numel() == H, "residual shape");
+    res = residual->data_ptr<bf16>();
+  }
   auto out = torch::empty({1, H}, x.options());
   bf16* op = out.data_ptr<bf16>();
   for (int64_t j = 0; j < H; ++j) {
     float s = 0.0f;
     for (int64_t e = 0; e < E; ++e) s = round_bf16(s + contrib[e * H + j]);
-    op[j] = bf16(s);
+    op[j] = res ? bf16(static_cast<float>(res[j]) + s) : bf16(s);  // the residual add rounds once, as h + out does
   }
   return out;
 }
@@ -192,11 +198,270 @@ torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
   return out;
 }
 
+
+// Rows [n0, n1) of several matrices that share the input x [1, K], as one parallel loop: segment s has
+// w[s] [rows[s], K] and writes fp32 out[s] [rows[s]]. One fork/join instead of one per matrix.
+struct Segment {
+  const bf16* w;
+  int64_t rows;
+  float* out;
+};
+
+void gemv_segments(const bf16* x, int64_t K, const std::vector<Segment>& segs) {
+  int64_t blocks = 0;
+  std::vector<int64_t> first(segs.size() + 1, 0);
+  for (size_t s = 0; s < segs.size(); ++s) {
+    first[s] = blocks;
+    blocks += (segs[s].rows + 3) / 4;
+  }
+  first[segs.size()] = blocks;
+  at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
+    for (size_t s = 0; s < segs.size(); ++s) {
+      const int64_t lo = std::max(b0, first[s]), hi = std::min(b1, first[s + 1]);
+      if (lo >= hi) continue;
+      const int64_t n0 = (lo - first[s]) * 4, n1 = std::min(segs[s].rows, (hi - first[s]) * 4);
+      gemv_rows(x, 1, segs[s].w, K, n0, n1, segs[s].out, segs[s].rows);
+    }
+  });
+}
+
+// RMSNorm of one bf16 row (fp32 accumulation, reference rounding), in is read before out is written.
+void rms_norm_row(const bf16* in, const bf16* w, int64_t D, double eps, bf16* out) {
+  float ss = 0.0f;
+  for (int64_t d = 0; d < D; ++d) {
+    const float v = static_cast<float>(in[d]);
+    ss += v * v;
+  }
+  const float inv = 1.0f / std::sqrt(ss / (float)D + (float)eps);
+  for (int64_t d = 0; d < D; ++d) {
+    const float h = round_bf16(static_cast<float>(in[d]) * inv);
+    out[d] = bf16(static_cast<float>(w[d]) * h);
+  }
+}
+
+void rope_row(bf16* x, const bf16* cos, const bf16* sin, int64_t D) {
+  const int64_t half = D / 2;
+  std::vector<float> in(D);
+  for (int64_t d = 0; d < D; ++d) in[d] = static_cast<float>(x[d]);
+  for (int64_t d = 0; d < D; ++d) {
+    const float rot = d < half ? -in[d + half] : in[d - half];
+    x[d] = bf16(round_bf16(in[d] * static_cast<float>(cos[d])) + round_bf16(rot * static_cast<float>(sin[d])));
+  }
+}
+
+const bf16* opt_ptr(const c10::optional<torch::Tensor>& t, int64_t n, const char* what) {
+  if (!t.has_value() || !t->defined()) return nullptr;
+  TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->is_contiguous() && t->numel() == n, what, ": bf16, ", n, " values");
+  return t->data_ptr<bf16>();
+}
+
+// fp32 accumulator (+ bf16 bias in fp32) -> bf16, as linear() rounds.
+void finish_linear(const float* acc, const bf16* bias, int64_t n, bf16* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = bf16(bias ? acc[i] + static_cast<float>(bias[i]) : acc[i]);
+}
+
+// exp(x) for x <= 0 (softmax after subtracting the max), 16 lanes: Cephes' expf polynomial, ~1 ulp.
+inline __m512 exp_ps(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline __m512 bf16x16_to_ps(const bf16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+// The R query heads q [R, D] that share one kv head attend to its P cached positions k, v [>=P, D] (rows of D):
+// out [R, D] bf16. s [R, P] and o [R, D] are scratch.
+void attend_kv_head(const bf16* q, int64_t R, const bf16* k, const bf16* v, int64_t P, int64_t D, float scale,
+                    float* s, float* o, bf16* out) {
+  for (int64_t p = 0; p < P; ++p) {
+    const bf16* kr = k + p * D;
+    for (int64_t j = 0; j < R; ++j) {
+      __m512 a = _mm512_setzero_ps();
+      for (int64_t d = 0; d < D; d += 32) a = _mm512_dpbf16_ps(a, load_bh(kr + d, D - d), load_bh(q + j * D + d, D - d));
+      s[j * P + p] = _mm512_reduce_add_ps(a) * scale;
+    }
+  }
+  std::vector<float> sum(R);
+  for (int64_t j = 0; j < R; ++j) {
+    float* sj = s + j * P;
+    float mx = -INFINITY;
+    for (int64_t p = 0; p < P; ++p) mx = std::max(mx, sj[p]);
+    const __m512 vmx = _mm512_set1_ps(mx);
+    __m512 acc = _mm512_setzero_ps();
+    int64_t p = 0;
+    for (; p + 16 <= P; p += 16) {
+      const __m512 e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(sj + p), vmx));
+      acc = _mm512_add_ps(acc, e);
+      _mm512_storeu_ps(sj + p, e);
+    }
+    float tail = 0.0f;
+    for (; p < P; ++p) {
+      sj[p] = std::exp(sj[p] - mx);
+      tail += sj[p];
+    }
+    sum[j] = _mm512_reduce_add_ps(acc) + tail;
+    for (p = 0; p < P; ++p) sj[p] = round_bf16(sj[p]);  // SDPA multiplies V by bf16 softmax weights
+  }
+  std::fill(o, o + R * D, 0.0f);
+  const int64_t Dv = D - D % 16;
+  for (int64_t d = 0; d < Dv; d += 16) {  // 16 output dims of up to 4 heads stay in registers over every position
+    for (int64_t j0 = 0; j0 < R; j0 += 4) {
+      const int64_t nj = std::min<int64_t>(4, R - j0);
+      __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+      for (int64_t p = 0; p < P; ++p) {
+        const __m512 vv = bf16x16_to_ps(v + p * D + d);
+        for (int64_t j = 0; j < nj; ++j) acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(s[(j0 + j) * P + p]), vv, acc[j]);
+      }
+      for (int64_t j = 0; j < nj; ++j) _mm512_storeu_ps(o + (j0 + j) * D + d, acc[j]);
+    }
+  }
+  for (int64_t p = 0; p < P; ++p)
+    for (int64_t d = Dv; d < D; ++d)
+      for (int64_t j = 0; j < R; ++j) o[j * D + d] += s[j * P + p] * static_cast<float>(v[p * D + d]);
+  for (int64_t j = 0; j < R; ++j)
+    for (int64_t d = 0; d < D; ++d) out[j * D + d] = bf16(o[j * D + d] / sum[j]);
+}
+
+// The attention half of one decoder layer for one decode token, and the MoE block's inputs:
+//   r = attn_norm(h); q, k, v = r Wq, r Wk, r Wv (+ biases); q/k norm (1: per head [D], 2: over all heads);
+//   RoPE at this position; k, v written to the layer's cache at `pos`; softmax(q k^T * scale) v over positions
+//   0..pos (GQA: query head n reads kv head n / (N/G)); h2 = h + o Wo (+ bias); r2 = ffn_norm(h2);
+//   logits = r2 Wr when a router is given.
+// h [1, H]; Wq [N*D, H]; Wk, Wv [G*D, H]; Wo [H, N*D]; cos, sin [D] for this position; k_cache, v_cache [G, S, D].
+// Rounding follows torch: each linear output, norm, RoPE product and the residual sum are rounded to bf16;
+// attention runs in fp32 with the softmax weights rounded to bf16 before they multiply V (SDPA's CPU flash
+// kernel does the same), output divided by the fp32 sum and rounded to bf16.
+// kernels/routing.py's softmax_topk for one token's router logits [1, E], through the same ATen ops (so ties
+// between equal scores break the same way): the K experts in ascending id order (the order their outputs are
+// summed in) and their weights [K] in that order.
+std::tuple<std::vector<int64_t>, torch::Tensor> route_softmax_topk(torch::Tensor logits, int64_t top_k,
+                                                                   bool norm_topk_prob, bool weights_in_logits_dtype) {
+  TORCH_CHECK(logits.dim() == 2 && logits.size(0) == 1 && top_k >= 1 && top_k <= logits.size(1),
+              "route_softmax_topk takes logits [1, E] and 1 <= top_k <= E");
+  auto probs = at::softmax(logits, -1, at::kFloat);
+  auto [w, idx] = at::topk(probs, top_k, -1);
+  if (norm_topk_prob) w = w / w.sum(-1, true);
+  if (weights_in_logits_dtype) w = w.to(logits.scalar_type());
+  auto order = at::argsort(idx[0]);
+  auto ids = idx[0].index_select(0, order).contiguous();
+  return {std::vector<int64_t>(ids.data_ptr<int64_t>(), ids.data_ptr<int64_t>() + top_k), w[0].index_select(0, order)};
+}
+
+using DecodeOut = std::tuple<torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>, std::vector<int64_t>,
+                             c10::optional<torch::Tensor>>;
+
+DecodeOut attention_decode(
+    torch::Tensor h, torch::Tensor attn_norm, torch::Tensor ffn_norm, double eps,
+    torch::Tensor wq, torch::Tensor wk, torch::Tensor wv, torch::Tensor wo,
+    c10::optional<torch::Tensor> bq, c10::optional<torch::Tensor> bk, c10::optional<torch::Tensor> bv,
+    c10::optional<torch::Tensor> bo, int64_t qk_norm_mode, c10::optional<torch::Tensor> q_norm,
+    c10::optional<torch::Tensor> k_norm, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache,
+    torch::Tensor v_cache, int64_t pos, double scale, c10::optional<torch::Tensor> router, int64_t top_k,
+    bool norm_topk_prob, bool weights_in_logits_dtype) {
+  check_bf16_2d(h, "h");
+  TORCH_CHECK(h.size(0) == 1, "attention_decode takes one token");
+  for (auto* t : {&wq, &wk, &wv, &wo}) check_bf16_2d(*t, "attention weight");
+  TORCH_CHECK(k_cache.dim() == 3 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+              k_cache.sizes() == v_cache.sizes() && k_cache.scalar_type() == at::kBFloat16 &&
+              v_cache.scalar_type() == at::kBFloat16, "k_cache, v_cache: contiguous bf16 [G, S, D]");
+  const int64_t H = h.size(1), G = k_cache.size(0), S = k_cache.size(1), D = k_cache.size(2);
+  const int64_t NQ = wq.size(0), NK = wk.size(0), N = NQ / D;
+  TORCH_CHECK(wq.size(1) == H && wk.size(1) == H && wv.size(1) == H && NK == G * D && wv.size(0) == NK &&
+              NQ % D == 0 && N % G == 0 && wo.size(0) == H && wo.size(1) == NQ, "attention weight shapes");
+  TORCH_CHECK(pos >= 0 && pos < S, "position ", pos, " outside the KV cache of ", S);
+  TORCH_CHECK(cos.numel() == D && sin.numel() == D && cos.is_contiguous() && sin.is_contiguous() &&
+              cos.scalar_type() == at::kBFloat16 && sin.scalar_type() == at::kBFloat16, "cos, sin: bf16 [D]");
+  const bf16* an = opt_ptr(attn_norm, H, "attn_norm");
+  const bf16* fn = opt_ptr(ffn_norm, H, "ffn_norm");
+  const bf16 *pbq = opt_ptr(bq, NQ, "q bias"), *pbk = opt_ptr(bk, NK, "k bias"), *pbv = opt_ptr(bv, NK, "v bias");
+  const bf16* pbo = opt_ptr(bo, H, "o bias");
+  const int64_t qn_size = qk_norm_mode == 1 ? D : NQ, kn_size = qk_norm_mode == 1 ? D : NK;
+  const bf16* qn = qk_norm_mode ? opt_ptr(q_norm, qn_size, "q_norm") : nullptr;
+  const bf16* kn = qk_norm_mode ? opt_ptr(k_norm, kn_size, "k_norm") : nullptr;
+  TORCH_CHECK(qk_norm_mode == 0 || (qn && kn), "qk norm weights missing");
+  int64_t E = 0;
+  if (router.has_value() && router->defined()) {
+    check_bf16_2d(*router, "router");
+    TORCH_CHECK(router->size(1) == H, "router shape");
+    E = router->size(0);
+  }
+
+  const bf16* hp = h.data_ptr<bf16>();
+  std::vector<bf16> r(H), q(NQ), k(NK), v(NK), attn(NQ);
+  rms_norm_row(hp, an, H, eps, r.data());
+  std::vector<float> acc(NQ + 2 * NK);
+  gemv_segments(r.data(), H, {{wq.data_ptr<bf16>(), NQ, acc.data()}, {wk.data_ptr<bf16>(), NK, acc.data() + NQ},
+                              {wv.data_ptr<bf16>(), NK, acc.data() + NQ + NK}});
+  finish_linear(acc.data(), pbq, NQ, q.data());
+  finish_linear(acc.data() + NQ, pbk, NK, k.data());
+  finish_linear(acc.data() + NQ + NK, pbv, NK, v.data());
+  if (qk_norm_mode == 2) {
+    rms_norm_row(q.data(), qn, NQ, eps, q.data());
+    rms_norm_row(k.data(), kn, NK, eps, k.data());
+  }
+  const bf16 *cp = cos.data_ptr<bf16>(), *sp = sin.data_ptr<bf16>();
+  for (int64_t n = 0; n < N; ++n) {
+    if (qk_norm_mode == 1) rms_norm_row(q.data() + n * D, qn, D, eps, q.data() + n * D);
+    rope_row(q.data() + n * D, cp, sp, D);
+  }
+  bf16* kc = k_cache.data_ptr<bf16>();
+  bf16* vc = v_cache.data_ptr<bf16>();
+  for (int64_t g = 0; g < G; ++g) {
+    if (qk_norm_mode == 1) rms_norm_row(k.data() + g * D, kn, D, eps, k.data() + g * D);
+    rope_row(k.data() + g * D, cp, sp, D);
+    std::copy(k.data() + g * D, k.data() + (g + 1) * D, kc + (g * S + pos) * D);
+    std::copy(v.data() + g * D, v.data() + (g + 1) * D, vc + (g * S + pos) * D);
+  }
+
+  const int64_t P = pos + 1, per_kv = N / G;
+  at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
+    std::vector<float> s(per_kv * P), o(per_kv * D);
+    for (int64_t g = g0; g < g1; ++g) {
+      attend_kv_head(q.data() + g * per_kv * D, per_kv, kc + g * S * D, vc + g * S * D, P, D, (float)scale,
+                     s.data(), o.data(), attn.data() + g * per_kv * D);
+    }
+  });
+
+  std::vector<float> oacc(H);
+  gemv_segments(attn.data(), NQ, {{wo.data_ptr<bf16>(), H, oacc.data()}});
+  auto h2 = torch::empty({1, H}, h.options());
+  auto r2 = torch::empty({1, H}, h.options());
+  bf16* h2p = h2.data_ptr<bf16>();
+  for (int64_t j = 0; j < H; ++j) {
+    const bf16 oj(pbo ? oacc[j] + static_cast<float>(pbo[j]) : oacc[j]);
+    h2p[j] = bf16(static_cast<float>(hp[j]) + static_cast<float>(oj));
+  }
+  rms_norm_row(h2p, fn, H, eps, r2.data_ptr<bf16>());
+  if (E == 0) return {h2, r2, c10::nullopt, {}, c10::nullopt};
+  std::vector<float> lacc(E);
+  gemv_segments(r2.data_ptr<bf16>(), H, {{router->data_ptr<bf16>(), E, lacc.data()}});
+  auto logits = torch::empty({1, E}, h.options());
+  finish_linear(lacc.data(), nullptr, E, logits.data_ptr<bf16>());
+  if (top_k <= 0) return {h2, r2, logits, {}, c10::nullopt};
+  auto [experts, weights] = route_softmax_topk(logits, top_k, norm_topk_prob, weights_in_logits_dtype);
+  return {h2, r2, logits, experts, weights};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "bf16 x [M, K] @ w [N, K]^T (+ bias) for small M");
-  m.def("experts_one_token", &experts_one_token, "one token through a list of routed SwiGLU experts");
+  m.def("experts_one_token", &experts_one_token, "one token through a list of routed SwiGLU experts",
+        py::arg("x"), py::arg("w13"), py::arg("w2"), py::arg("weights"), py::arg("residual") = py::none());
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dim, reference rounding");
   m.def("rope", &rope, "rotate-half rotary embedding, reference rounding");
+  m.def("route_softmax_topk", &route_softmax_topk, "one token's softmax top-k routing, experts ascending");
+  m.def("attention_decode", &attention_decode, "one decode token through a layer's attention half, its FFN norm and router");
 }
