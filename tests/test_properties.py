@@ -149,3 +149,15 @@ def test_stale_evicts_the_layer_just_run_and_replay_agrees_with_the_cache():
     assert replay(loop, "lru", 4).hits == 0
     assert replay(loop, "stale", 4).hits >= 9 * 3 and replay(loop, "stale", 5).hits > replay(loop, "stale", 4).hits
     assert replay(loop, "lru", 6).hits == 54 and replay(loop, "stale", 6).hits == 54
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.integers(-8, 8), min_size=1, max_size=300), st.sampled_from([torch.bfloat16, torch.float16]))
+def test_greedy_on_model_dtype_logits_picks_the_float32_argmax(values, dtype):
+    """Greedy sampling takes argmax of the model's bf16/f16 logits without widening them: the same token as argmax
+    of the float32 logits, the first of tied maxima included (few distinct values, so ties are common)."""
+    from moepage.engine.sampling import Sampler, SamplingParams
+
+    raw = (torch.tensor(values, dtype=torch.float32) / 4).to(dtype)
+    choice = Sampler(SamplingParams(max_tokens=1, temperature=0), [0], raw.shape[0])(raw)
+    assert choice.token == int(torch.argmax(raw.float()))

@@ -20,6 +20,8 @@ class KVCache:
         # [L, 1, G, S, D]; torch.empty does not touch pages until tokens are written.
         self.k = torch.empty(num_layers, 1, num_kv_heads, self.max_tokens, head_dim, dtype=dtype, device=device)
         self.v = torch.empty_like(self.k)
+        self.layer_k = [self.k[i, 0] for i in range(num_layers)]  # [G, S, D] views, for the decode kernel
+        self.layer_v = [self.v[i, 0] for i in range(num_layers)]
         self.length = 0  # tokens stored (valid for every layer after a full forward)
 
     @staticmethod

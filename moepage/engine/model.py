@@ -96,19 +96,18 @@ class MoEModel:
                 return None
         return native.load("bf16_decode")
 
-    def _decode_layer(self, i: int, layer: Layer, h: torch.Tensor, kv: KVCache, start: int) -> torch.Tensor:
-        """h [1, H] -> [1, H] for one decode token: attention, norms and router in one kernel call, then the MoE."""
+    def _decode_layer(self, i: int, layer: Layer, h: torch.Tensor, kv: KVCache, start: int, cos: torch.Tensor,
+                      sin: torch.Tensor) -> torch.Tensor:
+        """h [1, H] -> [1, H] for one decode token at position start (cos, sin [D] its RoPE rows): attention, norms,
+        router and routing in one kernel call, then the MoE."""
         a = self.args
-        if start >= kv.max_tokens:
-            raise ContextOverflow(start + 1, kv.max_tokens)
-        cos, sin = self.rope.get(start, 1)
         moe = layer.moe
         router = moe.router if moe is not None and moe.elastic is None else None
         top_k = moe.routing.top_k if router is not None and moe.routes_in_kernel else 0
         h, r, logits, experts, weights = self._decode_kernel.attention_decode(
             h, layer.attn_norm, layer.ffn_norm, a.rms_norm_eps, layer.q, layer.k, layer.v, layer.o,
             layer.q_bias, layer.k_bias, layer.v_bias, layer.o_bias, QK_NORM_MODE[a.qk_norm], layer.q_norm,
-            layer.k_norm, cos[0], sin[0], kv.k[i, 0], kv.v[i, 0], start, self.scale, router, top_k,
+            layer.k_norm, cos, sin, kv.layer_k[i], kv.layer_v[i], start, self.scale, router, top_k,
             moe is not None and moe.routing.norm_topk_prob, moe is not None and moe.routing.weights_in_logits_dtype)
         if top_k:
             return moe.decode_routed(r, experts, weights, h)
@@ -178,9 +177,13 @@ class MoEModel:
             h = F.embedding(tokens.to(self.device), self.embed)  # [T, H]
         window = a.sliding_window
         fused = (self._decode_kernel is not None and tokens.shape[0] == 1 and (window is None or start < window))
+        if fused:
+            if start >= kv.max_tokens:
+                raise ContextOverflow(start + 1, kv.max_tokens)
+            cos, sin = (t[0] for t in self.rope.get(start, 1))
         for i, layer in enumerate(self.layers):
             if fused:
-                h = self._decode_layer(i, layer, h, kv, start)
+                h = self._decode_layer(i, layer, h, kv, start, cos, sin)
                 continue
             r = rms_norm(h, layer.attn_norm, a.rms_norm_eps)
             h = h + self._attention(i, layer, r, kv, start)

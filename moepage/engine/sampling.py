@@ -102,31 +102,35 @@ class Sampler:
 
     def __call__(self, raw: torch.Tensor) -> TokenChoice:
         """raw [V] logits -> the next token (and its logprobs from the model's own distribution)."""
-        raw = raw.float()
-        logits = self._adjust(raw)
         p = self.p
-        if p.greedy:
-            token = int(torch.argmax(logits))
+        plain = self.bias is None and p.repetition_penalty == 1.0 and not (p.presence_penalty or p.frequency_penalty)
+        if p.greedy and plain:
+            token = int(torch.argmax(raw))  # widening to float32 is exact and keeps the order (and the first of ties)
         else:
-            logits = logits / p.temperature
-            if p.top_k > 0 and p.top_k < logits.shape[-1]:
-                kth = torch.topk(logits, p.top_k).values[-1]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            probs = torch.softmax(logits, dim=-1)
-            if p.min_p > 0:
-                probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
-            if p.top_p < 1.0:
-                sorted_p, order = torch.sort(probs, descending=True)
-                cum = torch.cumsum(sorted_p, dim=-1)
-                drop = cum - sorted_p > p.top_p  # keep the smallest prefix reaching top_p
-                sorted_p = sorted_p.masked_fill(drop, 0.0)
-                probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-            token = int(torch.multinomial(probs, 1, generator=self.generator))
+            raw = raw.float()
+            logits = self._adjust(raw)
+            if p.greedy:
+                token = int(torch.argmax(logits))
+            else:
+                logits = logits / p.temperature
+                if p.top_k > 0 and p.top_k < logits.shape[-1]:
+                    kth = torch.topk(logits, p.top_k).values[-1]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                probs = torch.softmax(logits, dim=-1)
+                if p.min_p > 0:
+                    probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+                if p.top_p < 1.0:
+                    sorted_p, order = torch.sort(probs, descending=True)
+                    cum = torch.cumsum(sorted_p, dim=-1)
+                    drop = cum - sorted_p > p.top_p  # keep the smallest prefix reaching top_p
+                    sorted_p = sorted_p.masked_fill(drop, 0.0)
+                    probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+                token = int(torch.multinomial(probs, 1, generator=self.generator))
         self.seen[token] = True
         self.counts[token] += 1
         choice = TokenChoice(token)
         if p.logprobs is not None:
-            lp = torch.log_softmax(raw, dim=-1)
+            lp = torch.log_softmax(raw.float(), dim=-1)
             choice.logprob = float(lp[token])
             if p.logprobs > 0:
                 vals, ids = torch.topk(lp, p.logprobs)
