@@ -167,6 +167,34 @@ torch::Tensor experts_one_token(torch::Tensor x, std::vector<torch::Tensor> w13,
   return out;
 }
 
+// RMSNorm of one bf16 row (fp32 accumulation, reference rounding), in is read before out is written.
+void rms_norm_row(const bf16* in, const bf16* w, int64_t D, double eps, bf16* out) {
+  float ss = 0.0f;
+  for (int64_t d = 0; d < D; ++d) {
+    const float v = static_cast<float>(in[d]);
+    ss += v * v;
+  }
+  const float inv = 1.0f / std::sqrt(ss / (float)D + (float)eps);
+  for (int64_t d = 0; d < D; ++d) {
+    const float h = round_bf16(static_cast<float>(in[d]) * inv);
+    out[d] = bf16(static_cast<float>(w[d]) * h);
+  }
+}
+
+// Rotary embedding of one head's row, rotate-half form: out = bf16(bf16(x * cos) + bf16(rotate_half(x) * sin));
+// out may be x.
+void rope_row(const bf16* x, const bf16* cos, const bf16* sin, int64_t D, bf16* out) {
+  const int64_t half = D / 2;
+  float small[512];
+  std::vector<float> large(D > 512 ? D : 0);
+  float* in = D > 512 ? large.data() : small;
+  for (int64_t d = 0; d < D; ++d) in[d] = static_cast<float>(x[d]);
+  for (int64_t d = 0; d < D; ++d) {
+    const float rot = d < half ? -in[d + half] : in[d - half];
+    out[d] = bf16(round_bf16(in[d] * static_cast<float>(cos[d])) + round_bf16(rot * static_cast<float>(sin[d])));
+  }
+}
+
 // RMSNorm over the last dim, as the reference computes it: fp32 inside, normalised value rounded to bf16, then
 // multiplied by the bf16 weight and rounded again. x [R, D] bf16 (rows contiguous), w [D] bf16.
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
@@ -178,19 +206,7 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
   const bf16* xp = x.data_ptr<bf16>();
   const bf16* wp = w.data_ptr<bf16>();
   bf16* op = out.data_ptr<bf16>();
-  for (int64_t r = 0; r < R; ++r) {
-    const bf16* row = xp + r * D;
-    float ss = 0.0f;
-    for (int64_t d = 0; d < D; ++d) {
-      const float v = static_cast<float>(row[d]);
-      ss += v * v;
-    }
-    const float inv = 1.0f / std::sqrt(ss / (float)D + (float)eps);
-    for (int64_t d = 0; d < D; ++d) {
-      const float h = round_bf16(static_cast<float>(row[d]) * inv);
-      op[r * D + d] = bf16(static_cast<float>(wp[d]) * h);
-    }
-  }
+  for (int64_t r = 0; r < R; ++r) rms_norm_row(xp + r * D, wp, D, eps, op + r * D);
   return out;
 }
 
@@ -198,7 +214,7 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
 // x [1, N, T, D] bf16 with any strides over N and T (last dim contiguous); cos, sin [T, D] bf16 contiguous.
 torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 4 && x.stride(3) == 1, "rope takes bf16 [1, N, T, D]");
-  const int64_t N = x.size(1), T = x.size(2), D = x.size(3), half = D / 2;
+  const int64_t N = x.size(1), T = x.size(2), D = x.size(3);
   auto c = cos.contiguous(), s = sin.contiguous();
   auto out = torch::empty({1, N, T, D}, x.options());
   const bf16* cp = c.data_ptr<bf16>();
@@ -206,17 +222,8 @@ torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
   bf16* op = out.data_ptr<bf16>();
   const bf16* xp = x.data_ptr<bf16>();
   for (int64_t n = 0; n < N; ++n)
-    for (int64_t t = 0; t < T; ++t) {
-      const bf16* row = xp + n * x.stride(1) + t * x.stride(2);
-      bf16* o = op + (n * T + t) * D;
-      for (int64_t d = 0; d < D; ++d) {
-        const float xv = static_cast<float>(row[d]);
-        const float rot = d < half ? -static_cast<float>(row[d + half]) : static_cast<float>(row[d - half]);
-        const float a = round_bf16(xv * static_cast<float>(cp[t * D + d]));
-        const float b = round_bf16(rot * static_cast<float>(sp[t * D + d]));
-        o[d] = bf16(a + b);
-      }
-    }
+    for (int64_t t = 0; t < T; ++t)
+      rope_row(xp + n * x.stride(1) + t * x.stride(2), cp + t * D, sp + t * D, D, op + (n * T + t) * D);
   return out;
 }
 
@@ -245,30 +252,6 @@ void gemv_segments(const bf16* x, int64_t K, const std::vector<Segment>& segs) {
       gemv_rows(x, 1, segs[s].w, K, n0, n1, segs[s].out, segs[s].rows);
     }
   });
-}
-
-// RMSNorm of one bf16 row (fp32 accumulation, reference rounding), in is read before out is written.
-void rms_norm_row(const bf16* in, const bf16* w, int64_t D, double eps, bf16* out) {
-  float ss = 0.0f;
-  for (int64_t d = 0; d < D; ++d) {
-    const float v = static_cast<float>(in[d]);
-    ss += v * v;
-  }
-  const float inv = 1.0f / std::sqrt(ss / (float)D + (float)eps);
-  for (int64_t d = 0; d < D; ++d) {
-    const float h = round_bf16(static_cast<float>(in[d]) * inv);
-    out[d] = bf16(static_cast<float>(w[d]) * h);
-  }
-}
-
-void rope_row(bf16* x, const bf16* cos, const bf16* sin, int64_t D) {
-  const int64_t half = D / 2;
-  std::vector<float> in(D);
-  for (int64_t d = 0; d < D; ++d) in[d] = static_cast<float>(x[d]);
-  for (int64_t d = 0; d < D; ++d) {
-    const float rot = d < half ? -in[d + half] : in[d - half];
-    x[d] = bf16(round_bf16(in[d] * static_cast<float>(cos[d])) + round_bf16(rot * static_cast<float>(sin[d])));
-  }
 }
 
 const bf16* opt_ptr(const c10::optional<torch::Tensor>& t, int64_t n, const char* what) {
@@ -485,13 +468,13 @@ DecodeOut attention_decode(
   const bf16 *cp = cos.data_ptr<bf16>(), *sp = sin.data_ptr<bf16>();
   for (int64_t n = 0; n < N; ++n) {
     if (qk_norm_mode == 1) rms_norm_row(q.data() + n * D, qn, D, eps, q.data() + n * D);
-    rope_row(q.data() + n * D, cp, sp, D);
+    rope_row(q.data() + n * D, cp, sp, D, q.data() + n * D);
   }
   bf16* kc = k_cache.data_ptr<bf16>();
   bf16* vc = v_cache.data_ptr<bf16>();
   for (int64_t g = 0; g < G; ++g) {
     if (qk_norm_mode == 1) rms_norm_row(k.data() + g * D, kn, D, eps, k.data() + g * D);
-    rope_row(k.data() + g * D, cp, sp, D);
+    rope_row(k.data() + g * D, cp, sp, D, k.data() + g * D);
     std::copy(k.data() + g * D, k.data() + (g + 1) * D, kc + (g * S + pos) * D);
     std::copy(v.data() + g * D, v.data() + (g + 1) * D, vc + (g * S + pos) * D);
   }
