@@ -114,9 +114,13 @@ def raw_pread_p50(model_dir: str, samples: int = 64, concurrency: int = 1) -> di
                 os.close(fd)
             return spent
 
+        t0 = time.perf_counter()
         with ThreadPoolExecutor(concurrency) as pool:
             times = sorted(pool.map(one, picks))
         out[mode] = times[len(times) // 2]
+        out[mode + "_bytes_per_s"] = sum(ckpt.experts.stored_nbytes(layer) for layer, _ in picks) / (
+            time.perf_counter() - t0)
+    out["token_expert_bytes"] = a.top_k * sum(ckpt.experts.stored_nbytes(layer) for layer in a.moe_layers)
     return out
 
 
@@ -268,6 +272,11 @@ def report(rows, pread_p50, size, a):
                   f"(buffered pread {pread_p50['qd1']['buffered'] * 1e3:.2f} ms); prefetch issued "
                   f"{c['prefetch_issued']}, used {c['prefetch_used']} "
                   f"({c['prefetch_used'] / max(1, c['prefetch_issued']):.1%})"]
+        rate, per_token = pread_p50["same_qd"]["direct_bytes_per_s"], pread_p50["same_qd"]["token_expert_bytes"]
+        if per_token:
+            lines.append(f"disk: {rate / 1e9:.2f} GB/s for expert reads with {a.io_threads} in flight; one token's routed "
+                         f"experts ({per_token / 1e6:.0f} MB) read from disk take {per_token / rate * 1e3:.0f} ms: at most "
+                         f"{rate / per_token:.2f} tok/s at a cap whose cache misses every expert")
         pg = get("moepage (+ pre-gating)", min(caps))
         if pg and pg.get("cache"):
             c = pg["cache"]
