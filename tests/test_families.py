@@ -83,3 +83,24 @@ def test_fused_decode_layer_gives_the_tokens_of_the_op_by_op_path(family, tmp_pa
     first = next((i for i, (a, b) in enumerate(zip(fused, ops)) if a != b), None)
     assert first is None or margins[first] < 2**-6, (first, margins[first])  # diverged only at a near-tie
     engine.close()
+
+
+def test_fused_decode_past_the_kv_cache_raises_the_same_error_as_the_op_path(checkpoints):
+    from moepage.engine.kv_cache import ContextOverflow
+    from moepage.kernels import cpu_bf16
+
+    if not cpu_bf16.available():
+        pytest.skip("the bf16 C++ kernels need AVX512-BF16 and a compiler")
+    engine = Engine.load(EngineConfig(str(checkpoints("qwen3_moe", "bfloat16"))))
+    model, kernel = engine.model, engine.model._decode_kernel
+    assert kernel is not None
+    messages = []
+    for k in (kernel, None):
+        model._decode_kernel = k
+        kv = model.new_kv_cache(4)
+        model.forward(torch.tensor([1, 2, 3, 4]), kv)
+        with pytest.raises(ContextOverflow) as err:
+            model.forward(torch.tensor([5]), kv)
+        messages.append(str(err.value))
+    assert messages[0] == messages[1] == "sequence of 5 tokens exceeds the KV cache of 4 tokens"
+    engine.close()

@@ -21,7 +21,7 @@ MODULES = {
     "bf16_decode": ({"avx512f", "avx512bw", "avx512_bf16"}, ["-mavx512f", "-mavx512bw", "-mavx512bf16"]),
     "ggml_gemv": ({"avx512f"}, ["-mavx512f", "-mf16c", "-ffp-contract=off"]),
 }
-VERSION = "v14"
+VERSION = "v15"
 STALE_LOCK_SECONDS = 600  # a build lock older than this was left by a killed build (torch would wait on it forever)
 
 

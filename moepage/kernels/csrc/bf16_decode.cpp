@@ -24,7 +24,6 @@ inline __m512bh load_bh(const bf16* p, int64_t left) {
   return (__m512bh)_mm512_maskz_loadu_epi16(m, (const void*)p);
 }
 
-// out[m, n] = sum_k x[m, k] * w[n, k] for n in [n0, n1); x: [M, K] bf16, w: [N, K] bf16, out fp32 [M, N].
 // One activation row (decode): one weight row at a time with a software prefetch 4 KB ahead into L2. Measured on
 // the 2-core EPYC (bf16 311 MB lm_head and 6 MB layer matrices): 30-35 GB/s, against 26-30 GB/s for four rows at
 // a time prefetched 8 rows ahead, and 20-25 GB/s without the prefetch.
@@ -46,6 +45,7 @@ void gemv_one_row(const bf16* x, const bf16* w, int64_t K, int64_t n0, int64_t n
   }
 }
 
+// out[m, n] = sum_k x[m, k] * w[n, k] for n in [n0, n1); x: [M, K] bf16, w: [N, K] bf16, out fp32 [M, N].
 void gemv_rows(const bf16* x, int64_t M, const bf16* w, int64_t K, int64_t n0, int64_t n1, float* out, int64_t N) {
   if (M == 1) return gemv_one_row(x, w, K, n0, n1, out);
   const int64_t kb = (K + 31) / 32;
@@ -227,7 +227,6 @@ torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
   return out;
 }
 
-
 // Rows [n0, n1) of several matrices that share the input x [1, K], as one parallel loop: segment s has
 // w[s] [rows[s], K] and writes fp32 out[s] [rows[s]]. One fork/join instead of one per matrix.
 struct Segment {
@@ -388,15 +387,6 @@ void attend_kv_head(const bf16* q, int64_t R, const bf16* k, const bf16* v, int6
     for (int64_t d = 0; d < D; ++d) out[j * D + d] = bf16(o[j * D + d] / sum[j]);
 }
 
-// The attention half of one decoder layer for one decode token, and the MoE block's inputs:
-//   r = attn_norm(h); q, k, v = r Wq, r Wk, r Wv (+ biases); q/k norm (1: per head [D], 2: over all heads);
-//   RoPE at this position; k, v written to the layer's cache at `pos`; softmax(q k^T * scale) v over positions
-//   0..pos (GQA: query head n reads kv head n / (N/G)); h2 = h + o Wo (+ bias); r2 = ffn_norm(h2);
-//   logits = r2 Wr when a router is given.
-// h [1, H]; Wq [N*D, H]; Wk, Wv [G*D, H]; Wo [H, N*D]; cos, sin [D] for this position; k_cache, v_cache [G, S, D].
-// Rounding follows torch: each linear output, norm, RoPE product and the residual sum are rounded to bf16;
-// attention runs in fp32 with the softmax weights rounded to bf16 before they multiply V (SDPA's CPU flash
-// kernel does the same), output divided by the fp32 sum and rounded to bf16.
 // kernels/routing.py's softmax_topk for one token's router logits [1, E], through the same ATen ops (so ties
 // between equal scores break the same way): the K experts in ascending id order (the order their outputs are
 // summed in) and their weights [K] in that order.
@@ -416,6 +406,15 @@ std::tuple<std::vector<int64_t>, torch::Tensor> route_softmax_topk(torch::Tensor
 using DecodeOut = std::tuple<torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>, std::vector<int64_t>,
                              c10::optional<torch::Tensor>>;
 
+// The attention half of one decoder layer for one decode token, and the MoE block's inputs:
+//   r = attn_norm(h); q, k, v = r Wq, r Wk, r Wv (+ biases); q/k norm (1: per head [D], 2: over all heads);
+//   RoPE at this position; k, v written to the layer's cache at `pos`; softmax(q k^T * scale) v over positions
+//   0..pos (GQA: query head n reads kv head n / (N/G)); h2 = h + o Wo (+ bias); r2 = ffn_norm(h2);
+//   logits = r2 Wr when a router is given.
+// h [1, H]; Wq [N*D, H]; Wk, Wv [G*D, H]; Wo [H, N*D]; cos, sin [D] for this position; k_cache, v_cache [G, S, D].
+// Rounding follows torch: each linear output, norm, RoPE product and the residual sum are rounded to bf16;
+// attention runs in fp32 with the softmax weights rounded to bf16 before they multiply V (SDPA's CPU flash
+// kernel does the same), output divided by the fp32 sum and rounded to bf16.
 DecodeOut attention_decode(
     torch::Tensor h, torch::Tensor attn_norm, torch::Tensor ffn_norm, double eps,
     torch::Tensor wq, torch::Tensor wk, torch::Tensor wv, torch::Tensor wo,
