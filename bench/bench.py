@@ -47,8 +47,8 @@ def make_cgroup(name: str, limit: int) -> str:
     return path
 
 
-def run(system: str, a, prompt_file: str, cgroup: str | None, extra: list[str]) -> dict:
-    cmd = [sys.executable, os.path.join(HERE, "run_one.py"), system, "--model", a.model, "--prompt-ids", prompt_file,
+def run(system: str, a, prompt_file: str, cgroup: str | None, extra: list[str], model: str | None = None) -> dict:
+    cmd = [sys.executable, os.path.join(HERE, "run_one.py"), system, "--model", model or a.model, "--prompt-ids", prompt_file,
            "--decode", str(a.decode), "--threads", str(a.threads), "--time-limit", str(a.time_limit),
            "--ctx", str(a.prompt_tokens + a.decode + 64)]
     if a.gguf:
@@ -120,7 +120,7 @@ def raw_pread_p50(model_dir: str, samples: int = 64, concurrency: int = 1) -> di
         out[mode] = times[len(times) // 2]
         out[mode + "_bytes_per_s"] = sum(ckpt.experts.stored_nbytes(layer) for layer, _ in picks) / (
             time.perf_counter() - t0)
-    out["token_expert_bytes"] = a.top_k * sum(ckpt.experts.stored_nbytes(layer) for layer in a.moe_layers)
+    out["token_expert_bytes"] = token_expert_bytes(model_dir)
     return out
 
 
@@ -155,6 +155,9 @@ def main():
     ap.add_argument("--repeats", type=int, default=3,
                     help="uncapped runs of moepage and llama.cpp, interleaved; the table gives each one's median "
                          "(memory bandwidth on shared machines moves by 20%% between minutes)")
+    ap.add_argument("--lossless", action="store_true",
+                    help="moepage reads a `moepage split --lossless` copy of --model (made once under --out): the same "
+                         "bf16 weights in 12 bits each on disk; the lowest cap also runs moepage on the plain checkpoint")
     ap.add_argument("--out", default=os.path.join(HERE, "out"))
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
@@ -165,6 +168,7 @@ def main():
     prompt_file = os.path.join(a.out, "prompt.json")
     with open(prompt_file, "w") as f:
         json.dump(prompt_ids(a.model, a.prompt_tokens), f)
+    packed = lossless_copy(a) if a.lossless and "moepage" in systems else None
     rows = []
     for cap in [float(c) for c in a.caps.split(",")]:
         limit = None if cap >= 1 else int(cap * size)
@@ -185,9 +189,12 @@ def main():
                 variants[0] = ("", extra + ["--trace", os.path.join(a.out, "trace.jsonl")])
                 variants.append((" (+ pre-gating)", extra + ["--pregate"]))
                 variants.append((" (prefetch off)", extra + ["--no-prefetch"]))
+                if packed:
+                    variants.append((" (bf16 shards)", extra))
             for suffix, ex in variants:
                 print(f"running {system}{suffix} at cap {cap:.0%} ...", file=sys.stderr, flush=True)
-                r = run(system, a, prompt_file, cg, ex)
+                model = packed if system == "moepage" and packed and suffix != " (bf16 shards)" else None
+                r = run(system, a, prompt_file, cg, ex + (["--no-verify"] if model else []), model)
                 r.update(cap=cap, limit_bytes=limit, label=system + suffix, repeat=rep)
                 rows.append(r)
                 with open(os.path.join(a.out, "rows.partial.json"), "w") as f:
@@ -195,7 +202,29 @@ def main():
                 print("  ", {k: r.get(k) for k in ("decode_tps", "prefill_tps", "ttft_s", "n_decoded", "error")},
                       file=sys.stderr, flush=True)
     pread_p50 = {"qd1": raw_pread_p50(a.model), "same_qd": raw_pread_p50(a.model, concurrency=a.io_threads)}
+    if packed:
+        pread_p50["lossless_token_expert_bytes"] = token_expert_bytes(packed)
     report(median_of_repeats(rows), pread_p50, size, a)
+
+
+def lossless_copy(a) -> str:
+    """`moepage split --lossless` of --model under --out (kept between runs: it only depends on the model)."""
+    path = os.path.join(a.out, "lossless-" + os.path.basename(os.path.normpath(a.model)))
+    if not os.path.exists(os.path.join(path, "moepage.json")):
+        print(f"writing the lossless 12-bit copy of {a.model} to {path} ...", file=sys.stderr, flush=True)
+        subprocess.run([sys.executable, "-m", "moepage.cli", "split", a.model, path, "--lossless"], check=True)
+    # every shard's sha256 checked once here, so the timed runs skip the check at first page-in (--no-verify)
+    subprocess.run([sys.executable, "-m", "moepage.cli", "verify", path], check=True)
+    return path
+
+
+def token_expert_bytes(model_dir: str) -> int:
+    """Bytes one token's routed experts occupy on disk (top-k experts in every sparse layer)."""
+    sys.path.insert(0, os.path.dirname(HERE))
+    from moepage.engine.checkpoint import open_checkpoint
+
+    ckpt = open_checkpoint(model_dir, verify=False)
+    return ckpt.args.top_k * sum(ckpt.experts.stored_nbytes(layer) for layer in ckpt.args.moe_layers)
 
 
 def median_of_repeats(rows: list[dict]) -> list[dict]:
@@ -263,9 +292,11 @@ def report(rows, pread_p50, size, a):
             lines.append("moepage/llama.cpp run by run: " + ", ".join(f"{x:.2f}x" for x in pairs))
     low = get("moepage", min(caps)) if caps else None
     if low and low.get("cache"):
-        c = low["cache"]
+        # page-in against a bare read of the same bytes: the run that reads the checkpoint's own bf16 bytes
+        plain = get("moepage (bf16 shards)", min(caps))
+        c = (plain or low)["cache"]
         raw, qd1 = pread_p50["same_qd"]["direct"], pread_p50["qd1"]["direct"]
-        lines += ["", f"at the {min(caps):.0%} cap: expert cache hit rate {c['hit_rate']:.1%}; page-in p50 "
+        lines += ["", f"at the {min(caps):.0%} cap{' (bf16 shards run)' if plain else ''}: expert cache hit rate {c['hit_rate']:.1%}; page-in p50 "
                   f"{c['page_in_p50_s'] * 1e3:.2f} ms (p99 {c['page_in_p99_s'] * 1e3:.2f} ms) vs a bare O_DIRECT pread of "
                   f"the same bytes with {a.io_threads} reads in flight (moepage's read threads) {raw * 1e3:.2f} ms = "
                   f"{c['page_in_p50_s'] / raw:.2f}x; one read alone {qd1 * 1e3:.2f} ms = {c['page_in_p50_s'] / qd1:.2f}x "
@@ -277,6 +308,13 @@ def report(rows, pread_p50, size, a):
             lines.append(f"disk: {rate / 1e9:.2f} GB/s for expert reads with {a.io_threads} in flight; one token's routed "
                          f"experts ({per_token / 1e6:.0f} MB) read from disk take {per_token / rate * 1e3:.0f} ms: at most "
                          f"{rate / per_token:.2f} tok/s at a cap whose cache misses every expert")
+        packed_bytes = pread_p50.get("lossless_token_expert_bytes")
+        if packed_bytes:
+            lines.append(f"lossless 12-bit shards (moepage rows): {packed_bytes / 1e6:.0f} MB a token "
+                         f"({packed_bytes / per_token:.1%} of bf16): at most {rate / packed_bytes:.2f} tok/s at that rate")
+        if plain and plain.get("decode_tps") and low.get("decode_tps"):
+            lines.append(f"lossless shards vs the bf16 checkpoint at {min(caps):.0%}: {low['decode_tps']:.2f} vs "
+                         f"{plain['decode_tps']:.2f} tok/s = {low['decode_tps'] / plain['decode_tps']:.2f}x")
         pg = get("moepage (+ pre-gating)", min(caps))
         if pg and pg.get("cache"):
             c = pg["cache"]

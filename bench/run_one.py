@@ -20,7 +20,7 @@ def run_moepage(a, prompt):
 
     cfg = EngineConfig(a.model, memory_budget=a.memory_budget, ctx_size=a.ctx, threads=a.threads,
                        prefetch=not a.no_prefetch, pregate=a.pregate and not a.no_prefetch, policy=a.policy, dtype=a.dtype,
-                       io_threads=a.io_threads, trace=a.trace, tokenizer=False)
+                       io_threads=a.io_threads, trace=a.trace, tokenizer=False, verify_shards=not a.no_verify)
     engine = Engine.load(cfg)
     try:
         return measure(engine, prompt, a.decode, a.time_limit)
@@ -87,6 +87,7 @@ def main():
     ap.add_argument("--policy", default="auto")
     ap.add_argument("--io-threads", type=int, default=2)
     ap.add_argument("--trace", default=None)
+    ap.add_argument("--no-verify", action="store_true", help="a split directory's shards were checked by `moepage verify`")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--hf-dtype", default="bfloat16")
     ap.add_argument("--time-limit", type=float, default=120.0)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 
 import torch
 from hypothesis import given, settings
@@ -161,3 +162,57 @@ def test_greedy_on_model_dtype_logits_picks_the_float32_argmax(values, dtype):
     raw = (torch.tensor(values, dtype=torch.float32) / 4).to(dtype)
     choice = Sampler(SamplingParams(max_tokens=1, temperature=0), [0], raw.shape[0])(raw)
     assert choice.token == int(torch.argmax(raw.float()))
+
+
+def test_queued_wrong_guesses_are_withdrawn_and_their_bytes_returned():
+    """cancel_prefetches: guesses still queued behind a running read leave the queue and the budget; a running
+    read and guesses the routing kept stay; an expert whose guess was withdrawn still pages in when asked."""
+    started, release = threading.Event(), threading.Event()
+
+    def load(layer, e):
+        if (layer, e) == (1, 0):
+            started.set()
+            release.wait(5)
+        return Loaded((layer, e), 10)
+
+    cache = ExpertCache(load=load, nbytes_of=lambda l: 10, budget_bytes=100, workers=1)
+    assert cache.prefetch([(1, 0), (1, 1), (1, 2), (1, 3), (2, 7)]) == 5
+    assert started.wait(5)  # (1, 0) is being read; the rest wait in the one-thread queue
+    assert cache.cancel_prefetches(1, keep={3}) == 2  # (1, 1) and (1, 2): queued and not picked
+    assert cache.used_bytes == 30 and cache.stats.prefetch_cancelled == 2
+    release.set()
+    cache.wait_idle()
+    assert cache.resident_keys == {(1, 0), (1, 3), (2, 7)}
+    with cache.use((1, 1)) as v:
+        assert v.key == (1, 1)
+    assert cache.cancel_prefetches(1, keep=set()) == 0  # nothing queued any more
+    cache.close()
+
+
+@dataclass
+class Slotted:
+    key: tuple
+    buffer: torch.Tensor
+
+
+def test_evicted_slots_are_reused_by_the_next_reads_within_the_budget():
+    """A value with a `buffer` of the reserved size gives it back on eviction; the next read gets it (no fresh
+    pages), and spare slots count against the budget until taken."""
+    size, given = 64, []
+
+    def load(layer, e, buffer=None):
+        given.append(buffer)
+        return Slotted((layer, e), torch.empty(size, dtype=torch.uint8) if buffer is None else buffer)
+
+    cache = ExpertCache(load=load, nbytes_of=lambda l: size, budget_bytes=3 * size)
+    slots = set()
+    for i in range(12):
+        with cache.use((0, i)) as v:
+            assert v.key == (0, i)
+            slots.add(v.buffer.data_ptr())
+        assert cache.used_bytes <= 3 * size
+    assert given[:3] == [None] * 3 and all(b is not None for b in given[3:])
+    assert len(slots) == 3  # three slots served twelve experts
+    cache.resize(size)  # shrinking gives spare and evicted slots back
+    assert cache.used_bytes <= size
+    cache.close()

@@ -155,7 +155,8 @@ def _open_split(root: str, drop_page_cache: bool, verify: bool) -> Checkpoint:
     hashes = {rel: meta["sha256"] for rel, meta in manifest["files"].items()}
     resident = SafetensorsFile(os.path.join(root, manifest["resident"]), drop_page_cache=False)
     index = TensorIndex([resident])
-    source = SplitExpertSource(root, split_shard_path, family.EXPERT_NAMES, hashes, drop_page_cache, verify)
+    source = SplitExpertSource(root, split_shard_path, family.EXPERT_NAMES, hashes, drop_page_cache, verify,
+                               encoding=manifest.get("expert_encoding"))
     return Checkpoint(
         kind="split", root=root, config=config, family=family, args=args, experts=source,
         read_tensor=lambda n: index.read(n, "resident weight"),

@@ -25,6 +25,7 @@ class PreparedExpert:
     w13: torch.Tensor
     w2: torch.Tensor
     stored_nbytes: int
+    buffer: torch.Tensor | None = None  # the cache slot (aligned uint8) w13 and w2 live in, recycled on eviction
 
     @property
     def nbytes(self) -> int:
@@ -49,15 +50,23 @@ def _rows_back_to_back(a: torch.Tensor, b: torch.Tensor) -> bool:
             and b.data_ptr() == a.data_ptr() + a.numel() * a.element_size())
 
 
-def prepare_expert(w: ExpertWeights, dtype: torch.dtype, device) -> PreparedExpert:
+def _inside(t: torch.Tensor, buffer: torch.Tensor | None) -> bool:
+    return buffer is not None and t.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+
+
+def prepare_expert(w: ExpertWeights, dtype: torch.dtype, device, buffer: torch.Tensor | None = None
+                   ) -> PreparedExpert:
+    """buffer: the slot w was read into; kept on the result when the weights are used where they lie."""
     device = torch.device(device)
     if w.gate.dtype == dtype and w.gate.device == device and _rows_back_to_back(w.gate, w.up):
         w13 = w.gate.new_empty(0).set_(w.gate.untyped_storage(), w.gate.storage_offset(),
                                       (w.gate.shape[0] + w.up.shape[0], w.gate.shape[1]))  # [2I, H], no copy
     else:
         w13 = torch.cat([w.gate, w.up], dim=0).to(device=device, dtype=dtype)  # [2I, H]
-    w2 = w.down.to(device=device, dtype=dtype)  # [H, I]
-    return PreparedExpert(w13.contiguous(), w2.contiguous(), w.nbytes)
+    w2 = w.down.to(device=device, dtype=dtype).contiguous()  # [H, I]
+    w13 = w13.contiguous()
+    kept = buffer if _inside(w13, buffer) and _inside(w2, buffer) else None
+    return PreparedExpert(w13, w2, w.nbytes, kept)
 
 
 RoutingObserver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
@@ -164,6 +173,7 @@ class SparseMoE:
     def _experts_sorted(self, x: torch.Tensor, experts: list[int], w: torch.Tensor, slots: list[int],
                         residual: torch.Tensor | None = None) -> torch.Tensor:
         """x [1, H] through experts (ascending), expert i weighted by w[slots[i]]; (+ residual [1, H])."""
+        self.cache.cancel_prefetches(self.layer, keep=set(experts))
         self._prefetch([e for e in experts if (self.layer, e) not in self.cache])
         keys = [(self.layer, e) for e in experts]
         held = self.cache.acquire_many(keys)

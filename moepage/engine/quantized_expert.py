@@ -14,6 +14,7 @@ from moepage.engine.model_args import ModelArgs
 from moepage.engine.moe import PreparedExpert, prepare_expert
 from moepage.kernels.ggml import QuantizedTensor
 from moepage.kernels.ggml_experts import swiglu_quantized
+from moepage.paging.pread import aligned_bytes
 from moepage.paging.sources import ExpertSource
 
 
@@ -54,4 +55,11 @@ def expert_loader(source: ExpertSource, args: ModelArgs, dtype: torch.dtype, dev
         return (lambda layer, e: prepare_quantized_expert(source.read_quantized(layer, e), device),
                 lambda layer: sizes[layer], max(sizes.values()))
     each = PreparedExpert.nbytes_for(args.hidden_size, args.moe_intermediate_size, dtype)
-    return (lambda layer, e: prepare_expert(source.read(layer, e), dtype, device)), (lambda layer: each), each
+
+    def load(layer: int, e: int, buffer: torch.Tensor | None = None) -> PreparedExpert:
+        """buffer: an evicted expert's slot to reuse (the cache passes one when it has one)."""
+        if buffer is None and source.reads_into:
+            buffer = aligned_bytes(each)
+        return prepare_expert(source.read(layer, e, into=buffer), dtype, device, buffer)
+
+    return load, (lambda layer: each), each

@@ -20,8 +20,10 @@ CSRC = os.path.join(os.path.dirname(__file__), "csrc")
 MODULES = {
     "bf16_decode": ({"avx512f", "avx512bw", "avx512_bf16"}, ["-mavx512f", "-mavx512bw", "-mavx512bf16"]),
     "ggml_gemv": ({"avx512f"}, ["-mavx512f", "-mf16c", "-ffp-contract=off"]),
+    "bf16_unpack": ({"avx512f", "avx512bw", "avx512_vbmi2", "popcnt"}, ["-mavx512f", "-mavx512bw", "-mavx512vbmi2",
+                                                                         "-mpopcnt"]),
 }
-VERSION = "v15"
+VERSION = "v16"
 STALE_LOCK_SECONDS = 600  # a build lock older than this was left by a killed build (torch would wait on it forever)
 
 

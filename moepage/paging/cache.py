@@ -22,6 +22,10 @@ class BudgetTooSmall(RuntimeError):
     pass
 
 
+class PrefetchCancelled(Exception):
+    """A queued prefetch withdrawn before its read started (whoever waited on it reads the expert itself)."""
+
+
 @dataclass
 class _Entry:
     value: Any
@@ -47,6 +51,8 @@ class ExpertCache:
         self._cond = threading.Condition()
         self._entries: dict[Key, _Entry] = {}
         self._loading: dict[Key, Future] = {}
+        self._queued: dict[Key, tuple[Future, int]] = {}  # prefetches not yet started: (pool task, reserved bytes)
+        self._spares: list = []  # slot buffers of evicted experts, reused by the next reads (no fresh pages)
         self._used = 0
         self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="moepage-pagein")
         self.on_access: list[Callable[[Key, bool], None]] = []  # (key, hit) observers, e.g. a trace recorder
@@ -65,24 +71,43 @@ class ExpertCache:
         return key in self._entries
 
     def _evict(self, key: Key):
+        """Drop key; its slot buffer (if the value has one of the reserved size) is kept for the next read, its
+        bytes still counted in _used until that read takes it or _reserve drops it."""
         e = self._entries.pop(key)
         self.policy.remove(key)
-        self._used -= e.nbytes
+        buf = getattr(e.value, "buffer", None)
+        if buf is not None and buf.numel() == e.nbytes:
+            self._spares.append(buf)
+        else:
+            self._used -= e.nbytes
         with self.stats.lock:
             self.stats.evictions += 1
             if e.from_prefetch:
                 self.stats.prefetch_wasted += 1
 
-    def _reserve(self, n: int) -> bool:
+    def _reserve(self, n: int) -> tuple[bool, Any]:
+        """Make room for n bytes: (False, None) when pinned experts leave none; else (True, a spare slot buffer of
+        n bytes to read into, or None)."""
         if n > self.budget:
-            return False
-        while self._used + n > self.budget:
+            return False, None
+        while True:
+            spare = next((i for i, b in enumerate(self._spares) if b.numel() == n), None)
+            if spare is not None:
+                return True, self._spares.pop(spare)
+            if self._used + n <= self.budget:
+                self._used += n
+                return True, None
+            if self._spares:  # a slot of another size: give its memory back
+                self._used -= self._spares.pop().numel()
+                continue
             victim = next((k for k in self.policy.victims() if self._entries[k].pins == 0), None)
             if victim is None:
-                return False
+                return False, None
             self._evict(victim)
-        self._used += n
-        return True
+
+    def _drop_spares(self):
+        self._used -= sum(b.numel() for b in self._spares)
+        self._spares.clear()
 
     def resize(self, budget_bytes: int):
         with self._cond:
@@ -92,11 +117,12 @@ class ExpertCache:
                     break
                 if self._entries[k].pins == 0:
                     self._evict(k)
+            self._drop_spares()
 
     # ---- reads --------------------------------------------------------------------------------
-    def _read(self, key: Key):
+    def _read(self, key: Key, buffer=None):
         t0 = time.perf_counter()
-        value = self.load(*key)
+        value = self.load(*key) if buffer is None else self.load(*key, buffer)
         dt = time.perf_counter() - t0
         with self.stats.lock:
             self.stats.page_in.observe(dt)
@@ -128,7 +154,8 @@ class ExpertCache:
                 fut = self._loading.get(key)
                 if fut is None:
                     n = self.nbytes_of(key[0])
-                    if not self._reserve(n):
+                    ok, buffer = self._reserve(n)
+                    if not ok:
                         if self._loading:
                             self._cond.wait(0.05)
                             continue
@@ -147,7 +174,7 @@ class ExpertCache:
                 except Exception:
                     pass  # a failed prefetch: the next pass reads inline and raises the real error
                 continue
-            value = self._load_into(key, n, fut, pinned=True)
+            value = self._load_into(key, n, fut, pinned=True, buffer=buffer)
             with self._cond:
                 for cb in self.on_access:
                     cb(key, False)
@@ -208,7 +235,8 @@ class ExpertCache:
                 if key in self._entries or key in self._loading:
                     continue
                 n = self.nbytes_of(key[0])
-                if not self._reserve(n):
+                ok, buffer = self._reserve(n)
+                if not ok:
                     with self.stats.lock:
                         self.stats.prefetch_dropped += 1
                     continue
@@ -216,20 +244,40 @@ class ExpertCache:
                 self._loading[key] = fut
                 with self.stats.lock:
                     self.stats.prefetch_issued += 1
-            self._pool.submit(self._prefetch_one, key, n, fut)
+                self._queued[key] = (self._pool.submit(self._prefetch_one, key, n, fut, buffer), n)
             issued += 1
         return issued
 
-    def _prefetch_one(self, key: Key, n: int, fut: Future):
+    def cancel_prefetches(self, layer: int, keep) -> int:
+        """Withdraw the queued, not yet started prefetches of `layer` for experts outside `keep` (pre-gating guesses
+        the real routing did not pick): their bytes go back to the budget and the disk reads what is needed next."""
+        cancelled = 0
+        with self._cond:
+            for key in [k for k in self._queued if k[0] == layer and k[1] not in keep]:
+                task, n = self._queued.pop(key)
+                if task.cancel():
+                    self._used -= n
+                    self._loading.pop(key).set_exception(PrefetchCancelled(key))
+                    cancelled += 1
+            if cancelled:
+                with self.stats.lock:
+                    self.stats.prefetch_cancelled += cancelled
+                self._cond.notify_all()
+        return cancelled
+
+    def _prefetch_one(self, key: Key, n: int, fut: Future, buffer=None):
+        with self._cond:
+            self._queued.pop(key, None)
         try:
-            self._load_into(key, n, fut, pinned=False)
+            self._load_into(key, n, fut, pinned=False, buffer=buffer)
         except BaseException:
             pass  # recorded on the future; acquire() reads again inline and raises the real error
 
-    def _load_into(self, key: Key, n: int, fut: Future, pinned: bool):
-        """Read key into its reserved n bytes; on failure give the bytes back and re-raise."""
+    def _load_into(self, key: Key, n: int, fut: Future, pinned: bool, buffer=None):
+        """Read key into its reserved n bytes (into buffer, a recycled slot, when given); on failure give the bytes
+        back and re-raise."""
         try:
-            value = self._read(key)
+            value = self._read(key, buffer)
         except BaseException as exc:
             with self._cond:
                 self._used -= n
@@ -257,6 +305,7 @@ class ExpertCache:
             for k in [k for k, e in self._entries.items() if e.pins == 0]:
                 self._entries.pop(k)
                 self.policy.remove(k)
+            self._spares.clear()
             self._used = sum(e.nbytes for e in self._entries.values())
 
     def close(self):

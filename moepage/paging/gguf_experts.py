@@ -48,8 +48,8 @@ class QuantizedExpertSource(ExpertSource):
     def read_quantized(self, layer: int, expert: int) -> QuantizedExpertWeights:
         raise NotImplementedError
 
-    def read(self, layer: int, expert: int) -> ExpertWeights:
-        q = self.read_quantized(layer, expert)
+    def read(self, layer: int, expert: int, into: torch.Tensor | None = None) -> ExpertWeights:
+        q = self.read_quantized(layer, expert)  # into: unused (reads_into is False)
         try:
             return q.dequantize(torch.float32)
         except ValueError as e:

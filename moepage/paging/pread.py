@@ -26,6 +26,11 @@ def aligned_bytes(n: int) -> torch.Tensor:
     return raw[off : off + n]
 
 
+def span_bytes(start: int, end: int) -> int:
+    """Bytes an O_DIRECT read of [start, end) covers once widened to ALIGN boundaries."""
+    return -(-end // ALIGN) * ALIGN - (start - start % ALIGN)
+
+
 class PreadFile:
     def __init__(self, path: str, drop_page_cache: bool = False, what: str = "weight file"):
         self.path = str(path)
@@ -62,14 +67,18 @@ class PreadFile:
                 self._direct_ok = False
         return self._direct_fd if self._direct_ok else None
 
-    def read_span(self, start: int, end: int) -> torch.Tensor:
-        """Bytes [start, end) as uint8 [end - start]: one read, O_DIRECT when the file system allows it."""
+    def read_span(self, start: int, end: int, into: torch.Tensor | None = None) -> torch.Tensor:
+        """Bytes [start, end) as uint8 [end - start]: one read, O_DIRECT when the file system allows it.
+        into: an ALIGN-aligned uint8 buffer to read into (reused memory: no fresh pages to fault in), at least
+        span_bytes(start, end) long; the result is a view of it."""
         if end > self.size or start < 0 or end < start:
             raise CheckpointError(f"{self.path}: byte range [{start}, {end}) lies outside the file ({self.size} bytes)")
+        if into is not None and (into.numel() < span_bytes(start, end) or into.data_ptr() % ALIGN):
+            raise ValueError(f"read buffer of {into.numel()} bytes cannot take [{start}, {end}) aligned")
         fd = self._direct()
         if fd is not None:
             a, b = start - start % ALIGN, -(-end // ALIGN) * ALIGN
-            buf = aligned_bytes(b - a)
+            buf = aligned_bytes(b - a) if into is None else into[: b - a]
             view = memoryview(buf.numpy())
             try:
                 got = os.preadv(fd, [view], a)
@@ -80,7 +89,7 @@ class PreadFile:
                 return buf[start - a : end - a]
             if got >= 0:  # a short direct read that is not the end of file: finish below, buffered
                 self._direct_ok = False
-        out = torch.empty(end - start, dtype=torch.uint8)
+        out = torch.empty(end - start, dtype=torch.uint8) if into is None else into[: end - start]
         if end > start:
             self.read_into(memoryview(out.numpy()), start)
         return out

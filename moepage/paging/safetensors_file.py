@@ -33,9 +33,10 @@ class TensorInfo:
 
 
 class SafetensorsFile(PreadFile):
-    def __init__(self, path: str, drop_page_cache: bool = False):
+    def __init__(self, path: str, drop_page_cache: bool = False, header: tuple[dict, dict] | None = None):
+        """header: (tensors, metadata) parsed by an earlier open of the same unchanged file (skips the parse)."""
         super().__init__(path, drop_page_cache, "weight file")
-        self.tensors, self.metadata = self._parse_header()
+        self.tensors, self.metadata = header if header is not None else self._parse_header()
 
     def _parse_header(self) -> tuple[dict[str, TensorInfo], dict]:
         raw = os.pread(self.fd, 8, 0)

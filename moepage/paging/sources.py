@@ -5,6 +5,8 @@ Shape legend: I expert intermediate size, H hidden size.
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import os
 import threading
 from abc import ABC, abstractmethod
@@ -13,27 +15,35 @@ from typing import Callable
 
 import torch
 
+from moepage.paging.bf16_12bit import ENCODING, PARTS, EncodingError, Packed, unpack_into
+from moepage.paging.pread import aligned_bytes, span_bytes
 from moepage.paging.safetensors_file import CheckpointError, SafetensorsFile
 
 
 @dataclass
 class ExpertWeights:
-    """Raw weights of one routed expert as stored: gate [I, H], up [I, H], down [H, I]."""
+    """Raw weights of one routed expert: gate [I, H], up [I, H], down [H, I]; read_nbytes = bytes read from disk
+    for them when that differs from their size (an encoded shard)."""
 
     gate: torch.Tensor
     up: torch.Tensor
     down: torch.Tensor
+    read_nbytes: int | None = None
 
     @property
     def nbytes(self) -> int:
+        if self.read_nbytes is not None:
+            return self.read_nbytes
         return sum(t.numel() * t.element_size() for t in (self.gate, self.up, self.down))
 
 
 class ExpertSource(ABC):
     """Reads one routed expert's weights, each tensor one contiguous byte range."""
 
+    reads_into = False  # read(..., into=buf) places the weights in buf (a recycled cache slot)
+
     @abstractmethod
-    def read(self, layer: int, expert: int) -> ExpertWeights: ...
+    def read(self, layer: int, expert: int, into: torch.Tensor | None = None) -> ExpertWeights: ...
 
     @abstractmethod
     def stored_nbytes(self, layer: int) -> int:
@@ -51,8 +61,10 @@ def sha256_of(path: str, chunk: int = 8 << 20) -> str:
     return h.hexdigest()
 
 
-def read_parts(files: dict[str, SafetensorsFile], names: dict[str, str]) -> dict[str, torch.Tensor]:
-    """{part: tensor} for one expert; parts that lie back to back in one file come from a single read."""
+def read_parts(files: dict[str, SafetensorsFile], names: dict[str, str], into: torch.Tensor | None = None
+               ) -> dict[str, torch.Tensor]:
+    """{part: tensor} for one expert; parts that lie back to back in one file come from a single read (into `into`,
+    an aligned uint8 buffer, when given and every part lies in that one span)."""
     out: dict[str, torch.Tensor] = {}
     by_file: dict[int, list[str]] = {}
     for part, f in files.items():
@@ -61,13 +73,62 @@ def read_parts(files: dict[str, SafetensorsFile], names: dict[str, str]) -> dict
         f = files[parts[0]]
         infos = sorted(((f.tensors[names[p]], p) for p in parts), key=lambda t: t[0].start)
         if all(a.end == b.start for (a, _), (b, _) in zip(infos, infos[1:])):
-            span = f.read_span(infos[0][0].start, infos[-1][0].end)
+            start, end = infos[0][0].start, infos[-1][0].end
+            fits = into is not None and len(by_file) == 1 and into.numel() >= span_bytes(start, end)
+            span = f.read_span(start, end, into if fits else None)
             for info, p in infos:
                 out[p] = f.tensor_in(span, info, infos[0][0].start)
         else:
             for info, p in infos:
                 out[p] = f.read(names[p])
     return out
+
+
+_staging = threading.local()  # per page-in thread: the aligned buffer encoded shards are read into, reused
+
+
+def staging_bytes(n: int) -> torch.Tensor:
+    """This thread's reusable aligned read buffer, at least n bytes (grown when a larger shard comes)."""
+    buf = getattr(_staging, "buf", None)
+    if buf is None or buf.numel() < n:
+        buf = _staging.buf = aligned_bytes(n)
+    return buf
+
+
+def read_encoded_expert(f: SafetensorsFile, names: dict[str, str], what: str, into: torch.Tensor | None = None
+                        ) -> ExpertWeights:
+    """One expert from a bf16-12bit shard: the whole file body in one read (into this thread's staging buffer),
+    decoded into one bf16 buffer (`into`, uint8, when given) that holds gate, up and down back to back (so gate and up
+    are one [2I, H] tensor with no copy)."""
+    try:
+        shapes = json.loads(f.metadata["shapes"])
+        sizes = {p: math.prod(int(s) for s in shapes[name]) for p, name in names.items()}
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{f.path}: {what}: missing or malformed 'shapes' metadata for {ENCODING}") from None
+    infos = {}
+    for p, name in names.items():
+        for part in PARTS:
+            key = f"{name}.{part}"
+            if key not in f.tensors:
+                raise CheckpointError(f"{f.path}: tensor {key!r} ({what} {p}) is missing")
+            infos[(p, part)] = f.tensors[key]
+    start, end = min(i.start for i in infos.values()), max(i.end for i in infos.values())
+    span = f.read_span(start, end, staging_bytes(span_bytes(start, end)))
+    total = sum(sizes.values())
+    if into is not None and into.numel() >= 2 * total:
+        out = into[: 2 * total].view(torch.bfloat16)
+    else:
+        out = torch.empty(total, dtype=torch.bfloat16)
+    views, at = {}, 0
+    for p, name in names.items():
+        packed = Packed(*(f.tensor_in(span, infos[(p, part)], start) for part in PARTS))
+        try:
+            unpack_into(packed, out[at : at + sizes[p]])
+        except EncodingError as e:
+            raise CheckpointError(f"{f.path}: {what} {p}: {e}") from None
+        views[p] = out[at : at + sizes[p]].view(*shapes[name])
+        at += sizes[p]
+    return ExpertWeights(**views, read_nbytes=span.numel())
 
 
 class TensorRows:
@@ -128,10 +189,12 @@ class SafetensorsExpertSource(ExpertSource):
     def names(self, layer: int, expert: int) -> dict[str, str]:
         return {part: t.format(L=layer, E=expert) for part, t in self.table.items()}
 
-    def read(self, layer: int, expert: int) -> ExpertWeights:
+    reads_into = True
+
+    def read(self, layer: int, expert: int, into: torch.Tensor | None = None) -> ExpertWeights:
         names = self.names(layer, expert)
         files = {p: self.index.file_of(n, f"layer {layer} expert {expert} {p}") for p, n in names.items()}
-        return ExpertWeights(**read_parts(files, names))
+        return ExpertWeights(**read_parts(files, names, into))
 
     def stored_nbytes(self, layer: int) -> int:
         return sum(self.index.info(n, "expert").nbytes for n in self.names(layer, 0).values())
@@ -154,6 +217,7 @@ class ShardFiles:
         self._verified: set[str] = set()
         self._lock = threading.Lock()
         self._sizes: dict[int, int] = {}
+        self._headers: dict[str, tuple] = {}  # rel -> (file size, tensors, metadata): a page-in reads only the body
 
     def expert_nbytes(self, layer: int) -> int:
         """Bytes of one expert's tensors in `layer` (every expert of a layer has the same shapes)."""
@@ -180,32 +244,45 @@ class ShardFiles:
                 )
             with self._lock:
                 self._verified.add(rel)
+        size, *header = self._headers.get(rel, (None, None, None))
         try:
-            return SafetensorsFile(path, drop_page_cache=self.drop_page_cache)
+            f = SafetensorsFile(path, drop_page_cache=self.drop_page_cache, header=header if size else None)
+            if size is not None and f.size != size:  # the file was replaced since: parse it again
+                f.tensors, f.metadata = f._parse_header()
         except CheckpointError as e:
             raise CheckpointError(f"{e} (layer {layer} expert {expert})") from None
+        self._headers[rel] = (f.size, f.tensors, f.metadata)
+        return f
 
 
 class SplitExpertSource(ExpertSource):
-    """A `moepage split` directory: one small safetensors file per expert, sha256 checked at first page-in."""
+    """A `moepage split` directory: one small safetensors file per expert, sha256 checked at first page-in.
+    encoding "bf16-12bit" (`moepage split --lossless`): each tensor stored in the lossless 12-bit form."""
 
     def __init__(self, root: str, shard_path: Callable[[int, int], str], expert_table: dict[str, str],
-                 hashes: dict[str, str], drop_page_cache: bool = True, verify: bool = True):
+                 hashes: dict[str, str], drop_page_cache: bool = True, verify: bool = True, encoding: str | None = None):
+        if encoding not in (None, ENCODING):
+            raise CheckpointError(f"{root}: unknown expert encoding {encoding!r} (this moepage reads {ENCODING!r})")
         self.root = root
         self.shards = ShardFiles(root, shard_path, hashes, drop_page_cache, verify)
         self.table = expert_table
+        self.encoding = encoding
 
     def _open(self, layer: int, expert: int) -> SafetensorsFile:
         return self.shards.open(layer, expert)
 
-    def read(self, layer: int, expert: int) -> ExpertWeights:
+    reads_into = True
+
+    def read(self, layer: int, expert: int, into: torch.Tensor | None = None) -> ExpertWeights:
         f = self._open(layer, expert)
         try:
             names = {part: t.format(L=layer, E=expert) for part, t in self.table.items()}
+            if self.encoding == ENCODING:
+                return read_encoded_expert(f, names, f"layer {layer} expert {expert}", into)
             for part, name in names.items():
                 if name not in f.tensors:
                     raise CheckpointError(f"{f.path}: tensor {name!r} (layer {layer} expert {expert} {part}) is missing")
-            return ExpertWeights(**read_parts({p: f for p in names}, names))
+            return ExpertWeights(**read_parts({p: f for p in names}, names, into))
         finally:
             f.close()
 

@@ -41,6 +41,7 @@ class CacheStats:
     prefetch_used: int = 0
     prefetch_wasted: int = 0
     prefetch_dropped: int = 0
+    prefetch_cancelled: int = 0  # queued guesses withdrawn once the real routing was known
     guess_predicted: int = 0  # pre-gating: experts predicted for the next layer
     guess_correct: int = 0  # ... that the next layer then used
     guess_needed: int = 0  # experts the predicted layers used
@@ -73,6 +74,7 @@ class CacheStats:
                 "bytes_read": self.bytes_read, "hit_rate": self.hit_rate,
                 "prefetch_issued": self.prefetch_issued, "prefetch_used": self.prefetch_used,
                 "prefetch_wasted": self.prefetch_wasted, "prefetch_dropped": self.prefetch_dropped,
+                "prefetch_cancelled": self.prefetch_cancelled,
                 "guess_predicted": self.guess_predicted, "guess_correct": self.guess_correct,
                 "guess_needed": self.guess_needed, "guess_precision": self.guess_precision,
                 "guess_recall": self.guess_recall,

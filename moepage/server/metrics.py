@@ -43,6 +43,8 @@ class EngineCollector(Collector):
         yield counter("moepage_prefetch_used", "Prefetched experts that were used", s["prefetch_used"])
         yield counter("moepage_prefetch_wasted", "Prefetched experts evicted unused", s["prefetch_wasted"])
         yield counter("moepage_prefetch_dropped", "Prefetches skipped for lack of budget", s["prefetch_dropped"])
+        yield counter("moepage_prefetch_cancelled", "Queued pre-gating guesses withdrawn once the real routing was known",
+                      s["prefetch_cancelled"])
         yield counter("moepage_pregate_predicted_experts", "Experts the pre-gating router guess named for the next layer",
                       s["guess_predicted"])
         yield counter("moepage_pregate_correct_experts", "Pre-gating guesses the next layer then used", s["guess_correct"])

@@ -9,15 +9,30 @@ import os
 import shutil
 from typing import Callable
 
+import torch
 from safetensors.torch import save_file
 
 from moepage.engine.checkpoint import MANIFEST, TOKENIZER_FILES, open_checkpoint, split_shard_path
+from moepage.paging.bf16_12bit import ENCODING, pack
 from moepage.paging.sources import sha256_of
 
 RESIDENT_FILE = "resident.safetensors"
 
 
-def split_checkpoint(src: str, out: str, log: Callable[[str], None] = lambda s: None) -> dict:
+def encoded_shard(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """One expert's bf16 tensors -> (the safetensors entries of their 12-bit encoding, the file's metadata)."""
+    entries: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        if t.dtype != torch.bfloat16:
+            raise ValueError(f"--lossless encodes bf16 experts; {name} is {t.dtype} (split without --lossless)")
+        entries.update(pack(t).tensors(name))
+    shapes = {name: list(t.shape) for name, t in tensors.items()}
+    return entries, {"format": "pt", "encoding": ENCODING, "shapes": json.dumps(shapes)}
+
+
+def split_checkpoint(src: str, out: str, log: Callable[[str], None] = lambda s: None, lossless: bool = False) -> dict:
+    """lossless: store each bf16 expert in the 12-bit encoding (paging/bf16_12bit.py): a quarter fewer bytes to
+    page in, the same bits after decoding."""
     ckpt = open_checkpoint(src, drop_page_cache=False, verify=True)
     if os.path.exists(os.path.join(out, MANIFEST)):
         raise FileExistsError(f"{out}: already holds a split model ({MANIFEST}); choose an empty directory")
@@ -40,7 +55,12 @@ def split_checkpoint(src: str, out: str, log: Callable[[str], None] = lambda s: 
             names = {p: t.format(L=layer, E=e) for p, t in ckpt.family.EXPERT_NAMES.items()}
             rel = split_shard_path(layer, e)
             os.makedirs(os.path.dirname(os.path.join(out, rel)), exist_ok=True)
-            save_file({names[p]: getattr(w, p).contiguous() for p in names}, os.path.join(out, rel))
+            tensors = {names[p]: getattr(w, p).contiguous() for p in names}
+            if lossless:
+                entries, metadata = encoded_shard(tensors)
+                save_file(entries, os.path.join(out, rel), metadata=metadata)
+            else:
+                save_file(tensors, os.path.join(out, rel))
             record(rel)
         log(f"layer {layer}: {args.num_experts} expert shards")
     copied = []
@@ -59,6 +79,7 @@ def split_checkpoint(src: str, out: str, log: Callable[[str], None] = lambda s: 
         "experts": {"layers": args.moe_layers, "per_layer": args.num_experts, "shard_pattern": split_shard_path(0, 0)
                     .replace("L000", "L{layer:03d}").replace("E0000", "E{expert:04d}")},
         "tokenizer_files": [c for c in copied if c != "config.json"],
+        **({"expert_encoding": ENCODING} if lossless else {}),
         "files": files,
     }
     with open(os.path.join(out, MANIFEST), "w") as f:

@@ -514,12 +514,16 @@ DecodeOut attention_decode(
 
 }  // namespace
 
+// Every entry point releases the GIL: while the decode thread computes, the expert page-in threads run their
+// Python (file opens, header parsing, bookkeeping) on the other core instead of waiting for the kernel to return.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("linear", &linear, "bf16 x [M, K] @ w [N, K]^T (+ bias) for small M");
+  const auto free_gil = py::call_guard<py::gil_scoped_release>();
+  m.def("linear", &linear, "bf16 x [M, K] @ w [N, K]^T (+ bias) for small M", free_gil);
   m.def("experts_one_token", &experts_one_token, "one token through a list of routed SwiGLU experts",
-        py::arg("x"), py::arg("w13"), py::arg("w2"), py::arg("weights"), py::arg("residual") = py::none());
-  m.def("rms_norm", &rms_norm, "RMSNorm over the last dim, reference rounding");
-  m.def("rope", &rope, "rotate-half rotary embedding, reference rounding");
-  m.def("route_softmax_topk", &route_softmax_topk, "one token's softmax top-k routing, experts ascending");
-  m.def("attention_decode", &attention_decode, "one decode token through a layer's attention half, its FFN norm and router");
+        py::arg("x"), py::arg("w13"), py::arg("w2"), py::arg("weights"), py::arg("residual") = py::none(), free_gil);
+  m.def("rms_norm", &rms_norm, "RMSNorm over the last dim, reference rounding", free_gil);
+  m.def("rope", &rope, "rotate-half rotary embedding, reference rounding", free_gil);
+  m.def("route_softmax_topk", &route_softmax_topk, "one token's softmax top-k routing, experts ascending", free_gil);
+  m.def("attention_decode", &attention_decode,
+        "one decode token through a layer's attention half, its FFN norm and router", free_gil);
 }

@@ -168,6 +168,7 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor raw, const std::string& type
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("dequantize", &dequantize, "GGML bytes [N, K] -> float32, bit-exact with gguf-py");
-  m.def("linear", &linear, "x [M, K] @ GGML weight [N, K]^T, one block decoded at a time");
+  const auto free_gil = py::call_guard<py::gil_scoped_release>();  // page-in threads run while a kernel computes
+  m.def("dequantize", &dequantize, "GGML bytes [N, K] -> float32, bit-exact with gguf-py", free_gil);
+  m.def("linear", &linear, "x [M, K] @ GGML weight [N, K]^T, one block decoded at a time", free_gil);
 }

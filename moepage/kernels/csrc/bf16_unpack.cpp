@@ -1,0 +1,92 @@
+// Decoder of moepage's lossless 12-bit bf16 encoding (moepage/paging/bf16_12bit.py writes it).
+//
+// One tensor of N bf16 values, B = ceil(N / 64) blocks of 64 values:
+//   lo    uint8 [N]       the low byte of each value (7 mantissa bits and the lowest exponent bit)
+//   codes uint8 [B * 32]  byte j of block b: the code of value 64b+j in its low nibble, of value 64b+32+j in its high
+//                         nibble; code c < 15 means high byte lut[c], code 15 means "the next byte of exc"
+//   exc   uint8 [X]       the high bytes of the escaped values, in order
+//   lut   uint8 [16]
+// A block decodes with one shuffle (the table lookup), one masked expand-load (the escapes) and two unpacks.
+#include <torch/extension.h>
+#include <immintrin.h>
+
+#include <cstdint>
+
+namespace {
+
+constexpr uint8_t ESCAPE = 15;
+
+// Values [from, n) of the last, partial block, one at a time; returns the escapes used.
+int64_t unpack_tail(const uint8_t* lo, const uint8_t* codes, const uint8_t* exc, int64_t exc_left, const uint8_t* lut,
+                    int64_t from, int64_t n, uint16_t* out) {
+  int64_t used = 0;
+  for (int64_t i = from; i < n; ++i) {
+    const int64_t j = i % 64, block = i / 64;
+    const uint8_t byte = codes[block * 32 + (j % 32)];
+    const uint8_t code = j < 32 ? (byte & 0x0F) : (byte >> 4);
+    uint8_t hi;
+    if (code == ESCAPE) {
+      TORCH_CHECK(used < exc_left, "bf16-12bit: more escaped values than escape bytes (corrupt expert shard)");
+      hi = exc[used++];
+    } else {
+      hi = lut[code];
+    }
+    out[i] = static_cast<uint16_t>(lo[i]) | (static_cast<uint16_t>(hi) << 8);
+  }
+  return used;
+}
+
+}  // namespace
+
+// out bf16 [N] <- the encoded tensor; checks every escape has its byte and every escape byte is used.
+void unpack_bf16(const torch::Tensor& lo, const torch::Tensor& codes, const torch::Tensor& exc, const torch::Tensor& lut,
+                 torch::Tensor& out) {
+  TORCH_CHECK(lo.dtype() == torch::kUInt8 && codes.dtype() == torch::kUInt8 && exc.dtype() == torch::kUInt8 &&
+              lut.dtype() == torch::kUInt8, "bf16-12bit: the parts are uint8");
+  TORCH_CHECK(out.dtype() == torch::kBFloat16 && out.is_contiguous() && lo.is_contiguous() && codes.is_contiguous() &&
+              exc.is_contiguous() && lut.is_contiguous(), "bf16-12bit: contiguous parts and a contiguous bf16 output");
+  const int64_t n = out.numel();
+  const int64_t blocks = (n + 63) / 64;
+  TORCH_CHECK(lo.numel() == n, "bf16-12bit: ", lo.numel(), " low bytes for ", n, " values");
+  TORCH_CHECK(codes.numel() == blocks * 32, "bf16-12bit: ", codes.numel(), " code bytes for ", n, " values (want ",
+              blocks * 32, ")");
+  TORCH_CHECK(lut.numel() == 16, "bf16-12bit: the table has ", lut.numel(), " entries, not 16");
+  const uint8_t* l = lo.data_ptr<uint8_t>();
+  const uint8_t* c = codes.data_ptr<uint8_t>();
+  const uint8_t* e = exc.data_ptr<uint8_t>();
+  const uint8_t* t = lut.data_ptr<uint8_t>();
+  uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  const int64_t exc_n = exc.numel();
+  int64_t used = 0;
+  const int64_t full = n / 64;
+  const __m512i table = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t)));
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  const __m512i escape = _mm512_set1_epi8(ESCAPE);
+  const __m512i first = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0);
+  const __m512i second = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
+  for (int64_t b = 0; b < full; ++b) {
+    const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + b * 32));
+    const __m512i code = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(packed, nibble)),
+                                            _mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble), 1);  // [64]
+    __m512i hi = _mm512_shuffle_epi8(table, code);
+    const __mmask64 esc = _mm512_cmpeq_epi8_mask(code, escape);
+    if (esc) {
+      const int64_t k = _mm_popcnt_u64(esc);
+      TORCH_CHECK(used + k <= exc_n, "bf16-12bit: more escaped values than escape bytes (corrupt expert shard)");
+      hi = _mm512_mask_expandloadu_epi8(hi, esc, e + used);
+      used += k;
+    }
+    const __m512i low = _mm512_loadu_si512(l + b * 64);
+    const __m512i a = _mm512_unpacklo_epi8(low, hi);  // values 0-7, 16-23, 32-39, 48-55 of the block
+    const __m512i d = _mm512_unpackhi_epi8(low, hi);  // values 8-15, 24-31, 40-47, 56-63
+    _mm512_storeu_si512(o + b * 64, _mm512_permutex2var_epi64(a, first, d));
+    _mm512_storeu_si512(o + b * 64 + 32, _mm512_permutex2var_epi64(a, second, d));
+  }
+  used += unpack_tail(l, c, e + used, exc_n - used, t, full * 64, n, o);
+  TORCH_CHECK(used == exc_n, "bf16-12bit: ", exc_n, " escape bytes for ", used, " escaped values (corrupt expert shard)");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("unpack_bf16", &unpack_bf16, "lossless 12-bit bf16 encoding -> bf16 (releases the GIL: page-in threads)",
+        py::call_guard<py::gil_scoped_release>());
+}
