@@ -176,7 +176,9 @@ def main():
             print(f"skipping the {cap:.0%} cap: needs root and cgroup v1 memory at {CGROOT}", file=sys.stderr)
             continue
         cg = make_cgroup(f"moepage-bench-{int(cap * 100)}", limit) if limit else None
-        for rep, system in [(rep, s) for rep in range(1 if limit else a.repeats) for s in systems]:
+        lowest = cap == min(float(c) for c in a.caps.split(","))
+        # uncapped and lowest-cap runs repeat (disk and memory bandwidth both drift by 15-30% between minutes here)
+        for rep, system in [(rep, s) for rep in range(a.repeats if not limit or lowest else 1) for s in systems]:
             if system == "transformers" and (limit or rep):
                 continue  # transformers loads every weight; it does not run under a cap below the model size
             extra = []
@@ -185,7 +187,7 @@ def main():
                 if limit:
                     extra += ["--memory-budget", str(limit - a.overhead)]
             variants = [("", extra)]
-            if system == "moepage" and limit and cap == min(float(c) for c in a.caps.split(",")):
+            if system == "moepage" and limit and lowest and rep == 0:
                 variants[0] = ("", extra + ["--trace", os.path.join(a.out, "trace.jsonl")])
                 variants.append((" (+ pre-gating)", extra + ["--pregate"]))
                 variants.append((" (prefetch off)", extra + ["--no-prefetch"]))
@@ -283,13 +285,16 @@ def report(rows, pread_p50, size, a):
                 + (f" {r['error']}" if r.get("error") else "") + " |")
     repeated = [r for r in rows if len(r.get("decode_tps_runs", [])) > 1]
     if repeated:
-        lines += ["", "uncapped decode tok/s, every run in the order run (moepage and llama.cpp alternating; the table "
-                  "gives the median): " + "; ".join(f"{r['label']} " + ", ".join(fmt(x) for x in r["decode_tps_runs"])
-                                                      for r in repeated)]
-        mine, peer = get("moepage", 1.0), get("llamacpp", 1.0)
-        if mine and peer and len(mine["decode_tps_runs"]) == len(peer["decode_tps_runs"]):
-            pairs = [m / p for m, p in zip(mine["decode_tps_runs"], peer["decode_tps_runs"]) if m and p]
-            lines.append("moepage/llama.cpp run by run: " + ", ".join(f"{x:.2f}x" for x in pairs))
+        lines += ["", "decode tok/s of every repeated run, in the order run (moepage and llama.cpp alternating; the "
+                  "table gives the median): " + "; ".join(
+                      f"{r['label']} at {cap_label(r['cap'], r)} " + ", ".join(fmt(x) for x in r["decode_tps_runs"])
+                      for r in repeated)]
+        for cap in sorted({r["cap"] for r in repeated}, reverse=True):
+            mine, peer = get("moepage", cap), get("llamacpp", cap)
+            if mine and peer and len(mine["decode_tps_runs"]) == len(peer["decode_tps_runs"]) > 1:
+                pairs = [m / p for m, p in zip(mine["decode_tps_runs"], peer["decode_tps_runs"]) if m and p]
+                lines.append(f"moepage/llama.cpp run by run at {cap_label(cap, mine)}: "
+                             + ", ".join(f"{x:.2f}x" for x in pairs))
     low = get("moepage", min(caps)) if caps else None
     if low and low.get("cache"):
         # page-in against a bare read of the same bytes: the run that reads the checkpoint's own bf16 bytes

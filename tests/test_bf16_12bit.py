@@ -11,11 +11,15 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from conftest import prompt_ids
 from moepage.cli import main as cli_main
 from moepage.engine.checkpoint import open_checkpoint
 from moepage.engine.engine import Engine, EngineConfig
 from moepage.kernels import native
-from moepage.paging.bf16_12bit import EncodingError, Packed, pack, unpack_into, unpack_torch
+from moepage.engine.sampling import SamplingParams
+from moepage.kernels.cpu_bf16 import linear
+from moepage.paging.bf16_12bit import (EncodingError, Packed, PackedMatrix, fused_kernel, pack, unpack_into,
+                                       unpack_torch)
 from moepage.paging.safetensors_file import CheckpointError
 from moepage.paging.sources import sha256_of
 from moepage.surgery.split import split_checkpoint, verify_split
@@ -140,3 +144,42 @@ def test_lossless_split_refuses_float32_and_reports_a_corrupt_shard(checkpoints,
     (out / "moepage.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="unknown expert encoding 'bf16-9bit'"):
         Engine.load(EngineConfig(str(out)))
+
+
+@pytest.mark.parametrize("rows", [1, 64, 100])
+def test_packed_matrix_products_are_the_bf16_matrix_products(rows, monkeypatch):
+    """Blocks of `rows` rows, each with its own table; normal weights with arbitrary bit patterns mixed in (finite:
+    a NaN in a product row makes two results incomparable)."""
+    monkeypatch.setattr(PackedMatrix, "ROWS", rows)
+    g = torch.Generator().manual_seed(rows)
+    w = (torch.randn(300, 128, generator=g) * 0.02).to(torch.bfloat16)
+    anything = torch.randint(-(2**15), 2**15, w.shape, generator=g, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    w = torch.where((torch.rand(w.shape, generator=g) < 0.01) & anything.float().abs().lt(1e3), anything, w)
+    m = PackedMatrix.of(w)
+    if rows > 1:  # (one-row blocks: every row's 15 most common high bytes cover its few odd values)
+        assert m.exc.numel() > 0 and m.nbytes < w.numel() * 2 * 0.8
+    for i in range(m.luts.shape[0]):
+        assert torch.equal(bits(m.block(i)), bits(w[i * rows : (i + 1) * rows]))
+    for M in (1, 3, 20):  # the fused kernel, the few-rows kernel, torch's GEMM
+        x = torch.randn(M, 128, generator=g).to(torch.bfloat16)
+        assert torch.equal(bits(m.linear(x, linear)), bits(linear(x, w))), M
+    with pytest.raises(EncodingError, match="multiple of 64 columns"):
+        PackedMatrix.of(w[:, :100].contiguous())
+
+
+def test_engine_packed_lm_head_gives_the_same_logits_in_less_memory(checkpoints):
+    path = checkpoints("qwen3_moe", "bfloat16")
+    engines = {flag: Engine.load(EngineConfig(str(path), pack_lm_head=flag)) for flag in (False, None)}
+    plain, packed = engines[False], engines[None]
+    assert isinstance(packed.model.lm_head, PackedMatrix) == (fused_kernel() is not None)
+    ids = torch.tensor(prompt_ids(40, plain.args.vocab_size, seed=5))
+    a = plain.model.forward(ids, plain.model.new_kv_cache(64), start=0, all_logits=True)
+    b = packed.model.forward(ids, packed.model.new_kv_cache(64), start=0, all_logits=True)
+    assert torch.equal(bits(a), bits(b))
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    assert ([s.token for s in plain.generate(ids.tolist(), params)]
+            == [s.token for s in packed.generate(ids.tolist(), params)])
+    if fused_kernel() is not None:
+        assert packed.plan.resident_bytes < plain.plan.resident_bytes
+    for e in engines.values():
+        e.close()

@@ -15,6 +15,7 @@ from moepage.engine.quantized_expert import expert_loader
 from moepage.engine.sampling import Sampler, SamplingParams
 from moepage.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from moepage.paging.allocator import return_freed_memory
+from moepage.paging.bf16_12bit import PackedMatrix, fused_kernel
 from moepage.paging.budget import MemoryPlan, plan_memory
 from moepage.paging.trace import TraceRecorder
 from moepage.paging.cache import ExpertCache
@@ -52,6 +53,10 @@ class EngineConfig:
     # Read every expert at load when the budget holds them all (a fully resident model starts warm, as llama.cpp's
     # mmap does with a warm page cache). None: do so exactly when every expert fits.
     preload: bool | None = None
+    # Hold the lm_head (the largest resident matrix: 311 MB for a 152k vocabulary at hidden 1024) in the lossless
+    # 12-bit form and multiply from it directly: 25% less memory, the same logits bit for bit, a faster decode where
+    # memory bandwidth is the limit. None: wherever the fused kernel runs (bf16, AVX512-BF16 + VBMI2).
+    pack_lm_head: bool | None = None
 
 
 @dataclass
@@ -130,9 +135,16 @@ class Engine:
         on_disk = cfg.embed_on_disk if cfg.embed_on_disk is not None else cfg.memory_budget is not None
         if on_disk and not args.tie_word_embeddings:
             embed_rows = ckpt.tensor_rows(names["embed"], dtype, device)
+        head_rows = _packable_lm_head(cfg, ckpt, names, dtype, device)
         weights = {c: ckpt.resident_tensor(n, dtype, device) for c, n in names.items()
-                   if not (c == "embed" and embed_rows is not None)}
-        resident_bytes = sum(t.numel() * t.element_size() for t in weights.values())
+                   if not (c == "embed" and embed_rows is not None) and not (c == "lm_head" and head_rows)}
+        if head_rows is not None:  # read a block of rows at a time and keep it in the 12-bit form
+            R = PackedMatrix.ROWS
+            weights["lm_head"] = PackedMatrix((head_rows.rows, head_rows.cols),
+                                              (head_rows.block(i, min(head_rows.rows, i + R))
+                                               for i in range(0, head_rows.rows, R)))
+        resident_bytes = sum(t.nbytes if isinstance(t, PackedMatrix) else t.numel() * t.element_size()
+                             for t in weights.values())
         ctx = int(cfg.ctx_size or min(args.max_position_embeddings, 4096))
         kv_bytes = KVCache.bytes_for(args.num_layers, args.num_kv_heads, args.head_dim, ctx, dtype)
         n_experts = len(args.moe_layers) * args.num_experts
@@ -277,6 +289,23 @@ class Engine:
             logits = self.model.forward(torch.tensor([choice.token]), self.kv)[-1]
             self.kv_ids.append(choice.token)
         stats.decode_seconds = time.perf_counter() - t_decode
+
+
+def _packable_lm_head(cfg: EngineConfig, ckpt, names: dict[str, str], dtype: torch.dtype, device):
+    """The lm_head's row reader when it is to be held in the lossless 12-bit form (EngineConfig.pack_lm_head;
+    None = wherever the fused kernel runs: a bf16 model on a CPU with AVX512-BF16 and VBMI2), else None."""
+    want = cfg.pack_lm_head
+    if want is False or "lm_head" not in names or ckpt.args.tie_word_embeddings:
+        return None
+    able = (dtype == torch.bfloat16 and device.type == "cpu" and ckpt.args.hidden_size % 64 == 0
+            and fused_kernel() is not None)
+    rows = ckpt.tensor_rows(names["lm_head"], dtype, device) if able else None
+    if rows is not None and rows.info.dtype != torch.bfloat16:
+        rows = None  # a float32 checkpoint computed in bf16 keeps the plain path (the packed form is of bf16 bits)
+    if want and rows is None:
+        raise ValueError("pack_lm_head needs a bf16 safetensors lm_head, hidden size a multiple of 64, and a CPU "
+                         "with AVX512-BF16 and AVX512-VBMI2")
+    return rows
 
 
 def choose_policy(name: str, plan: MemoryPlan, experts_per_token: int) -> str:

@@ -18,6 +18,7 @@ from moepage.kernels.cpu_bf16 import linear
 from moepage.kernels.experts import swiglu
 from moepage.kernels.norm import rms_norm
 from moepage.kernels.rope import RotaryTable, apply_rope
+from moepage.paging.bf16_12bit import PackedMatrix
 from moepage.paging.cache import ExpertCache
 
 
@@ -192,4 +193,7 @@ class MoEModel:
         kv.length = start + tokens.shape[0]
         if not all_logits:
             h = h[-1:]
-        return linear(rms_norm(h, self.norm, a.rms_norm_eps), self.lm_head)  # [T|1, V]
+        h = rms_norm(h, self.norm, a.rms_norm_eps)
+        if isinstance(self.lm_head, PackedMatrix):
+            return self.lm_head.linear(h, linear)  # [T|1, V], bit for bit the bf16 matrix's product
+        return linear(h, self.lm_head)  # [T|1, V]

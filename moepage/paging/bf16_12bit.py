@@ -105,3 +105,73 @@ def unpack_into(p: Packed, out: torch.Tensor) -> torch.Tensor:
     except RuntimeError as e:
         raise EncodingError(str(e).splitlines()[0]) from None
     return out
+
+
+class PackedMatrix:
+    """A resident bf16 matrix W [N, K] held in the 12-bit form (a quarter less memory and memory traffic), with
+    x @ W^T computed straight from it: a decode token's row by the fused C++ kernel (bit for bit the plain bf16
+    kernel's result), more rows by decoding one block of rows at a time into a small bf16 buffer. Each block of
+    ROWS rows has its own table, so the matrix can be built from blocks read one at a time (no full bf16 copy)."""
+
+    ROWS = 4096  # rows per table and per decoded block (8 MiB of bf16 at K = 1024)
+
+    def __init__(self, shape: tuple[int, int], blocks):
+        """blocks: bf16 tensors of ROWS rows each (the last may be shorter), in order, K a multiple of 64."""
+        n, k = shape
+        if k % 64:
+            raise EncodingError(f"PackedMatrix needs a multiple of 64 columns, not {k}")
+        self.shape = (n, k)
+        self.lo = torch.empty(n * k, dtype=torch.uint8)
+        self.codes = torch.empty(n * k // 2, dtype=torch.uint8)
+        self.luts = torch.empty(-(-n // self.ROWS), 16, dtype=torch.uint8)
+        self.row_exc = torch.zeros(n + 1, dtype=torch.int64)
+        escapes, r = [], 0
+        for i, block in enumerate(blocks):
+            m = block.shape[0]
+            if block.shape != (m, k) or (m != self.ROWS and r + m != n) or r + m > n:
+                raise EncodingError(f"block {i} of shape {tuple(block.shape)} does not fit rows {r}.. of {shape}")
+            p = pack(block)
+            self.lo[r * k : (r + m) * k] = p.lo
+            self.codes[r * k // 2 : (r + m) * k // 2] = p.codes
+            self.luts[i] = p.lut
+            escapes.append(p.exc)
+            rows = p.codes.view(m, k // 2)
+            per_row = ((rows & 0x0F) == ESCAPE).sum(1) + ((rows >> 4) == ESCAPE).sum(1)  # [m]
+            self.row_exc[r + 1 : r + m + 1] = self.row_exc[r] + torch.cumsum(per_row, 0)
+            r += m
+        if r != n:
+            raise EncodingError(f"blocks gave {r} rows of {n}")
+        self.exc = torch.cat(escapes) if escapes else torch.empty(0, dtype=torch.uint8)
+
+    @classmethod
+    def of(cls, w: torch.Tensor) -> "PackedMatrix":
+        if w.dim() != 2 or w.dtype != torch.bfloat16:
+            raise EncodingError(f"PackedMatrix holds a 2-D bf16 matrix, not {w.dtype} {tuple(w.shape)}")
+        return cls(tuple(w.shape), (w[i : i + cls.ROWS] for i in range(0, w.shape[0], cls.ROWS)))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.lo, self.codes, self.exc, self.luts, self.row_exc))
+
+    def block(self, i: int) -> torch.Tensor:
+        """Rows [i * ROWS, (i + 1) * ROWS) decoded to bf16."""
+        n, k = self.shape
+        n0, n1 = i * self.ROWS, min(n, (i + 1) * self.ROWS)
+        part = Packed(self.lo[n0 * k : n1 * k], self.codes[n0 * k // 2 : n1 * k // 2],
+                      self.exc[int(self.row_exc[n0]) : int(self.row_exc[n1])], self.luts[i])
+        return unpack_into(part, torch.empty(n1 - n0, k, dtype=torch.bfloat16))
+
+    def linear(self, x: torch.Tensor, linear) -> torch.Tensor:
+        """x [M, K] @ W^T -> [M, N]; linear(x, w) is the plain kernel the decoded blocks go through."""
+        if x.shape[0] == 1 and x.dtype == torch.bfloat16 and x.device.type == "cpu" and fused_kernel() is not None:
+            return fused_kernel().linear_12bit(x.contiguous(), self.lo, self.codes, self.exc, self.row_exc,
+                                               self.luts, self.ROWS)
+        out = torch.empty(x.shape[0], self.shape[0], dtype=x.dtype, device=x.device)
+        for i in range(self.luts.shape[0]):
+            out[:, i * self.ROWS : (i + 1) * self.ROWS] = linear(x, self.block(i).to(x.device))
+        return out
+
+
+def fused_kernel():
+    """The C++ module with linear_12bit where the CPU runs it (AVX512-BF16 besides the decoder's VBMI2), else None."""
+    return native.load("bf16_unpack") if "avx512_bf16" in native.cpu_flags() else None

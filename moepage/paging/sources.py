@@ -151,6 +151,11 @@ class TensorRows:
             self.f.read_into(memoryview(raw[i].numpy()), self.info.start + row * self.row_bytes)
         return out.to(device=self.device, dtype=self.dtype).view(*ids.shape, self.cols)
 
+    def block(self, n0: int, n1: int) -> torch.Tensor:
+        """Rows [n0, n1) in one read, in the compute dtype [n1 - n0, cols]."""
+        span = self.f.read_span(self.info.start + n0 * self.row_bytes, self.info.start + n1 * self.row_bytes)
+        return span.view(self.info.dtype).view(n1 - n0, self.cols).to(device=self.device, dtype=self.dtype)
+
 
 class TensorIndex:
     """Tensor name -> the safetensors file that holds it, for one checkpoint."""

@@ -8,6 +8,7 @@
 //   lut   uint8 [16]
 // A block decodes with one shuffle (the table lookup), one masked expand-load (the escapes) and two unpacks.
 #include <torch/extension.h>
+#include <ATen/Parallel.h>
 #include <immintrin.h>
 
 #include <cstdint>
@@ -86,7 +87,84 @@ void unpack_bf16(const torch::Tensor& lo, const torch::Tensor& codes, const torc
   TORCH_CHECK(used == exc_n, "bf16-12bit: ", exc_n, " escape bytes for ", used, " escaped values (corrupt expert shard)");
 }
 
+namespace {
+
+constexpr int64_t PREFETCH_AHEAD = 4096;  // bytes of low bytes ahead (codes: half of it), as gemv_one_row reads bf16
+
+// The 64 values of one block: w0 = values 0..31, w1 = values 32..63 (bf16 bits); e advances past its escapes.
+__attribute__((target("avx512f,avx512bw,avx512vbmi2"))) inline void decode_block(
+    const uint8_t* lo, const uint8_t* codes, const uint8_t*& e, __m512i table, __m512i& w0, __m512i& w1) {
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes));
+  const __m512i code = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(packed, nibble)),
+                                          _mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble), 1);
+  __m512i hi = _mm512_shuffle_epi8(table, code);
+  const __mmask64 esc = _mm512_cmpeq_epi8_mask(code, _mm512_set1_epi8(ESCAPE));
+  if (esc) {
+    hi = _mm512_mask_expandloadu_epi8(hi, esc, e);
+    e += _mm_popcnt_u64(esc);
+  }
+  const __m512i low = _mm512_loadu_si512(lo);
+  const __m512i a = _mm512_unpacklo_epi8(low, hi);
+  const __m512i d = _mm512_unpackhi_epi8(low, hi);
+  w0 = _mm512_permutex2var_epi64(a, _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0), d);
+  w1 = _mm512_permutex2var_epi64(a, _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4), d);
+}
+
+// out[n] = sum_k x[k] * W[n, k] for rows [n0, n1) of a matrix in the 12-bit form (K a multiple of 64, each row's
+// escapes starting at row_exc[n], row n's table luts[n / rows_per_table]). The fp32 additions are bf16_decode.cpp's
+// gemv_one_row's, in its order, so the result is bit for bit that of the bf16 matrix.
+__attribute__((target("avx512f,avx512bw,avx512vbmi2,avx512bf16"))) void gemv_12bit_rows(
+    const c10::BFloat16* x, const uint8_t* lo, const uint8_t* codes, const uint8_t* exc, const int64_t* row_exc,
+    const uint8_t* luts, int64_t rows_per_table, int64_t K, int64_t n0, int64_t n1, float* out) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const __m512i table = _mm512_broadcast_i32x4(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(luts + (n / rows_per_table) * 16)));
+    const uint8_t* l = lo + n * K;
+    const uint8_t* c = codes + n * (K / 2);
+    const uint8_t* e = exc + row_exc[n];
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(l + k) + PREFETCH_AHEAD, _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(c + k / 2) + PREFETCH_AHEAD / 2, _MM_HINT_T1);
+      __m512i w0, w1;
+      decode_block(l + k, c + k / 2, e, table, w0, w1);
+      a0 = _mm512_dpbf16_ps(a0, (__m512bh)w0, (__m512bh)_mm512_loadu_si512(x + k));
+      a1 = _mm512_dpbf16_ps(a1, (__m512bh)w1, (__m512bh)_mm512_loadu_si512(x + k + 32));
+    }
+    out[n] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+  }
+}
+
+}  // namespace
+
+// x [1, K] @ W^T -> [1, N] bf16 for W [N, K] in the 12-bit form: lo [N*K], codes [N*K/2], exc, row_exc [N+1] int64
+// (row n's escapes start at exc[row_exc[n]]), luts [ceil(N / rows_per_table), 16] (one table per block of rows).
+torch::Tensor linear_12bit(const torch::Tensor& x, const torch::Tensor& lo, const torch::Tensor& codes,
+                           const torch::Tensor& exc, const torch::Tensor& row_exc, const torch::Tensor& luts,
+                           int64_t rows_per_table) {
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == 1 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(),
+              "linear_12bit: x must be a contiguous bf16 [1, K]");
+  const int64_t K = x.size(1), N = row_exc.numel() - 1;
+  TORCH_CHECK(K % 64 == 0 && rows_per_table > 0 && lo.numel() == N * K && codes.numel() == N * K / 2 &&
+              luts.numel() == (N + rows_per_table - 1) / rows_per_table * 16 && row_exc.scalar_type() == at::kLong &&
+              row_exc[N].item<int64_t>() == exc.numel(),
+              "linear_12bit: parts do not fit a [", N, ", ", K, "] matrix");
+  auto acc = torch::empty({1, N}, x.options().dtype(at::kFloat));
+  const auto* xp = x.data_ptr<at::BFloat16>();
+  const uint8_t *l = lo.data_ptr<uint8_t>(), *c = codes.data_ptr<uint8_t>(), *e = exc.data_ptr<uint8_t>();
+  const int64_t* r = row_exc.data_ptr<int64_t>();
+  const uint8_t* t = luts.data_ptr<uint8_t>();
+  float* ap = acc.data_ptr<float>();
+  at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t b0, int64_t b1) {
+    gemv_12bit_rows(xp, l, c, e, r, t, rows_per_table, K, b0 * 4, std::min(N, b1 * 4), ap);
+  });
+  return acc.to(at::kBFloat16);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("linear_12bit", &linear_12bit, "x [1, K] @ W^T for W in the 12-bit form; needs AVX512-BF16",
+        py::call_guard<py::gil_scoped_release>());
   m.def("unpack_bf16", &unpack_bf16, "lossless 12-bit bf16 encoding -> bf16 (releases the GIL: page-in threads)",
         py::call_guard<py::gil_scoped_release>());
 }
