@@ -21,6 +21,7 @@ from moepage.commands.bench import prompt_from_corpus  # noqa: E402
 from moepage.engine.engine import Engine, EngineConfig  # noqa: E402
 from moepage.engine.sampling import SamplingParams  # noqa: E402
 from moepage.engine.tokenizer import Tokenizer  # noqa: E402
+from moepage.paging.bf16_12bit import PackedMatrix  # noqa: E402
 
 SPENT: collections.Counter = collections.Counter()
 
@@ -49,6 +50,9 @@ def main():
     linear = model_module.linear
     model_module.linear = lambda x, w, b=None: timed(linear, "lm_head matvec" if w.shape[0] == big and w.dim() == 2
                                                      and x.shape[0] == 1 else "attention projections")(x, w, b)
+    head = engine.model.lm_head
+    if isinstance(head, PackedMatrix):  # held in the 12-bit form: its own fused decode + matvec kernel
+        head.linear = timed(head.linear, "lm_head matvec (12-bit)")
     moe_module.experts_one_token = timed(moe_module.experts_one_token, "routed experts (fused kernel)")
     kernel = engine.model._decode_kernel
     if kernel is not None:  # the attention half of each layer runs in one C++ call

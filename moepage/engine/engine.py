@@ -44,8 +44,9 @@ class EngineConfig:
     # None: do so when a memory budget is set and the embeddings are not tied to the lm_head.
     embed_on_disk: bool | None = None
     # Pre-gating: during decode, read the experts the next layer's router picks for the current hidden state.
-    # Off by default: on the bench model it cost 10% at a 50% cap (99% hits) and 15% at 30% (disk-bound, 62%
-    # of its guesses right, so a third of its reads were waste); see README "Speed and memory".
+    # Off by default: on the bench model 62% of its guesses are right, so at a disk-bound 30% cap a third of its
+    # reads are waste (7.2-7.5 tok/s without, 5.0-5.5 with; queued wrong guesses are withdrawn once the real routing
+    # is known, which is not enough); see README "Speed and memory".
     pregate: bool = False
     trace: str | None = None  # write every expert access to this file (JSON lines) for offline policy replays
     tokenizer: bool = True  # False: token ids in and out only (benchmarks; saves ~100 MB for a 150k vocabulary)

@@ -4,7 +4,8 @@ The high byte of a bf16 weight is its sign and seven exponent bits. Trained and 
 binades, so a tensor's 15 most frequent high bytes cover almost every value: each value keeps its low byte (8 bits)
 and a 4-bit code for the high byte; the rare others (code 15) are stored whole in an escape list. 12 bits a value
 instead of 16 means 25% fewer bytes to read per page-in when a model does not fit in memory (the paged case is
-disk-bound); decoding runs in the page-in threads at memory speed (csrc/bf16_unpack.cpp; plain torch elsewhere).
+disk-bound); decoding runs in the page-in threads at memory speed (csrc/bf16_unpack.cpp; plain torch elsewhere,
+6-8 ms an expert).
 
 Layout of a tensor of N values (B = ceil(N / 64) blocks of 64), each part a uint8 tensor:
   lo [N]      the low bytes
