@@ -181,3 +181,16 @@ def test_direct_and_buffered_reads_agree_and_experts_are_zero_copy(checkpoints, 
     assert ex.w13.untyped_storage().data_ptr() == ex.w2.untyped_storage().data_ptr()
     assert ex.w13.untyped_storage().nbytes() <= PreparedExpert.nbytes_for(w.gate.shape[1], w.gate.shape[0], torch.bfloat16)
     assert torch.equal(ex.w13, torch.cat([ref[names["gate"]], ref[names["up"]]]))
+
+
+def test_inspect_states_the_resident_bytes_a_budgeted_engine_holds(checkpoints, capsys):
+    """`moepage inspect`'s budget table starts from what Engine.load keeps resident under a budget (embedding on
+    disk, the lm_head in 12-bit form where the kernel runs), not from the checkpoint's bytes."""
+    from moepage.paging.budget import human
+
+    path = checkpoints("qwen3_moe", "bfloat16")
+    assert cli_main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    engine = Engine.load(EngineConfig(str(path), memory_budget=50_000_000, ctx_size=256))
+    assert f"under a memory budget: {human(engine.plan.resident_bytes)} resident" in out
+    engine.close()

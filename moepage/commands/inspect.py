@@ -17,6 +17,7 @@ def run(args) -> int:
     from moepage.engine.engine import resolve_dtype
     from moepage.engine.kv_cache import KVCache
     from moepage.engine.moe import PreparedExpert
+    from moepage.paging.bf16_12bit import fused_kernel
     from moepage.paging.budget import human
 
     ckpt = open_checkpoint(args.path)
@@ -25,7 +26,18 @@ def run(args) -> int:
     size = torch.empty(0, dtype=dtype).element_size()
     resident_stored = sum(ckpt.tensor_nbytes(n) for n in ckpt.resident_checkpoint_names().values())
     numel = ckpt.tensor_numel or (lambda n: ckpt.tensor_nbytes(n) // 2)
-    resident = sum(numel(n) * size for n in ckpt.resident_checkpoint_names().values())
+    names = ckpt.resident_checkpoint_names()
+    resident = sum(numel(n) * size for n in names.values())
+    # under a memory budget the engine reads an untied embedding table from disk, and where the fused kernel runs
+    # holds a bf16 lm_head in the 12-bit form (1.5 bytes a value + a row offset; escapes are a few hundredths of 1%)
+    budgeted, how = resident, []
+    if not a.tie_word_embeddings and "embed" in names:
+        budgeted -= numel(names["embed"]) * size
+        how.append("the embedding table read from disk row by row")
+    if ("lm_head" in names and not a.tie_word_embeddings and dtype == torch.bfloat16 and a.hidden_size % 64 == 0
+            and fused_kernel() is not None):
+        budgeted -= numel(names["lm_head"]) * size - (numel(names["lm_head"]) * 3 // 2 + a.vocab_size * 8)
+        how.append("the lm_head in the lossless 12-bit form")
     n_experts = len(a.moe_layers) * a.num_experts
     each = PreparedExpert.nbytes_for(a.hidden_size, a.moe_intermediate_size, dtype)
     stored_each = ckpt.experts.stored_nbytes(a.moe_layers[0]) if a.moe_layers else 0
@@ -39,8 +51,10 @@ def run(args) -> int:
     print(f"bytes per expert: {human(stored_each)} on disk, {human(each)} in memory as {str(dtype).replace('torch.', '')}")
     print(f"resident weights: {human(resident_stored)} on disk, {human(resident)} in memory; "
           f"all experts: {human(each * n_experts)}; KV cache for {ctx} tokens: {human(kv)}")
+    if how:
+        print(f"under a memory budget: {human(budgeted)} resident ({', '.join(how)})")
     print("memory budget -> experts resident:")
     for frac in (1.0, 0.75, 0.5, 0.3, 0.1):
-        print(f"  {human(resident + kv + frac * each * n_experts):>10}  {frac:>4.0%}")
-    print(f"  {human(resident + kv + a.top_k * each):>10}  minimum ({a.top_k} experts: one token's experts of one layer)")
+        print(f"  {human(budgeted + kv + frac * each * n_experts):>10}  {frac:>4.0%}")
+    print(f"  {human(budgeted + kv + a.top_k * each):>10}  minimum ({a.top_k} experts: one token's experts of one layer)")
     return 0
