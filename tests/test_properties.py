@@ -176,13 +176,14 @@ def test_queued_wrong_guesses_are_withdrawn_and_their_bytes_returned():
         return Loaded((layer, e), 10)
 
     cache = ExpertCache(load=load, nbytes_of=lambda l: 10, budget_bytes=100, workers=1)
-    assert cache.prefetch([(1, 0), (1, 1), (1, 2), (1, 3), (2, 7)]) == 5
+    assert cache.prefetch([(1, 0), (1, 1), (1, 2), (1, 3), (2, 7)], withdrawable=True) == 5
+    assert cache.prefetch([(1, 4)]) == 1  # a layer's own miss (not a guess): never withdrawn
     assert started.wait(5)  # (1, 0) is being read; the rest wait in the one-thread queue
     assert cache.cancel_prefetches(1, keep={3}) == 2  # (1, 1) and (1, 2): queued and not picked
-    assert cache.used_bytes == 30 and cache.stats.prefetch_cancelled == 2
+    assert cache.used_bytes == 40 and cache.stats.prefetch_cancelled == 2
     release.set()
     cache.wait_idle()
-    assert cache.resident_keys == {(1, 0), (1, 3), (2, 7)}
+    assert cache.resident_keys == {(1, 0), (1, 3), (1, 4), (2, 7)}
     with cache.use((1, 1)) as v:
         assert v.key == (1, 1)
     assert cache.cancel_prefetches(1, keep=set()) == 0  # nothing queued any more
@@ -213,6 +214,6 @@ def test_evicted_slots_are_reused_by_the_next_reads_within_the_budget():
         assert cache.used_bytes <= 3 * size
     assert given[:3] == [None] * 3 and all(b is not None for b in given[3:])
     assert len(slots) == 3  # three slots served twelve experts
-    cache.resize(size)  # shrinking gives spare and evicted slots back
-    assert cache.used_bytes <= size
+    cache.resize(2 * size)  # shrinking gives back one slot: one eviction, not all of them
+    assert cache.used_bytes == 2 * size and len(cache.resident_keys) == 2
     cache.close()

@@ -14,10 +14,9 @@ def register(sub):
 
 def run(args) -> int:
     from moepage.engine.checkpoint import open_checkpoint
-    from moepage.engine.engine import resolve_dtype
+    from moepage.engine.engine import EngineConfig, packable_lm_head, resolve_dtype
     from moepage.engine.kv_cache import KVCache
     from moepage.engine.moe import PreparedExpert
-    from moepage.paging.bf16_12bit import fused_kernel
     from moepage.paging.budget import human
 
     ckpt = open_checkpoint(args.path)
@@ -31,11 +30,10 @@ def run(args) -> int:
     # under a memory budget the engine reads an untied embedding table from disk, and where the fused kernel runs
     # holds a bf16 lm_head in the 12-bit form (1.5 bytes a value + a row offset; escapes are a few hundredths of 1%)
     budgeted, how = resident, []
-    if not a.tie_word_embeddings and "embed" in names:
+    if not a.tie_word_embeddings and "embed" in names and ckpt.tensor_rows(names["embed"], dtype, "cpu"):
         budgeted -= numel(names["embed"]) * size
         how.append("the embedding table read from disk row by row")
-    if ("lm_head" in names and not a.tie_word_embeddings and dtype == torch.bfloat16 and a.hidden_size % 64 == 0
-            and fused_kernel() is not None):
+    if packable_lm_head(EngineConfig(args.path), ckpt, names, dtype, torch.device("cpu")) is not None:
         budgeted -= numel(names["lm_head"]) * size - (numel(names["lm_head"]) * 3 // 2 + a.vocab_size * 8)
         how.append("the lm_head in the lossless 12-bit form")
     n_experts = len(a.moe_layers) * a.num_experts

@@ -136,7 +136,7 @@ class Engine:
         on_disk = cfg.embed_on_disk if cfg.embed_on_disk is not None else cfg.memory_budget is not None
         if on_disk and not args.tie_word_embeddings:
             embed_rows = ckpt.tensor_rows(names["embed"], dtype, device)
-        head_rows = _packable_lm_head(cfg, ckpt, names, dtype, device)
+        head_rows = packable_lm_head(cfg, ckpt, names, dtype, device)
         weights = {c: ckpt.resident_tensor(n, dtype, device) for c, n in names.items()
                    if not (c == "embed" and embed_rows is not None) and not (c == "lm_head" and head_rows)}
         if head_rows is not None:  # read a block of rows at a time and keep it in the 12-bit form
@@ -292,10 +292,12 @@ class Engine:
         stats.decode_seconds = time.perf_counter() - t_decode
 
 
-def _packable_lm_head(cfg: EngineConfig, ckpt, names: dict[str, str], dtype: torch.dtype, device):
+def packable_lm_head(cfg: EngineConfig, ckpt, names: dict[str, str], dtype: torch.dtype, device):
     """The lm_head's row reader when it is to be held in the lossless 12-bit form (EngineConfig.pack_lm_head;
     None = wherever the fused kernel runs: a bf16 model on a CPU with AVX512-BF16 and VBMI2), else None."""
     want = cfg.pack_lm_head
+    if want and ckpt.args.tie_word_embeddings:
+        raise ValueError("pack_lm_head: this model's lm_head is its embedding table (tied), which stays bf16")
     if want is False or "lm_head" not in names or ckpt.args.tie_word_embeddings:
         return None
     able = (dtype == torch.bfloat16 and device.type == "cpu" and ckpt.args.hidden_size % 64 == 0

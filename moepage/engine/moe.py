@@ -202,7 +202,7 @@ class SparseMoE:
             return
         _, guess = route(linear(x, nxt.router), nxt.routing)  # [1, K]
         nxt._guess = set(guess[0].tolist())
-        self.cache.prefetch([(nxt.layer, e) for e in sorted(nxt._guess)])
+        self.cache.prefetch([(nxt.layer, e) for e in sorted(nxt._guess)], withdrawable=True)
 
     def _score_guess(self, indices: torch.Tensor):
         if indices.shape[0] == 1:

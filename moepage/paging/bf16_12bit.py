@@ -15,6 +15,7 @@ Layout of a tensor of N values (B = ceil(N / 64) blocks of 64), each part a uint
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -173,6 +174,7 @@ class PackedMatrix:
         return out
 
 
+@functools.cache
 def fused_kernel():
     """The C++ module with linear_12bit where the CPU runs it (AVX512-BF16 besides the decoder's VBMI2), else None."""
     return native.load("bf16_unpack") if "avx512_bf16" in native.cpu_flags() else None

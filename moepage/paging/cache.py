@@ -51,7 +51,7 @@ class ExpertCache:
         self._cond = threading.Condition()
         self._entries: dict[Key, _Entry] = {}
         self._loading: dict[Key, Future] = {}
-        self._queued: dict[Key, tuple[Future, int]] = {}  # prefetches not yet started: (pool task, reserved bytes)
+        self._queued: dict[Key, tuple[Future, int]] = {}  # withdrawable prefetches not yet started: (task, bytes)
         self._spares: list = []  # slot buffers of evicted experts, reused by the next reads (no fresh pages)
         self._used = 0
         self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="moepage-pagein")
@@ -112,12 +112,13 @@ class ExpertCache:
     def resize(self, budget_bytes: int):
         with self._cond:
             self.budget = int(budget_bytes)
+            self._drop_spares()
             for k in list(self.policy.victims()):
                 if self._used <= self.budget:
                     break
                 if self._entries[k].pins == 0:
                     self._evict(k)
-            self._drop_spares()
+                    self._drop_spares()  # an evicted slot is memory to give back here, not to reuse
 
     # ---- reads --------------------------------------------------------------------------------
     def _read(self, key: Key, buffer=None):
@@ -227,8 +228,9 @@ class ExpertCache:
         finally:
             self.release(key)
 
-    def prefetch(self, keys) -> int:
-        """Start background reads of keys not yet resident; returns how many were issued."""
+    def prefetch(self, keys, withdrawable: bool = False) -> int:
+        """Start background reads of keys not yet resident; returns how many were issued. withdrawable: guesses
+        that cancel_prefetches may take back while they wait in the queue (pre-gating)."""
         issued = 0
         for key in keys:
             with self._cond:
@@ -244,13 +246,16 @@ class ExpertCache:
                 self._loading[key] = fut
                 with self.stats.lock:
                     self.stats.prefetch_issued += 1
-                self._queued[key] = (self._pool.submit(self._prefetch_one, key, n, fut, buffer), n)
+                task = self._pool.submit(self._prefetch_one, key, n, fut, buffer)
+                if withdrawable:
+                    self._queued[key] = (task, n)
             issued += 1
         return issued
 
     def cancel_prefetches(self, layer: int, keep) -> int:
-        """Withdraw the queued, not yet started prefetches of `layer` for experts outside `keep` (pre-gating guesses
-        the real routing did not pick): their bytes go back to the budget and the disk reads what is needed next."""
+        """Withdraw the withdrawable (pre-gating) prefetches of `layer` still queued for experts outside `keep`, the
+        guesses the real routing did not pick: their bytes go back to the budget and the disk reads what is needed
+        next. Other prefetches (a layer's own misses, the secretary's) are never withdrawn."""
         cancelled = 0
         with self._cond:
             for key in [k for k in self._queued if k[0] == layer and k[1] not in keep]:

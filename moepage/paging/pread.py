@@ -41,7 +41,8 @@ class PreadFile:
             self.fd = os.open(self.path, os.O_RDONLY)
         except OSError as e:
             raise CheckpointError(f"{self.path}: cannot open {what}: {e.strerror}") from None
-        self.size = os.fstat(self.fd).st_size
+        st = os.fstat(self.fd)
+        self.size, self.mtime_ns = st.st_size, st.st_mtime_ns
 
     def read_bytes(self, start: int, length: int) -> bytearray:
         buf = bytearray(length)

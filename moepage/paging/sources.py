@@ -102,7 +102,10 @@ def read_encoded_expert(f: SafetensorsFile, names: dict[str, str], what: str, in
     are one [2I, H] tensor with no copy)."""
     try:
         shapes = json.loads(f.metadata["shapes"])
-        sizes = {p: math.prod(int(s) for s in shapes[name]) for p, name in names.items()}
+        shapes = {name: [int(d) for d in shapes[name]] for name in names.values()}
+        if any(d < 0 for shape in shapes.values() for d in shape):
+            raise ValueError
+        sizes = {p: math.prod(shapes[name]) for p, name in names.items()}
     except (KeyError, TypeError, ValueError):
         raise CheckpointError(f"{f.path}: {what}: missing or malformed 'shapes' metadata for {ENCODING}") from None
     infos = {}
@@ -112,6 +115,9 @@ def read_encoded_expert(f: SafetensorsFile, names: dict[str, str], what: str, in
             if key not in f.tensors:
                 raise CheckpointError(f"{f.path}: tensor {key!r} ({what} {p}) is missing")
             infos[(p, part)] = f.tensors[key]
+        if infos[(p, "lo")].nbytes != sizes[p]:  # checked before anything is allocated for the shapes
+            raise CheckpointError(f"{f.path}: {what} {p}: shape {shapes[name]} does not match its "
+                                  f"{infos[(p, 'lo')].nbytes} low bytes")
     start, end = min(i.start for i in infos.values()), max(i.end for i in infos.values())
     span = f.read_span(start, end, staging_bytes(span_bytes(start, end)))
     total = sum(sizes.values())
@@ -222,7 +228,7 @@ class ShardFiles:
         self._verified: set[str] = set()
         self._lock = threading.Lock()
         self._sizes: dict[int, int] = {}
-        self._headers: dict[str, tuple] = {}  # rel -> (file size, tensors, metadata): a page-in reads only the body
+        self._headers: dict[str, tuple] = {}  # rel -> ((size, mtime), tensors, metadata): a page-in reads only the body
 
     def expert_nbytes(self, layer: int) -> int:
         """Bytes of one expert's tensors in `layer` (every expert of a layer has the same shapes)."""
@@ -249,14 +255,14 @@ class ShardFiles:
                 )
             with self._lock:
                 self._verified.add(rel)
-        size, *header = self._headers.get(rel, (None, None, None))
+        stamp, *header = self._headers.get(rel, (None, None, None))
         try:
-            f = SafetensorsFile(path, drop_page_cache=self.drop_page_cache, header=header if size else None)
-            if size is not None and f.size != size:  # the file was replaced since: parse it again
+            f = SafetensorsFile(path, drop_page_cache=self.drop_page_cache, header=header if stamp else None)
+            if stamp is not None and (f.size, f.mtime_ns) != stamp:  # the file changed since: parse it again
                 f.tensors, f.metadata = f._parse_header()
         except CheckpointError as e:
             raise CheckpointError(f"{e} (layer {layer} expert {expert})") from None
-        self._headers[rel] = (f.size, f.tensors, f.metadata)
+        self._headers[rel] = ((f.size, f.mtime_ns), f.tensors, f.metadata)
         return f
 
 
