@@ -12,6 +12,7 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <limits>
 
 namespace {
 
@@ -37,6 +38,31 @@ int64_t unpack_tail(const uint8_t* lo, const uint8_t* codes, const uint8_t* exc,
   return used;
 }
 
+// The 64 values of one block: w0 = values 0..31, w1 = values 32..63 (bf16 bits); e advances past the block's
+// escape bytes. Returns false, decoding nothing, when the block has more escapes than `left` bytes (a corrupt shard;
+// a matrix packed in this process passes the int64 maximum).
+__attribute__((target("avx512f,avx512bw,avx512vbmi2"))) inline bool decode_block(
+    const uint8_t* lo, const uint8_t* codes, const uint8_t*& e, int64_t left, __m512i table, __m512i& w0, __m512i& w1) {
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes));
+  const __m512i code = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(packed, nibble)),
+                                          _mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble), 1);  // [64]
+  __m512i hi = _mm512_shuffle_epi8(table, code);
+  const __mmask64 esc = _mm512_cmpeq_epi8_mask(code, _mm512_set1_epi8(ESCAPE));
+  if (esc) {
+    const int64_t k = _mm_popcnt_u64(esc);
+    if (k > left) return false;
+    hi = _mm512_mask_expandloadu_epi8(hi, esc, e);
+    e += k;
+  }
+  const __m512i low = _mm512_loadu_si512(lo);
+  const __m512i a = _mm512_unpacklo_epi8(low, hi);  // values 0-7, 16-23, 32-39, 48-55 of the block
+  const __m512i d = _mm512_unpackhi_epi8(low, hi);  // values 8-15, 24-31, 40-47, 56-63
+  w0 = _mm512_permutex2var_epi64(a, _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0), d);
+  w1 = _mm512_permutex2var_epi64(a, _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4), d);
+  return true;
+}
+
 }  // namespace
 
 // out bf16 [N] <- the encoded tensor; checks every escape has its byte and every escape byte is used.
@@ -58,31 +84,17 @@ void unpack_bf16(const torch::Tensor& lo, const torch::Tensor& codes, const torc
   const uint8_t* t = lut.data_ptr<uint8_t>();
   uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
   const int64_t exc_n = exc.numel();
-  int64_t used = 0;
   const int64_t full = n / 64;
   const __m512i table = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t)));
-  const __m256i nibble = _mm256_set1_epi8(0x0F);
-  const __m512i escape = _mm512_set1_epi8(ESCAPE);
-  const __m512i first = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0);
-  const __m512i second = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
+  const uint8_t* next = e;
   for (int64_t b = 0; b < full; ++b) {
-    const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + b * 32));
-    const __m512i code = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(packed, nibble)),
-                                            _mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble), 1);  // [64]
-    __m512i hi = _mm512_shuffle_epi8(table, code);
-    const __mmask64 esc = _mm512_cmpeq_epi8_mask(code, escape);
-    if (esc) {
-      const int64_t k = _mm_popcnt_u64(esc);
-      TORCH_CHECK(used + k <= exc_n, "bf16-12bit: more escaped values than escape bytes (corrupt expert shard)");
-      hi = _mm512_mask_expandloadu_epi8(hi, esc, e + used);
-      used += k;
-    }
-    const __m512i low = _mm512_loadu_si512(l + b * 64);
-    const __m512i a = _mm512_unpacklo_epi8(low, hi);  // values 0-7, 16-23, 32-39, 48-55 of the block
-    const __m512i d = _mm512_unpackhi_epi8(low, hi);  // values 8-15, 24-31, 40-47, 56-63
-    _mm512_storeu_si512(o + b * 64, _mm512_permutex2var_epi64(a, first, d));
-    _mm512_storeu_si512(o + b * 64 + 32, _mm512_permutex2var_epi64(a, second, d));
+    __m512i w0, w1;
+    TORCH_CHECK(decode_block(l + b * 64, c + b * 32, next, exc_n - (next - e), table, w0, w1),
+                "bf16-12bit: more escaped values than escape bytes (corrupt expert shard)");
+    _mm512_storeu_si512(o + b * 64, w0);
+    _mm512_storeu_si512(o + b * 64 + 32, w1);
   }
+  int64_t used = next - e;
   used += unpack_tail(l, c, e + used, exc_n - used, t, full * 64, n, o);
   TORCH_CHECK(used == exc_n, "bf16-12bit: ", exc_n, " escape bytes for ", used, " escaped values (corrupt expert shard)");
 }
@@ -90,26 +102,6 @@ void unpack_bf16(const torch::Tensor& lo, const torch::Tensor& codes, const torc
 namespace {
 
 constexpr int64_t PREFETCH_AHEAD = 4096;  // bytes of low bytes ahead (codes: half of it), as gemv_one_row reads bf16
-
-// The 64 values of one block: w0 = values 0..31, w1 = values 32..63 (bf16 bits); e advances past its escapes.
-__attribute__((target("avx512f,avx512bw,avx512vbmi2"))) inline void decode_block(
-    const uint8_t* lo, const uint8_t* codes, const uint8_t*& e, __m512i table, __m512i& w0, __m512i& w1) {
-  const __m256i nibble = _mm256_set1_epi8(0x0F);
-  const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes));
-  const __m512i code = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(packed, nibble)),
-                                          _mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble), 1);
-  __m512i hi = _mm512_shuffle_epi8(table, code);
-  const __mmask64 esc = _mm512_cmpeq_epi8_mask(code, _mm512_set1_epi8(ESCAPE));
-  if (esc) {
-    hi = _mm512_mask_expandloadu_epi8(hi, esc, e);
-    e += _mm_popcnt_u64(esc);
-  }
-  const __m512i low = _mm512_loadu_si512(lo);
-  const __m512i a = _mm512_unpacklo_epi8(low, hi);
-  const __m512i d = _mm512_unpackhi_epi8(low, hi);
-  w0 = _mm512_permutex2var_epi64(a, _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0), d);
-  w1 = _mm512_permutex2var_epi64(a, _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4), d);
-}
 
 // out[n] = sum_k x[k] * W[n, k] for rows [n0, n1) of a matrix in the 12-bit form (K a multiple of 64, each row's
 // escapes starting at row_exc[n], row n's table luts[n / rows_per_table]). The fp32 additions are bf16_decode.cpp's
@@ -128,7 +120,7 @@ __attribute__((target("avx512f,avx512bw,avx512vbmi2,avx512bf16"))) void gemv_12b
       _mm_prefetch(reinterpret_cast<const char*>(l + k) + PREFETCH_AHEAD, _MM_HINT_T1);
       _mm_prefetch(reinterpret_cast<const char*>(c + k / 2) + PREFETCH_AHEAD / 2, _MM_HINT_T1);
       __m512i w0, w1;
-      decode_block(l + k, c + k / 2, e, table, w0, w1);
+      decode_block(l + k, c + k / 2, e, std::numeric_limits<int64_t>::max(), table, w0, w1);
       a0 = _mm512_dpbf16_ps(a0, (__m512bh)w0, (__m512bh)_mm512_loadu_si512(x + k));
       a1 = _mm512_dpbf16_ps(a1, (__m512bh)w1, (__m512bh)_mm512_loadu_si512(x + k + 32));
     }
