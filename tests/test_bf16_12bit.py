@@ -123,6 +123,7 @@ def engine_read(path, layer, e):
 def test_lossless_split_refuses_float32_and_reports_a_corrupt_shard(checkpoints, tmp_path):
     with pytest.raises(ValueError, match="--lossless encodes bf16 experts"):
         split_checkpoint(str(checkpoints("qwen3_moe", "float32")), str(tmp_path / "f32"), lossless=True)
+    assert not (tmp_path / "f32").exists()  # refused before anything was written
     out = tmp_path / "packed"
     split_checkpoint(str(checkpoints("qwen3_moe", "bfloat16")), str(out), lossless=True)
     manifest = json.loads((out / "moepage.json").read_text())

@@ -138,12 +138,9 @@ class Engine:
             embed_rows = ckpt.tensor_rows(names["embed"], dtype, device)
         head_rows = packable_lm_head(cfg, ckpt, names, dtype, device)
         weights = {c: ckpt.resident_tensor(n, dtype, device) for c, n in names.items()
-                   if not (c == "embed" and embed_rows is not None) and not (c == "lm_head" and head_rows)}
+                   if not (c == "embed" and embed_rows is not None) and not (c == "lm_head" and head_rows is not None)}
         if head_rows is not None:  # read a block of rows at a time and keep it in the 12-bit form
-            R = PackedMatrix.ROWS
-            weights["lm_head"] = PackedMatrix((head_rows.rows, head_rows.cols),
-                                              (head_rows.block(i, min(head_rows.rows, i + R))
-                                               for i in range(0, head_rows.rows, R)))
+            weights["lm_head"] = PackedMatrix((head_rows.rows, head_rows.cols), head_rows.block)
         resident_bytes = sum(t.nbytes if isinstance(t, PackedMatrix) else t.numel() * t.element_size()
                              for t in weights.values())
         ctx = int(cfg.ctx_size or min(args.max_position_embeddings, 4096))

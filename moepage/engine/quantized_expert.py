@@ -56,15 +56,16 @@ def expert_loader(source: ExpertSource, args: ModelArgs, dtype: torch.dtype, dev
                 lambda layer: sizes[layer], max(sizes.values()))
     each = PreparedExpert.nbytes_for(args.hidden_size, args.moe_intermediate_size, dtype)
 
-    slots = [source.reads_into]  # False once a read's weights did not stay in their slot (a cast, another device)
+    slots = source.reads_into  # False once a read's weights did not stay in their slot (a cast, another device)
 
     def load(layer: int, e: int, buffer: torch.Tensor | None = None) -> PreparedExpert:
         """buffer: an evicted expert's slot to reuse (the cache passes one when it has one)."""
-        if buffer is None and slots[0]:
+        nonlocal slots
+        if buffer is None and slots:
             buffer = aligned_bytes(each)
         prepared = prepare_expert(source.read(layer, e, into=buffer), dtype, device, buffer)
         if buffer is not None and prepared.buffer is None:
-            slots[0] = False
+            slots = False
         return prepared
 
     return load, (lambda layer: each), each

@@ -80,12 +80,17 @@ def _check(p: Packed, n: int):
                                 f"{size} expected for {n} values")
 
 
+def codes_of(codes: torch.Tensor, n: int) -> torch.Tensor:
+    """The packed code bytes -> the code of each of the n values [n]."""
+    blocks = codes.view(-1, 32)
+    return torch.cat([blocks & 0x0F, blocks >> 4], dim=1).reshape(-1)[:n]
+
+
 def unpack_torch(p: Packed, out: torch.Tensor) -> torch.Tensor:
     """The reference decoder (plain torch): fills out (bf16, contiguous) and returns it."""
     n = out.numel()
     _check(p, n)
-    blocks = p.codes.view(-1, 32)
-    code = torch.cat([blocks & 0x0F, blocks >> 4], dim=1).reshape(-1)[:n]  # [N]
+    code = codes_of(p.codes, n)  # [N]
     hi = p.lut[code.long()]
     escaped = code == ESCAPE
     count = int(escaped.sum())
@@ -117,8 +122,8 @@ class PackedMatrix:
 
     ROWS = 4096  # rows per table and per decoded block (8 MiB of bf16 at K = 1024)
 
-    def __init__(self, shape: tuple[int, int], blocks):
-        """blocks: bf16 tensors of ROWS rows each (the last may be shorter), in order, K a multiple of 64."""
+    def __init__(self, shape: tuple[int, int], read_rows):
+        """read_rows(n0, n1) -> rows [n1 - n0, K] of the bf16 matrix; called for one block of ROWS rows at a time."""
         n, k = shape
         if k % 64:
             raise EncodingError(f"PackedMatrix needs a multiple of 64 columns, not {k}")
@@ -127,29 +132,26 @@ class PackedMatrix:
         self.codes = torch.empty(n * k // 2, dtype=torch.uint8)
         self.luts = torch.empty(-(-n // self.ROWS), 16, dtype=torch.uint8)
         self.row_exc = torch.zeros(n + 1, dtype=torch.int64)
-        escapes, r = [], 0
-        for i, block in enumerate(blocks):
-            m = block.shape[0]
-            if block.shape != (m, k) or (m != self.ROWS and r + m != n) or r + m > n:
-                raise EncodingError(f"block {i} of shape {tuple(block.shape)} does not fit rows {r}.. of {shape}")
+        escapes = []
+        for i, r in enumerate(range(0, n, self.ROWS)):
+            m = min(self.ROWS, n - r)
+            block = read_rows(r, r + m)
+            if tuple(block.shape) != (m, k):
+                raise EncodingError(f"rows {r}..{r + m} came back as {tuple(block.shape)}, not {(m, k)}")
             p = pack(block)
             self.lo[r * k : (r + m) * k] = p.lo
             self.codes[r * k // 2 : (r + m) * k // 2] = p.codes
             self.luts[i] = p.lut
             escapes.append(p.exc)
-            rows = p.codes.view(m, k // 2)
-            per_row = ((rows & 0x0F) == ESCAPE).sum(1) + ((rows >> 4) == ESCAPE).sum(1)  # [m]
+            per_row = (codes_of(p.codes, m * k).view(m, k) == ESCAPE).sum(1)  # [m]
             self.row_exc[r + 1 : r + m + 1] = self.row_exc[r] + torch.cumsum(per_row, 0)
-            r += m
-        if r != n:
-            raise EncodingError(f"blocks gave {r} rows of {n}")
         self.exc = torch.cat(escapes) if escapes else torch.empty(0, dtype=torch.uint8)
 
     @classmethod
     def of(cls, w: torch.Tensor) -> "PackedMatrix":
         if w.dim() != 2 or w.dtype != torch.bfloat16:
             raise EncodingError(f"PackedMatrix holds a 2-D bf16 matrix, not {w.dtype} {tuple(w.shape)}")
-        return cls(tuple(w.shape), (w[i : i + cls.ROWS] for i in range(0, w.shape[0], cls.ROWS)))
+        return cls(tuple(w.shape), lambda n0, n1: w[n0:n1])
 
     @property
     def nbytes(self) -> int:

@@ -256,6 +256,8 @@ class ExpertCache:
         """Withdraw the withdrawable (pre-gating) prefetches of `layer` still queued for experts outside `keep`, the
         guesses the real routing did not pick: their bytes go back to the budget and the disk reads what is needed
         next. Other prefetches (a layer's own misses, the secretary's) are never withdrawn."""
+        if not self._queued:  # no guess waiting (pre-gating off): no lock on the decode path
+            return 0
         cancelled = 0
         with self._cond:
             for key in [k for k in self._queued if k[0] == layer and k[1] not in keep]:

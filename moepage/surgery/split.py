@@ -19,12 +19,16 @@ from moepage.paging.sources import sha256_of
 RESIDENT_FILE = "resident.safetensors"
 
 
+def check_lossless(name: str, t: torch.Tensor):
+    if t.dtype != torch.bfloat16:
+        raise ValueError(f"--lossless encodes bf16 experts; {name} is {t.dtype} (split without --lossless)")
+
+
 def encoded_shard(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """One expert's bf16 tensors -> (the safetensors entries of their 12-bit encoding, the file's metadata)."""
     entries: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
-        if t.dtype != torch.bfloat16:
-            raise ValueError(f"--lossless encodes bf16 experts; {name} is {t.dtype} (split without --lossless)")
+        check_lossless(name, t)
         entries.update(pack(t).tensors(name))
     shapes = {name: list(t.shape) for name, t in tensors.items()}
     return entries, {"format": "pt", "encoding": ENCODING, "shapes": json.dumps(shapes)}
@@ -36,6 +40,10 @@ def split_checkpoint(src: str, out: str, log: Callable[[str], None] = lambda s: 
     ckpt = open_checkpoint(src, drop_page_cache=False, verify=True)
     if os.path.exists(os.path.join(out, MANIFEST)):
         raise FileExistsError(f"{out}: already holds a split model ({MANIFEST}); choose an empty directory")
+    if lossless and ckpt.args.moe_layers:  # refused before anything is written
+        first = ckpt.experts.read(ckpt.args.moe_layers[0], 0)
+        for p, t in ckpt.family.EXPERT_NAMES.items():
+            check_lossless(t.format(L=ckpt.args.moe_layers[0], E=0), getattr(first, p))
     os.makedirs(out, exist_ok=True)
     files: dict[str, dict] = {}
 
