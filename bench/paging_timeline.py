@@ -1,6 +1,6 @@
 """Where a paged decode step's time goes: tok/s, how much of the time some expert read is in flight, reads per
 token and their mean time, and the time the decode thread waits for reads; optionally one token's layer-by-layer
-read timeline. Runs in this process under moepage's own --memory-budget (no cgroup: for A/B runs of paging changes).
+read timeline; the same for the prompt (time to first token). Runs in this process under moepage's own --memory-budget (no cgroup: for A/B runs of paging changes).
 
     python bench/paging_timeline.py MODEL --memory-budget BYTES [--io-threads 2] [--pregate] [--show-token]
 """
@@ -45,7 +45,7 @@ def main():
                                       pregate=a.pregate))
     print(engine.plan.summary())
     cache, reads, lock = engine.cache, [], threading.Lock()
-    load, acquire_many = cache.load, cache.acquire_many
+    load, acquire_many, acquire = cache.load, cache.acquire_many, cache.acquire
     waited = [0.0]
 
     def timed_load(layer, e, *buffer):
@@ -61,12 +61,23 @@ def main():
         waited[0] += time.perf_counter() - t0
         return value
 
-    cache.load, cache.acquire_many = timed_load, timed_acquire_many
+    def timed_acquire(key):
+        t0 = time.perf_counter()
+        value = acquire(key)
+        waited[0] += time.perf_counter() - t0
+        return value
+
+    cache.load, cache.acquire_many, cache.acquire = timed_load, timed_acquire_many, timed_acquire
     ids = [(i * 7919) % (engine.args.vocab_size - 8) for i in range(a.prompt_tokens)]
     stamps, wait_at = [], []
+    start = time.perf_counter()
     for s in engine.generate(ids, SamplingParams(max_tokens=a.tokens, temperature=0.0, ignore_eos=True)):
         stamps.append(time.perf_counter())
         wait_at.append(waited[0])
+    first = [(r[0], r[1]) for r in reads if r[0] <= stamps[0]]
+    print(f"prompt of {len(ids)} tokens: first token after {stamps[0] - start:.2f} s, waiting for reads "
+          f"{wait_at[0]:.2f} s, some read in flight {busy_seconds(first, start, stamps[0]) / (stamps[0] - start):.0%} "
+          f"of the time; {len(first)} reads, {sum(b - a for a, b in first) / max(1, len(first)) * 1e3:.2f} ms each")
     t0, t1, n = stamps[4], stamps[-1], len(stamps) - 5
     spans = [(r[0], r[1]) for r in reads if t0 <= r[0] <= t1]
     print(f"{n / (t1 - t0):.2f} tok/s, {(t1 - t0) / n * 1e3:.0f} ms a token: waiting for reads "

@@ -6,6 +6,7 @@ cgroup; otherwise buffered pread followed by POSIX_FADV_DONTNEED, so the OS page
 """
 from __future__ import annotations
 
+import mmap
 import os
 
 import torch
@@ -20,10 +21,11 @@ DIRECT_READS = os.environ.get("MOEPAGE_DIRECT_IO", "1") != "0"
 
 
 def aligned_bytes(n: int) -> torch.Tensor:
-    """uint8 [n] whose first byte is ALIGN-aligned (its storage is ALIGN bytes larger)."""
-    raw = torch.empty(n + ALIGN, dtype=torch.uint8)
-    off = (-raw.data_ptr()) % ALIGN
-    return raw[off : off + n]
+    """uint8 [n] in a mapping of its own: page-aligned, and its pages go back to the OS when the tensor is freed,
+    whatever malloc's thresholds (expert slots and reads live here; short-lived temporaries come from malloc)."""
+    if n == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    return torch.frombuffer(mmap.mmap(-1, n), dtype=torch.uint8)
 
 
 def span_bytes(start: int, end: int) -> int:
