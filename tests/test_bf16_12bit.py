@@ -116,6 +116,30 @@ def test_lossless_split_serves_identical_tokens_with_fewer_bytes(checkpoints, tm
             assert torch.equal(bits(getattr(a, part)), bits(getattr(b, part)))
 
 
+def test_read_buffers_of_encoded_shards_count_in_the_budget(checkpoints, tmp_path):
+    """Each page-in thread (and the generating thread) keeps a buffer an encoded shard is read into: the plan
+    takes them out of the budget before the expert cache, and a budget that cannot hold them as well is refused."""
+    src = checkpoints("qwen3_moe", "bfloat16")
+    plain, packed = tmp_path / "plain", tmp_path / "packed"
+    split_checkpoint(str(src), str(plain))
+    split_checkpoint(str(src), str(packed), lossless=True)
+    budget = 64 << 20
+    plans = {}
+    for name, path in (("plain", plain), ("packed", packed)):
+        engine = Engine.load(EngineConfig(str(path), memory_budget=budget, io_threads=3, tokenizer=False, ctx_size=64))
+        plans[name] = engine.plan
+        engine.close()
+    stored = open_checkpoint(str(packed)).experts.stored_nbytes(0)
+    assert plans["plain"].buffer_bytes == 0
+    assert plans["packed"].buffer_bytes == 4 * (stored + 2 * 4096)
+    assert plans["packed"].resident_bytes + plans["packed"].kv_bytes + plans["packed"].buffer_bytes + \
+        plans["packed"].expert_cache_bytes <= budget
+    assert "read buffers" in plans["packed"].summary()
+    tight = plans["packed"].min_budget - 1
+    with pytest.raises(ValueError, match="read buffers"):
+        Engine.load(EngineConfig(str(packed), memory_budget=tight, io_threads=3, tokenizer=False, ctx_size=64))
+
+
 def engine_read(path, layer, e):
     return open_checkpoint(str(path)).experts.read(layer, e)
 

@@ -36,6 +36,11 @@ def run(args) -> int:
     if packable_lm_head(EngineConfig(args.path), ckpt, names, dtype, torch.device("cpu")) is not None:
         budgeted -= numel(names["lm_head"]) * size - (numel(names["lm_head"]) * 3 // 2 + a.vocab_size * 8)
         how.append("the lm_head in the lossless 12-bit form")
+    buffers = (EngineConfig(args.path).io_threads + 1) * max((ckpt.experts.staging_nbytes(i) for i in a.moe_layers),
+                                                              default=0)
+    if buffers:
+        budgeted += buffers
+        how.append(f"{human(buffers)} of read buffers for the 12-bit shards")
     n_experts = len(a.moe_layers) * a.num_experts
     each = PreparedExpert.nbytes_for(a.hidden_size, a.moe_intermediate_size, dtype)
     stored_each = ckpt.experts.stored_nbytes(a.moe_layers[0]) if a.moe_layers else 0

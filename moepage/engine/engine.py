@@ -147,7 +147,10 @@ class Engine:
         kv_bytes = KVCache.bytes_for(args.num_layers, args.num_kv_heads, args.head_dim, ctx, dtype)
         n_experts = len(args.moe_layers) * args.num_experts
         load_expert, expert_nbytes, each = expert_loader(ckpt.experts, args, dtype, device)
-        plan = plan_memory(cfg.memory_budget, resident_bytes, kv_bytes, each, n_experts, args.top_k, cfg.expert_cache_bytes)
+        # a buffer per page-in thread, plus the generating thread's inline reads
+        buffers = (cfg.io_threads + 1) * max((ckpt.experts.staging_nbytes(i) for i in args.moe_layers), default=0)
+        plan = plan_memory(cfg.memory_budget, resident_bytes, kv_bytes, each, n_experts, args.top_k,
+                           cfg.expert_cache_bytes, buffers)
         if embed_rows is not None:
             plan.on_disk_bytes = ckpt.tensor_nbytes(names["embed"])
         cache = ExpertCache(

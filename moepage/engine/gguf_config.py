@@ -88,7 +88,7 @@ def gguf_config(meta: dict, tensor_names: set[str], vocab_size: int, path: str =
     elif model_type == "olmoe":
         clip = k("attention.clamp_kqv")
         config.update(num_experts=experts, intermediate_size=expert_ffn, clip_qkv=float(clip) if clip else None,
-                      attention_bias=f"blk.0.attn_q.bias" in tensor_names)
+                      attention_bias="blk.0.attn_q.bias" in tensor_names)
     else:
         config.update(num_experts=experts, moe_intermediate_size=expert_ffn, intermediate_size=ffn)
         if model_type == "qwen2_moe":

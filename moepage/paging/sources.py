@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from moepage.paging.bf16_12bit import ENCODING, PARTS, EncodingError, Packed, unpack_into
-from moepage.paging.pread import aligned_bytes, span_bytes
+from moepage.paging.pread import ALIGN, aligned_bytes, span_bytes
 from moepage.paging.safetensors_file import CheckpointError, SafetensorsFile
 
 
@@ -48,6 +48,10 @@ class ExpertSource(ABC):
     @abstractmethod
     def stored_nbytes(self, layer: int) -> int:
         """Bytes one expert of `layer` occupies on disk."""
+
+    def staging_nbytes(self, layer: int) -> int:
+        """Bytes of the buffer each reading thread keeps for `layer`'s experts (0: reads land in cache slots)."""
+        return 0
 
     @abstractmethod
     def describe(self) -> str: ...
@@ -299,6 +303,10 @@ class SplitExpertSource(ExpertSource):
 
     def stored_nbytes(self, layer: int) -> int:
         return self.shards.expert_nbytes(layer)
+
+    def staging_nbytes(self, layer: int) -> int:
+        """Encoded shards are read whole into a per-thread buffer and decoded from there into the slot."""
+        return self.stored_nbytes(layer) + 2 * ALIGN if self.encoding == ENCODING else 0
 
     def describe(self) -> str:
         return f"split shards in {self.root}"
