@@ -140,6 +140,23 @@ def test_read_buffers_of_encoded_shards_count_in_the_budget(checkpoints, tmp_pat
         Engine.load(EngineConfig(str(packed), memory_budget=tight, io_threads=3, tokenizer=False, ctx_size=64))
 
 
+def test_start_up_suggests_lossless_shards_only_where_bf16_experts_page_in(checkpoints, tmp_path, capsys):
+    src = checkpoints("qwen3_moe", "bfloat16")
+    packed = tmp_path / "packed"
+    split_checkpoint(str(src), str(packed), lossless=True)
+    gen = ["generate", "--prompt-ids", "1,2,3", "--max-tokens", "2", "--ctx-size", "64"]
+    engine = Engine.load(EngineConfig(str(packed), memory_budget=1 << 30, ctx_size=64, tokenizer=False))
+    small = ["--memory-budget", str(engine.plan.min_budget + 2 * engine.plan.expert_bytes_each)]  # some experts page in
+    engine.close()
+    capsys.readouterr()
+    assert cli_main(gen + ["--model", str(src), *small]) == 0
+    hint = f"`moepage split {src} OUT --lossless`" in capsys.readouterr().err
+    assert hint == (native.load("bf16_unpack") is not None)  # torch's decoder costs more than the bytes it saves
+    for model, budget in ((packed, small), (src, [])):
+        assert cli_main(gen + ["--model", str(model), *budget]) == 0
+        assert "--lossless" not in capsys.readouterr().err
+
+
 def engine_read(path, layer, e):
     return open_checkpoint(str(path)).experts.read(layer, e)
 

@@ -106,7 +106,7 @@ def run(args) -> int:
     from moepage.engine.engine import Engine
 
     engine = Engine.load(engine_config(args, args.model))
-    print(engine.plan.summary(), file=sys.stderr)
+    print(engine.memory_summary(), file=sys.stderr)
     try:
         if args.prompt_ids:
             with open(args.prompt_ids) as f:

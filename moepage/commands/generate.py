@@ -32,7 +32,7 @@ def run(args) -> int:
     check_elastic_args(args)
     t0 = time.perf_counter()
     engine = Engine.load(engine_config(args, args.model))
-    print(engine.plan.summary(), file=sys.stderr)
+    print(engine.memory_summary(), file=sys.stderr)
     try:
         print(install_elastic(engine, args)[1], file=sys.stderr)
     except (ValueError, OSError):

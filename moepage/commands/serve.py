@@ -57,7 +57,7 @@ def run(args) -> int:
     check_elastic_args(args)  # contradictory flags fail before the (slow) load
     print(f"moepage serve: loading {resolved.path} ({resolved.kind})", file=sys.stderr)
     engine = Engine.load(engine_config(args, resolved.path))
-    print(engine.plan.summary(), file=sys.stderr)
+    print(engine.memory_summary(), file=sys.stderr)
     try:
         elastic, line = install_elastic(engine, args)
     except (ValueError, OSError):
