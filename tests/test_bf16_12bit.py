@@ -20,6 +20,7 @@ from moepage.engine.sampling import SamplingParams
 from moepage.kernels.cpu_bf16 import linear
 from moepage.paging.bf16_12bit import (EncodingError, Packed, PackedMatrix, fused_kernel, pack, unpack_into,
                                        unpack_torch)
+from moepage.paging.pread import aligned_bytes
 from moepage.paging.safetensors_file import CheckpointError
 from moepage.paging.sources import sha256_of
 from moepage.surgery.split import split_checkpoint, verify_split
@@ -116,28 +117,39 @@ def test_lossless_split_serves_identical_tokens_with_fewer_bytes(checkpoints, tm
             assert torch.equal(bits(getattr(a, part)), bits(getattr(b, part)))
 
 
-def test_read_buffers_of_encoded_shards_count_in_the_budget(checkpoints, tmp_path):
-    """Each page-in thread (and the generating thread) keeps a buffer an encoded shard is read into: the plan
-    takes them out of the budget before the expert cache, and a budget that cannot hold them as well is refused."""
+@pytest.mark.parametrize("io_threads", [0, 2])
+def test_read_buffers_of_encoded_shards_count_in_the_budget(checkpoints, tmp_path, monkeypatch, io_threads):
+    """Each page-in thread (and the generating thread) keeps a buffer an encoded shard is read into: the plan takes
+    them out of the budget before the expert cache, at least as many bytes as the threads really allocate while
+    paging, and a budget that cannot hold them as well is refused."""
+    import threading
+
+    from moepage.paging import sources
+
     src = checkpoints("qwen3_moe", "bfloat16")
     plain, packed = tmp_path / "plain", tmp_path / "packed"
     split_checkpoint(str(src), str(plain))
     split_checkpoint(str(src), str(packed), lossless=True)
-    budget = 64 << 20
-    plans = {}
-    for name, path in (("plain", plain), ("packed", packed)):
-        engine = Engine.load(EngineConfig(str(path), memory_budget=budget, io_threads=3, tokenizer=False, ctx_size=64))
-        plans[name] = engine.plan
-        engine.close()
-    stored = open_checkpoint(str(packed)).experts.stored_nbytes(0)
-    assert plans["plain"].buffer_bytes == 0
-    assert plans["packed"].buffer_bytes == 4 * (stored + 2 * 4096)
-    assert plans["packed"].resident_bytes + plans["packed"].kv_bytes + plans["packed"].buffer_bytes + \
-        plans["packed"].expert_cache_bytes <= budget
-    assert "read buffers" in plans["packed"].summary()
-    tight = plans["packed"].min_budget - 1
+    cfg = dict(io_threads=io_threads, tokenizer=False, ctx_size=64)
+    probe = Engine.load(EngineConfig(str(packed), memory_budget=1 << 30, **cfg))
+    budget = probe.plan.min_budget + 2 * probe.plan.expert_bytes_each  # most experts page in
+    probe.close()
+    staged = []
+    monkeypatch.setattr(sources, "_staging", threading.local())  # no thread holds a buffer yet
+    monkeypatch.setattr(sources, "aligned_bytes", lambda n: staged.append(n) or aligned_bytes(n))
+    engine = Engine.load(EngineConfig(str(packed), memory_budget=budget, **cfg))
+    list(engine.generate(prompt_ids(12, engine.args.vocab_size), SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)))
+    engine.close()
+    plan = engine.plan
+    assert engine.cache.stats.misses > 0 and staged
+    assert sum(staged) <= plan.buffer_bytes, (staged, plan.buffer_bytes)
+    assert plan.resident_bytes + plan.kv_bytes + plan.buffer_bytes + plan.expert_cache_bytes <= budget
+    assert "read buffers" in plan.summary()
+    plain_engine = Engine.load(EngineConfig(str(plain), memory_budget=budget, **cfg))
+    assert plain_engine.plan.buffer_bytes == 0
+    plain_engine.close()
     with pytest.raises(ValueError, match="read buffers"):
-        Engine.load(EngineConfig(str(packed), memory_budget=tight, io_threads=3, tokenizer=False, ctx_size=64))
+        Engine.load(EngineConfig(str(packed), memory_budget=plan.min_budget - 1, **cfg))
 
 
 def test_start_up_suggests_lossless_shards_only_where_bf16_experts_page_in(checkpoints, tmp_path, capsys):

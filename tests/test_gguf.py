@@ -162,6 +162,9 @@ def test_same_tokens_from_gguf_split_and_a_quarter_budget(qwen3_ggufs):
     assert split.ckpt.kind == "split" and split.ckpt.experts.quantized
     assert greedy(split, ids) == want
     split.close()
+    paged_split = load(qwen3_ggufs["split_q4_k_m"], expert_cache_bytes=total // 4)
+    assert paged_split.plan.fraction_resident < 1 and "--lossless" not in paged_split.memory_summary()  # quantized
+    paged_split.close()
     quarter = load(qwen3_ggufs["q4_k_m"], expert_cache_bytes=total // 4)
     assert quarter.plan.fraction_resident <= 0.25 + 1e-9 and quarter.cache.budget >= 2 * per_expert
     assert greedy(quarter, ids) == want

@@ -14,7 +14,7 @@ def register(sub):
 
 def run(args) -> int:
     from moepage.engine.checkpoint import open_checkpoint
-    from moepage.engine.engine import EngineConfig, packable_lm_head, resolve_dtype
+    from moepage.engine.engine import EngineConfig, packable_lm_head, read_buffer_bytes, resolve_dtype
     from moepage.engine.kv_cache import KVCache
     from moepage.engine.moe import PreparedExpert
     from moepage.paging.budget import human
@@ -36,8 +36,7 @@ def run(args) -> int:
     if packable_lm_head(EngineConfig(args.path), ckpt, names, dtype, torch.device("cpu")) is not None:
         budgeted -= numel(names["lm_head"]) * size - (numel(names["lm_head"]) * 3 // 2 + a.vocab_size * 8)
         how.append("the lm_head in the lossless 12-bit form")
-    buffers = (EngineConfig(args.path).io_threads + 1) * max((ckpt.experts.staging_nbytes(i) for i in a.moe_layers),
-                                                              default=0)
+    buffers = read_buffer_bytes(ckpt, EngineConfig(args.path).io_threads)
     if buffers:
         budgeted += buffers
         how.append(f"{human(buffers)} of read buffers for the 12-bit shards")

@@ -146,8 +146,7 @@ class Engine:
         kv_bytes = KVCache.bytes_for(args.num_layers, args.num_kv_heads, args.head_dim, ctx, dtype)
         n_experts = len(args.moe_layers) * args.num_experts
         load_expert, expert_nbytes, each = expert_loader(ckpt.experts, args, dtype, device)
-        # a buffer per page-in thread, plus the generating thread's inline reads
-        buffers = (cfg.io_threads + 1) * max((ckpt.experts.staging_nbytes(i) for i in args.moe_layers), default=0)
+        buffers = read_buffer_bytes(ckpt, cfg.io_threads)
         plan = plan_memory(cfg.memory_budget, resident_bytes, kv_bytes, each, n_experts, args.top_k,
                            cfg.expert_cache_bytes, buffers)
         if embed_rows is not None:
@@ -190,9 +189,10 @@ class Engine:
     def memory_summary(self) -> str:
         """The plan's summary for start-up; where experts page in from plain bf16 files, how to read fewer bytes."""
         lines = [self.plan.summary()]
-        if (self.plan.fraction_resident < 1.0 and self.ckpt.kind != "gguf" and self.args.torch_dtype == "bfloat16"
-                and getattr(self.ckpt.experts, "encoding", None) != ENCODING
-                and native.load("bf16_unpack") is not None):  # without the C++ decoder, decoding costs more than reading
+        src = self.ckpt.experts
+        if (self.plan.fraction_resident < 1.0 and self.args.torch_dtype == "bfloat16"
+                and not getattr(src, "quantized", False) and getattr(src, "encoding", None) != ENCODING
+                and native.runs_here("bf16_unpack")):  # without the C++ decoder, decoding costs more than reading
             lines.append(f"hint: experts page in as bf16; `moepage split {self.ckpt.root} OUT --lossless` stores the "
                          "same weights bit for bit in 12 bits: a quarter fewer bytes a page-in (1.8x the decode rate "
                          "at the bench's 30% cap, README)")
@@ -319,6 +319,13 @@ def packable_lm_head(cfg: EngineConfig, ckpt, names: dict[str, str], dtype: torc
         raise ValueError("pack_lm_head needs a bf16 safetensors lm_head, hidden size a multiple of 64, and a CPU "
                          "with AVX512-BF16 and AVX512-VBMI2")
     return rows
+
+
+def read_buffer_bytes(ckpt: Checkpoint, io_threads: int) -> int:
+    """Bytes of the read buffers kept while paging: one per page-in thread (the cache runs at least one) and one
+    for the generating thread's inline reads."""
+    each = max((ckpt.experts.staging_nbytes(i) for i in ckpt.args.moe_layers), default=0)
+    return (max(1, io_threads) + 1) * each
 
 
 def choose_policy(name: str, plan: MemoryPlan, experts_per_token: int) -> str:

@@ -55,6 +55,12 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def runs_here(name: str) -> bool:
+    """Whether this CPU (and MOEPAGE_KERNELS) lets the module run, without building it; load() may still fall back
+    to torch where no compiler is found."""
+    return os.environ.get("MOEPAGE_KERNELS", "auto") != "torch" and MODULES[name][0] <= cpu_flags()
+
+
 def load(name: str):
     if name in _loaded:  # loaded (or known unavailable): no lock on the hot path
         return _loaded[name]
@@ -63,7 +69,7 @@ def load(name: str):
             return _loaded[name]
         needs, flags = MODULES[name]
         module = None
-        if os.environ.get("MOEPAGE_KERNELS", "auto") != "torch" and needs <= cpu_flags():
+        if runs_here(name):
             try:
                 from torch.utils.cpp_extension import load as build
 

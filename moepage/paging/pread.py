@@ -25,7 +25,8 @@ def aligned_bytes(n: int) -> torch.Tensor:
     whatever malloc's thresholds (expert slots and reads live here; short-lived temporaries come from malloc)."""
     if n == 0:
         return torch.empty(0, dtype=torch.uint8)
-    return torch.frombuffer(mmap.mmap(-1, n), dtype=torch.uint8)
+    private = {"flags": mmap.MAP_PRIVATE} if hasattr(mmap, "MAP_PRIVATE") else {}  # not MAP_SHARED: shmem is slower
+    return torch.frombuffer(mmap.mmap(-1, n, **private), dtype=torch.uint8)
 
 
 def span_bytes(start: int, end: int) -> int:

@@ -282,6 +282,7 @@ class SplitExpertSource(ExpertSource):
         self.shards = ShardFiles(root, shard_path, hashes, drop_page_cache, verify)
         self.table = expert_table
         self.encoding = encoding
+        self._staging: dict[int, int] = {}
 
     def _open(self, layer: int, expert: int) -> SafetensorsFile:
         return self.shards.open(layer, expert)
@@ -305,8 +306,20 @@ class SplitExpertSource(ExpertSource):
         return self.shards.expert_nbytes(layer)
 
     def staging_nbytes(self, layer: int) -> int:
-        """Encoded shards are read whole into a per-thread buffer and decoded from there into the slot."""
-        return self.stored_nbytes(layer) + 2 * ALIGN if self.encoding == ENCODING else 0
+        """Encoded shards are read whole into a per-thread buffer and decoded from there into the slot: the
+        layer's largest shard file (escape lists differ by expert) bounds that read, widened to ALIGN."""
+        if self.encoding != ENCODING:
+            return 0
+        if layer not in self._staging:
+            sizes, e = [], 0
+            while (rel := self.shards.shard_path(layer, e)) in self.shards.hashes:
+                try:
+                    sizes.append(os.path.getsize(os.path.join(self.root, rel)))
+                except OSError:
+                    pass  # a missing shard is reported, naming it, when it is read
+                e += 1
+            self._staging[layer] = max(sizes, default=self.stored_nbytes(layer)) + 2 * ALIGN
+        return self._staging[layer]
 
     def describe(self) -> str:
         return f"split shards in {self.root}"
