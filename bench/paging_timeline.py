@@ -1,8 +1,10 @@
 """Where a paged decode step's time goes: tok/s, how much of the time some expert read is in flight, reads per
-token and their mean time, and the time the decode thread waits for reads; optionally one token's layer-by-layer
-read timeline; the same for the prompt (time to first token). Runs in this process under moepage's own --memory-budget (no cgroup: for A/B runs of paging changes).
+token and their mean time, and the time the decode thread waits for reads; the same for the prompt (time to first
+token); optionally one token's layer-by-layer read timeline. Runs in this process under moepage's own
+--memory-budget (no cgroup: for A/B runs of paging changes).
 
-    python bench/paging_timeline.py MODEL --memory-budget BYTES [--io-threads 2] [--pregate] [--show-token]
+    python bench/paging_timeline.py MODEL --memory-budget BYTES [--prompt-tokens 512] [--io-threads 2] [--pregate]
+        [--show-token]
 """
 from __future__ import annotations
 

@@ -117,8 +117,22 @@ def test_lossless_split_serves_identical_tokens_with_fewer_bytes(checkpoints, tm
             assert torch.equal(bits(getattr(a, part)), bits(getattr(b, part)))
 
 
+@pytest.fixture(scope="module")
+def bf16_splits(checkpoints, tmp_path_factory):
+    """(the bf16 checkpoint, its plain split, its lossless split, a budget under which most experts page in)."""
+    src = checkpoints("qwen3_moe", "bfloat16")
+    root = tmp_path_factory.mktemp("bf16-splits")
+    plain, packed = root / "plain", root / "packed"
+    split_checkpoint(str(src), str(plain))
+    split_checkpoint(str(src), str(packed), lossless=True)
+    probe = Engine.load(EngineConfig(str(packed), memory_budget=1 << 30, ctx_size=64, tokenizer=False))
+    budget = probe.plan.min_budget + 2 * probe.plan.expert_bytes_each  # read buffers and two experts' room
+    probe.close()
+    return src, plain, packed, budget
+
+
 @pytest.mark.parametrize("io_threads", [0, 2])
-def test_read_buffers_of_encoded_shards_count_in_the_budget(checkpoints, tmp_path, monkeypatch, io_threads):
+def test_read_buffers_of_encoded_shards_count_in_the_budget(bf16_splits, monkeypatch, io_threads):
     """Each page-in thread (and the generating thread) keeps a buffer an encoded shard is read into: the plan takes
     them out of the budget before the expert cache, at least as many bytes as the threads really allocate while
     paging, and a budget that cannot hold them as well is refused."""
@@ -126,19 +140,14 @@ def test_read_buffers_of_encoded_shards_count_in_the_budget(checkpoints, tmp_pat
 
     from moepage.paging import sources
 
-    src = checkpoints("qwen3_moe", "bfloat16")
-    plain, packed = tmp_path / "plain", tmp_path / "packed"
-    split_checkpoint(str(src), str(plain))
-    split_checkpoint(str(src), str(packed), lossless=True)
+    _, plain, packed, budget = bf16_splits
     cfg = dict(io_threads=io_threads, tokenizer=False, ctx_size=64)
-    probe = Engine.load(EngineConfig(str(packed), memory_budget=1 << 30, **cfg))
-    budget = probe.plan.min_budget + 2 * probe.plan.expert_bytes_each  # most experts page in
-    probe.close()
     staged = []
     monkeypatch.setattr(sources, "_staging", threading.local())  # no thread holds a buffer yet
     monkeypatch.setattr(sources, "aligned_bytes", lambda n: staged.append(n) or aligned_bytes(n))
     engine = Engine.load(EngineConfig(str(packed), memory_budget=budget, **cfg))
-    list(engine.generate(prompt_ids(12, engine.args.vocab_size), SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)))
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    list(engine.generate(prompt_ids(12, engine.args.vocab_size), params))
     engine.close()
     plan = engine.plan
     assert engine.cache.stats.misses > 0 and staged
@@ -152,20 +161,16 @@ def test_read_buffers_of_encoded_shards_count_in_the_budget(checkpoints, tmp_pat
         Engine.load(EngineConfig(str(packed), memory_budget=plan.min_budget - 1, **cfg))
 
 
-def test_start_up_suggests_lossless_shards_only_where_bf16_experts_page_in(checkpoints, tmp_path, capsys):
-    src = checkpoints("qwen3_moe", "bfloat16")
-    packed = tmp_path / "packed"
-    split_checkpoint(str(src), str(packed), lossless=True)
+def test_start_up_suggests_lossless_shards_only_where_bf16_experts_page_in(bf16_splits, capsys):
+    src, _, packed, budget = bf16_splits
     gen = ["generate", "--prompt-ids", "1,2,3", "--max-tokens", "2", "--ctx-size", "64"]
-    engine = Engine.load(EngineConfig(str(packed), memory_budget=1 << 30, ctx_size=64, tokenizer=False))
-    small = ["--memory-budget", str(engine.plan.min_budget + 2 * engine.plan.expert_bytes_each)]  # some experts page in
-    engine.close()
+    small = ["--memory-budget", str(budget)]
     capsys.readouterr()
     assert cli_main(gen + ["--model", str(src), *small]) == 0
     hint = f"`moepage split {src} OUT --lossless`" in capsys.readouterr().err
-    assert hint == (native.load("bf16_unpack") is not None)  # torch's decoder costs more than the bytes it saves
-    for model, budget in ((packed, small), (src, [])):
-        assert cli_main(gen + ["--model", str(model), *budget]) == 0
+    assert hint == native.runs_here("bf16_unpack")  # torch's decoder costs more than the bytes it saves
+    for model, budget_args in ((packed, small), (src, [])):
+        assert cli_main(gen + ["--model", str(model), *budget_args]) == 0
         assert "--lossless" not in capsys.readouterr().err
 
 

@@ -6,7 +6,7 @@ after one 512-token prefill, when expert buffers came from malloc). Expert slots
 of their own (`pread.aligned_bytes`), so the threshold only decides where temporaries go: fixed at 1 MiB, the
 many 128 KiB-1 MiB temporaries of a prompt (an expert's rows, their activations) reuse heap pages instead of
 faulting in fresh zeroed ones each time (a 512-token prompt on the bench model under a budget: time to first
-token 2.8-3.4 s -> 2.1-2.5 s, peak RSS +16 MiB), and the heap gives back free space above 128 KiB at its top.
+token 2.8-3.4 s -> 1.6-2.5 s, peak RSS +16 MiB), and the heap gives back free space above 128 KiB at its top.
 """
 from __future__ import annotations
 
