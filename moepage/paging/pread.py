@@ -16,6 +16,11 @@ class CheckpointError(ValueError):
     """A weight file is missing, truncated or malformed; the message names the file."""
 
 
+class ExpertReadError(RuntimeError):
+    """Paging an expert in failed while serving (file unreadable, truncated, deleted or changed since load): a server
+    fault, not the request's; the message names the file, layer and expert."""
+
+
 ALIGN = 4096  # O_DIRECT offset, length and buffer alignment (a page: covers 512 B and 4 KiB block devices)
 DIRECT_READS = os.environ.get("MOEPAGE_DIRECT_IO", "1") != "0"
 
