@@ -1,4 +1,4 @@
-"""The sparse MoE block: router, routed experts through the ExpertCache, optional shared expert.
+"""The sparse MoE block: its Router, routed experts through the ExpertCache, optional shared expert.
 
 Shape legend: T tokens, H hidden, E experts, K experts per token, I expert intermediate size.
 """
@@ -10,9 +10,11 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from moepage.kernels.cpu_bf16 import experts_one_token, linear
+from moepage.engine.router import Router
+from moepage.kernels.cpu_bf16 import experts_one_token
 from moepage.kernels.experts import swiglu, swiglu_fused
-from moepage.kernels.routing import RoutingConfig, route
+from moepage.kernels.ggml_experts import experts_one_token as quantized_experts_one_token
+from moepage.kernels.routing import RoutingConfig
 from moepage.paging.cache import ExpertCache
 from moepage.paging.pread import ALIGN
 from moepage.paging.sources import ExpertWeights
@@ -72,7 +74,7 @@ def prepare_expert(w: ExpertWeights, dtype: torch.dtype, device, buffer: torch.T
 RoutingObserver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 # (layer, expert, x rows [t, H] routed to it, their routing weights [t], its unweighted output [t, H])
 ExpertOutputObserver = Callable[[int, int, torch.Tensor, torch.Tensor, torch.Tensor], None]
-# (layer, router logits [T, E]) -> (weights [T, K'], indices [T, K']) replacing route() when set
+# (layer, router logits [T, E]) -> (weights [T, K'], indices [T, K']) replacing the Router's selection when set
 ElasticHook = Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -80,15 +82,18 @@ class SparseMoE:
     def __init__(
         self,
         layer: int,
-        router: torch.Tensor,  # [E, H]
-        routing: RoutingConfig,
+        router: Router | torch.Tensor,  # a Router, or its weight [E, H] with routing
+        routing: RoutingConfig | None,
         cache: ExpertCache,
         shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,  # gate, up, down
         shared_gate: torch.Tensor | None = None,  # [1, H]
     ):
         self.layer = layer
-        self.router = router
-        self.routing = routing
+        if not isinstance(router, Router):
+            if routing is None:
+                raise ValueError(f"layer {layer}: a router weight needs its RoutingConfig")
+            router = Router(router, routing)
+        self.gate = router  # the block's Router (transformers names it mlp.gate too)
         self.cache = cache
         self.shared = shared
         self.shared_gate = shared_gate
@@ -102,12 +107,21 @@ class SparseMoE:
         self.pregate = True
         self._guess: set[int] | None = None  # what the previous layer predicted for this one
 
+    @property
+    def routing(self) -> RoutingConfig:
+        return self.gate.config
+
+    @property
+    def router(self) -> torch.Tensor | None:
+        """What the fused decode kernel multiplies by for this block's router logits (Router.kernel_weight)."""
+        return self.gate.kernel_weight
+
     def __call__(self, x: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
         """x [T, H] -> [T, H]; logits [T, E] = x through the router when the caller already computed them."""
         shared_out = swiglu(x, *self.shared) if self.shared is not None else None
         if logits is None:
-            logits = linear(x, self.router)  # [T, E]
-        weights, indices = route(logits, self.routing) if self.elastic is None else self.elastic(self.layer, logits)
+            logits = self.gate.logits(x)  # [T, E]
+        weights, indices = self.gate.select(logits) if self.elastic is None else self.elastic(self.layer, logits)
         if self._guess is not None:
             self._score_guess(indices)
         for obs in self.observers:
@@ -157,7 +171,7 @@ class SparseMoE:
     def routes_in_kernel(self) -> bool:
         """A decode step may take its routing from the attention kernel (softmax top-k computed in C++ with the
         same ATen ops): nothing here needs the router's tensors."""
-        return (self.routing.scoring == "softmax_topk" and self.elastic is None and self.shared is None
+        return (self.gate.selects_like_kernel and self.elastic is None and self.shared is None
                 and not self.observers and not self.output_observers and self._guess is None)
 
     def decode_routed(self, x: torch.Tensor, experts: list[int], w: torch.Tensor, residual: torch.Tensor):
@@ -185,6 +199,12 @@ class SparseMoE:
                                         residual)
                 if out is not None:
                     return out
+            elif not self.output_observers and held and all(hasattr(ex, "down") for ex in held):  # QuantizedExpert
+                wl = w.tolist()
+                out = quantized_experts_one_token(x, [(ex.gate, ex.up, ex.down) for ex in held],
+                                                  [wl[k] for k in slots], residual)
+                if out is not None:
+                    return out
             out = torch.zeros_like(x)  # [1, H]
             for k, e, ex in zip(slots, experts, held):
                 h = ex.compute(x)  # [1, H]
@@ -200,7 +220,7 @@ class SparseMoE:
         nxt = self.next
         if nxt is None or not (self.pregate and self.prefetch) or nxt.elastic is not None:
             return
-        _, guess = route(linear(x, nxt.router), nxt.routing)  # [1, K]
+        _, guess = nxt.gate(x)  # [1, K]
         nxt._guess = set(guess[0].tolist())
         self.cache.prefetch([(nxt.layer, e) for e in sorted(nxt._guess)], withdrawable=True)
 

@@ -6,7 +6,7 @@
   for every layer, or {layer: tuple} (a domain's most used experts per layer, from a profile).
 - cache_margin m: cache-aware routing; a resident expert whose router probability is within m of a chosen
   non-resident one is preferred (scores = probs + m * resident), weights stay the true probabilities.
-The default (ElasticConfig()) is exactly route(logits, cfg), so serving is unchanged unless a mode is named.
+The default (ElasticConfig()) is exactly the layer Router's selection, so serving is unchanged unless a mode is named.
 An ElasticRouting is a callable (layer, router_logits [T, E]) -> (weights [T, K'], indices [T, K']) that fits both
 SparseMoE.elastic (serving) and TrainableDecoder(routing_override=...) (probing).
 
@@ -21,7 +21,8 @@ from typing import Callable
 
 import torch
 
-from moepage.kernels.routing import RoutingConfig, route
+from moepage.engine.router import Router
+from moepage.kernels.routing import RoutingConfig
 
 NAMED_EXPERTS_KEY = "moepage_named_experts"  # config.json: {"code": 0, "prose": 1, ...}
 
@@ -64,7 +65,8 @@ class ElasticConfig:
 
 class ElasticRouting:
     def __init__(self, cfg: ElasticConfig, routing: RoutingConfig, num_experts: int,
-                 is_resident: Callable[[int, int], bool] | None = None):
+                 is_resident: Callable[[int, int], bool] | None = None, routers: dict[int, Router] | None = None):
+        """routers: each MoE layer's Router (its biases and scales); without them routing alone decides."""
         if cfg.experts_per_token is not None and not 1 <= cfg.experts_per_token <= num_experts:
             raise ValueError(f"--experts-per-token must be between 1 and {num_experts}, got {cfg.experts_per_token}")
         sets = list(cfg.restrict_to.values()) if isinstance(cfg.restrict_to, dict) else \
@@ -83,6 +85,11 @@ class ElasticRouting:
             k = min(k, min(len(a) for a in sets))
         renormalise = routing.norm_topk_prob or k != routing.top_k
         self.routing = replace(routing, top_k=k, norm_topk_prob=renormalise)
+        if cfg.cache_margin is not None and routing.scoring != "softmax_topk":
+            raise ValueError(f"cache-aware routing needs softmax top-k routers, not {routing.scoring}")
+        self._router = Router(None, self.routing)
+        self._routers = {layer: r.with_config(replace(r.config, top_k=k, norm_topk_prob=renormalise))
+                         for layer, r in (routers or {}).items()}
 
     def __call__(self, layer: int, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         T = logits.shape[0]
@@ -95,7 +102,7 @@ class ElasticRouting:
             allowed[list(experts)] = True
             logits = logits.masked_fill(~allowed, float("-inf"))
         if self.cfg.cache_margin is None:
-            return route(logits, self.routing)
+            return self._routers.get(layer, self._router).select(logits)
         return self._cache_aware(layer, logits)
 
     def _cache_aware(self, layer: int, logits: torch.Tensor):
@@ -198,6 +205,7 @@ def apply_elastic(engine, cfg: ElasticConfig) -> None:
     if not cfg.is_default:
         cache = engine.model.cache
         hook = ElasticRouting(cfg, args.routing, args.num_experts,
-                              is_resident=lambda layer, e: (layer, e) in cache)
+                              is_resident=lambda layer, e: (layer, e) in cache,
+                              routers={block.layer: block.gate for block in engine.model.moe_blocks})
     for block in engine.model.moe_blocks:
         block.elastic = hook

@@ -2,7 +2,7 @@
 
 Why not transformers' modeling classes: training must not need transformers (only tests compare against it),
 its v5 MoE blocks fuse every expert of a layer into one tensor (our checkpoints store one tensor per expert),
-and computing the very same math as the serving path (moepage/kernels: route, rms_norm, rope, swiglu) makes
+and computing the very same math as the serving path (engine Router; moepage/kernels: rms_norm, rope, swiglu) makes
 "what we trained is what we serve" a test (test_train.py compares these logits with Engine.logits_all).
 
 Parameters are keyed by moepage canonical names ("layers.3.q", "layers.3.experts.2.gate"); the family tables in
@@ -24,11 +24,11 @@ import torch.nn.functional as F
 
 from moepage.engine.families import FAMILIES
 from moepage.engine.model_args import ModelArgs
+from moepage.engine.router import Router
 from moepage.engine.weight_names import expert_names, resident_names, to_checkpoint
 from moepage.kernels.experts import swiglu
 from moepage.kernels.norm import rms_norm
 from moepage.kernels.rope import RotaryTable, apply_rope
-from moepage.kernels.routing import route
 
 EXPERT_PARTS = ("gate", "up", "down")
 TRAINABLE_MODEL_TYPES = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
@@ -171,8 +171,9 @@ class TrainableDecoder(nn.Module):
     def _moe(self, i: int, x: torch.Tensor, routing_override=None):
         """x [BT, H] -> (out [BT, H], router logits [BT, E], indices [BT, K])."""
         a, p = self.args, f"layers.{i}."
-        logits = F.linear(x, self.p(p + "router"))  # [BT, E]
-        weights, indices = route(logits, a.routing) if routing_override is None else routing_override(i, logits)
+        router = Router(self.p(p + "router"), a.routing)
+        logits = router.logits(x)  # [BT, E]
+        weights, indices = router.select(logits) if routing_override is None else routing_override(i, logits)
         out = torch.zeros_like(x)
         for e in range(a.num_experts):
             tok, slot = (indices == e).nonzero(as_tuple=True)
@@ -191,8 +192,8 @@ class TrainableDecoder(nn.Module):
     def forward(self, ids: torch.Tensor, routing_override=None) -> ForwardOutput:
         """ids [B, T] -> logits [B, T, V] and each MoE layer's router logits.
 
-        routing_override(layer, router_logits [BT, E]) -> (weights [BT, K'], indices [BT, K']) replaces route()
-        (probe uses it for elastic-serving modes).
+        routing_override(layer, router_logits [BT, E]) -> (weights [BT, K'], indices [BT, K']) replaces the Router's
+        selection (probe uses it for elastic-serving modes).
         """
         a = self.args
         B, T = ids.shape
