@@ -15,6 +15,7 @@ from moepage.engine.quantized_expert import expert_loader
 from moepage.engine.sampling import Sampler, SamplingParams
 from moepage.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from moepage.kernels import native
+from moepage.kernels.ggml import ggml_backend
 from moepage.paging.allocator import return_freed_memory
 from moepage.paging.bf16_12bit import ENCODING, PackedMatrix, fused_kernel
 from moepage.paging.budget import MemoryPlan, plan_memory
@@ -129,7 +130,7 @@ class Engine:
             if dtype == torch.bfloat16:
                 native.load("bf16_decode")
             if getattr(ckpt.experts, "quantized", False) or ckpt.kind == "gguf":
-                native.load("ggml_gemv")
+                ggml_backend()
         names = ckpt.resident_checkpoint_names()
         embed_rows = None
         on_disk = cfg.embed_on_disk if cfg.embed_on_disk is not None else cfg.memory_budget is not None

@@ -180,11 +180,36 @@ BLOCK_DEQUANT: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1, "Q8_0": _q8_0,
     "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k,
 }
-SUPPORTED = tuple(FLOAT_TYPES) + tuple(BLOCK_DEQUANT)
+TORCH_TYPES = tuple(FLOAT_TYPES) + tuple(BLOCK_DEQUANT)  # what moepage computes without ggml's library
 
 
 def is_quantized(t: GGMLType) -> bool:
-    return t.name in BLOCK_DEQUANT
+    return t.block_size > 1
+
+
+def ggml_backend():
+    """ggml's CPU kernels (kernels/ggml_cpu.py), or None where they are unavailable."""
+    from moepage.kernels.ggml_cpu import backend
+
+    return backend()
+
+
+def can_compute(t: GGMLType) -> bool:
+    """Whether moepage can dequantize (and multiply) tensors of type t on this machine."""
+    if t.name in TORCH_TYPES:
+        return True
+    b = ggml_backend()
+    return b is not None and b.dequantizes(t.id) and b.multiplies(t.id)
+
+
+def computable_types() -> list[str]:
+    return [t.name for t in TYPES.values() if can_compute(t)]
+
+
+def unsupported(t: GGMLType, tensor: str) -> UnsupportedQuantType:
+    hint = "" if ggml_backend() is not None else "; `pip install libggml-python` adds every type ggml has"
+    return UnsupportedQuantType(f"unsupported quant type {t.name} in tensor {tensor!r} (moepage computes "
+                                f"{', '.join(computable_types())}{hint})")
 
 
 def dequantize(raw: torch.Tensor, qtype: GGMLType | int | str, shape: tuple[int, ...], tensor: str = "?",
@@ -192,12 +217,23 @@ def dequantize(raw: torch.Tensor, qtype: GGMLType | int | str, shape: tuple[int,
     """raw: the tensor's bytes (uint8, any shape) -> float tensor of `shape` ([..., C], C = ne[0]) in `dtype`.
 
     F16/BF16/F32 keep their values exactly; quantized types are dequantized in float32 (as ggml does) and then
-    cast to `dtype`.
+    cast to `dtype`. This is the torch reference; QuantizedTensor.dequantize uses ggml's own decoder when present.
     """
     t = qtype if isinstance(qtype, GGMLType) else ggml_type(qtype, tensor)
     raw = raw.reshape(-1)
     if raw.dtype != torch.uint8:
         raise TypeError(f"tensor {tensor!r}: dequantize expects uint8 bytes, got {raw.dtype}")
+    check_size(raw, t, shape, tensor)
+    if t.name in FLOAT_TYPES:
+        return raw.view(FLOAT_TYPES[t.name]).view(shape).to(dtype)
+    fn = BLOCK_DEQUANT.get(t.name)
+    if fn is None:
+        raise unsupported(t, tensor)
+    blocks = raw.view(-1, t.type_size)  # [N, S]
+    return fn(blocks).view(shape).to(dtype)
+
+
+def check_size(raw: torch.Tensor, t: GGMLType, shape: tuple[int, ...], tensor: str) -> None:
     if shape and shape[-1] % t.block_size:
         raise ValueError(f"tensor {tensor!r}: row length {shape[-1]} is not a multiple of the {t.name} block "
                          f"size {t.block_size}")
@@ -205,28 +241,15 @@ def dequantize(raw: torch.Tensor, qtype: GGMLType | int | str, shape: tuple[int,
     if raw.numel() != want:
         raise ValueError(f"tensor {tensor!r}: {raw.numel()} bytes do not hold {t.name} of shape {tuple(shape)} "
                          f"({want} bytes)")
-    if t.name in FLOAT_TYPES:
-        return raw.view(FLOAT_TYPES[t.name]).view(shape).to(dtype)
-    fn = BLOCK_DEQUANT.get(t.name)
-    if fn is None:
-        raise UnsupportedQuantType(
-            f"unsupported quant type {t.name} in tensor {tensor!r} (moepage dequantizes {', '.join(SUPPORTED)})"
-        )
-    blocks = raw.view(-1, t.type_size)  # [N, S]
-    return fn(blocks).view(shape).to(dtype)
 
 
 # ---- quantized tensors held in memory ---------------------------------------------------------------
-NATIVE_TYPES = {"Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K"}  # block decoders in csrc/ggml_gemv.cpp
-
-
-def native_ggml(q: "QuantizedTensor"):
-    """The C++ block-decoding module when it handles q (a CPU tensor of one of NATIVE_TYPES), else None."""
-    if q.type.name not in NATIVE_TYPES or q.data.device.type != "cpu" or not q.data.is_contiguous():
+def backend_for(q: "QuantizedTensor"):
+    """ggml's CPU kernels when they multiply q (a contiguous CPU tensor of a type ggml has), else None."""
+    if q.data.device.type != "cpu" or not q.data.is_contiguous() or len(q.shape) != 2 or q.type.name == "F32":
         return None
-    from moepage.kernels import native
-
-    return native.load("ggml_gemv")
+    b = ggml_backend()
+    return b if b is not None and b.multiplies(q.type.id) else None
 
 
 @dataclass
@@ -242,11 +265,20 @@ class QuantizedTensor:
     def nbytes(self) -> int:
         return self.data.numel()
 
+    @property
+    def rows(self) -> int:
+        rows = 1
+        for s in self.shape[:-1]:
+            rows *= s
+        return rows
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        fast = native_ggml(self)
-        if fast is not None:
-            rows = self.data.numel() // self.type.row_bytes(self.shape[-1])
-            return fast.dequantize(self.data, self.type.name, rows, self.shape[-1]).view(self.shape).to(dtype)
+        if is_quantized(self.type) and self.data.device.type == "cpu":
+            b = ggml_backend()
+            if b is not None and b.dequantizes(self.type.id):
+                check_size(self.data, self.type, self.shape, self.name)
+                out = b.dequantize(self.data.contiguous(), self.type.id, self.rows, self.shape[-1])
+                return out.view(self.shape).to(dtype)
         return dequantize(self.data, self.type, self.shape, self.name, dtype)
 
     def to(self, device) -> "QuantizedTensor":

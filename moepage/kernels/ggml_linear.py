@@ -2,74 +2,41 @@
 
 llama.cpp never multiplies a quantized (or F16) weight by float32 activations: it first converts the activations
 to the weight type's "vec_dot type" (F16 for F16 weights, Q8_0 blocks of 32 for Q4_0..Q8_0, Q8_K blocks of 256
-for K-quants) and multiplies those. `ggml_activations` reproduces that rounding (opt-in, see EMULATE).
+for K-quants) and multiplies those. moepage calls ggml's own conversion and dot products (kernels/ggml_cpu.py).
 
 Shape legend: T tokens, K input features (weight columns), N output features (weight rows), V vocab rows.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
-from moepage.kernels.ggml import QuantizedTensor, native_ggml
+from moepage.kernels.ggml import QuantizedTensor, backend_for
 
-Q8_0_ACTIVATIONS = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"}
-Q8_K_ACTIVATIONS = {"Q4_K", "Q5_K", "Q6_K"}
-# Opt-in (MOEPAGE_GGML_ACTIVATIONS=ggml): measured on a tiny Qwen3-MoE it moves moepage's logits by as much as
-# they differ from llama.cpp's (~0.07 for Q8_0) without shrinking that gap, so the default multiplies float
-# activations (the exact product of the stored weights).
-EMULATE = os.environ.get("MOEPAGE_GGML_ACTIVATIONS", "float") == "ggml"
+GEMV_ROWS = 8  # up to this many tokens, one ggml vec_dot per weight row; more: dequantize, then torch's GEMM
 
 
-def _q8_0(x: torch.Tensor) -> torch.Tensor:
-    """x [T, K] -> values of quantize_row_q8_0 (x86): d = amax/127 stored as f16, q = round-half-even(x*127/amax)."""
-    b = x.reshape(-1, 32)
-    amax = b.abs().amax(dim=-1, keepdim=True)
-    inv = torch.where(amax != 0, 127.0 / amax, torch.zeros_like(amax))
-    q = torch.round(b * inv)
-    d = (amax / 127.0).half().float()
-    return (q * d).reshape(x.shape)
-
-
-def _q8_k(x: torch.Tensor) -> torch.Tensor:
-    """x [T, K] -> values of quantize_row_q8_K: iscale = -127/max (max: the signed value of largest |x|),
-    q = min(127, nearest(iscale*x)), d = 1/iscale (float32)."""
-    b = x.reshape(-1, 256)
-    mx = b.gather(-1, b.abs().argmax(dim=-1, keepdim=True))  # [n, 1]
-    iscale = torch.where(mx != 0, -127.0 / mx, torch.zeros_like(mx))
-    q = torch.round(iscale * b).clamp(max=127)
-    d = torch.where(mx != 0, 1.0 / iscale, torch.zeros_like(mx))
-    return (q * d).reshape(x.shape)
-
-
-def ggml_activations(x: torch.Tensor, weight_type: str) -> torch.Tensor:
-    """x [..., K] float -> the activations llama.cpp would multiply a `weight_type` weight with."""
-    if not EMULATE or x.dtype != torch.float32:
-        return x
-    if weight_type == "F16":
-        return x.half().float()
-    if weight_type == "BF16":
-        return x.bfloat16().float()
-    if weight_type in Q8_0_ACTIVATIONS and x.shape[-1] % 32 == 0:
-        return _q8_0(x)
-    if weight_type in Q8_K_ACTIVATIONS and x.shape[-1] % 256 == 0:
-        return _q8_k(x)
-    return x
-
-
-GEMV_ROWS = 8  # up to this many tokens, blocks are decoded inside the matmul; more: dequantize, then GEMM
+def rounded_activations(b, x: torch.Tensor, w: QuantizedTensor) -> torch.Tensor:
+    """x [T, K] -> float32 values of the activations ggml multiplies a w-typed weight with (ggml's own from_float
+    into the weight's vec_dot type, decoded back)."""
+    _, _, dot_type, _ = b.type_info(w.type.id)
+    if dot_type == 0:  # F32
+        return x.float()
+    q = b.quantize_rows(x.reshape(-1, x.shape[-1]), w.type.id)
+    return b.dequantize(q.reshape(-1), dot_type, q.shape[0], x.shape[-1]).view(x.shape)
 
 
 def ggml_linear(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [T, K] @ w [N, K]^T (+ bias) -> [T, N]: blocks decoded inside the matmul for a few tokens (C++),
-    otherwise w dequantized just in time."""
-    fast = native_ggml(w) if not EMULATE and x.dim() == 2 and x.shape[0] <= GEMV_ROWS else None
-    if fast is not None and x.device.type == "cpu":
-        out = fast.linear(x, w.data, w.type.name, w.shape[0])
+    """x [T, K] @ w [N, K]^T (+ bias) -> [T, N] in x's dtype, with llama.cpp's numerics where ggml's library is
+    present: a few tokens through ggml's vec_dot on the stored bytes; more through torch's GEMM on the dequantized
+    weight and the activations ggml would use. Without it: the weight dequantized with torch, float activations."""
+    b = backend_for(w) if x.dim() == 2 and x.device.type == "cpu" else None
+    if b is None or x.shape[-1] % b.activation_block(w.type.id):
+        return F.linear(x, w.dequantize(x.dtype), bias)
+    if x.shape[0] <= GEMV_ROWS:
+        out = b.linear(x, w.data, w.type.id, w.shape[0])
         return out if bias is None else out + bias
-    return F.linear(ggml_activations(x, w.type.name), w.dequantize(x.dtype), bias)
+    return F.linear(rounded_activations(b, x, w).to(x.dtype), w.dequantize(x.dtype), bias)
 
 
 def ggml_embedding(ids: torch.Tensor, w: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:

@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from moepage.kernels.ggml import SUPPORTED, QuantizedTensor, is_quantized
+from moepage.kernels.ggml import QuantizedTensor, can_compute, is_quantized, unsupported
 from moepage.paging.gguf_file import GGUFFile
 from moepage.paging.safetensors_file import CheckpointError, SafetensorsFile
 from moepage.paging.sources import ExpertSource, ExpertWeights, ShardFiles
@@ -70,9 +70,8 @@ class GGUFExpertSource(QuantizedExpertSource):
             for p in PARTS:
                 name = table[p].format(L=layer)
                 kind = gguf.info(name, f"layer {layer} experts {p}").type
-                if kind.name not in SUPPORTED:
-                    raise CheckpointError(f"{gguf.path}: unsupported quant type {kind.name} in tensor {name!r} "
-                                          f"(moepage dequantizes {', '.join(SUPPORTED)})")
+                if not can_compute(kind):
+                    raise CheckpointError(f"{gguf.path}: {unsupported(kind, name)}")
         self.quantized = any(is_quantized(gguf.info(table[p].format(L=L), "expert").type)
                              for L in moe_layers for p in PARTS)
 

@@ -1,0 +1,90 @@
+"""One decode token's quantized matvec, x [1, K] @ W [N, K]^T, by three kernels: ggml's CPU `vec_dot` (moepage's
+path: kernels/csrc/ggml_cpu.cpp over libggml-cpu), moepage's own block-decoding C++ gemv (csrc/ggml_gemv.cpp,
+AVX-512 only, five types) and torch (dequantize, then F.linear).
+
+    python bench/quant_matvec.py [--threads 2] [--iters 20]
+    MOEPAGE_GGML_LIB=.../llama_cpp/lib/libggml-cpu.so python bench/quant_matvec.py   # llama.cpp's own build
+
+Shapes: the bench model's 151,936 x 1024 lm_head, and Qwen3-30B-A3B's experts (gate/up 768 x 2048, down 2048 x 768).
+Weights are random bytes with finite scales (the kernels' speed does not depend on the values). Prints ms per
+call (median of --iters) and the weight bytes read per second.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from moepage.kernels import native
+from moepage.kernels.ggml import BY_NAME, dequantize
+from moepage.kernels.ggml_cpu import backend
+
+OWN_TYPES = {"Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K"}  # the block decoders of csrc/ggml_gemv.cpp
+SHAPES = {"lm_head": (151936, 1024), "expert gate/up": (768, 2048), "expert down": (2048, 768)}
+TYPES = {"lm_head": ["Q6_K", "Q4_K", "Q8_0", "Q4_0", "Q5_0"],
+         "expert gate/up": ["Q4_K", "Q5_K", "Q4_0", "IQ4_XS"],
+         "expert down": ["Q6_K", "Q5_0", "Q4_K", "Q8_0"]}
+SCALE_OFFSETS = {"Q4_0": [0], "Q5_0": [0], "Q8_0": [0], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208], "IQ4_XS": [0]}
+
+
+def random_weight(qtype: str, rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    t = BY_NAME[qtype]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, size=(rows * cols // t.block_size, t.type_size), dtype=np.uint8)
+    for o in SCALE_OFFSETS[qtype]:
+        raw[:, o:o + 2] = rng.uniform(-0.01, 0.01, size=(raw.shape[0], 1)).astype(np.float16).view(np.uint8)
+    return torch.from_numpy(raw.reshape(-1))
+
+
+def median_ms(fn, iters: int) -> float:
+    fn()
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=20)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    ggml = backend()
+    ours = native.load("ggml_gemv")
+    print(f"ggml: {ggml.path if ggml else 'unavailable'} ({ggml.features if ggml else '-'}); {a.threads} threads")
+    print("| shape | type | MB | ggml vec_dot ms (GB/s) | moepage gemv ms (GB/s) | torch dequantize + F.linear ms |")
+    print("|---|---|---|---|---|---|")
+    for label, (n, k) in SHAPES.items():
+        x = torch.randn(1, k, generator=torch.Generator().manual_seed(1))
+        for qtype in TYPES[label]:
+            t = BY_NAME[qtype]
+            w = random_weight(qtype, n, k)
+            mb = w.numel() / 1e6
+            cells = []
+            if ggml and ggml.multiplies(t.id):
+                ms = median_ms(lambda: ggml.linear(x, w, t.id, n), a.iters)
+                cells.append(f"{ms:.2f} ({mb / ms:.1f})")
+            else:
+                cells.append("-")
+            if ours is not None and qtype in OWN_TYPES:
+                ms = median_ms(lambda: ours.linear(x, w, qtype, n), a.iters)
+                cells.append(f"{ms:.2f} ({mb / ms:.1f})")
+            else:
+                cells.append("-")
+            try:
+                ms = median_ms(lambda: F.linear(x, dequantize(w, t, (n, k))), max(3, a.iters // 5))
+                cells.append(f"{ms:.1f}")
+            except ValueError:
+                cells.append("-")
+            print(f"| {label} {n} x {k} | {qtype} | {mb:.1f} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Quantized matvecs through ggml's CPU kernels (moepage/kernels/ggml_cpu.py) against float64 products of
+gguf-py's dequantized weights.
+
+The kernels multiply the stored weight by the activation converted to the weight's vec_dot type, as llama.cpp
+does. Bound used, per output row n: |y_n - sum_i W_ni x_i| <= sum_i |W_ni| delta_i + 1e-5 sum_i |W_ni x_i|, where
+delta_i bounds the activation's rounding: for Q8_0 blocks (Q4_0..Q8_0, IQ4_NL) d/2 + 127 d 2^-11 with
+d = amax/127 of x_i's 32-block (the f16 scale's rounding), for Q8_K blocks (K-quants, IQ4_XS) d/2 with
+d = amax/127 of its 256-block, 2^-11 |x_i| for F16 and 2^-8 |x_i| for BF16; the second term is float32
+accumulation.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from moepage.kernels.ggml import BY_NAME, QuantizedTensor
+from moepage.kernels.ggml_cpu import backend
+from moepage.kernels.ggml_experts import experts_one_token, swiglu_quantized
+from moepage.kernels.ggml_linear import ggml_linear
+
+gguf = pytest.importorskip("gguf")
+from gguf.quants import dequantize as reference_dequantize  # noqa: E402
+
+GGML = backend()
+pytestmark = pytest.mark.skipif(GGML is None, reason="ggml's CPU library (libggml-python) or the C++ build is "
+                                                      "unavailable here; moepage uses torch")
+
+Q8_0_ACTIVATION = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL"]
+Q8_K_ACTIVATION = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"]
+TYPES = Q8_0_ACTIVATION + Q8_K_ACTIVATION + ["F16", "BF16"]
+# Byte offsets of the f16 scales inside one block (random bytes there are NaN/inf 1/32 of the time).
+SCALE_OFFSETS = {"Q4_0": [0], "Q5_0": [0], "Q8_0": [0], "IQ4_NL": [0], "IQ4_XS": [0], "Q4_1": [0, 2],
+                 "Q5_1": [0, 2], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208], "Q2_K": [80, 82], "Q3_K": [108]}
+
+
+def random_weight(qtype: str, rows: int, cols: int, seed: int) -> tuple[QuantizedTensor, np.ndarray]:
+    """(random GGML bytes of [rows, cols] with finite scales, their float64 values by gguf-py)."""
+    t = BY_NAME[qtype]
+    rng = np.random.default_rng(seed)
+    if qtype in ("F16", "BF16"):
+        values = rng.standard_normal((rows, cols)).astype(np.float32) * 0.1
+        raw = (values.astype(np.float16).view(np.uint8) if qtype == "F16"
+               else torch.from_numpy(values).bfloat16().view(torch.int16).numpy().view(np.uint8))
+    else:
+        raw = rng.integers(0, 256, size=(rows * cols // t.block_size, t.type_size), dtype=np.uint8)
+        for o in SCALE_OFFSETS[qtype]:
+            raw[:, o:o + 2] = rng.uniform(-0.05, 0.05, size=(raw.shape[0], 1)).astype(np.float16).view(np.uint8)
+    raw = np.ascontiguousarray(raw).reshape(rows, -1)
+    ref = reference_dequantize(raw, gguf.GGMLQuantizationType[qtype]).reshape(rows, cols).astype(np.float64)
+    return QuantizedTensor(torch.from_numpy(raw.reshape(-1).copy()), t, (rows, cols), qtype), ref
+
+
+def activation_rounding(x: np.ndarray, qtype: str) -> np.ndarray:
+    """Per-element bound of |x - the activation ggml multiplies| (see the module docstring)."""
+    if qtype == "F16":
+        return np.abs(x) * 2.0**-11
+    if qtype == "BF16":
+        return np.abs(x) * 2.0**-8
+    block = 32 if qtype in Q8_0_ACTIVATION else 256
+    d = np.abs(x.reshape(x.shape[0], -1, block)).max(axis=-1, keepdims=True) / 127
+    per = d / 2 + (127 * d * 2.0**-11 if block == 32 else 0)
+    return np.broadcast_to(per, (*per.shape[:-1], block)).reshape(x.shape)
+
+
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("rows", [1, 7, 33])
+def test_matvec_within_the_activation_rounding(qtype, rows, threads):
+    cols = 512
+    w, ref = random_weight(qtype, rows, cols, seed=TYPES.index(qtype) * 10 + rows)
+    x = torch.randn(3, cols, generator=torch.Generator().manual_seed(rows))
+    got = ggml_linear(x, w).double().numpy()  # 3 rows: the vec_dot path
+    xd = x.double().numpy()
+    want = xd @ ref.T
+    bound = activation_rounding(xd, qtype) @ np.abs(ref).T + 1e-5 * (np.abs(xd) @ np.abs(ref).T)
+    assert got.shape == (3, rows)
+    assert np.all(np.abs(got - want) <= bound), f"{qtype}: worst excess {np.max(np.abs(got - want) - bound)}"
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q5_0", "Q4_K", "Q6_K", "IQ4_XS"])
+def test_rows_do_not_depend_on_threads_or_batching(qtype):
+    """Each output is one vec_dot of one weight row: the same bits with 1 or 2 threads, alone or with other rows,
+    and the prefill path (T > 8: dequantize + GEMM on the same rounded activations) is close to it."""
+    w, _ = random_weight(qtype, 45, 256, seed=3)
+    x = torch.randn(8, 256, generator=torch.Generator().manual_seed(4))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ggml_linear(x, w)
+        torch.set_num_threads(2)
+        two = ggml_linear(x, w)
+        row = ggml_linear(x[5:6], w)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two) and torch.equal(row, one[5:6])
+    many = ggml_linear(x.repeat(2, 1), w)  # 16 rows: dequantize + F.linear
+    assert torch.allclose(many[:8], one, rtol=1e-4, atol=1e-4 * one.abs().max().item())
+
+
+@pytest.mark.parametrize("types", [("Q4_K", "Q4_K", "Q6_K"), ("Q4_K", "Q4_K", "Q5_0"), ("Q4_0", "Q4_0", "Q8_0"),
+                                   ("IQ4_XS", "IQ4_XS", "IQ4_XS")])
+def test_experts_one_token_equals_expert_by_expert(types, threads):
+    """The fused call (one activation conversion for every gate/up, one per expert for its down) sums the same
+    per-expert outputs as swiglu_quantized, expert by expert, in list order."""
+    H, I, E = 256, 256, 5
+    experts = [tuple(random_weight(t, r, c, seed=100 * e + k)[0]
+                     for k, (t, r, c) in enumerate(zip(types, (I, I, H), (H, H, I)))) for e in range(E)]
+    x = torch.randn(1, H, generator=torch.Generator().manual_seed(9))
+    weights = [0.4, 0.25, 0.15, 0.12, 0.08]
+    residual = torch.randn(1, H, generator=torch.Generator().manual_seed(10))
+    got = experts_one_token(x, experts, weights, residual)
+    want = residual.clone()
+    for (g, u, d), wt in zip(experts, weights):
+        want += wt * swiglu_quantized(x, g, u, d)
+    assert got is not None and got.shape == (1, H)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_experts_one_token_declines_what_it_cannot_fuse():
+    """Mixed types across experts, or more than one token: None, and the caller computes expert by expert."""
+    a = tuple(random_weight("Q4_K", 256, 256, seed=k)[0] for k in range(3))
+    b = tuple(random_weight("Q4_0", 256, 256, seed=k)[0] for k in range(3))
+    x = torch.randn(1, 256)
+    assert experts_one_token(x, [a, b], [0.5, 0.5]) is None
+    assert experts_one_token(torch.randn(2, 256), [a], [1.0]) is None
+
+
+def test_many_small_calls_finish_quickly(threads):
+    """The pool hands out and collects work for thousands of back-to-back calls (no lost wake-up, no hang)."""
+    import time
+
+    w, _ = random_weight("Q4_K", 64, 256, seed=6)
+    x = torch.randn(1, 256)
+    first = ggml_linear(x, w)
+    t0 = time.perf_counter()
+    for _ in range(3000):
+        assert torch.equal(ggml_linear(x, w), first)
+    assert time.perf_counter() - t0 < 30
