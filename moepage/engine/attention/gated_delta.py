@@ -1,0 +1,191 @@
+"""The Gated DeltaNet token mixer (the `linear_attention` layers of Qwen3.5/3.6 MoE and Qwen3-Next) and its
+per-sequence state: a causal conv state and a recurrent state instead of a KV cache.
+
+Two published weight layouts: qwen3_5_moe projects q|k|v, z, b, a with four matrices; qwen3_next fuses them into
+in_proj_qkvz and in_proj_ba with each key head's q, k, v, z (and b, a) rows side by side.
+
+Shape legend: T tokens, H hidden, C conv channels (2 Hk Dk + Hv Dv), W conv kernel width, Hk key heads,
+Hv value heads, Dk key head dim, Dv value head dim, r = Hv / Hk.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from moepage.kernels.cpu_bf16 import linear
+from moepage.kernels.gated_delta import (causal_conv1d, chunk_gated_delta_rule, gated_rms_norm,
+                                         recurrent_gated_delta_rule)
+
+LAYOUTS = ("qwen3_5_moe", "qwen3_next")
+PROJECTIONS = {"qwen3_5_moe": ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a"),
+               "qwen3_next": ("in_proj_qkvz", "in_proj_ba")}
+SHARED_WEIGHTS = ("conv1d", "dt_bias", "A_log", "norm", "out_proj")
+# A weight's name in the checkpoint, after the decoder layer's prefix (model.layers.{L}. or
+# model.language_model.layers.{L}.).
+CHECKPOINT_SUFFIX = {**{n: f"linear_attn.{n}.weight" for n in PROJECTIONS["qwen3_5_moe"] + PROJECTIONS["qwen3_next"]
+                        + ("conv1d", "norm", "out_proj")},
+                     "dt_bias": "linear_attn.dt_bias", "A_log": "linear_attn.A_log"}
+
+
+def resident_weight_names(layout: str) -> tuple[str, ...]:
+    """The mixer's weights (all resident), by the names GatedDeltaNet takes them under."""
+    if layout not in PROJECTIONS:
+        raise ValueError(f"unknown Gated DeltaNet layout {layout!r}; known: {', '.join(LAYOUTS)}")
+    return PROJECTIONS[layout] + SHARED_WEIGHTS
+
+
+@dataclass(frozen=True)
+class GatedDeltaShape:
+    hidden: int
+    num_k_heads: int
+    num_v_heads: int
+    k_head_dim: int
+    v_head_dim: int
+    conv_kernel: int = 4
+    rms_norm_eps: float = 1e-6
+    chunk: int = 64  # the chunked rule's block length (transformers' chunk_size)
+
+    def __post_init__(self):
+        for name in ("hidden", "num_k_heads", "num_v_heads", "k_head_dim", "v_head_dim", "conv_kernel", "chunk"):
+            if not 1 <= getattr(self, name) <= 1 << 20:
+                raise ValueError(f"Gated DeltaNet {name} must be between 1 and 2^20, got {getattr(self, name)}")
+        if self.num_v_heads % self.num_k_heads:
+            raise ValueError(f"linear_num_value_heads {self.num_v_heads} is not a multiple of linear_num_key_heads "
+                             f"{self.num_k_heads}")
+
+    @classmethod
+    def from_config(cls, config: dict) -> "GatedDeltaShape":
+        """From a text config.json (qwen3_5_moe_text or qwen3_next)."""
+        if config.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"config.json hidden_act {config.get('hidden_act')!r}: Gated DeltaNet layers need silu")
+        try:
+            return cls(hidden=int(config["hidden_size"]), num_k_heads=int(config["linear_num_key_heads"]),
+                       num_v_heads=int(config["linear_num_value_heads"]),
+                       k_head_dim=int(config["linear_key_head_dim"]), v_head_dim=int(config["linear_value_head_dim"]),
+                       conv_kernel=int(config.get("linear_conv_kernel_dim", 4)),
+                       rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)))
+        except KeyError as e:
+            raise ValueError(f"config.json is missing {e.args[0]} (a Gated DeltaNet layer's size)") from None
+
+    @property
+    def key_dim(self) -> int:
+        return self.num_k_heads * self.k_head_dim
+
+    @property
+    def value_dim(self) -> int:
+        return self.num_v_heads * self.v_head_dim
+
+    @property
+    def conv_channels(self) -> int:
+        return 2 * self.key_dim + self.value_dim
+
+    def weight_shapes(self, layout: str) -> dict[str, tuple[int, ...]]:
+        H, C, Hv = self.hidden, self.conv_channels, self.num_v_heads
+        shared = {"conv1d": (C, 1, self.conv_kernel), "dt_bias": (Hv,), "A_log": (Hv,), "norm": (self.v_head_dim,),
+                  "out_proj": (H, self.value_dim)}
+        if layout == "qwen3_5_moe":
+            return {"in_proj_qkv": (C, H), "in_proj_z": (self.value_dim, H), "in_proj_b": (Hv, H),
+                    "in_proj_a": (Hv, H), **shared}
+        resident_weight_names(layout)
+        return {"in_proj_qkvz": (C + self.value_dim, H), "in_proj_ba": (2 * Hv, H), **shared}
+
+    def state_nbytes(self, conv_dtype: torch.dtype) -> int:
+        """Bytes of one sequence's GatedDeltaState: conv state in conv_dtype, recurrent state in float32."""
+        conv = (self.conv_kernel - 1) * self.conv_channels * torch.empty(0, dtype=conv_dtype).element_size()
+        return conv + self.num_v_heads * self.k_head_dim * self.v_head_dim * 4
+
+
+@dataclass
+class GatedDeltaState:
+    """One sequence's state in one Gated DeltaNet layer."""
+
+    conv: torch.Tensor  # [W-1, C]: the last conv inputs (zeros before the first token)
+    recurrent: torch.Tensor  # [Hv, Dk, Dv] float32
+    tokens: int = 0  # tokens seen
+
+    @classmethod
+    def zeros(cls, shape: GatedDeltaShape, dtype: torch.dtype, device="cpu") -> "GatedDeltaState":
+        return cls(torch.zeros(shape.conv_kernel - 1, shape.conv_channels, dtype=dtype, device=device),
+                   torch.zeros(shape.num_v_heads, shape.k_head_dim, shape.v_head_dim, dtype=torch.float32,
+                               device=device))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.conv, self.recurrent))
+
+    def snapshot(self) -> "GatedDeltaState":
+        """A copy that later updates of this state do not touch (for a prompt cache)."""
+        return GatedDeltaState(self.conv.clone(), self.recurrent.clone(), self.tokens)
+
+    def restore(self, snap: "GatedDeltaState") -> None:
+        """Put this state back to snap (which stays as it is)."""
+        if snap.conv.shape != self.conv.shape or snap.recurrent.shape != self.recurrent.shape:
+            raise ValueError("a Gated DeltaNet snapshot of another layer shape cannot be restored here")
+        self.conv, self.recurrent, self.tokens = snap.conv.clone(), snap.recurrent.clone(), snap.tokens
+
+
+class GatedDeltaNet:
+    """One linear_attention layer's mixer: x [T, H] (after the layer's input norm) -> [T, H], updating a state."""
+
+    kind = "gated_delta"
+    fused_decode = False  # no C++ one-token path yet: decode runs these torch ops
+
+    def __init__(self, shape: GatedDeltaShape, weights: dict[str, torch.Tensor], layout: str = "qwen3_5_moe",
+                 name: str = "linear_attn"):
+        """weights: resident_weight_names(layout) -> tensors of shape.weight_shapes(layout)."""
+        want = shape.weight_shapes(layout)
+        for n, s in want.items():
+            if n not in weights:
+                raise ValueError(f"{name}: missing Gated DeltaNet weight {n}")
+            if tuple(weights[n].shape) != s and not (n == "conv1d" and tuple(weights[n].shape) == (s[0], s[2])):
+                raise ValueError(f"{name}.{n}: shape {tuple(weights[n].shape)}, expected {s}")
+        self.shape = shape
+        self.layout = layout
+        self.w = {n: weights[n] for n in want}
+        self.conv_weight = weights["conv1d"].reshape(shape.conv_channels, shape.conv_kernel)  # [C, W]
+
+    def new_state(self, dtype: torch.dtype | None = None, device="cpu") -> GatedDeltaState:
+        """A fresh state; its conv part in the dtype of the activations that will run (the weights' by default)."""
+        return GatedDeltaState.zeros(self.shape, dtype or self.w["out_proj"].dtype, device)
+
+    def _project(self, x: torch.Tensor):
+        """x [T, H] -> conv inputs [T, C] (q | k | v), z [T, Hv, Dv], b [T, Hv], a [T, Hv]."""
+        s, w, T = self.shape, self.w, x.shape[0]
+        if self.layout == "qwen3_5_moe":
+            return (linear(x, w["in_proj_qkv"]), linear(x, w["in_proj_z"]).view(T, s.num_v_heads, s.v_head_dim),
+                    linear(x, w["in_proj_b"]), linear(x, w["in_proj_a"]))
+        r = s.num_v_heads // s.num_k_heads
+        qkvz = linear(x, w["in_proj_qkvz"]).view(T, s.num_k_heads, 2 * s.k_head_dim + 2 * r * s.v_head_dim)
+        q, k, v, z = torch.split(qkvz, [s.k_head_dim, s.k_head_dim, r * s.v_head_dim, r * s.v_head_dim], dim=-1)
+        b, a = torch.split(linear(x, w["in_proj_ba"]).view(T, s.num_k_heads, 2 * r), [r, r], dim=-1)
+        mixed = torch.cat([q.reshape(T, -1), k.reshape(T, -1), v.reshape(T, -1)], dim=-1)
+        return mixed, z.reshape(T, s.num_v_heads, s.v_head_dim), b.reshape(T, -1), a.reshape(T, -1)
+
+    def __call__(self, x: torch.Tensor, state: GatedDeltaState) -> torch.Tensor:
+        """x [T, H] continuing state (a prompt from its first token, a later part of it, or one decode token)."""
+        s, w, T = self.shape, self.w, x.shape[0]
+        mixed, z, b, a = self._project(x)
+        mixed, state.conv = causal_conv1d(mixed, self.conv_weight, state.conv)
+        q, k, v = torch.split(mixed, [s.key_dim, s.key_dim, s.value_dim], dim=-1)
+        q, k = q.reshape(T, s.num_k_heads, s.k_head_dim), k.reshape(T, s.num_k_heads, s.k_head_dim)
+        v = v.reshape(T, s.num_v_heads, s.v_head_dim)
+        beta = b.sigmoid()
+        g = -w["A_log"].float().exp() * F.softplus(a.float() + w["dt_bias"])  # [T, Hv], log decay
+        if T == 1 and state.tokens > 0:  # as transformers: the recurrent step for a decode token, chunks otherwise
+            out, state.recurrent = recurrent_gated_delta_rule(q, k, v, g, beta, state.recurrent)
+        else:
+            out, state.recurrent = chunk_gated_delta_rule(q, k, v, g, beta, state.recurrent, s.chunk)
+        state.tokens += T
+        out = gated_rms_norm(out.reshape(-1, s.v_head_dim), z.reshape(-1, s.v_head_dim), w["norm"], s.rms_norm_eps)
+        return linear(out.reshape(T, s.value_dim), w["out_proj"])
+
+    def prefill(self, x: torch.Tensor, state: GatedDeltaState) -> torch.Tensor:
+        return self(x, state)
+
+    def decode(self, x: torch.Tensor, state: GatedDeltaState) -> torch.Tensor:
+        """x [1, H]: one token after at least one earlier one."""
+        if x.shape[0] != 1:
+            raise ValueError(f"decode takes one token, got {x.shape[0]}")
+        return self(x, state)
