@@ -114,8 +114,10 @@ def test_state_bytes_and_snapshot_restore_are_exact():
     prompt, more = torch.randn(20, 48, generator=g), torch.randn(6, 48, generator=g)
     state = mixer.new_state()
     mixer.prefill(prompt, state)
-    assert state.nbytes == mixer.shape.state_nbytes(torch.float32) == (3 * 96 + 4 * 16 * 8) * 4  # C = 2 Hk Dk + Hv Dv = 96
-    assert mixer.new_state(torch.bfloat16).nbytes == mixer.shape.state_nbytes(torch.bfloat16) == 3 * 96 * 2 + 2048
+    conv_channels = 2 * 2 * 16 + 4 * 8  # 2 Hk Dk + Hv Dv
+    assert state.nbytes == mixer.shape.state_nbytes(torch.float32) == (3 * conv_channels + 4 * 16 * 8) * 4
+    bf16_state = mixer.new_state(torch.bfloat16)
+    assert bf16_state.nbytes == mixer.shape.state_nbytes(torch.bfloat16) == 3 * conv_channels * 2 + 4 * 16 * 8 * 4
     snap = state.snapshot()
     first = [mixer.decode(more[t : t + 1], state) for t in range(6)]
     state.restore(snap)
@@ -194,3 +196,21 @@ def test_bf16_prefill_and_decode_follow_transformers_rounding(layout):
         assert got.dtype == torch.bfloat16
         assert (got.float() - want.float()).abs().max().item() <= 4 * want.float().abs().max().item() * 2**-8
         assert (got != want).float().mean().item() < 0.05
+
+
+@pytest.mark.parametrize("layout", ["qwen3_5_moe", "qwen3_next"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunk_aligned_continuation_is_bit_exact(layout, dtype):
+    """A prompt cache re-using a prefix cut at a multiple of the chunk gets the fresh prefill's bits (where the
+    projections' matmuls give each row the same result whatever the row count, as here)."""
+    layer, cfg = reference_layer(layout)
+    mixer = ours(layer.to(dtype), cfg, layout)
+    x = torch.randn(128 + 9, SIZES["hidden_size"], generator=torch.Generator().manual_seed(8)).to(dtype)
+    fresh, reused = mixer.new_state(), mixer.new_state()
+    whole = mixer.prefill(x[:128], fresh)
+    mixer.prefill(x[:64], reused)
+    cached = reused.snapshot()
+    reused.restore(cached)
+    assert torch.equal(mixer.prefill(x[64:128], reused), whole[64:])
+    assert torch.equal(reused.recurrent, fresh.recurrent) and torch.equal(reused.conv, fresh.conv)
+    assert torch.equal(mixer.prefill(x[128:], reused), mixer.prefill(x[128:], fresh))

@@ -1,0 +1,161 @@
+"""Tiny random Qwen3.5-MoE (the published multimodal layout, a tiny vision tower included; and the text-only
+layout) and Qwen3-Next checkpoints, written by transformers' save_pretrained.
+
+The published repositories also carry the multi-token-prediction head (`mtp.*`, which transformers neither
+loads nor writes) in a shard of its own and a few config keys transformers does not define; `with_published_extras`
+adds both so a loader meets what a download holds: weights it must never read and keys it must ignore.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+QWEN35_TEXT = dict(
+    vocab_size=400, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+    linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=8,
+    linear_conv_kernel_dim=4, moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=8,
+    num_experts_per_tok=2, max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=False,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25,
+                     "mrope_section": [1, 1, 0], "mrope_interleaved": True},
+)
+QWEN35_VISION = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=64, patch_size=4,
+                     num_position_embeddings=16, spatial_merge_size=2, temporal_patch_size=2)
+QWEN3_NEXT = dict(
+    vocab_size=400, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+    linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=8,
+    linear_conv_kernel_dim=4, moe_intermediate_size=32, shared_expert_intermediate_size=48, intermediate_size=96,
+    num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[1],
+    max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=False,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25},
+)
+# Keys the published Qwen3.5 text_config carries beyond transformers' own (as recalled; the loader must not need them).
+PUBLISHED_TEXT_EXTRAS = {"attn_output_gate": True, "full_attention_interval": 4, "mtp_num_hidden_layers": 1,
+                         "mtp_use_dedicated_embeddings": False, "mamba_ssm_dtype": "float32"}
+
+
+def qwen35_config(eos: int | None = None, **text_over):
+    from transformers import Qwen3_5MoeConfig
+
+    return Qwen3_5MoeConfig(text_config={**QWEN35_TEXT, "eos_token_id": eos, **text_over}, vision_config=QWEN35_VISION,
+                            tie_word_embeddings=False)
+
+
+def qwen3_next_config(eos: int | None = None, **over):
+    from transformers import Qwen3NextConfig
+
+    return Qwen3NextConfig(**{**QWEN3_NEXT, "eos_token_id": eos, **over})
+
+
+def randomize(model: torch.nn.Module, seed: int) -> None:
+    """Decisive random weights: matrices N(0, 0.08); zero-centred norms (x * (1 + w)) and the gated norm's plain w
+    moved off their init so a wrong convention shows; decays in a trained model's range."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if name.endswith("A_log"):
+                p.copy_((torch.rand(p.shape, generator=g) * 2.5 + 0.5).log())
+            elif name.endswith("linear_attn.norm.weight"):
+                p.copy_(1 + 0.2 * noise)
+            elif p.dim() == 1:
+                p.copy_(0.2 * noise)
+            else:
+                p.copy_(0.08 * noise)
+
+
+def save(model, out_dir, tokenizer_dir=None, dtype=torch.float32, shard_size: str | None = None):
+    model.to(dtype).save_pretrained(out_dir, **({"max_shard_size": shard_size} if shard_size else {}))
+    if tokenizer_dir is not None:
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (out_dir / name).write_bytes((tokenizer_dir / name).read_bytes())
+    return out_dir
+
+
+def save_qwen35(out_dir, tokenizer_dir=None, seed: int = 0, dtype=torch.float32, **text_over):
+    """The published layout: Qwen3_5MoeForConditionalGeneration (config under text_config, weights under
+    model.language_model.*, model.visual.*, lm_head.weight at the top)."""
+    from transformers import Qwen3_5MoeForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = Qwen3_5MoeForConditionalGeneration(qwen35_config(**text_over))
+    randomize(model, seed)
+    return save(model, out_dir, tokenizer_dir, dtype, shard_size="200KB")
+
+
+def save_qwen35_text(out_dir, tokenizer_dir=None, seed: int = 0, dtype=torch.float32, **text_over):
+    """The text-only layout: Qwen3_5MoeForCausalLM (model_type qwen3_5_moe_text, weights under model.*)."""
+    from transformers import Qwen3_5MoeForCausalLM, Qwen3_5MoeTextConfig
+
+    torch.manual_seed(seed)
+    model = Qwen3_5MoeForCausalLM(Qwen3_5MoeTextConfig(**{**QWEN35_TEXT, **text_over}))
+    randomize(model, seed)
+    return save(model, out_dir, tokenizer_dir, dtype)
+
+
+def save_qwen3_next(out_dir, tokenizer_dir=None, seed: int = 0, dtype=torch.float32, **over):
+    from transformers import Qwen3NextForCausalLM
+
+    torch.manual_seed(seed)
+    model = Qwen3NextForCausalLM(qwen3_next_config(**over))
+    randomize(model, seed)
+    return save(model, out_dir, tokenizer_dir, dtype, shard_size="200KB")
+
+
+def mtp_tensors(text: dict, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    """One MTP layer as the published checkpoints name it (a full-attention MoE decoder layer behind fc)."""
+    H, D, N, G = text["hidden_size"], text["head_dim"], text["num_attention_heads"], text["num_key_value_heads"]
+    E, I, S = text["num_experts"], text["moe_intermediate_size"], text["shared_expert_intermediate_size"]
+    p = "mtp.layers.0."
+    shapes = {"mtp.fc.weight": (H, 2 * H), "mtp.pre_fc_norm_embedding.weight": (H,),
+              "mtp.pre_fc_norm_hidden.weight": (H,), "mtp.norm.weight": (H,),
+              p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,),
+              p + "self_attn.q_proj.weight": (2 * N * D, H), p + "self_attn.k_proj.weight": (G * D, H),
+              p + "self_attn.v_proj.weight": (G * D, H), p + "self_attn.o_proj.weight": (H, N * D),
+              p + "self_attn.q_norm.weight": (D,), p + "self_attn.k_norm.weight": (D,),
+              p + "mlp.gate.weight": (E, H), p + "mlp.shared_expert_gate.weight": (1, H),
+              p + "mlp.shared_expert.gate_proj.weight": (S, H), p + "mlp.shared_expert.up_proj.weight": (S, H),
+              p + "mlp.shared_expert.down_proj.weight": (H, S)}
+    for e in range(E):
+        shapes |= {f"{p}mlp.experts.{e}.gate_proj.weight": (I, H), f"{p}mlp.experts.{e}.up_proj.weight": (I, H),
+                   f"{p}mlp.experts.{e}.down_proj.weight": (H, I)}
+    g = torch.Generator().manual_seed(7)
+    return {n: (torch.randn(s, generator=g) * 0.08).to(dtype) for n, s in shapes.items()}
+
+
+def with_published_extras(model_dir, text_key: str | None = "text_config") -> None:
+    """Add an mtp.* shard (listed in the safetensors index) and the published config extras to a sharded
+    checkpoint written by save_qwen35 / save_qwen3_next."""
+    from safetensors.torch import save_file
+
+    config_path = os.path.join(model_dir, "config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    text = config[text_key] if text_key else config
+    text.update(PUBLISHED_TEXT_EXTRAS)
+    with open(config_path, "w") as f:
+        json.dump(config, f, indent=2)
+    index_path = os.path.join(model_dir, "model.safetensors.index.json")
+    with open(index_path) as f:
+        index = json.load(f)
+    tensors = mtp_tensors(text, getattr(torch, config.get("dtype") or text.get("dtype") or "float32"))
+    shard = "model-mtp.safetensors"
+    save_file(tensors, os.path.join(model_dir, shard), metadata={"format": "pt"})
+    index["weight_map"].update({n: shard for n in tensors})
+    index.setdefault("metadata", {})["total_size"] = index["metadata"].get("total_size", 0) + sum(
+        t.numel() * t.element_size() for t in tensors.values())
+    with open(index_path, "w") as f:
+        json.dump(index, f, indent=2)
+
+
+def stored_shapes(model_dir) -> dict[str, tuple[int, ...]]:
+    """{tensor name: shape} over every safetensors shard of a directory (headers only)."""
+    from safetensors import safe_open
+
+    shapes = {}
+    for name in sorted(os.listdir(model_dir)):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(model_dir, name), "pt") as f:
+                shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+    return shapes
