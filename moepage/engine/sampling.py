@@ -1,4 +1,5 @@
-"""Sampling parameters and the sampler: penalties, temperature, top-k, top-p, min-p, seeded RNG.
+"""Sampling parameters and the sampler (penalties, temperature, top-k, top-p, min-p, seeded RNG), and the stop-string
+matcher.
 
 Shape legend: V vocab.
 """
@@ -8,6 +9,10 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+
+
+class NonFiniteLogits(RuntimeError):
+    """The model's logits hold NaN or inf: a weight file is most likely corrupt or changed since it was written."""
 
 
 @dataclass
@@ -83,6 +88,7 @@ class Sampler:
         if prompt_ids:
             self.seen[torch.tensor([i for i in prompt_ids if 0 <= i < vocab_size], dtype=torch.long)] = True
         self.counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)  # generated tokens only
+        self.generated = 0
         self.bias = None
         if params.logit_bias:
             self.bias = torch.zeros(vocab_size, dtype=torch.float32, device=device)
@@ -103,6 +109,9 @@ class Sampler:
     def __call__(self, raw: torch.Tensor) -> TokenChoice:
         """raw [V] logits -> the next token (and its logprobs from the model's own distribution)."""
         p = self.p
+        if not bool(torch.isfinite(raw).all()):
+            raise NonFiniteLogits(f"the model produced non-finite logits (NaN or inf) at output token "
+                                  f"{self.generated + 1}: a weight file may be corrupt or changed; see `moepage verify`")
         plain = self.bias is None and p.repetition_penalty == 1.0 and not (p.presence_penalty or p.frequency_penalty)
         if p.greedy and plain:
             token = int(torch.argmax(raw))  # widening to float32 is exact and keeps the order (and the first of ties)
@@ -126,6 +135,7 @@ class Sampler:
                     sorted_p = sorted_p.masked_fill(drop, 0.0)
                     probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
                 token = int(torch.multinomial(probs, 1, generator=self.generator))
+        self.generated += 1
         self.seen[token] = True
         self.counts[token] += 1
         choice = TokenChoice(token)
@@ -136,3 +146,66 @@ class Sampler:
                 vals, ids = torch.topk(lp, p.logprobs)
                 choice.top = list(zip(ids.tolist(), vals.tolist()))
         return choice
+
+
+class StopMatcher:
+    """Finds stop strings in text that arrives in pieces, looking at each new character once (an Aho-Corasick
+    automaton): `pending` is the tail held back because it may still begin a stop string."""
+
+    def __init__(self, stops: list[str]):
+        self.goto: list[dict[str, int]] = [{}]
+        self.depth = [0]  # length of the prefix a state stands for
+        self.fail = [0]
+        self.longest = [0]  # length of the longest stop string ending at this state (0: none)
+        for s in stops:
+            self._add(s)
+        self._link()
+        self.state = 0
+        self.pending = ""
+
+    def _add(self, stop: str):
+        node = 0
+        for ch in stop:
+            nxt = self.goto[node].get(ch)
+            if nxt is None:
+                nxt = len(self.goto)
+                self.goto[node][ch] = nxt
+                self.goto.append({})
+                self.depth.append(self.depth[node] + 1)
+                self.fail.append(0)
+                self.longest.append(0)
+            node = nxt
+        self.longest[node] = max(self.longest[node], len(stop))
+
+    def _link(self):
+        order = list(self.goto[0].values())
+        for node in order:
+            for ch, child in self.goto[node].items():
+                f = self.fail[node]
+                while f and ch not in self.goto[f]:
+                    f = self.fail[f]
+                self.fail[child] = self.goto[f].get(ch, 0)
+                self.longest[child] = max(self.longest[child], self.longest[self.fail[child]])
+                order.append(child)
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """(text safe to emit, whether a stop string was found); after a find, the text up to the earliest-starting
+        stop string in what was held back plus `text`."""
+        if len(self.goto) == 1:  # no stop strings
+            return text, False
+        state, base, earliest = self.state, len(self.pending), None
+        for i, ch in enumerate(text):
+            while state and ch not in self.goto[state]:
+                state = self.fail[state]
+            state = self.goto[state].get(ch, 0)
+            if self.longest[state]:
+                start = base + i + 1 - self.longest[state]
+                earliest = start if earliest is None else min(earliest, start)
+        buf = self.pending + text
+        if earliest is not None:
+            self.state, self.pending = 0, ""
+            return buf[:earliest], True
+        keep = self.depth[state]
+        self.state = state
+        emit, self.pending = (buf[: len(buf) - keep], buf[len(buf) - keep:])
+        return emit, False

@@ -1,23 +1,33 @@
-"""Tokenizer (tokenizers' tokenizer.json) and chat template (Jinja, rendered like transformers does)."""
+"""Tokenizer (tokenizers' tokenizer.json) and chat template (Jinja, rendered like transformers does, in a bounded
+sandbox: moepage.engine.chat_template)."""
 from __future__ import annotations
 
 import json
 import os
-from datetime import datetime
 
 import jinja2
-from jinja2.ext import loopcontrols
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
+from moepage.engine.chat_template import (  # noqa: F401 (re-exported: the server maps these to HTTP errors)
+    ChatTemplateError, RenderLimits, TemplateStopped, TemplateTimeout, TemplateTooLarge, compile_template,
+)
+from moepage.paging.pread import CheckpointError
 
 # Special tokens that mark tool calls: kept in decoded text so the server's tool-call parsers can see them
 # (Mistral's [TOOL_CALLS] is a special token; a plain skip_special_tokens decode would drop it).
 TOOL_CALL_MARKERS = frozenset({"[TOOL_CALLS]", "[ARGS]", "[CALL_ID]", "<tool_call>", "</tool_call>"})
+GIL_FREE_CHARS = 2048  # texts (and id lists) longer than this are encoded (decoded) with the GIL released
+PIECE_MIN_CHARS = 16384  # encode_within counts a long text in pieces of at least this many characters
+PIECE_CHARS_PER_TOKEN = 8  # ... and of this many characters per token of the limit
 
 
-class ChatTemplateError(ValueError):
-    pass
+class TokenLimitExceeded(ValueError):
+    """The text has more than `limit` tokens; `counted` is exact, or a count of pieces (exact=False) when the text
+    was given up on before tokenizing it whole."""
+
+    def __init__(self, limit: int, counted: int, exact: bool):
+        super().__init__(f"more than {limit} tokens" + ("" if exact else f" ({counted} counted in pieces)"))
+        self.limit, self.counted, self.exact = limit, counted, exact
 
 
 def _token_text(value) -> str | None:
@@ -26,16 +36,21 @@ def _token_text(value) -> str | None:
     return value
 
 
-def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _raise(message):
-    raise ChatTemplateError(message)
+def _pieces(text: str, size: int):
+    """text cut into pieces of about `size` characters, each cut just before a space where one is near."""
+    start = 0
+    while start < len(text):
+        end = min(len(text), start + size)
+        if end < len(text):
+            space = text.rfind(" ", start + size // 2, end)
+            end = space if space > start else end
+        yield text[start:end]
+        start = end
 
 
 class Tokenizer:
-    def __init__(self, tokenizer: HFTokenizer, config: dict, chat_template: str | None):
+    def __init__(self, tokenizer: HFTokenizer, config: dict, chat_template: str | None,
+                 template_source: str = "the model's chat_template"):
         self.tk = tokenizer
         self.config = config
         self.bos_token = _token_text(config.get("bos_token"))
@@ -45,18 +60,12 @@ class Tokenizer:
         self.bos_id = self.tk.token_to_id(self.bos_token) if self.bos_token else None
         self.eos_id = self.tk.token_to_id(self.eos_token) if self.eos_token else None
         self.chat_template = chat_template
+        self.template_source = template_source
         self.special_ids = {i for i, t in self._added().items() if t.special}
         self.hidden_ids = {i for i in self.special_ids if self.tk.id_to_token(i) not in TOOL_CALL_MARKERS}
-        self._template = None
+        self._env = self._template = None
         if chat_template:
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-            env.filters["tojson"] = _tojson
-            env.globals["raise_exception"] = _raise
-            env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-            try:
-                self._template = env.from_string(chat_template)
-            except jinja2.TemplateError as e:
-                raise ChatTemplateError(f"the model's chat template does not compile: {e}") from None
+            self._env, self._template = compile_template(chat_template, template_source)
 
     def _added(self):
         return self.tk.get_added_tokens_decoder()
@@ -76,27 +85,56 @@ class Tokenizer:
         if os.path.exists(jinja_file):
             with open(jinja_file) as f:
                 template = f.read()
+            source = jinja_file
         else:
             template = config.get("chat_template")
+            source = f"{tc}: chat_template"
             if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
                 named = {t.get("name"): t.get("template") for t in template}
                 template = named.get("default") or next(iter(named.values()), None)
-        return cls(HFTokenizer.from_file(tj), config, template)
+        try:
+            tk = HFTokenizer.from_file(tj)
+        except Exception:  # tokenizers raises a plain Exception (its message may quote the file)
+            raise CheckpointError(f"{tj}: not a valid tokenizer.json (the tokenizers library cannot load it)") from None
+        return cls(tk, config, template, source)
 
     @property
     def vocab_size(self) -> int:
         return self.tk.get_vocab_size(with_added_tokens=True)
 
+    def _ids(self, text: str) -> list[int]:
+        if len(text) > GIL_FREE_CHARS:  # encode holds the GIL throughout; encode_batch lets other threads run
+            return self.tk.encode_batch([text], add_special_tokens=False)[0].ids
+        return self.tk.encode(text, add_special_tokens=False).ids
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self.tk.encode(text, add_special_tokens=False).ids
+        ids = self._ids(text)
         if add_special_tokens and self.add_bos and (not ids or ids[0] != self.bos_id):
             ids = [self.bos_id] + ids
+        return ids
+
+    def encode_within(self, text: str, limit: int, add_special_tokens: bool = True) -> list[int]:
+        """encode(text), or TokenLimitExceeded when it has more than `limit` tokens. A long text is counted in
+        pieces first and given up on once they hold more than twice the limit (a cut changes a few tokens at
+        most), so the work and memory stay bounded by the limit, not by the text."""
+        piece = max(PIECE_MIN_CHARS, PIECE_CHARS_PER_TOKEN * limit)
+        if len(text) > piece:
+            counted = 0
+            for part in _pieces(text, piece):
+                counted += len(self._ids(part))
+                if counted > 2 * limit:
+                    raise TokenLimitExceeded(limit, counted, exact=False)
+        ids = self.encode(text, add_special_tokens)
+        if len(ids) > limit:
+            raise TokenLimitExceeded(limit, len(ids), exact=True)
         return ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         """Text of ids; skip_special_tokens drops special tokens except the tool-call markers."""
         if skip_special_tokens:
             ids = [i for i in ids if i not in self.hidden_ids]
+        if len(ids) > GIL_FREE_CHARS:  # as in _ids: the batch call lets other threads run
+            return self.tk.decode_batch([ids], skip_special_tokens=False)[0]
         return self.tk.decode(ids, skip_special_tokens=False)
 
     def token_to_id(self, token: str) -> int | None:
@@ -106,21 +144,23 @@ class Tokenizer:
         return self.tk.id_to_token(i)
 
     def render_chat(self, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True,
-                    **kwargs) -> str:
+                    limits: RenderLimits | None = None, **kwargs) -> str:
+        """The chat template's text for messages; limits bound its time and size (TemplateTimeout, TemplateTooLarge,
+        TemplateStopped)."""
         if self._template is None:
             raise ChatTemplateError("this model has no chat template; use /v1/completions with a raw prompt")
         try:
-            return self._template.render(
-                messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs,
-            )
+            return self._env.render(self._template, limits, messages=messages, tools=tools,
+                                    add_generation_prompt=add_generation_prompt, bos_token=self.bos_token or "",
+                                    eos_token=self.eos_token or "", **kwargs)
         except ChatTemplateError:
             raise
         except jinja2.TemplateError as e:
             raise ChatTemplateError(f"chat template failed: {e}") from None
 
-    def apply_chat_template(self, messages, tools=None, add_generation_prompt=True, **kwargs) -> list[int]:
-        text = self.render_chat(messages, tools, add_generation_prompt, **kwargs)
+    def apply_chat_template(self, messages, tools=None, add_generation_prompt=True, limits: RenderLimits | None = None,
+                            **kwargs) -> list[int]:
+        text = self.render_chat(messages, tools, add_generation_prompt, limits, **kwargs)
         return self.encode(text, add_special_tokens=False)
 
 

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, Response
 from moepage.engine.engine import StepOutput
 from moepage.server.errors import APIError
 from moepage.server.generation import ClientDisconnected, GenerationService, engine_error
-from moepage.server.json_schema import validate as validate_json
+from moepage.server.json_schema import check_schema, validate as validate_json
 from moepage.server.prompts import chat_prompt_ids, tool_dicts
 from moepage.server.protocol import (
     ChatChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChoiceLogprobs, ChunkChoice, Delta,
@@ -104,7 +104,7 @@ def _check_json_output(text: str | None, fmt) -> APIError | None:
         return None
     try:
         value = json.loads(text or "")
-    except ValueError:
+    except (ValueError, RecursionError):
         return APIError(422, f"response_format {fmt.type} is validated, not constrained, and the model's output is not "
                              f"valid JSON: {(text or '')[:200]!r}", param="response_format", code="invalid_json_output")
     if fmt.type == "json_object" and not isinstance(value, dict):
@@ -151,24 +151,33 @@ class ChatHandler:
                                 "with --tool-parser", param="tool_choice", code="tool_choice_unsupported")
         return forced_prefix(fmt, name)
 
+    def _prompt_ids(self, req: ChatCompletionRequest, prefix: str) -> list[int]:
+        """Template and tokens (CPU work, in the pool). Tools go to the template even with tool_choice "none" (as in
+        vLLM); "none" only turns parsing off."""
+        engine = self.svc.engine
+        ids = chat_prompt_ids(engine.tokenizer, req.messages, req.tools or None,
+                              template_kwargs=req.chat_template_kwargs, limits=self.svc.render_limits,
+                              ctx_size=engine.ctx_size)
+        return ids + engine.tokenizer.encode(prefix, add_special_tokens=False) if prefix else ids
+
     async def __call__(self, req: ChatCompletionRequest, request: Request) -> Response:
         svc = self.svc
         svc.check_model(req.model)
         svc.check_n(req.n)
         prefix = self._tool_prefix(req)
-        if req.response_format is not None and req.response_format.type == "json_schema" \
-                and req.response_format.json_schema is None:
-            raise APIError(400, "response_format json_schema needs a `json_schema` object", param="response_format")
-        # Tools go to the template even with tool_choice "none" (as in vLLM); "none" only turns parsing off.
-        prompt_ids = chat_prompt_ids(svc.engine.tokenizer, req.messages, req.tools or None,
-                                     template_kwargs=req.chat_template_kwargs)
-        if prefix:
-            prompt_ids = prompt_ids + svc.engine.tokenizer.encode(prefix, add_special_tokens=False)
-        svc.check_context(prompt_ids, "messages")
+        fmt = req.response_format
+        if fmt is not None and fmt.type == "json_schema":
+            if fmt.json_schema is None:
+                raise APIError(400, "response_format json_schema needs a `json_schema` object", param="response_format")
+            problem = check_schema(fmt.json_schema.schema_)
+            if problem:
+                raise APIError(400, f"response_format json_schema: {problem}", param="response_format")
         max_tokens = req.max_completion_tokens or req.max_tokens
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         n = req.n or 1
         params = [svc.sampling_params(req, max_tokens, logprobs, i) for i in range(n)]
+        prompt_ids = await svc.cpu.run(self._prompt_ids, req, prefix)
+        svc.check_context(prompt_ids, "messages")
         tools = tool_dicts(req.tools) if req.tools and req.tool_choice != "none" else None
         assemblers = [ChoiceAssembler(i, svc.engine.tokenizer, tools, self._formats(), bool(req.logprobs), prefix)
                       for i in range(n)]
@@ -205,7 +214,8 @@ class ChatHandler:
         choices = [ChatChoice(index=a.index, message=a.message(), finish_reason=a.finish_reason,
                               logprobs=ChoiceLogprobs(content=a.logprobs) if req.logprobs else None) for a in assemblers]
         for c in choices:
-            err = _check_json_output(c.message.content, req.response_format)
+            err = await svc.cpu.run(_check_json_output, c.message.content, req.response_format) \
+                if req.response_format else None
             if err:
                 raise err
         completion = sum(a.tokens for a in assemblers)
@@ -255,7 +265,7 @@ class ChatHandler:
                     break
                 for d in a.finish():
                     yield chunk(i, d, logprobs=a.take_logprobs())
-                err = _check_json_output(a.message().content, fmt)
+                err = await svc.cpu.run(_check_json_output, a.message().content, fmt) if fmt else None
                 if err:  # the content went out already; the error replaces the finish chunk
                     log.info("chat %s: %s", rid, err.message)
                     yield error_event(err)

@@ -45,6 +45,7 @@ class CompletionHandler:
         self.svc = service
 
     def _prepare(self, req: CompletionRequest):
+        """Checks, token ids and sampling parameters of each choice (CPU work, in the pool)."""
         svc = self.svc
         svc.check_model(req.model)
         n = req.n or 1
@@ -52,7 +53,7 @@ class CompletionHandler:
             raise bad_request("best_of other than n is not supported", param="best_of")
         if req.suffix is not None and req.echo:
             raise bad_request("echo and suffix cannot be used together", param="echo")
-        prompts = completion_prompts(svc.engine.tokenizer, req.prompt, req.suffix, svc.vocab_size)
+        prompts = completion_prompts(svc.engine.tokenizer, req.prompt, req.suffix, svc.vocab_size, svc.engine.ctx_size)
         svc.check_n(len(prompts) * n)
         for ids in prompts:
             svc.check_context(ids, "prompt")
@@ -71,7 +72,7 @@ class CompletionHandler:
 
     async def __call__(self, req: CompletionRequest, request: Request) -> Response:
         svc = self.svc
-        jobs = self._prepare(req)
+        jobs = await svc.cpu.run(self._prepare, req)
         rid, created, model = new_id("cmpl"), now(), svc.settings.model_id
         if svc.settings.log_requests:
             log.info("completion %s: %d prompts x %d, stream=%s, suffix=%s", rid, len(jobs) // (req.n or 1),

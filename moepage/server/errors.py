@@ -38,7 +38,7 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, param, code)
 
 
-def context_overflow(limit: int, needed: int, what: str = "messages") -> APIError:
+def context_overflow(limit: int, needed: int | str, what: str = "messages") -> APIError:
     return APIError(
         400,
         f"This model's maximum context length is {limit} tokens. However, your {what} resulted in {needed} tokens. "
@@ -91,7 +91,8 @@ def install_error_handlers(app: FastAPI):
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
         if exc.status_code == 404:
             message = f"no route {request.method} {request.url.path}; see /docs"
-        return APIError(exc.status_code, message, headers=getattr(exc, "headers", None)).response()
+        code = "request_too_large" if exc.status_code == 413 else None
+        return APIError(exc.status_code, message, code=code, headers=getattr(exc, "headers", None)).response()
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):

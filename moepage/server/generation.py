@@ -8,7 +8,10 @@ from fastapi import Request
 
 from moepage.engine.engine import Engine, StepOutput
 from moepage.engine.kv_cache import ContextOverflow
-from moepage.engine.sampling import SamplingParams
+from moepage.engine.sampling import NonFiniteLogits, SamplingParams
+from moepage.engine.tokenizer import RenderLimits
+from moepage.paging.pread import CheckpointError, ExpertReadError
+from moepage.server.cpu_pool import CpuPool
 from moepage.server.errors import APIError, bad_request, context_overflow
 from moepage.server.metrics import RequestMetrics
 from moepage.server.protocol import SamplingFields
@@ -23,20 +26,31 @@ class ClientDisconnected(Exception):
 
 
 def engine_error(exc: Exception, what: str) -> APIError:
-    """Errors the engine raises on a request's own values, as 400s (anything else stays a server error)."""
+    """Errors the engine raises on a request's own values as 400s; disk faults while paging as 503s, non-finite
+    logits as 500s (anything else is re-raised: an internal error)."""
     if isinstance(exc, ContextOverflow):
         return context_overflow(exc.limit, exc.needed, what)
+    if isinstance(exc, (ExpertReadError, CheckpointError)):  # the weights on disk, never the request
+        return APIError(503, f"reading the model's weights failed: {exc}", code="expert_read_failed")
+    if isinstance(exc, NonFiniteLogits):
+        return APIError(500, str(exc), code="non_finite_logits")
     if isinstance(exc, ValueError):
         return bad_request(str(exc))
     raise exc
 
 
 class GenerationService:
-    def __init__(self, engine: Engine, worker: EngineWorker, metrics: RequestMetrics, settings: ServerSettings):
+    def __init__(self, engine: Engine, worker: EngineWorker, metrics: RequestMetrics, settings: ServerSettings,
+                 cpu: CpuPool, max_request_bytes: int):
         self.engine = engine
         self.worker = worker
         self.metrics = metrics
         self.settings = settings
+        self.cpu = cpu
+        # rendered prompts beyond this cannot fit the context: 4 bodies, or 64 characters a context token
+        self.render_limits = RenderLimits(seconds=settings.template_timeout_seconds,
+                                          max_chars=max(4 * max_request_bytes, 64 * engine.ctx_size),
+                                          stopped=cpu.stopping.is_set)
 
     @property
     def vocab_size(self) -> int:
@@ -59,10 +73,10 @@ class GenerationService:
                         choice: int = 0) -> SamplingParams:
         bias = {}
         for key, value in (req.logit_bias or {}).items():
-            token = int(key)
-            if not 0 <= token < self.vocab_size:
-                raise bad_request(f"logit_bias token id {token} is outside the vocabulary (0..{self.vocab_size - 1})",
-                                  param="logit_bias")
+            token = int(key) if key.isascii() and key.isdigit() and len(key) <= 12 else None
+            if token is None or token >= self.vocab_size:
+                raise bad_request(f"logit_bias keys must be token ids (ASCII digits) in the vocabulary "
+                                  f"(0..{self.vocab_size - 1}), got {key[:20]!r}", param="logit_bias")
             bias[token] = float(value)
         stop_ids = list(req.stop_token_ids or [])
         for t in stop_ids:
@@ -71,6 +85,13 @@ class GenerationService:
         stops = req.stop_list()
         if any(not s for s in stops):
             raise bad_request("stop strings must not be empty", param="stop")
+        if len(stops) > self.settings.max_stop_strings:
+            raise bad_request(f"at most {self.settings.max_stop_strings} stop strings are allowed, got {len(stops)}",
+                              param="stop")
+        longest = max((len(s) for s in stops), default=0)
+        if longest > self.settings.max_stop_chars:
+            raise bad_request(f"stop strings may be at most {self.settings.max_stop_chars} characters long, got one "
+                              f"of {longest}", param="stop")
         seed = req.seed
         if seed is not None and choice:
             seed = (seed + choice) % 2**64

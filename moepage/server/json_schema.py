@@ -3,7 +3,8 @@
 Checked keywords: type (one or a list), enum, const, properties, required, additionalProperties (false or a
 schema), items (a schema, or a list of schemas for a tuple), prefixItems, anyOf. Other keywords ($ref,
 formats, lengths, patterns, ranges, ...) are not checked. response_format json_schema output is validated
-with this after generation; generation is not constrained by the schema.
+with this after generation; generation is not constrained by the schema. Schemas nesting deeper than MAX_DEPTH
+are refused (check_schema) before anything recurses into them.
 """
 from __future__ import annotations
 
@@ -12,6 +13,27 @@ import re
 from typing import Any
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+MAX_DEPTH = 100  # JSON nesting of a schema (its objects and arrays)
+
+
+def nesting_depth(value: Any, limit: int) -> int:
+    """How deep value's arrays and objects nest, counted up to limit + 1 (iteratively: no recursion)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            if deepest > limit:
+                return deepest
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def check_schema(schema: Any) -> str | None:
+    """None if validate can take schema, else what is wrong with it."""
+    if nesting_depth(schema, MAX_DEPTH) > MAX_DEPTH:
+        return f"the schema nests deeper than {MAX_DEPTH} levels"
+    return None
 
 
 def _type_name(value: Any) -> str:
@@ -58,8 +80,10 @@ def _key(path: str, key: str) -> str:
     return f"{path}.{key}" if _IDENT.match(key) else f"{path}[{json.dumps(key, ensure_ascii=False)}]"
 
 
-def validate(value: Any, schema: Any, path: str = "$") -> str | None:
+def validate(value: Any, schema: Any, path: str = "$", depth: int = 0) -> str | None:
     """None if value satisfies schema (in the keywords above), else "at PATH: what is wrong"."""
+    if depth > MAX_DEPTH:
+        return f"at {path}: the schema nests deeper than {MAX_DEPTH} levels"
     if schema is True or not isinstance(schema, dict):
         return None if schema is not False else f"at {path}: no value is allowed here (schema false)"
     types = schema.get("type")
@@ -74,7 +98,7 @@ def validate(value: Any, schema: Any, path: str = "$") -> str | None:
     if "const" in schema and not _equal(value, schema["const"]):
         return f"at {path}: expected {_short(schema['const'])}, got {_short(value)}"
     if isinstance(schema.get("anyOf"), list) and schema["anyOf"]:
-        errors = [validate(value, s, path) for s in schema["anyOf"]]
+        errors = [validate(value, s, path, depth + 1) for s in schema["anyOf"]]
         if all(errors):
             return f"{errors[0]} (and no other anyOf branch matches)"
     if isinstance(value, dict):
@@ -84,7 +108,7 @@ def validate(value: Any, schema: Any, path: str = "$") -> str | None:
                 return f"at {path}: missing required property {name!r}"
         for name, sub in props.items():
             if name in value:
-                err = validate(value[name], sub, _key(path, name))
+                err = validate(value[name], sub, _key(path, name), depth + 1)
                 if err:
                     return err
         extra = schema.get("additionalProperties", True)
@@ -94,7 +118,7 @@ def validate(value: Any, schema: Any, path: str = "$") -> str | None:
             if extra is False:
                 return f"at {path}: property {name!r} is not allowed (additionalProperties is false)"
             if isinstance(extra, dict):
-                err = validate(value[name], extra, _key(path, name))
+                err = validate(value[name], extra, _key(path, name), depth + 1)
                 if err:
                     return err
     if isinstance(value, list):
@@ -108,7 +132,7 @@ def validate(value: Any, schema: Any, path: str = "$") -> str | None:
                 continue
             if sub is False:
                 return f"at {path}: at most {len(prefix)} items are allowed, got {len(value)}"
-            err = validate(item, sub, f"{path}[{i}]")
+            err = validate(item, sub, f"{path}[{i}]", depth + 1)
             if err:
                 return err
     return None

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 
-from moepage.engine.tokenizer import ChatTemplateError, Tokenizer
-from moepage.server.errors import APIError, bad_request
+from moepage.engine.tokenizer import (
+    ChatTemplateError, RenderLimits, TemplateStopped, TemplateTimeout, TemplateTooLarge, TokenLimitExceeded, Tokenizer,
+)
+from moepage.server.errors import APIError, bad_request, context_overflow
 from moepage.server.protocol import ChatMessage, Tool
 
 # (prefix, suffix, middle) token spellings, Qwen2.5-Coder/Qwen3-Coder first, then StarCoder/DeepSeek-Coder.
@@ -69,19 +71,42 @@ def tool_dicts(tools: list[Tool] | None) -> list[dict] | None:
     return [t.model_dump(exclude_none=True) for t in tools]
 
 
+def encode_bounded(tk: Tokenizer, text: str, ctx_size: int | None, what: str, add_special_tokens: bool = True):
+    """tk.encode(text), refusing (400 context_length_exceeded) a text with no room in the context, found without
+    tokenizing all of a text far too long for it."""
+    if ctx_size is None:
+        return tk.encode(text, add_special_tokens)
+    try:
+        return tk.encode_within(text, ctx_size - 1, add_special_tokens)
+    except TokenLimitExceeded as e:
+        raise context_overflow(ctx_size, e.counted if e.exact else f"more than {e.limit}", what) from None
+
+
 def chat_prompt_ids(tokenizer: Tokenizer | None, messages: list[ChatMessage], tools: list[Tool] | None = None,
-                    add_generation_prompt: bool = True, template_kwargs: dict | None = None) -> list[int]:
+                    add_generation_prompt: bool = True, template_kwargs: dict | None = None,
+                    limits: RenderLimits | None = None, ctx_size: int | None = None) -> list[int]:
+    """Token ids of messages through the chat template (rendering bounded by limits; prompts with no room in
+    ctx_size refused). CPU work: run it off the event loop."""
     tk = require_tokenizer(tokenizer)
-    reserved = {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"}
+    reserved = {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token", "limits"}
     kwargs = {k: v for k, v in (template_kwargs or {}).items() if k not in reserved}
     try:
-        return tk.apply_chat_template(template_messages(messages), tools=tool_dicts(tools),
-                                      add_generation_prompt=add_generation_prompt, **kwargs)
+        text = tk.render_chat(template_messages(messages), tools=tool_dicts(tools),
+                              add_generation_prompt=add_generation_prompt, limits=limits, **kwargs)
+    except TemplateTimeout as e:
+        raise APIError(500, f"{e}; fix the template, or raise --template-timeout", code="chat_template_timeout") \
+            from None
+    except TemplateStopped as e:
+        raise APIError(503, str(e), code="shutting_down") from None
+    except TemplateTooLarge as e:
+        raise bad_request(f"{e}, more than the context of {ctx_size} tokens can hold", param="messages",
+                          code="context_length_exceeded") from None
     except ChatTemplateError as e:
         raise bad_request(str(e), param="messages", code="chat_template_error") from None
     except (TypeError, ValueError, AttributeError, KeyError, IndexError, RecursionError) as e:
         raise bad_request(f"the chat template could not render these messages: {type(e).__name__}: {e}",
                           param="messages", code="chat_template_error") from None
+    return encode_bounded(tk, text, ctx_size, "messages", add_special_tokens=False)
 
 
 def fim_tokens(tokenizer: Tokenizer) -> tuple[int, int, int] | None:
@@ -92,8 +117,10 @@ def fim_tokens(tokenizer: Tokenizer) -> tuple[int, int, int] | None:
     return None
 
 
-def completion_prompts(tokenizer: Tokenizer | None, prompt, suffix: str | None, vocab_size: int) -> list[list[int]]:
-    """Each prompt of the request as token ids (a string, strings, ids, or lists of ids)."""
+def completion_prompts(tokenizer: Tokenizer | None, prompt, suffix: str | None, vocab_size: int,
+                       ctx_size: int | None = None) -> list[list[int]]:
+    """Each prompt of the request as token ids (a string, strings, ids, or lists of ids); text with no room in
+    ctx_size refused. CPU work: run it off the event loop."""
     if isinstance(prompt, str):
         raw = [prompt]
     elif prompt and isinstance(prompt[0], int):
@@ -103,7 +130,7 @@ def completion_prompts(tokenizer: Tokenizer | None, prompt, suffix: str | None, 
     out = []
     for i, p in enumerate(raw):
         if isinstance(p, str):
-            ids = _text_prompt(require_tokenizer(tokenizer), p, suffix)
+            ids = _text_prompt(require_tokenizer(tokenizer), p, suffix, ctx_size)
         else:
             bad = next((t for t in p if t >= vocab_size), None)
             if bad is not None:
@@ -117,9 +144,9 @@ def completion_prompts(tokenizer: Tokenizer | None, prompt, suffix: str | None, 
     return out
 
 
-def _text_prompt(tk: Tokenizer, prompt: str, suffix: str | None) -> list[int]:
+def _text_prompt(tk: Tokenizer, prompt: str, suffix: str | None, ctx_size: int | None) -> list[int]:
     if suffix is None:
-        return tk.encode(prompt)
+        return encode_bounded(tk, prompt, ctx_size, "prompt")
     fim = fim_tokens(tk)
     if fim is None:
         names = ", ".join(s[0] for s in FIM_TOKEN_SETS)
@@ -130,5 +157,5 @@ def _text_prompt(tk: Tokenizer, prompt: str, suffix: str | None) -> list[int]:
         )
     pre, suf, mid = fim
     prefix_ids = [tk.bos_id] if tk.add_bos and tk.bos_id is not None else []
-    return prefix_ids + [pre] + tk.encode(prompt, add_special_tokens=False) + [suf] + \
-        tk.encode(suffix, add_special_tokens=False) + [mid]
+    return prefix_ids + [pre] + encode_bounded(tk, prompt, ctx_size, "prompt", False) + [suf] + \
+        encode_bounded(tk, suffix, ctx_size, "suffix", False) + [mid]

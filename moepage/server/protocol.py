@@ -91,7 +91,7 @@ class SamplingFields(Permissive):
     frequency_penalty: Optional[Annotated[float, Field(ge=-2, le=2, allow_inf_nan=False)]] = None
     repetition_penalty: Optional[Annotated[float, Field(gt=0, le=100, allow_inf_nan=False)]] = None
     seed: Optional[Annotated[StrictInt, Field(ge=-(2**63), le=2**64 - 1)]] = None
-    stop: Union[StrictStr, Annotated[list[StrictStr], Field(max_length=16)], None] = None
+    stop: Union[StrictStr, list[StrictStr], None] = None  # count and lengths checked with the settings' limits
     stop_token_ids: Optional[Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(max_length=64)]] = None
     ignore_eos: Optional[StrictBool] = False
     n: Optional[Annotated[StrictInt, Field(ge=1, le=128)]] = 1
@@ -104,7 +104,7 @@ class SamplingFields(Permissive):
     @classmethod
     def _token_ids(cls, v):
         for key in v or {}:
-            if not key.lstrip("-").isdigit():
+            if not (key.isascii() and key.lstrip("-").isdigit()):
                 raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
         return v
 
