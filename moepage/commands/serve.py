@@ -1,12 +1,15 @@
 """`moepage serve [MODEL]`: the OpenAI-compatible server (no MODEL: the built-in demo model)."""
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import socket
 import sys
 
 from moepage.cli import add_engine_arguments, engine_config
 from moepage.commands.elastic_args import add_elastic_arguments, check_elastic_args, install_elastic
+from moepage.paging.budget import parse_size
 
 
 def register(sub):
@@ -26,6 +29,13 @@ def register(sub):
     p.add_argument("--tool-parser", default="auto", choices=["auto", "hermes", "qwen3_coder", "mistral"],
                    help="tool-call format in the model's output (auto: all of them)")
     p.add_argument("--sse-ping", type=float, default=10.0, help="seconds between SSE comment pings on a silent stream")
+    p.add_argument("--max-request-bytes", type=parse_size, default=None, metavar="SIZE",
+                   help="largest request body, e.g. 4MiB; larger ones get 413 (default: max(1 MiB, 16 bytes per "
+                        "context token))")
+    p.add_argument("--metrics-public", action="store_true",
+                   help="serve /metrics without the API key (for scrapers); /health is always open")
+    p.add_argument("--template-timeout", type=float, default=2.0, metavar="SECONDS",
+                   help="longest one chat-template rendering may run; past it the request fails with 500")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_engine_arguments(p)
     add_elastic_arguments(p)
@@ -39,22 +49,55 @@ def settings_from_args(args, model_id: str, routing: str = "exact"):
     cors = [o for item in args.cors for o in item.split(",") if o]
     if args.max_queue < 0:
         raise ValueError("--max-queue must be >= 0")
+    if args.max_request_bytes is not None and args.max_request_bytes < 1:
+        raise ValueError("--max-request-bytes must be at least 1 byte")
+    if not args.template_timeout > 0:
+        raise ValueError("--template-timeout must be > 0 seconds")
     return ServerSettings(model_id=args.served_model_name or model_id, host=args.host, port=args.port,
                           api_keys=keys, cors_origins=cors, max_queue=args.max_queue, tool_parser=args.tool_parser,
-                          sse_ping_seconds=args.sse_ping, routing=routing)
+                          sse_ping_seconds=args.sse_ping, routing=routing, max_request_bytes=args.max_request_bytes,
+                          metrics_public=args.metrics_public, template_timeout_seconds=args.template_timeout)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound (uvicorn listens on it): a port in use fails here, before the model loads."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        why = "the address is already in use (another server? choose another --port)" \
+            if e.errno == errno.EADDRINUSE else e.strerror
+        raise OSError(f"cannot listen on {host}:{port}: {why}") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def run(args) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings_from_args(args, "")  # bad flags, contradictory ones, then a port in use fail before the (slow) load
+    check_elastic_args(args)
+    sock = bind_socket(args.host, args.port)
+    try:
+        return _serve(args, sock)
+    finally:
+        sock.close()
+
+
+def _serve(args, sock: socket.socket) -> int:
     import uvicorn
 
     from moepage.engine.engine import Engine
     from moepage.server.app import create_app
     from moepage.server.model_source import resolve_model
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     resolved = resolve_model(args.model, args.revision)
     settings = settings_from_args(args, resolved.model_id)
-    check_elastic_args(args)  # contradictory flags fail before the (slow) load
     print(f"moepage serve: loading {resolved.path} ({resolved.kind})", file=sys.stderr)
     engine = Engine.load(engine_config(args, resolved.path))
     print(engine.memory_summary(), file=sys.stderr)
@@ -70,8 +113,10 @@ def run(args) -> int:
           f"(context {engine.ctx_size} tokens{', API key required' if settings.api_keys else ''})", file=sys.stderr)
     if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_keys:
         print("warning: listening beyond this machine without --api-key", file=sys.stderr)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=settings.shutdown_grace_seconds)
     try:
-        uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level)
+        uvicorn.Server(config).run(sockets=[sock])
     finally:
         engine.close()
     return 0

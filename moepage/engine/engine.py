@@ -12,7 +12,7 @@ from moepage.engine.checkpoint import Checkpoint, open_checkpoint
 from moepage.engine.kv_cache import ContextOverflow, KVCache
 from moepage.engine.model import MoEModel
 from moepage.engine.quantized_expert import expert_loader
-from moepage.engine.sampling import Sampler, SamplingParams
+from moepage.engine.sampling import Sampler, SamplingParams, StopMatcher
 from moepage.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from moepage.kernels import native
 from moepage.kernels.ggml import ggml_backend
@@ -263,10 +263,9 @@ class Engine:
         stats.prefill_seconds = time.perf_counter() - t0
         sampler = Sampler(params, prompt_ids, logits.shape[-1])
         detok = IncrementalDetokenizer(self.tokenizer, prompt_ids) if self.tokenizer else None
-        stops = [s for s in params.stop if s]
+        stops = StopMatcher([s for s in params.stop if s])  # holds back text that may begin a stop string
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
         max_new = min(params.max_tokens or self.ctx_size, self.ctx_size - len(prompt_ids))
-        pending = ""  # text held back because it may be the start of a stop string
         t_decode = time.perf_counter()
         for n in range(max_new):
             choice = sampler(logits)
@@ -276,25 +275,19 @@ class Engine:
                 stats.first_token_time = now - t0
             stats.completion_tokens += 1
             if choice.token in stop_ids:
-                yield StepOutput(choice.token, pending, choice.logprob, choice.top, "stop")
+                yield StepOutput(choice.token, stops.pending, choice.logprob, choice.top, "stop")
                 break
             text = detok.push(choice.token) if detok else ""
-            pending += text
+            emit, hit = stops.push(text)
+            if hit:
+                yield StepOutput(choice.token, emit, choice.logprob, choice.top, "stop")
+                break
             finish = None
-            if stops:
-                hit = min(((pending.find(s), s) for s in stops if s in pending), default=None)
-                if hit is not None:
-                    yield StepOutput(choice.token, pending[: hit[0]], choice.logprob, choice.top, "stop")
-                    break
-                keep = max((k for s in stops for k in range(1, len(s)) if pending.endswith(s[:k])), default=0)
-                emit, pending = (pending[:-keep], pending[-keep:]) if keep else (pending, "")
-            else:
-                emit, pending = pending, ""
             last = n == max_new - 1
             if last:
                 finish = "length"
                 if detok:
-                    emit += pending + detok.flush()
+                    emit += stops.pending + detok.flush()
             yield StepOutput(choice.token, emit, choice.logprob, choice.top, finish)
             if last or (cancelled is not None and cancelled()):
                 break
