@@ -191,13 +191,13 @@ def test_serve_installs_elastic_routing_at_load(moe_dir, monkeypatch, capsys):
         return object()
 
     monkeypatch.setattr("moepage.server.app.create_app", fake_create_app)
-    monkeypatch.setattr("uvicorn.run", lambda *a, **k: None)
-    assert main(["serve", str(moe_dir), "--shared-only"]) == 0
+    monkeypatch.setattr("uvicorn.Server.run", lambda *a, **k: None)
+    assert main(["serve", str(moe_dir), "--shared-only", "--port", "0"]) == 0
     err = capsys.readouterr().err
     assert "routing: APPROXIMATE (shared-only)" in err
     assert seen["settings"].routing == "shared-only"
     assert all(h is not None and h.cfg.shared_only for h in seen["hooks"])
     assert seen["tokens"] == expected_tokens(moe_dir, ElasticConfig(shared_only=True), [5, 6, 7], 5)
-    assert main(["serve", str(moe_dir)]) == 0
+    assert main(["serve", str(moe_dir), "--port", "0"]) == 0
     assert "routing: exact" in capsys.readouterr().err
     assert seen["settings"].routing == "exact" and all(h is None for h in seen["hooks"])
