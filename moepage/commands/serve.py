@@ -61,14 +61,10 @@ def settings_from_args(args, model_id: str, routing: str = "exact"):
 
 def bind_socket(host: str, port: int) -> socket.socket:
     """The server's socket, bound (uvicorn listens on it): a port in use fails here, before the model loads."""
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    except socket.gaierror as e:
-        raise OSError(f"cannot listen on {host}:{port}: {e.strerror}") from None
-    sock = socket.socket(family, kind, proto)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)  # as uvicorn does
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind(address)
+        sock.bind((host, port))
     except OSError as e:
         sock.close()
         why = "the address is already in use (another server? choose another --port)" \
