@@ -12,6 +12,7 @@ from moepage.engine.engine import Engine, EngineConfig
 from moepage.engine.moe import PreparedExpert
 from moepage.engine.sampling import SamplingParams
 from moepage.paging.budget import BudgetError
+from moepage.paging.pread import ExpertReadError
 from moepage.paging.safetensors_file import CheckpointError
 from moepage.surgery.split import split_checkpoint, verify_split
 
@@ -111,7 +112,7 @@ def test_flipped_byte_is_reported_by_verify_and_at_page_in(checkpoints, tmp_path
     assert len(problems) == 1 and "E0003.safetensors" in problems[0] and "sha256" in problems[0]
     assert cli_main(["verify", str(out)]) == 1
     engine = Engine.load(EngineConfig(str(out)))
-    with pytest.raises(CheckpointError, match=r"E0003\.safetensors.*layer 0 expert 3"):
+    with pytest.raises(ExpertReadError, match=r"E0003\.safetensors.*layer 0 expert 3"):
         engine.cache.acquire((0, 3))
     engine.close()
 
@@ -123,7 +124,7 @@ def test_missing_shard_names_file_and_expert(checkpoints, tmp_path):
     os.remove(out / "experts" / "L000" / "E0005.safetensors")
     assert any("E0005.safetensors: missing" in p for p in verify_split(str(out)))
     engine = Engine.load(EngineConfig(str(out)))
-    with pytest.raises(CheckpointError, match=r"E0005\.safetensors.*layer 0 expert 5 is missing"):
+    with pytest.raises(ExpertReadError, match=r"E0005\.safetensors.*layer 0 expert 5 is missing"):
         engine.cache.acquire((0, 5))
     engine.close()
 

@@ -5,7 +5,6 @@ Either way the result is the family, its ModelArgs, a reader for resident tensor
 from __future__ import annotations
 
 import glob
-import json
 import os
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -14,14 +13,16 @@ from typing import Callable
 import torch
 
 from moepage.engine.families import family_for
-from moepage.engine.model_args import ModelArgs
+from moepage.engine.model_args import ConfigError, ModelArgs, expert_shapes, resident_shape
 from moepage.engine.weight_names import resident_names, to_checkpoint
-from moepage.paging.safetensors_file import CheckpointError, SafetensorsFile
+from moepage.paging.model_paths import read_model_json, resolve_model_file
+from moepage.paging.safetensors_file import CheckpointError, SafetensorsFile, shown
 from moepage.paging.sources import (
     ExpertSource, SafetensorsExpertSource, SplitExpertSource, TensorIndex, TensorRows,
 )
 
 MANIFEST = "moepage.json"
+INDEX = "model.safetensors.index.json"
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
     "generation_config.json", "vocab.json", "merges.txt", "tokenizer.model",
@@ -45,6 +46,7 @@ class Checkpoint:
     generation_config: dict = field(default_factory=dict)
     tensor_numel: Callable[[str], int] | None = None
     index: TensorIndex | None = None  # safetensors checkpoints: where each resident tensor lives
+    tensor_shape: Callable[[str], tuple] | None = None  # checkpoint name -> shape (torch order), from the header
 
     def tensor_rows(self, name: str, dtype: torch.dtype, device) -> TensorRows | None:
         """The resident tensor `name` read row by row from disk, where the format allows it."""
@@ -78,19 +80,35 @@ def _numel(shape) -> int:
     return n
 
 
-def _load_json(path: str) -> dict:
+def model_args_of(config, where: str) -> tuple[ModuleType, ModelArgs]:
+    """(family, ModelArgs) of a config; a ConfigError naming `where` (the file it came from) and the field."""
     try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON: {e}") from None
+        if not isinstance(config, dict):
+            raise ConfigError(f"the config must be a JSON object, not {type(config).__name__}")
+        family = family_for(config.get("model_type"))
+        return family, family.model_args(config)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def check_shapes(ckpt: Checkpoint):
+    """Every resident tensor's shape against what the config implies, and the experts' (now where the source can
+    tell from headers, else at each page-in): a model that loads is one the forward pass can run."""
+    args = ckpt.args
+    for canonical, name in ckpt.resident_checkpoint_names().items():
+        want = resident_shape(args, canonical)
+        got = tuple(ckpt.tensor_shape(name))
+        if got != want and not (len(want) == 2 and want[0] == 1 and got == want[1:]):  # GGUF: a [1, H] row as [H]
+            raise CheckpointError(f"{ckpt.root}: tensor {name!r} has shape {list(got)}, the config implies "
+                                  f"{list(want)}")
+    ckpt.experts.expect(expert_shapes(args), args.moe_layers, args.num_experts)
 
 
 def _generation_config(root: str) -> dict:
-    p = os.path.join(root, "generation_config.json")
-    return _load_json(p) if os.path.exists(p) else {}
+    value = read_model_json(root, "generation_config.json", "generation config", must_exist=False)
+    if value is not None and not isinstance(value, dict):
+        raise CheckpointError(f"{os.path.join(root, 'generation_config.json')}: not a JSON object")
+    return value or {}
 
 
 def open_checkpoint(path: str, drop_page_cache: bool = True, verify: bool = True) -> Checkpoint:
@@ -103,7 +121,7 @@ def open_checkpoint(path: str, drop_page_cache: bool = True, verify: bool = True
         raise CheckpointError(f"{path}: a single file is not a safetensors model directory (GGUF files are opened by the GGUF loader)")
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: no such model directory")
-    if os.path.exists(os.path.join(path, MANIFEST)):
+    if os.path.lexists(os.path.join(path, MANIFEST)):
         return _open_split(path, drop_page_cache, verify)
     return _open_hf(path, drop_page_cache)
 
@@ -115,22 +133,26 @@ def _is_gguf(path: str) -> bool:
         return f.read(4) == b"GGUF"
 
 
+def _weight_files(root: str) -> list[str]:
+    """The safetensors files of an HF directory: those model.safetensors.index.json names, else every *.safetensors;
+    each resolved inside the directory."""
+    index = read_model_json(root, INDEX, INDEX, must_exist=False)
+    if index is None:
+        found = sorted(os.path.basename(f) for f in glob.glob(os.path.join(root, "*.safetensors")))
+        if not found:
+            raise CheckpointError(f"{root}: no *.safetensors weight files")
+        return [resolve_model_file(root, name, "weight file") for name in found]
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{os.path.join(root, INDEX)}: weight_map must map tensor names to file names")
+    return [resolve_model_file(root, w, f"shard named in {INDEX}") for w in sorted(set(weight_map.values()))]
+
+
 def _open_hf(root: str, drop_page_cache: bool) -> Checkpoint:
-    config = _load_json(os.path.join(root, "config.json"))
-    family = family_for(config.get("model_type", "?"))
-    args = family.model_args(config)
-    files = sorted(glob.glob(os.path.join(root, "*.safetensors")))
-    if not files:
-        raise CheckpointError(f"{root}: no *.safetensors weight files")
-    index_path = os.path.join(root, "model.safetensors.index.json")
-    if os.path.exists(index_path):
-        wanted = set(_load_json(index_path).get("weight_map", {}).values())
-        missing = [w for w in wanted if not os.path.exists(os.path.join(root, w))]
-        if missing:
-            raise CheckpointError(f"{os.path.join(root, missing[0])}: shard named in model.safetensors.index.json is missing")
-        files = [os.path.join(root, w) for w in sorted(wanted)]
-    index = TensorIndex([SafetensorsFile(f, drop_page_cache=drop_page_cache) for f in files])
-    return Checkpoint(
+    config = read_model_json(root, "config.json", "config.json")
+    family, args = model_args_of(config, os.path.join(root, "config.json"))
+    index = TensorIndex([SafetensorsFile(f, drop_page_cache=drop_page_cache) for f in _weight_files(root)])
+    ckpt = Checkpoint(
         kind="hf", root=root, config=config, family=family, args=args,
         experts=SafetensorsExpertSource(index, family.EXPERT_NAMES),
         read_tensor=lambda n: index.read(n, "resident weight"),
@@ -138,30 +160,68 @@ def _open_hf(root: str, drop_page_cache: bool) -> Checkpoint:
         generation_config=_generation_config(root),
         tensor_numel=lambda n: _numel(index.info(n, "resident weight").shape),
         index=index,
+        tensor_shape=lambda n: index.info(n, "resident weight").shape,
     )
+    check_shapes(ckpt)
+    return ckpt
+
+
+def read_manifest(root: str) -> dict:
+    """The split manifest of root, checked: a moepage-split object with a files map of {size|bytes, sha256}."""
+    path = os.path.join(root, MANIFEST)
+    manifest = read_model_json(root, MANIFEST, "split manifest")
+    if not isinstance(manifest, dict) or manifest.get("format") != "moepage-split":
+        raise CheckpointError(f"{path}: not a moepage split manifest (format is not 'moepage-split')")
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{path}: files must map each file's path to its size and sha256")
+    for rel, meta in files.items():
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"{path}: files[{shown(rel)}] must be an object with size and sha256")
+        if not isinstance(meta.get("sha256"), str) or len(meta["sha256"]) != 64:
+            raise CheckpointError(f"{path}: files[{shown(rel)}].sha256 must be a 64-character hex digest")
+        size = manifest_size(meta)
+        if size is None:
+            raise CheckpointError(f"{path}: files[{shown(rel)}].size is missing or not a byte count")
+    return manifest
+
+
+def manifest_size(meta: dict) -> int | None:
+    """A file entry's recorded size ("size"; GGUF splits write "bytes"), None when absent or not a count."""
+    size = meta.get("size", meta.get("bytes"))
+    return size if isinstance(size, int) and not isinstance(size, bool) and size >= 0 else None
+
+
+def manifest_resident(root: str, manifest: dict, default: str | None = None) -> str:
+    """The resident weights file the manifest names, resolved inside root."""
+    name = manifest.get("resident", default)
+    return resolve_model_file(root, name, f"resident weights named in {MANIFEST}")
 
 
 def _open_split(root: str, drop_page_cache: bool, verify: bool) -> Checkpoint:
-    manifest = _load_json(os.path.join(root, MANIFEST))
-    if manifest.get("format") != "moepage-split":
-        raise CheckpointError(f"{os.path.join(root, MANIFEST)}: not a moepage split manifest")
+    manifest = read_manifest(root)
     if manifest.get("source_format") == "gguf":
         from moepage.engine.gguf_checkpoint import open_gguf_split
 
         return open_gguf_split(root, manifest, drop_page_cache, verify)
+    where = os.path.join(root, MANIFEST)
+    if "config" not in manifest:
+        raise ConfigError(f"{where}: config is missing")
     config = manifest["config"]
-    family = family_for(config.get("model_type", "?"))
-    args = family.model_args(config)
+    family, args = model_args_of(config, f"{where} (config)")
     hashes = {rel: meta["sha256"] for rel, meta in manifest["files"].items()}
-    resident = SafetensorsFile(os.path.join(root, manifest["resident"]), drop_page_cache=False)
+    resident = SafetensorsFile(manifest_resident(root, manifest), drop_page_cache=False)
     index = TensorIndex([resident])
     source = SplitExpertSource(root, split_shard_path, family.EXPERT_NAMES, hashes, drop_page_cache, verify,
                                encoding=manifest.get("expert_encoding"))
-    return Checkpoint(
+    ckpt = Checkpoint(
         kind="split", root=root, config=config, family=family, args=args, experts=source,
         read_tensor=lambda n: index.read(n, "resident weight"),
         tensor_nbytes=lambda n: index.info(n, "resident weight").nbytes,
         generation_config=_generation_config(root),
         tensor_numel=lambda n: _numel(index.info(n, "resident weight").shape),
         index=index,
+        tensor_shape=lambda n: index.info(n, "resident weight").shape,
     )
+    check_shapes(ckpt)
+    return ckpt

@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moepage.engine.checkpoint import Checkpoint, split_shard_path
-from moepage.engine.families import common, family_for
+from moepage.engine.checkpoint import (
+    MANIFEST, Checkpoint, check_shapes, manifest_resident, model_args_of, split_shard_path,
+)
+from moepage.engine.families import common
 from moepage.engine.gguf_config import gguf_config
 from moepage.engine.gguf_tokenizer import tokenizer_from_gguf
 from moepage.engine.weight_names import resident_names, to_checkpoint
@@ -22,7 +24,6 @@ from moepage.kernels.ggml import QuantizedTensor
 from moepage.kernels.ggml_linear import GGMLWeight
 from moepage.paging.gguf_experts import GGUFExpertSource, GGUFSplitExpertSource
 from moepage.paging.gguf_file import GGUFFile
-from moepage.paging.safetensors_file import CheckpointError
 
 _QK = re.compile(r"^blk\.(\d+)\.attn_([qk])\.weight$")
 ONE_ROW = re.compile(r"^blk\.\d+\.ffn_gate_inp_shexp\.weight$")  # HF shape [1, H]; GGUF may store [H]
@@ -93,30 +94,31 @@ def _config_from(gguf: GGUFFile) -> dict:
 def open_gguf(path: str, drop_page_cache: bool = True, verify: bool = True) -> GGUFCheckpoint:
     gguf = GGUFFile(path, drop_page_cache=drop_page_cache)
     config = _config_from(gguf)
-    family = family_for(config["model_type"])
-    args = family.model_args(config)
+    family, args = model_args_of(config, f"{gguf.path} (GGUF metadata)")
     source = GGUFExpertSource(gguf, common.GGUF_EXPERTS, args.moe_layers)
-    return GGUFCheckpoint(
+    ckpt = GGUFCheckpoint(
         kind="gguf", root=gguf.path, config=config, family=family, args=args, experts=source,
         read_tensor=_reader(gguf, config), tensor_nbytes=lambda n: gguf.info(n, "resident weight").nbytes,
-        generation_config={}, gguf=gguf, metadata=gguf.metadata,
+        generation_config={}, tensor_shape=lambda n: gguf.info(n, "resident weight").shape,
+        gguf=gguf, metadata=gguf.metadata,
     )
+    check_shapes(ckpt)
+    return ckpt
 
 
 def open_gguf_split(root: str, manifest: dict, drop_page_cache: bool = True, verify: bool = True) -> GGUFCheckpoint:
     """A `moepage split` directory made from a GGUF file (manifest "source_format": "gguf"): a resident .gguf
     (all metadata + every tensor but the routed experts) and one shard per expert with its raw GGML bytes."""
-    resident_path = os.path.join(root, manifest.get("resident", "resident.gguf"))
-    if not os.path.exists(resident_path):
-        raise CheckpointError(f"{resident_path}: resident GGUF named in the split manifest is missing")
-    gguf = GGUFFile(resident_path, drop_page_cache=False)
-    config = manifest.get("config") or _config_from(gguf)
-    family = family_for(config["model_type"])
-    args = family.model_args(config)
-    hashes = {rel: meta["sha256"] for rel, meta in manifest.get("files", {}).items() if "sha256" in meta}
+    gguf = GGUFFile(manifest_resident(root, manifest, "resident.gguf"), drop_page_cache=False)
+    config = manifest["config"] if "config" in manifest else _config_from(gguf)
+    family, args = model_args_of(config, f"{os.path.join(root, MANIFEST)} (config)")
+    hashes = {rel: meta["sha256"] for rel, meta in manifest["files"].items()}
     source = GGUFSplitExpertSource(root, split_shard_path, hashes, args.moe_layers, drop_page_cache, verify)
-    return GGUFCheckpoint(
+    ckpt = GGUFCheckpoint(
         kind="split", root=root, config=config, family=family, args=args, experts=source,
         read_tensor=_reader(gguf, config), tensor_nbytes=lambda n: gguf.info(n, "resident weight").nbytes,
-        generation_config={}, gguf=gguf, metadata=gguf.metadata,
+        generation_config={}, tensor_shape=lambda n: gguf.info(n, "resident weight").shape,
+        gguf=gguf, metadata=gguf.metadata,
     )
+    check_shapes(ckpt)
+    return ckpt

@@ -6,7 +6,8 @@ with experts) takes softmax over the top-k logits.
 """
 from __future__ import annotations
 
-from moepage.paging.safetensors_file import CheckpointError
+from moepage.engine.model_args import LIMITS, REQUIRED, ConfigError, int_field
+from moepage.paging.safetensors_file import CheckpointError, shown
 
 # GGUF general.architecture -> (HF model_type, norm_topk_prob when GGUF does not say)
 ARCHITECTURES = {
@@ -26,6 +27,25 @@ def _get(meta: dict, key: str, path: str, default=None, required: bool = False):
     return default
 
 
+def _int(meta: dict, key: str, path: str, default, limit: str | None, lo: int) -> int:
+    """A count from GGUF metadata (a per-layer list: its first entry), bounded like the config field `limit`."""
+    value = meta.get(key)
+    if isinstance(value, list):
+        value = value[0] if value else None
+    hi = LIMITS.get(limit, 1 << 20) if limit else 1 << 20
+    try:
+        return int_field({key: value}, key, default, lo=lo, hi=hi)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: GGUF metadata {e}") from None
+
+
+def _number(meta: dict, key: str, path: str, default):
+    value = meta.get(key, default)
+    if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+        return None if value is None else float(value)
+    raise ConfigError(f"{path}: GGUF metadata {key} must be a number, not {type(value).__name__}")
+
+
 def _f32(value) -> float:
     """A float32 GGUF value as the decimal it was written from (9.99999997e-07 -> 1e-06)."""
     return float(f"{float(value):.7g}")
@@ -34,27 +54,26 @@ def _f32(value) -> float:
 def gguf_config(meta: dict, tensor_names: set[str], vocab_size: int, path: str = "?") -> dict:
     """config.json-like dict for the GGUF file's architecture (model_type, sizes, rope, routing, token ids)."""
     arch = meta.get("general.architecture")
-    if arch not in ARCHITECTURES:
+    if not isinstance(arch, str) or arch not in ARCHITECTURES:
         raise CheckpointError(
-            f"{path}: unsupported GGUF architecture {arch!r}; moepage serves {', '.join(sorted(ARCHITECTURES))} "
+            f"{path}: unsupported GGUF architecture {shown(arch)}; moepage serves {', '.join(sorted(ARCHITECTURES))} "
             f"(llama only with experts, i.e. Mixtral)"
         )
     model_type, norm_default = ARCHITECTURES[arch]
     k = lambda key, default=None, required=False: _get(meta, f"{arch}.{key}", path, default, required)  # noqa: E731
-    layers = int(k("block_count", required=True))
-    hidden = int(k("embedding_length", required=True))
-    heads = int(k("attention.head_count", required=True))
-    experts = int(k("expert_count", 0) or 0)
+    n = lambda key, default=REQUIRED, limit=None, lo=1: _int(meta, f"{arch}.{key}", path, default, limit, lo)  # noqa: E731
+    layers = n("block_count", limit="num_hidden_layers")
+    hidden = n("embedding_length", limit="hidden_size")
+    heads = n("attention.head_count", limit="num_attention_heads")
+    experts = n("expert_count", 0, "num_experts", lo=0)
     if experts == 0:
         raise CheckpointError(f"{path}: GGUF architecture {arch!r} without experts ({arch}.expert_count is 0 or "
                               f"missing): moepage serves Mixture-of-Experts models only")
-    kv_heads = k("attention.head_count_kv", heads)
-    if isinstance(kv_heads, list):
-        kv_heads = kv_heads[0]
-    head_dim = int(k("attention.key_length") or k("rope.dimension_count") or hidden // heads)
-    ffn = k("feed_forward_length", 0)
-    ffn = int(ffn[0] if isinstance(ffn, list) else ffn or 0)
-    expert_ffn = int(k("expert_feed_forward_length") or ffn)
+    kv_heads = n("attention.head_count_kv", heads, "num_key_value_heads")
+    head_dim = n("attention.key_length", 0, "head_dim", lo=0) or n("rope.dimension_count", 0, "head_dim", lo=0)
+    head_dim = head_dim or hidden // heads
+    ffn = n("feed_forward_length", 0, lo=0)
+    expert_ffn = n("expert_feed_forward_length", 0, lo=0) or ffn
     sparse = [f"blk.{i}.ffn_gate_inp.weight" in tensor_names for i in range(layers)]
     config = {
         "model_type": model_type,
@@ -62,12 +81,12 @@ def gguf_config(meta: dict, tensor_names: set[str], vocab_size: int, path: str =
         "hidden_size": hidden,
         "num_hidden_layers": layers,
         "num_attention_heads": heads,
-        "num_key_value_heads": int(kv_heads),
+        "num_key_value_heads": kv_heads,
         "head_dim": head_dim,
-        "rms_norm_eps": _f32(k("attention.layer_norm_rms_epsilon", 1e-6)),
-        "rope_theta": _f32(k("rope.freq_base", 10000.0)),
-        "max_position_embeddings": int(k("context_length", 4096)),
-        "num_experts_per_tok": int(k("expert_used_count", required=True)),
+        "rms_norm_eps": _f32(_number(meta, f"{arch}.attention.layer_norm_rms_epsilon", path, 1e-6)),
+        "rope_theta": _f32(_number(meta, f"{arch}.rope.freq_base", path, 10000.0)),
+        "max_position_embeddings": n("context_length", 4096, "max_position_embeddings"),
+        "num_experts_per_tok": n("expert_used_count", limit="num_experts"),
         "norm_topk_prob": bool(k("expert_weights_norm", norm_default)),
         "tie_word_embeddings": "output.weight" not in tensor_names,
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
@@ -80,19 +99,21 @@ def gguf_config(meta: dict, tensor_names: set[str], vocab_size: int, path: str =
     scaling_type = k("rope.scaling.type")
     if scaling_type and scaling_type != "none":
         config["rope_scaling"] = {
-            "rope_type": scaling_type, "factor": float(k("rope.scaling.factor", 1.0)),
-            "original_max_position_embeddings": int(k("rope.scaling.original_context_length", 0) or 0),
+            "rope_type": scaling_type, "factor": _number(meta, f"{arch}.rope.scaling.factor", path, 1.0),
+            "original_max_position_embeddings": n("rope.scaling.original_context_length", 0, "max_position_embeddings",
+                                                  lo=0),
         }
     if model_type == "mixtral":
         config.update(num_local_experts=experts, intermediate_size=expert_ffn)
     elif model_type == "olmoe":
         clip = k("attention.clamp_kqv")
-        config.update(num_experts=experts, intermediate_size=expert_ffn, clip_qkv=float(clip) if clip else None,
+        config.update(num_experts=experts, intermediate_size=expert_ffn,
+                      clip_qkv=_number(meta, f"{arch}.attention.clamp_kqv", path, None) if clip else None,
                       attention_bias="blk.0.attn_q.bias" in tensor_names)
     else:
         config.update(num_experts=experts, moe_intermediate_size=expert_ffn, intermediate_size=ffn)
         if model_type == "qwen2_moe":
-            config.update(shared_expert_intermediate_size=int(k("expert_shared_feed_forward_length", 0) or 0),
+            config.update(shared_expert_intermediate_size=n("expert_shared_feed_forward_length", 0, lo=0),
                           qkv_bias="blk.0.attn_q.bias" in tensor_names)
         else:
             config["attention_bias"] = "blk.0.attn_q.bias" in tensor_names

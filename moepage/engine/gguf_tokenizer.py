@@ -9,7 +9,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from moepage.engine.tokenizer import Tokenizer
-from moepage.paging.safetensors_file import CheckpointError
+from moepage.paging.safetensors_file import CheckpointError, shown
 
 # GGUF token types (llama.cpp llama_token_type)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -30,7 +30,7 @@ IGNORE_MERGES = {"llama-bpe", "llama3"}  # llama.cpp uses whole-word vocab hits 
 def _pre_tokenizer(pre: str, path: str):
     if pre not in PRE_SPLITS:
         raise CheckpointError(
-            f"{path}: GGUF pre-tokenizer {pre!r} is not supported yet (supported: {', '.join(sorted(PRE_SPLITS))})"
+            f"{path}: GGUF pre-tokenizer {shown(pre)} is not supported yet (supported: {', '.join(sorted(PRE_SPLITS))})"
         )
     split = PRE_SPLITS[pre]
     if split is None:
@@ -41,22 +41,41 @@ def _pre_tokenizer(pre: str, path: str):
     ])
 
 
+def _strings(meta: dict, key: str, path: str) -> list[str]:
+    value = meta.get(key) or []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise CheckpointError(f"{path}: GGUF metadata {key} must be a list of strings")
+    return value
+
+
 def build_hf_tokenizer(meta: dict, path: str = "?") -> HFTokenizer:
     model = meta.get("tokenizer.ggml.model")
     if model != "gpt2":
         raise CheckpointError(
-            f"{path}: GGUF tokenizer model {model!r} is not supported yet (moepage builds 'gpt2' byte-level BPE "
+            f"{path}: GGUF tokenizer model {shown(model)} is not supported yet (moepage builds 'gpt2' byte-level BPE "
             f"tokenizers from GGUF); serve the original Hugging Face directory instead"
         )
-    tokens: list[str] = meta.get("tokenizer.ggml.tokens") or []
-    merges: list[str] = meta.get("tokenizer.ggml.merges") or []
+    tokens = _strings(meta, "tokenizer.ggml.tokens", path)
+    merges = _strings(meta, "tokenizer.ggml.merges", path)
     if not tokens:
         raise CheckpointError(f"{path}: GGUF metadata has no tokenizer.ggml.tokens")
-    types: list[int] = meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
+    types = meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
+    if not isinstance(types, list) or len(types) != len(tokens):
+        raise CheckpointError(f"{path}: GGUF metadata tokenizer.ggml.token_type must list one type per token")
     pre = meta.get("tokenizer.ggml.pre", "default")
+    if not isinstance(pre, str):
+        raise CheckpointError(f"{path}: GGUF metadata tokenizer.ggml.pre must be a string")
     vocab = {t: i for i, t in enumerate(tokens)}
     pairs = [tuple(m.split(" ", 1)) for m in merges]
-    tk = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, ignore_merges=pre in IGNORE_MERGES))
+    if any(len(p) != 2 for p in pairs):
+        raise CheckpointError(f"{path}: GGUF metadata tokenizer.ggml.merges: every merge must be two tokens")
+    try:
+        tk = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, ignore_merges=pre in IGNORE_MERGES))
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException:  # tokenizers raises Exception, or pyo3's PanicException (a BaseException), on odd input
+        raise CheckpointError(f"{path}: the GGUF tokenizer metadata does not make a BPE tokenizer "
+                              f"(merges name tokens outside tokenizer.ggml.tokens?)") from None
     tk.pre_tokenizer = _pre_tokenizer(pre, path)
     tk.decoder = decoders.ByteLevel()
     special = [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == CONTROL]
@@ -72,10 +91,13 @@ def tokenizer_from_gguf(meta: dict, path: str = "?") -> Tokenizer:
     """moepage Tokenizer (with the chat template from tokenizer.chat_template) from GGUF metadata."""
     tk = build_hf_tokenizer(meta, path)
     tokens = meta["tokenizer.ggml.tokens"]
+    template = meta.get("tokenizer.chat_template")
+    if template is not None and not isinstance(template, str):
+        raise CheckpointError(f"{path}: GGUF metadata tokenizer.chat_template must be a string")
 
     def token(key: str):
         i = meta.get(key)
-        return tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else None
+        return tokens[i] if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(tokens) else None
 
     config = {
         "bos_token": token("tokenizer.ggml.bos_token_id"),
@@ -83,4 +105,4 @@ def tokenizer_from_gguf(meta: dict, path: str = "?") -> Tokenizer:
         "pad_token": token("tokenizer.ggml.padding_token_id"),
         "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
     }
-    return Tokenizer(tk, config, meta.get("tokenizer.chat_template"))
+    return Tokenizer(tk, config, template)

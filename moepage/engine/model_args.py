@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from moepage.kernels.routing import RoutingConfig
+from moepage.paging.pread import CheckpointError
 
 
 @dataclass
@@ -45,28 +46,100 @@ class ModelArgs:
         return [i for i, s in enumerate(self.sparse_layers) if s]
 
 
+class ConfigError(CheckpointError):
+    """A model config (config.json, a split manifest's config, GGUF metadata) has a missing, mistyped or out-of-range
+    field; the message names the field, and the loader puts the file in front."""
+
+
+REQUIRED = object()
+# Sane upper bounds on config sizes, far above any published model (checked before anything is sized by them).
+LIMITS = {
+    "num_hidden_layers": 1024, "hidden_size": 1 << 17, "num_attention_heads": 4096, "num_key_value_heads": 4096,
+    "head_dim": 4096, "vocab_size": 1 << 24, "max_position_embeddings": 1 << 26, "sliding_window": 1 << 26,
+    "num_experts": 1 << 16, "num_local_experts": 1 << 16,
+}  # any other int field: at most 1 << 20 (intermediate sizes)
+
+
+def int_field(config: dict, key: str, default=REQUIRED, lo: int = 1, hi: int | None = None) -> int:
+    """config[key] as an int in [lo, hi] (hi: LIMITS by name); an integral float such as 1e3 counts."""
+    value = config.get(key)
+    if value is None:
+        if default is REQUIRED:
+            raise ConfigError(f"{key} is missing")
+        return default
+    hi = LIMITS.get(key, 1 << 20) if hi is None else hi
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(f"{key} must be an integer, not {type(value).__name__}")
+    if not lo <= value <= hi:
+        shown = value if abs(value) < 1 << 63 else "a huge number"
+        raise ConfigError(f"{key} is {shown}, outside {lo}..{hi}")
+    return value
+
+
+def float_field(config: dict, key: str, default: float, lo: float = 0.0, positive: bool = True) -> float:
+    value = config.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
+        raise ConfigError(f"{key} must be a number, not {type(value).__name__}")
+    if (positive and value <= lo) or abs(value) == float("inf"):
+        raise ConfigError(f"{key} must be a finite number above {lo}")
+    return float(value)
+
+
+def bool_field(config: dict, key: str, default: bool) -> bool:
+    value = config.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, (bool, int)):
+        raise ConfigError(f"{key} must be true or false, not {type(value).__name__}")
+    return bool(value)
+
+
 def rope_from_config(config: dict) -> tuple[float, dict | None]:
     """(theta, scaling) from either transformers v5 `rope_parameters` or v4 `rope_theta`/`rope_scaling`."""
     params = config.get("rope_parameters")
-    if isinstance(params, dict) and "rope_theta" in params:
+    if params is not None and not isinstance(params, dict):
+        raise ConfigError(f"rope_parameters must be an object, not {type(params).__name__}")
+    if params is not None and "rope_theta" in params:
         scaling = dict(params) if params.get("rope_type", "default") != "default" else None
-        return float(params["rope_theta"]), scaling
-    scaling = config.get("rope_scaling")
-    return float(config.get("rope_theta", 10000.0)), scaling
+        return float_field(params, "rope_theta", 10000.0), _rope_scaling(scaling, "rope_parameters")
+    return float_field(config, "rope_theta", 10000.0), _rope_scaling(config.get("rope_scaling"), "rope_scaling")
+
+
+def _rope_scaling(scaling, key: str) -> dict | None:
+    if scaling is None:
+        return None
+    if not isinstance(scaling, dict):
+        raise ConfigError(f"{key} must be an object, not {type(scaling).__name__}")
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind is not None and not isinstance(kind, str):
+        raise ConfigError(f"{key}.rope_type must be a string")
+    float_field(scaling, "factor", 1.0)
+    int_field(scaling, "original_max_position_embeddings", 0, lo=0, hi=LIMITS["max_position_embeddings"])
+    for k in ("beta_fast", "beta_slow", "attention_factor"):
+        float_field(scaling, k, 1.0)
+    return scaling
 
 
 def eos_list(value) -> list[int]:
     if value is None:
         return []
-    if isinstance(value, int):
-        return [value]
-    return [int(v) for v in value]
+    values = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < LIMITS["vocab_size"] for v in values):
+        raise ConfigError("eos_token_id must be a token id or a list of token ids")
+    return list(values)
 
 
 def sparse_layer_flags(config: dict, num_layers: int, num_experts: int) -> list[bool]:
     """Which layers are MoE, from `mlp_only_layers` and `decoder_sparse_step` (Qwen2/3-MoE)."""
-    dense = set(config.get("mlp_only_layers") or [])
-    step = int(config.get("decoder_sparse_step") or 1)
+    dense = config.get("mlp_only_layers") or []
+    if not isinstance(dense, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in dense):
+        raise ConfigError("mlp_only_layers must be a list of layer indices")
+    step = int_field(config, "decoder_sparse_step", 1, hi=max(1, num_layers))
+    dense = set(dense)
     return [(i not in dense) and num_experts > 0 and (i + 1) % step == 0 for i in range(num_layers)]
 
 
@@ -75,32 +148,91 @@ def require(config: dict, *keys: str):
     for k in keys:
         if config.get(k) is not None:
             return config[k]
-    raise ValueError(f"config.json is missing {' / '.join(keys)}")
+    raise ConfigError(f"{' / '.join(keys)} is missing")
+
+
+def experts_field(config: dict, *keys: str) -> int:
+    """The routed expert count under the first of keys present (0: a dense config)."""
+    key = next((k for k in keys if config.get(k) is not None), None)
+    if key is None:
+        raise ConfigError(f"{' / '.join(keys)} is missing")
+    return int_field(config, key, lo=0)
 
 
 def common_args(config: dict, family: str, **family_fields) -> ModelArgs:
-    """The fields every supported family reads the same way from config.json, plus the family's own."""
-    layers = int(config["num_hidden_layers"])
-    heads = int(config["num_attention_heads"])
+    """The fields every supported family reads the same way from config.json, plus the family's own (which the
+    family reads with int_field & co. too)."""
+    if not isinstance(config, dict):
+        raise ConfigError(f"the config must be a JSON object, not {type(config).__name__}")
+    layers = int_field(config, "num_hidden_layers")
+    heads = int_field(config, "num_attention_heads")
+    hidden = int_field(config, "hidden_size")
+    kv_heads = int_field(config, "num_key_value_heads", heads)
+    if heads % kv_heads:
+        raise ConfigError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
     theta, scaling = rope_from_config(config)
+    window = int_field(config, "sliding_window", None) if config.get("use_sliding_window") else None
+    dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
+    bos = config.get("bos_token_id")
+    if bos is not None and eos_list(bos) != [bos]:
+        raise ConfigError("bos_token_id must be a token id")
     fields = dict(
         family=family,
-        vocab_size=int(config["vocab_size"]),
-        hidden_size=int(config["hidden_size"]),
+        vocab_size=int_field(config, "vocab_size"),
+        hidden_size=hidden,
         num_layers=layers,
         num_heads=heads,
-        num_kv_heads=int(config.get("num_key_value_heads") or heads),
-        head_dim=int(config.get("head_dim") or config["hidden_size"] // heads),
-        rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+        num_kv_heads=kv_heads,
+        head_dim=int_field(config, "head_dim", hidden // heads),
+        rms_norm_eps=float_field(config, "rms_norm_eps", 1e-6),
         rope_theta=theta,
         rope_scaling=scaling,
-        max_position_embeddings=int(config.get("max_position_embeddings", 32768)),
+        max_position_embeddings=int_field(config, "max_position_embeddings", 32768),
         sparse_layers=[True] * layers,
-        sliding_window=config.get("sliding_window") if config.get("use_sliding_window") else None,
-        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-        torch_dtype=str(config.get("dtype") or config.get("torch_dtype") or "float32"),
-        bos_token_id=config.get("bos_token_id"),
+        sliding_window=window,
+        tie_word_embeddings=bool_field(config, "tie_word_embeddings", False),
+        torch_dtype=str(dtype) if isinstance(dtype, str) else "float32",
+        bos_token_id=bos,
         eos_token_ids=eos_list(config.get("eos_token_id")),
     )
     fields.update(family_fields)
-    return ModelArgs(**fields)
+    args = ModelArgs(**fields)
+    check_args(args)
+    return args
+
+
+def check_args(args: ModelArgs):
+    """Cross-field checks: what the families computed must be a model moepage can run."""
+    if args.head_dim < 1 or args.head_dim % 2:
+        raise ConfigError(f"head_dim {args.head_dim} must be a positive even number (rotary pairs)")
+    if len(args.sparse_layers) != args.num_layers:
+        raise ConfigError("the MoE layer pattern does not cover num_hidden_layers")
+    if args.num_experts and not 1 <= args.top_k <= args.num_experts:
+        raise ConfigError(f"num_experts_per_tok {args.top_k} must be between 1 and the number of experts "
+                          f"({args.num_experts})")
+    if args.moe_layers and args.moe_intermediate_size < 1:
+        raise ConfigError("the routed experts' intermediate size must be at least 1")
+    if not all(args.sparse_layers) and args.intermediate_size < 1:
+        raise ConfigError("intermediate_size must be at least 1 for the dense (mlp_only) layers")
+
+
+def resident_shape(args: ModelArgs, canonical: str) -> tuple[int, ...]:
+    """The shape (torch order) the config implies for a resident weight ('embed', 'layers.3.k', ...)."""
+    H, D, V = args.hidden_size, args.head_dim, args.vocab_size
+    q, kv = args.num_heads * D, args.num_kv_heads * D
+    F, S = args.intermediate_size, args.shared_expert_intermediate_size
+    per_head = args.qk_norm == "head"
+    shapes = {
+        "embed": (V, H), "lm_head": (V, H), "norm": (H,), "attn_norm": (H,), "ffn_norm": (H,),
+        "q": (q, H), "k": (kv, H), "v": (kv, H), "o": (H, q), "q_bias": (q,), "k_bias": (kv,), "v_bias": (kv,),
+        "o_bias": (H,), "q_norm": (D,) if per_head else (q,), "k_norm": (D,) if per_head else (kv,),
+        "router": (args.num_experts, H), "dense_gate": (F, H), "dense_up": (F, H), "dense_down": (H, F),
+        "shared_gate": (S, H), "shared_up": (S, H), "shared_down": (H, S), "shared_expert_gate": (1, H),
+    }
+    return shapes[canonical.rsplit(".", 1)[-1]]
+
+
+def expert_shapes(args: ModelArgs) -> dict[str, tuple[int, int]]:
+    """gate [I, H], up [I, H], down [H, I] of every routed expert."""
+    H, I = args.hidden_size, args.moe_intermediate_size
+    return {"gate": (I, H), "up": (I, H), "down": (H, I)}

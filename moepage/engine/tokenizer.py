@@ -94,7 +94,9 @@ class Tokenizer:
                 template = named.get("default") or next(iter(named.values()), None)
         try:
             tk = HFTokenizer.from_file(tj)
-        except Exception:  # tokenizers raises a plain Exception (its message may quote the file)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException:  # tokenizers: Exception or pyo3's PanicException; the message may quote the file
             raise CheckpointError(f"{tj}: not a valid tokenizer.json (the tokenizers library cannot load it)") from None
         return cls(tk, config, template, source)
 

@@ -14,7 +14,9 @@ import torch
 from moepage.kernels.ggml import QuantizedTensor, can_compute, is_quantized, unsupported
 from moepage.paging.gguf_file import GGUFFile
 from moepage.paging.safetensors_file import CheckpointError, SafetensorsFile
-from moepage.paging.sources import ExpertSource, ExpertWeights, ShardFiles
+from moepage.paging.sources import (
+    ExpertSource, ExpertWeights, ShardFiles, Shapes, check_shape, check_unchanged, paging_in,
+)
 
 PARTS = ("gate", "up", "down")
 
@@ -50,10 +52,11 @@ class QuantizedExpertSource(ExpertSource):
 
     def read(self, layer: int, expert: int, into: torch.Tensor | None = None) -> ExpertWeights:
         q = self.read_quantized(layer, expert)  # into: unused (reads_into is False)
-        try:
-            return q.dequantize(torch.float32)
-        except ValueError as e:
-            raise CheckpointError(f"{self.describe()}: layer {layer} expert {expert}: {e}") from None
+        with paging_in(layer, expert):
+            try:
+                return q.dequantize(torch.float32)
+            except ValueError as e:
+                raise CheckpointError(f"{self.describe()}: layer {layer} expert {expert}: {e}") from None
 
     def stored_nbytes(self, layer: int) -> int:
         raise NotImplementedError
@@ -75,11 +78,22 @@ class GGUFExpertSource(QuantizedExpertSource):
         self.quantized = any(is_quantized(gguf.info(table[p].format(L=L), "expert").type)
                              for L in moe_layers for p in PARTS)
 
+    def expect(self, shapes: Shapes, layers: list[int], num_experts: int):
+        """Each [E, ., .] expert tensor checked now: E experts of the implied shape."""
+        super().expect(shapes, layers, num_experts)
+        for layer in layers:
+            for p in PARTS:
+                name = self.table[p].format(L=layer)
+                check_shape(self.file.path, name, self.file.info(name).shape, (num_experts, *shapes[p]),
+                            f"layer {layer} experts {p}")
+
     def read_quantized(self, layer: int, expert: int) -> QuantizedExpertWeights:
-        return QuantizedExpertWeights(**{
-            p: self.file.read_slice(self.table[p].format(L=layer), expert, f"layer {layer} expert {expert} {p}")
-            for p in PARTS
-        })
+        with paging_in(layer, expert):
+            check_unchanged(self.file, f"layer {layer} expert {expert}")
+            return QuantizedExpertWeights(**{
+                p: self.file.read_slice(self.table[p].format(L=layer), expert, f"layer {layer} expert {expert} {p}")
+                for p in PARTS
+            })
 
     def stored_nbytes(self, layer: int) -> int:
         total = 0
@@ -126,21 +140,25 @@ class GGUFSplitExpertSource(QuantizedExpertSource):
                 try:
                     kind = ggml_type(f.metadata[f"{p}.type"], p)
                     shape = tuple(int(s) for s in f.metadata[f"{p}.shape"].split(","))
-                except (KeyError, ValueError) as e:
-                    raise CheckpointError(f"{f.path}: GGUF expert shard metadata for {p!r} is missing or bad ({e})") from None
+                except (KeyError, ValueError):
+                    raise CheckpointError(f"{f.path}: GGUF expert shard metadata for {p!r} is missing or bad") from None
+                if self.expected is not None:
+                    check_shape(f.path, p, shape, self.expected[p], f"layer {layer} expert {expert} {p}")
                 if p not in f.tensors:
                     raise CheckpointError(f"{f.path}: tensor {p!r} (layer {layer} expert {expert}) is missing")
+                if (any(d < 0 for d in shape) or shape[-1] % kind.block_size
+                        or f.tensors[p].nbytes != kind.nbytes(shape)):  # checked before reading
+                    raise CheckpointError(f"{f.path}: tensor {p!r} has {f.tensors[p].nbytes} bytes, which is not "
+                                          f"{kind.name} of shape {list(shape)}")
                 raw = f.read(p).reshape(-1)
-                if raw.numel() != kind.nbytes(shape):
-                    raise CheckpointError(f"{f.path}: tensor {p!r} has {raw.numel()} bytes, {kind.name} {shape} needs "
-                                          f"{kind.nbytes(shape)}")
                 parts[p] = QuantizedTensor(raw, kind, shape, f"layer {layer} expert {expert} {p}")
             return QuantizedExpertWeights(**parts)
         finally:
             f.close()
 
     def read_quantized(self, layer: int, expert: int) -> QuantizedExpertWeights:
-        return self._read(layer, expert)
+        with paging_in(layer, expert):
+            return self._read(layer, expert)
 
     def stored_nbytes(self, layer: int) -> int:
         return self.shards.expert_nbytes(layer)

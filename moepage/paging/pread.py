@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 
 import torch
 
@@ -34,6 +35,11 @@ def aligned_bytes(n: int) -> torch.Tensor:
     return torch.frombuffer(mmap.mmap(-1, n, **private), dtype=torch.uint8)
 
 
+def file_stamp(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What identifies one version of a file: (size, mtime, device, inode)."""
+    return st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino
+
+
 def span_bytes(start: int, end: int) -> int:
     """Bytes an O_DIRECT read of [start, end) covers once widened to ALIGN boundaries."""
     return -(-end // ALIGN) * ALIGN - (start - start % ALIGN)
@@ -45,12 +51,24 @@ class PreadFile:
         self.drop_page_cache = drop_page_cache
         self._direct_fd: int | None = None
         self._direct_ok = DIRECT_READS and hasattr(os, "O_DIRECT")
-        try:
-            self.fd = os.open(self.path, os.O_RDONLY)
+        self.fd = -1
+        try:  # O_NONBLOCK: opening a fifo must not wait for a writer (it is refused below)
+            self.fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
         except OSError as e:
             raise CheckpointError(f"{self.path}: cannot open {what}: {e.strerror}") from None
         st = os.fstat(self.fd)
+        if not stat.S_ISREG(st.st_mode):
+            self.close()
+            raise CheckpointError(f"{self.path}: {what} is not a regular file")
         self.size, self.mtime_ns = st.st_size, st.st_mtime_ns
+        self.stamp = file_stamp(st)
+
+    def changed(self) -> bool:
+        """Whether the open file's size, mtime or inode differ from when it was opened (one fstat)."""
+        try:
+            return file_stamp(os.fstat(self.fd)) != self.stamp
+        except OSError:
+            return True
 
     def read_bytes(self, start: int, length: int) -> bytearray:
         buf = bytearray(length)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -18,7 +19,20 @@ DTYPES = {
     "BOOL": torch.bool,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-MAX_HEADER = 256 * 1024 * 1024
+MAX_HEADER = 100_000_000  # the safetensors library's own limit
+MAX_DIMS = 8
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def shown(name) -> str:
+    """A name read from a file, quoted and cut short for an error message."""
+    text = repr(name)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
@@ -43,36 +57,46 @@ class SafetensorsFile(PreadFile):
         if len(raw) < 8:
             raise CheckpointError(f"{self.path}: not a safetensors file (shorter than its 8-byte header length)")
         (n,) = struct.unpack("<Q", raw)
-        if n > MAX_HEADER or 8 + n > self.size:
-            raise CheckpointError(f"{self.path}: corrupt safetensors header (declared length {n}, file {self.size} bytes)")
+        if n > MAX_HEADER or 8 + n > self.size:  # the number is not shown: it may be the bytes of some other file
+            raise CheckpointError(f"{self.path}: not a safetensors file: declared header length exceeds the file "
+                                  f"({self.size} bytes)")
         try:
             header = json.loads(os.pread(self.fd, n, 8))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{self.path}: corrupt safetensors header: {e}") from None
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            raise CheckpointError(f"{self.path}: corrupt safetensors header (not valid UTF-8 JSON)") from None
         if not isinstance(header, dict):
             raise CheckpointError(f"{self.path}: corrupt safetensors header: not a JSON object")
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise CheckpointError(f"{self.path}: corrupt safetensors header: __metadata__ is not a map of strings")
         base = 8 + n
         tensors = {}
         for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            try:
-                dtype = DTYPES[info["dtype"]]
-                shape = tuple(int(s) for s in info["shape"])
-                start, end = (int(o) for o in info["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise CheckpointError(f"{self.path}: tensor {name!r} has a malformed or unsupported header entry {info!r}") from None
-            count = 1
-            for s in shape:
-                count *= s
-            itemsize = torch.empty(0, dtype=dtype).element_size()
-            if end - start != count * itemsize or start < 0 or base + end > self.size:
-                raise CheckpointError(
-                    f"{self.path}: tensor {name!r} byte range [{start}, {end}) does not match shape {shape} "
-                    f"{info['dtype']} or lies past the end of the file ({self.size} bytes)"
-                )
-            tensors[name] = TensorInfo(name, dtype, shape, base + start, base + end)
-        return tensors, header.get("__metadata__") or {}
+            tensors[name] = self._tensor_info(name, info, base)
+        return tensors, metadata
+
+    def _tensor_info(self, name: str, info, base: int) -> TensorInfo:
+        where = f"{self.path}: tensor {shown(name)}"
+        try:
+            dtype = DTYPES[info["dtype"]]
+            shape = tuple(info["shape"])
+            start, end = info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{where} has a malformed header entry or an unsupported dtype") from None
+        if len(shape) > MAX_DIMS or not all(_is_int(d) for d in shape) or not (_is_int(start) and _is_int(end)):
+            raise CheckpointError(f"{where}: shape and data_offsets must be integers (at most {MAX_DIMS} dims)")
+        if any(d < 0 for d in shape):
+            raise CheckpointError(f"{where}: negative dimension in shape {list(shape)}")
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        if not 0 <= start <= end or base + end > self.size:
+            raise CheckpointError(f"{where}: data_offsets lie outside the file ({self.size} bytes)")
+        if end - start != math.prod(shape) * itemsize:
+            raise CheckpointError(f"{where}: data_offsets span {end - start} bytes, shape {list(shape)} "
+                                  f"{info['dtype']} needs {math.prod(shape) * itemsize}")
+        if (base + start) % itemsize:
+            raise CheckpointError(f"{where}: data at byte {base + start} is not aligned to its {itemsize}-byte "
+                                  f"{info['dtype']} elements")
+        return TensorInfo(name, dtype, shape, base + start, base + end)
 
     def read(self, name: str) -> torch.Tensor:
         info = self.tensors[name]

@@ -10,14 +10,18 @@ import math
 import os
 import threading
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from moepage.paging.bf16_12bit import ENCODING, PARTS, EncodingError, Packed, unpack_into
-from moepage.paging.pread import ALIGN, aligned_bytes, span_bytes
+from moepage.paging.model_paths import resolve_model_file
+from moepage.paging.pread import ALIGN, ExpertReadError, PreadFile, aligned_bytes, file_stamp, span_bytes
 from moepage.paging.safetensors_file import CheckpointError, SafetensorsFile
+
+Shapes = dict[str, tuple[int, ...]]  # part (gate, up, down) -> the shape the config implies
 
 
 @dataclass
@@ -41,9 +45,15 @@ class ExpertSource(ABC):
     """Reads one routed expert's weights, each tensor one contiguous byte range."""
 
     reads_into = False  # read(..., into=buf) places the weights in buf (a recycled cache slot)
+    expected: Shapes | None = None
 
     @abstractmethod
     def read(self, layer: int, expert: int, into: torch.Tensor | None = None) -> ExpertWeights: ...
+
+    def expect(self, shapes: Shapes, layers: list[int], num_experts: int):
+        """The shapes the config implies for every expert; checked at load where the source can do so cheaply,
+        else at each page-in."""
+        self.expected = shapes
 
     @abstractmethod
     def stored_nbytes(self, layer: int) -> int:
@@ -58,11 +68,44 @@ class ExpertSource(ABC):
 
 
 def sha256_of(path: str, chunk: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
+    """sha256 of a regular file (anything else is a CheckpointError: /dev/zero never ends)."""
+    f = PreadFile(path, what="file")
+    try:
+        h, at = hashlib.sha256(), 0
+        while at < f.size:
+            block = f.read_bytes(at, min(chunk, f.size - at))
             h.update(block)
-    return h.hexdigest()
+            at += len(block)
+        return h.hexdigest()
+    finally:
+        f.close()
+
+
+def changed_error(path: str, what: str) -> CheckpointError:
+    return CheckpointError(f"{path}: changed since it was loaded ({what}); restart the server or run `moepage verify`")
+
+
+def check_unchanged(f: PreadFile, what: str):
+    if f.changed():
+        raise changed_error(f.path, what)
+
+
+def check_shape(path: str, name: str, shape, want, what: str):
+    if tuple(shape) != tuple(want):
+        raise CheckpointError(f"{path}: {what}: tensor {name!r} has shape {list(shape)}, the config implies "
+                              f"{list(want)}")
+
+
+@contextmanager
+def paging_in(layer: int, expert: int):
+    """Any failure reading one expert becomes ExpertReadError (a server fault while serving), naming the expert."""
+    try:
+        yield
+    except ExpertReadError:
+        raise
+    except (CheckpointError, EncodingError, OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+        what = f"layer {layer} expert {expert}"
+        raise ExpertReadError(str(e) if what in str(e) else f"{e} ({what})") from None
 
 
 def read_parts(files: dict[str, SafetensorsFile], names: dict[str, str], into: torch.Tensor | None = None
@@ -99,8 +142,8 @@ def staging_bytes(n: int) -> torch.Tensor:
     return buf
 
 
-def read_encoded_expert(f: SafetensorsFile, names: dict[str, str], what: str, into: torch.Tensor | None = None
-                        ) -> ExpertWeights:
+def read_encoded_expert(f: SafetensorsFile, names: dict[str, str], what: str, into: torch.Tensor | None = None,
+                        expected: Shapes | None = None) -> ExpertWeights:
     """One expert from a bf16-12bit shard: the whole file body in one read (into this thread's staging buffer),
     decoded into one bf16 buffer (`into`, uint8, when given) that holds gate, up and down back to back (so gate and up
     are one [2I, H] tensor with no copy)."""
@@ -110,8 +153,11 @@ def read_encoded_expert(f: SafetensorsFile, names: dict[str, str], what: str, in
         if any(d < 0 for shape in shapes.values() for d in shape):
             raise ValueError
         sizes = {p: math.prod(shapes[name]) for p, name in names.items()}
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, RecursionError):
         raise CheckpointError(f"{f.path}: {what}: missing or malformed 'shapes' metadata for {ENCODING}") from None
+    for p, name in names.items():
+        if expected is not None:
+            check_shape(f.path, name, shapes[name], expected[p], f"{what} {p}")
     infos = {}
     for p, name in names.items():
         for part in PARTS:
@@ -152,6 +198,8 @@ class TensorRows:
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [T] -> rows [T, cols] in the compute dtype."""
+        if self.f.changed():
+            raise ExpertReadError(str(changed_error(self.f.path, f"rows of {self.info.name}")))
         flat = ids.reshape(-1).tolist()
         out = torch.empty(len(flat), self.cols, dtype=self.info.dtype)
         raw = out.view(torch.uint8)  # [T, row bytes]
@@ -206,10 +254,25 @@ class SafetensorsExpertSource(ExpertSource):
 
     reads_into = True
 
+    def expect(self, shapes: Shapes, layers: list[int], num_experts: int):
+        """Every expert tensor's header entry checked now: present, floating point, the implied shape."""
+        super().expect(shapes, layers, num_experts)
+        for layer in layers:
+            for e in range(num_experts):
+                for p, n in self.names(layer, e).items():
+                    f = self.index.file_of(n, f"layer {layer} expert {e} {p}")
+                    info = f.tensors[n]
+                    check_shape(f.path, n, info.shape, shapes[p], f"layer {layer} expert {e} {p}")
+                    if not info.dtype.is_floating_point:
+                        raise CheckpointError(f"{f.path}: tensor {n!r} is {info.dtype}, not floating point")
+
     def read(self, layer: int, expert: int, into: torch.Tensor | None = None) -> ExpertWeights:
-        names = self.names(layer, expert)
-        files = {p: self.index.file_of(n, f"layer {layer} expert {expert} {p}") for p, n in names.items()}
-        return ExpertWeights(**read_parts(files, names, into))
+        with paging_in(layer, expert):
+            names = self.names(layer, expert)
+            files = {p: self.index.file_of(n, f"layer {layer} expert {expert} {p}") for p, n in names.items()}
+            for f in {id(f): f for f in files.values()}.values():
+                check_unchanged(f, f"layer {layer} expert {expert}")
+            return ExpertWeights(**read_parts(files, names, into))
 
     def stored_nbytes(self, layer: int) -> int:
         return sum(self.index.info(n, "expert").nbytes for n in self.names(layer, 0).values())
@@ -220,7 +283,8 @@ class SafetensorsExpertSource(ExpertSource):
 
 class ShardFiles:
     """The per-expert files of a `moepage split` directory, each sha256-checked against the manifest the first
-    time it is opened (a corrupt or missing shard is an error naming the file, layer and expert)."""
+    time it is opened (a corrupt or missing shard is an error naming the file, layer and expert). What the file was
+    then (size, mtime, inode) is kept with its parsed header: a later open of a file that differs is refused."""
 
     def __init__(self, root: str, shard_path: Callable[[int, int], str], hashes: dict[str, str],
                  drop_page_cache: bool = True, verify: bool = True):
@@ -229,10 +293,9 @@ class ShardFiles:
         self.hashes = hashes
         self.drop_page_cache = drop_page_cache
         self.verify = verify
-        self._verified: set[str] = set()
         self._lock = threading.Lock()
         self._sizes: dict[int, int] = {}
-        self._headers: dict[str, tuple] = {}  # rel -> ((size, mtime), tensors, metadata): a page-in reads only the body
+        self._known: dict[str, tuple] = {}  # rel -> (stamp, tensors, metadata): a page-in reads only the body
 
     def expert_nbytes(self, layer: int) -> int:
         """Bytes of one expert's tensors in `layer` (every expert of a layer has the same shapes)."""
@@ -246,27 +309,32 @@ class ShardFiles:
 
     def open(self, layer: int, expert: int) -> SafetensorsFile:
         rel = self.shard_path(layer, expert)
-        path = os.path.join(self.root, rel)
-        if not os.path.exists(path):
-            raise CheckpointError(f"{path}: expert shard for layer {layer} expert {expert} is missing")
-        if self.verify and rel not in self._verified and rel in self.hashes:
+        what = f"layer {layer} expert {expert}"
+        path = resolve_model_file(self.root, rel, f"expert shard for {what}")
+        known = self._known.get(rel)
+        if known is not None:
+            f = SafetensorsFile(path, drop_page_cache=self.drop_page_cache, header=known[1:])
+            if f.stamp != known[0]:
+                f.close()
+                raise changed_error(path, what)
+            return f
+        before = file_stamp(os.stat(path))
+        if self.verify and rel in self.hashes:
             digest = sha256_of(path)
             if digest != self.hashes[rel]:
                 raise CheckpointError(
-                    f"{path}: sha256 mismatch for layer {layer} expert {expert} "
-                    f"(manifest {self.hashes[rel][:16]}…, file {digest[:16]}…): the shard is corrupt; "
-                    f"run `moepage verify {self.root}`"
+                    f"{path}: sha256 mismatch for {what} (manifest {self.hashes[rel][:16]}…, file {digest[:16]}…): "
+                    f"the shard is corrupt; run `moepage verify {self.root}`"
                 )
-            with self._lock:
-                self._verified.add(rel)
-        stamp, *header = self._headers.get(rel, (None, None, None))
         try:
-            f = SafetensorsFile(path, drop_page_cache=self.drop_page_cache, header=header if stamp else None)
-            if stamp is not None and (f.size, f.mtime_ns) != stamp:  # the file changed since: parse it again
-                f.tensors, f.metadata = f._parse_header()
+            f = SafetensorsFile(path, drop_page_cache=self.drop_page_cache)
         except CheckpointError as e:
-            raise CheckpointError(f"{e} (layer {layer} expert {expert})") from None
-        self._headers[rel] = ((f.size, f.mtime_ns), f.tensors, f.metadata)
+            raise CheckpointError(f"{e} ({what})") from None
+        if f.stamp != before:
+            f.close()
+            raise changed_error(path, what)
+        with self._lock:
+            self._known[rel] = (f.stamp, f.tensors, f.metadata)
         return f
 
 
@@ -290,17 +358,21 @@ class SplitExpertSource(ExpertSource):
     reads_into = True
 
     def read(self, layer: int, expert: int, into: torch.Tensor | None = None) -> ExpertWeights:
-        f = self._open(layer, expert)
-        try:
-            names = {part: t.format(L=layer, E=expert) for part, t in self.table.items()}
-            if self.encoding == ENCODING:
-                return read_encoded_expert(f, names, f"layer {layer} expert {expert}", into)
-            for part, name in names.items():
-                if name not in f.tensors:
-                    raise CheckpointError(f"{f.path}: tensor {name!r} (layer {layer} expert {expert} {part}) is missing")
-            return ExpertWeights(**read_parts({p: f for p in names}, names, into))
-        finally:
-            f.close()
+        with paging_in(layer, expert):
+            f = self._open(layer, expert)
+            try:
+                names = {part: t.format(L=layer, E=expert) for part, t in self.table.items()}
+                what = f"layer {layer} expert {expert}"
+                if self.encoding == ENCODING:
+                    return read_encoded_expert(f, names, what, into, self.expected)
+                for part, name in names.items():
+                    if name not in f.tensors:
+                        raise CheckpointError(f"{f.path}: tensor {name!r} ({what} {part}) is missing")
+                    if self.expected is not None:
+                        check_shape(f.path, name, f.tensors[name].shape, self.expected[part], f"{what} {part}")
+                return ExpertWeights(**read_parts({p: f for p in names}, names, into))
+            finally:
+                f.close()
 
     def stored_nbytes(self, layer: int) -> int:
         return self.shards.expert_nbytes(layer)

@@ -12,8 +12,12 @@ from typing import Callable
 import torch
 from safetensors.torch import save_file
 
-from moepage.engine.checkpoint import MANIFEST, TOKENIZER_FILES, open_checkpoint, split_shard_path
+from moepage.engine.checkpoint import (
+    MANIFEST, TOKENIZER_FILES, manifest_size, model_args_of, open_checkpoint, split_shard_path,
+)
 from moepage.paging.bf16_12bit import ENCODING, pack
+from moepage.paging.model_paths import read_model_json, resolve_model_file
+from moepage.paging.safetensors_file import CheckpointError, shown
 from moepage.paging.sources import sha256_of
 
 RESIDENT_FILE = "resident.safetensors"
@@ -95,23 +99,62 @@ def split_checkpoint(src: str, out: str, log: Callable[[str], None] = lambda s: 
     return manifest
 
 
-def verify_split(root: str) -> list[str]:
-    """Problems found in a split directory (empty list: every file present with its recorded size and sha256)."""
+def verify_split(root: str, progress: Callable[[int, int], None] | None = None) -> list[str]:
+    """Problems found in a split directory (empty list: every file present with its recorded size and sha256);
+    progress(done, total) is called as the files are checked."""
     path = os.path.join(root, MANIFEST)
     try:
-        with open(path) as f:
-            manifest = json.load(f)
-    except FileNotFoundError:
+        manifest = read_model_json(root, MANIFEST, "split manifest", must_exist=False)
+    except CheckpointError as e:
+        return [str(e)]
+    if manifest is None:
         return [f"{path}: missing (not a moepage split directory)"]
-    except json.JSONDecodeError as e:
-        return [f"{path}: not valid JSON: {e}"]
-    problems = []
-    for rel, meta in sorted(manifest.get("files", {}).items()):
-        p = os.path.join(root, rel)
-        if not os.path.exists(p):
-            problems.append(f"{p}: missing")
-        elif os.path.getsize(p) != meta["size"]:
-            problems.append(f"{p}: size {os.path.getsize(p)} bytes, manifest says {meta['size']}")
-        elif sha256_of(p) != meta["sha256"]:
-            problems.append(f"{p}: sha256 mismatch (file is corrupt)")
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        return [f"{path}: not a moepage split manifest (no files map)"]
+    problems = _manifest_problems(root, manifest)
+    files = sorted(manifest["files"].items())
+    for done, (rel, meta) in enumerate(files):
+        if progress:
+            progress(done, len(files))
+        problems += _file_problems(root, rel, meta)
+    if progress:
+        progress(len(files), len(files))
     return problems
+
+
+def _manifest_problems(root: str, manifest: dict) -> list[str]:
+    """The manifest's config and resident entry: a config the loader accepts, a resident file listed under files."""
+    path = os.path.join(root, MANIFEST)
+    problems = []
+    if "config" in manifest or manifest.get("source_format") != "gguf":
+        try:
+            model_args_of(manifest.get("config"), f"{path} (config)")
+        except CheckpointError as e:
+            problems.append(str(e))
+    resident = manifest.get("resident")
+    if not isinstance(resident, str) or resident not in manifest["files"]:
+        problems.append(f"{path}: resident must name a file listed under files")
+    return problems
+
+
+def _file_problems(root: str, rel, meta) -> list[str]:
+    """One manifest entry against the file: inside root, a regular file, the recorded size, then the sha256."""
+    where = f"{os.path.join(root, MANIFEST)}: files[{shown(rel)}]"
+    if not isinstance(meta, dict):
+        return [f"{where} is not an object with size and sha256"]
+    size, digest = manifest_size(meta), meta.get("sha256")
+    if size is None:
+        return [f"{where}.size is missing or not a byte count"]
+    if not isinstance(digest, str):
+        return [f"{where}.sha256 is missing"]
+    try:
+        p = resolve_model_file(root, rel, f"file listed in {MANIFEST}", must_exist=False)
+    except CheckpointError as e:
+        return [str(e)]
+    if p is None:
+        return [f"{os.path.join(root, rel)}: missing"]
+    if os.path.getsize(p) != size:
+        return [f"{p}: size {os.path.getsize(p)} bytes, manifest says {size}"]
+    if sha256_of(p) != digest:
+        return [f"{p}: sha256 mismatch (file is corrupt)"]
+    return []

@@ -8,6 +8,7 @@ from __future__ import annotations
 from types import ModuleType
 
 from moepage.engine.families import mixtral, olmoe, qwen2_moe, qwen3_moe
+from moepage.engine.model_args import ConfigError
 
 FAMILIES: dict[str, ModuleType] = {}
 for _module in (qwen3_moe, qwen2_moe, mixtral, olmoe):
@@ -15,10 +16,8 @@ for _module in (qwen3_moe, qwen2_moe, mixtral, olmoe):
         FAMILIES[_model_type] = _module
 
 
-def family_for(model_type: str) -> ModuleType:
-    try:
+def family_for(model_type) -> ModuleType:
+    if isinstance(model_type, str) and model_type in FAMILIES:
         return FAMILIES[model_type]
-    except KeyError:
-        raise ValueError(
-            f"unsupported architecture {model_type!r}; supported: {', '.join(sorted(FAMILIES))}"
-        ) from None
+    shown = repr(model_type) if isinstance(model_type, str) and len(model_type) <= 64 else "(not a known name)"
+    raise ConfigError(f"model_type: unsupported architecture {shown}; supported: {', '.join(sorted(FAMILIES))}")

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from moepage.engine.families import common
-from moepage.engine.model_args import ModelArgs, common_args
+from moepage.engine.model_args import ModelArgs, common_args, experts_field, float_field, int_field
 from moepage.kernels.routing import RoutingConfig
 
 MODEL_TYPES = ("mixtral",)
@@ -19,11 +19,11 @@ EXPERT_NAMES = {
 def model_args(config: dict) -> ModelArgs:
     return common_args(
         config, "mixtral",
-        rms_norm_eps=float(config.get("rms_norm_eps", 1e-5)),
-        num_experts=int(config["num_local_experts"]),
-        moe_intermediate_size=int(config["intermediate_size"]),
+        rms_norm_eps=float_field(config, "rms_norm_eps", 1e-5),
+        num_experts=experts_field(config, "num_local_experts"),
+        moe_intermediate_size=int_field(config, "intermediate_size", lo=0),
         routing=RoutingConfig(
-            top_k=int(config["num_experts_per_tok"]), norm_topk_prob=True, weights_in_logits_dtype=False
+            top_k=int_field(config, "num_experts_per_tok"), norm_topk_prob=True, weights_in_logits_dtype=False
         ),
-        sliding_window=config.get("sliding_window"),
+        sliding_window=int_field(config, "sliding_window", None),
     )

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from moepage.engine.families import common
-from moepage.engine.model_args import ModelArgs, common_args
+from moepage.engine.model_args import ModelArgs, bool_field, common_args, experts_field, float_field, int_field
 from moepage.kernels.routing import RoutingConfig
 
 MODEL_TYPES = ("olmoe",)
@@ -13,19 +13,18 @@ EXPERT_NAMES = common.QWEN_EXPERTS
 
 
 def model_args(config: dict) -> ModelArgs:
-    clip = config.get("clip_qkv")
     return common_args(
         config, "olmoe",
-        head_dim=int(config["hidden_size"]) // int(config["num_attention_heads"]),
-        rms_norm_eps=float(config.get("rms_norm_eps", 1e-5)),
-        max_position_embeddings=int(config.get("max_position_embeddings", 4096)),
-        num_experts=int(config["num_experts"]),
-        moe_intermediate_size=int(config["intermediate_size"]),
+        head_dim=int_field(config, "hidden_size") // int_field(config, "num_attention_heads"),
+        rms_norm_eps=float_field(config, "rms_norm_eps", 1e-5),
+        max_position_embeddings=int_field(config, "max_position_embeddings", 4096),
+        num_experts=experts_field(config, "num_experts"),
+        moe_intermediate_size=int_field(config, "intermediate_size", lo=0),
         routing=RoutingConfig(
-            top_k=int(config["num_experts_per_tok"]), norm_topk_prob=bool(config.get("norm_topk_prob", False))
+            top_k=int_field(config, "num_experts_per_tok"), norm_topk_prob=bool_field(config, "norm_topk_prob", False)
         ),
         qk_norm="full",
-        qkv_bias=bool(config.get("attention_bias", False)),
-        o_bias=bool(config.get("attention_bias", False)),
-        clip_qkv=float(clip) if clip is not None else None,
+        qkv_bias=bool_field(config, "attention_bias", False),
+        o_bias=bool_field(config, "attention_bias", False),
+        clip_qkv=float_field(config, "clip_qkv", None),
     )

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 from moepage.engine.families import common
-from moepage.engine.model_args import ModelArgs, common_args, sparse_layer_flags
+from moepage.engine.model_args import (
+    ModelArgs, bool_field, common_args, experts_field, int_field, sparse_layer_flags,
+)
 from moepage.kernels.routing import RoutingConfig
 
 MODEL_TYPES = ("qwen2_moe",)
@@ -13,18 +15,18 @@ EXPERT_NAMES = common.QWEN_EXPERTS
 
 
 def model_args(config: dict) -> ModelArgs:
-    experts = int(config["num_experts"])
+    experts = experts_field(config, "num_experts")
     return common_args(
         config, "qwen2_moe",
-        head_dim=int(config["hidden_size"]) // int(config["num_attention_heads"]),
+        head_dim=int_field(config, "hidden_size") // int_field(config, "num_attention_heads"),
         num_experts=experts,
-        moe_intermediate_size=int(config["moe_intermediate_size"]),
-        intermediate_size=int(config.get("intermediate_size") or 0),
-        shared_expert_intermediate_size=int(config.get("shared_expert_intermediate_size") or 0),
+        moe_intermediate_size=int_field(config, "moe_intermediate_size", lo=0),
+        intermediate_size=int_field(config, "intermediate_size", 0, lo=0),
+        shared_expert_intermediate_size=int_field(config, "shared_expert_intermediate_size", 0, lo=0),
         shared_expert_gate=True,
         routing=RoutingConfig(
-            top_k=int(config["num_experts_per_tok"]), norm_topk_prob=bool(config.get("norm_topk_prob", False))
+            top_k=int_field(config, "num_experts_per_tok"), norm_topk_prob=bool_field(config, "norm_topk_prob", False)
         ),
-        sparse_layers=sparse_layer_flags(config, int(config["num_hidden_layers"]), experts),
-        qkv_bias=bool(config.get("qkv_bias", True)),
+        sparse_layers=sparse_layer_flags(config, int_field(config, "num_hidden_layers"), experts),
+        qkv_bias=bool_field(config, "qkv_bias", True),
     )

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 from moepage.engine.families import common
-from moepage.engine.model_args import ModelArgs, common_args, require, sparse_layer_flags
+from moepage.engine.model_args import (
+    ModelArgs, bool_field, common_args, experts_field, int_field, sparse_layer_flags,
+)
 from moepage.kernels.routing import RoutingConfig
 
 MODEL_TYPES = ("qwen3_moe",)
@@ -13,17 +15,17 @@ EXPERT_NAMES = common.QWEN_EXPERTS
 
 
 def model_args(config: dict) -> ModelArgs:
-    experts = int(require(config, "num_experts", "num_local_experts"))
+    experts = experts_field(config, "num_experts", "num_local_experts")
     return common_args(
         config, "qwen3_moe",
         num_experts=experts,
-        moe_intermediate_size=int(config["moe_intermediate_size"]),
-        intermediate_size=int(config.get("intermediate_size") or 0),
+        moe_intermediate_size=int_field(config, "moe_intermediate_size", lo=0),
+        intermediate_size=int_field(config, "intermediate_size", 0, lo=0),
         routing=RoutingConfig(
-            top_k=int(config["num_experts_per_tok"]), norm_topk_prob=bool(config.get("norm_topk_prob", False))
+            top_k=int_field(config, "num_experts_per_tok"), norm_topk_prob=bool_field(config, "norm_topk_prob", False)
         ),
-        sparse_layers=sparse_layer_flags(config, int(config["num_hidden_layers"]), experts),
+        sparse_layers=sparse_layer_flags(config, int_field(config, "num_hidden_layers"), experts),
         qk_norm="head",
-        qkv_bias=bool(config.get("attention_bias", False)),
-        o_bias=bool(config.get("attention_bias", False)),
+        qkv_bias=bool_field(config, "attention_bias", False),
+        o_bias=bool_field(config, "attention_bias", False),
     )
