@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# curl examples against `moepage serve` (default http://127.0.0.1:8000). Add -H "Authorization: Bearer $KEY"
-# when the server runs with --api-key.
+# curl examples against `moepage serve`. MOEPAGE_URL is the server (default http://127.0.0.1:8000; a trailing /v1 is
+# ignored): `MOEPAGE_URL=http://127.0.0.1:8001 bash clients/curl.sh` for `moepage serve --port 8001`. Add
+# -H "Authorization: Bearer $KEY" when the server runs with --api-key.
 set -euo pipefail
-BASE=${BASE:-http://127.0.0.1:8000}
+BASE=${MOEPAGE_URL:-http://127.0.0.1:8000}
+BASE=${BASE%/}
+BASE=${BASE%/v1}
 MODEL=${MODEL:-$(curl -s "$BASE/v1/models" | python3 -c 'import json,sys; print(json.load(sys.stdin)["data"][0]["id"])')}
 
 echo "== plain chat"

@@ -1,11 +1,15 @@
-"""The openai Python package against `moepage serve`: chat, streaming with usage, and a tool-call loop."""
+"""The openai Python package against `moepage serve`: chat, streaming with usage, and a tool-call loop.
+
+MOEPAGE_URL is the server (default http://127.0.0.1:8000; a trailing /v1 is accepted), MOEPAGE_API_KEY its key:
+`MOEPAGE_URL=http://127.0.0.1:8001 python clients/openai_client.py` for `moepage serve --port 8001`.
+"""
 import json
 import os
 
 from openai import OpenAI
 
-client = OpenAI(base_url=os.environ.get("MOEPAGE_URL", "http://127.0.0.1:8000/v1"),
-                api_key=os.environ.get("MOEPAGE_API_KEY", "none"))
+server = os.environ.get("MOEPAGE_URL", "http://127.0.0.1:8000").rstrip("/").removesuffix("/v1")
+client = OpenAI(base_url=server + "/v1", api_key=os.environ.get("MOEPAGE_API_KEY", "none"))
 model = client.models.list().data[0].id
 
 reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Say hello."}],

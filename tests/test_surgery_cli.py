@@ -31,7 +31,8 @@ def test_profile_cli_writes_json_and_png(profiled, capsys):
     model, d, out = profiled
     prof = json.loads(out.read_text())
     assert sorted(prof["domains"]) == ["code", "prose"]
-    assert [s["path"].endswith(n) for s, n in zip(prof["domains"]["code"]["sources"], ["a.py", "b.py"])] == [True, True]
+    used = prof["domains"]["code"]["sources"]  # in path order, and only as far as the 128-token cap needed
+    assert 1 <= len(used) <= 2 and all(s["path"].endswith(n) for s, n in zip(used, ["a.py", "b.py"]))
     assert all(prof["domains"][n]["tokens"] <= 128 for n in prof["domains"])
     png = d / "prof.png"  # matplotlib is a test dependency: the heatmap must be there
     assert png.is_file(), "profile did not write its heatmap PNG"

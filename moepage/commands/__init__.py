@@ -16,3 +16,8 @@ def register_all(sub):
                 continue  # verb not built yet
             raise
         module.register(sub)
+
+
+def plural(n: int, word: str) -> str:
+    """'1 expert', '2 experts'."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"

@@ -10,23 +10,24 @@ import resource
 import sys
 import time
 
-from moepage.cli import add_engine_arguments, engine_config
+from moepage.cli import MODEL_HELP, add_engine_arguments, engine_config, model_path, size_argument
 from moepage.paging.budget import parse_size
 
 
 def register(sub):
     p = sub.add_parser("bench", help="measure decode/prefill speed and paging on a model, or replay a routing trace")
-    p.add_argument("model", nargs="?", help="model directory, split directory or .gguf file")
+    p.add_argument("model", nargs="?", metavar="MODEL", help=MODEL_HELP + " (not with --replay)")
     p.add_argument("--prompt-tokens", type=int, default=512, help="prompt length (text from Python's stdlib)")
     p.add_argument("--prompt-ids", default=None, help="JSON file with the prompt's token ids instead")
     p.add_argument("--decode", type=int, default=64, help="tokens to generate (greedy)")
     p.add_argument("--time-limit", type=float, default=300.0, help="stop decoding after this many seconds")
     p.add_argument("--json", default=None, help="write the result as JSON to this file")
     p.add_argument("--replay", default=None, metavar="TRACE", help="replay a --trace file instead of running a model")
-    p.add_argument("--policies", default="lru,lfu,stale", help="policies to replay")
+    p.add_argument("--policies", default="lru,lfu,stale", help="comma-separated policies to replay (default lru,lfu,stale)")
     p.add_argument("--capacity", default=None,
                    help="comma-separated cache sizes to replay: expert counts, or byte sizes with --expert-bytes")
-    p.add_argument("--expert-bytes", type=parse_size, default=None, help="bytes per expert (turns --capacity sizes into counts)")
+    p.add_argument("--expert-bytes", type=size_argument, default=None,
+                   help="bytes per expert (turns --capacity sizes into counts)")
     add_engine_arguments(p)
     p.set_defaults(func=run)
 
@@ -101,11 +102,9 @@ def _replay(args) -> int:
 def run(args) -> int:
     if args.replay:
         return _replay(args)
-    if not args.model:
-        raise ValueError("give a MODEL to benchmark or --replay TRACE")
     from moepage.engine.engine import Engine
 
-    engine = Engine.load(engine_config(args, args.model))
+    engine = Engine.load(engine_config(args, model_path(args.model)))
     print(engine.memory_summary(), file=sys.stderr)
     try:
         if args.prompt_ids:

@@ -1,7 +1,8 @@
 """`moepage extract MODEL --profile P --domain code --keep N OUT [--dense]`: a domain's experts as a smaller model."""
 from __future__ import annotations
 
-from moepage.paging.budget import parse_size
+from moepage.cli import add_model_argument, model_path, size_argument
+from moepage.commands import plural
 from moepage.surgery.selection import CRITERIA, CRITERION_HELP, DEFAULT_CRITERION
 
 
@@ -28,7 +29,7 @@ def print_gguf(r: dict):
 
 def register(sub):
     p = sub.add_parser("extract", help="keep a domain's N most used experts per layer (smaller MoE, or --dense)")
-    p.add_argument("model", help="model directory (HF safetensors or moepage split)")
+    add_model_argument(p, optional=False)
     p.add_argument("out", help="output directory for the new checkpoint")
     p.add_argument("--profile", required=True, help="profile JSON from `moepage profile`")
     p.add_argument("--domain", required=True, help="domain of the profile whose experts to keep")
@@ -37,7 +38,7 @@ def register(sub):
                    help="merge the kept experts of each layer into one dense FFN and write the family's dense model")
     add_criterion_argument(p)
     p.add_argument("--name", default=None, help="model name for the card (default <base>-<domain>-<N>e)")
-    p.add_argument("--max-shard-size", type=parse_size, default=None, help="largest safetensors shard (default 2GiB)")
+    p.add_argument("--max-shard-size", type=size_argument, default=None, help="largest safetensors shard (default 2GiB)")
     p.add_argument("--eval", action="append", default=None, metavar="FILE",
                    help="held-out text: measure base and new perplexity for the model card (MoE or --dense; repeatable)")
     add_gguf_arguments(p)
@@ -48,12 +49,12 @@ def register(sub):
 def run(args) -> int:
     from moepage.surgery.pipeline import extract_model
 
-    r = extract_model(args.model, args.profile, args.domain, args.keep, args.out, dense=args.dense,
+    r = extract_model(model_path(args.model), args.profile, args.domain, args.keep, args.out, dense=args.dense,
                       criterion=args.criterion, overwrite=args.overwrite, name=args.name,
                       max_shard_bytes=args.max_shard_size, eval_files=args.eval,
                       gguf_type=args.gguf_type if args.gguf else None)
     what = f"dense {r['architecture']} (intermediate {r['intermediate_size']})" if args.dense else \
-        f"MoE with {r['experts_per_layer']} experts per layer, top-{r['top_k']}"
+        f"MoE with {plural(r['experts_per_layer'], 'expert')} per layer, top-{r['top_k']}"
     print(f"wrote {r['name']} to {r['out']}: {what}, {r['bytes'] / 2**20:.1f} MiB")
     print_gguf(r)
     return 0

@@ -1,14 +1,18 @@
-"""`moepage inspect PATH`: architecture, sizes, bytes per expert and which budget fits what."""
+"""`moepage inspect [MODEL]`: architecture, sizes, bytes per expert and which budget fits what."""
 from __future__ import annotations
 
 import torch
 
+from moepage.cli import add_model_argument, model_path
+
 
 def register(sub):
     p = sub.add_parser("inspect", help="print architecture, sizes and memory budgets for a model")
-    p.add_argument("path")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--ctx-size", type=int, default=None)
+    add_model_argument(p)
+    p.add_argument("--dtype", default="auto",
+                   help="compute dtype the sizes are for: auto (the checkpoint's), float32, bfloat16, float16")
+    p.add_argument("--ctx-size", type=int, default=None,
+                   help="KV cache length in tokens the budgets include (default min(model max, 4096))")
     p.set_defaults(func=run)
 
 
@@ -17,9 +21,11 @@ def run(args) -> int:
     from moepage.engine.engine import EngineConfig, packable_lm_head, read_buffer_bytes, resolve_dtype
     from moepage.engine.kv_cache import KVCache
     from moepage.engine.moe import PreparedExpert
+    from moepage.commands import plural
     from moepage.paging.budget import human
 
-    ckpt = open_checkpoint(args.path)
+    path = model_path(args.model)
+    ckpt = open_checkpoint(path)
     a = ckpt.args
     dtype = resolve_dtype(args.dtype, a.torch_dtype)
     size = torch.empty(0, dtype=dtype).element_size()
@@ -33,10 +39,10 @@ def run(args) -> int:
     if not a.tie_word_embeddings and "embed" in names and ckpt.tensor_rows(names["embed"], dtype, "cpu"):
         budgeted -= numel(names["embed"]) * size
         how.append("the embedding table read from disk row by row")
-    if packable_lm_head(EngineConfig(args.path), ckpt, names, dtype, torch.device("cpu")) is not None:
+    if packable_lm_head(EngineConfig(path), ckpt, names, dtype, torch.device("cpu")) is not None:
         budgeted -= numel(names["lm_head"]) * size - (numel(names["lm_head"]) * 3 // 2 + a.vocab_size * 8)
         how.append("the lm_head in the lossless 12-bit form")
-    buffers = read_buffer_bytes(ckpt, EngineConfig(args.path).io_threads)
+    buffers = read_buffer_bytes(ckpt, EngineConfig(path).io_threads)
     if buffers:
         budgeted += buffers
         how.append(f"{human(buffers)} of read buffers for the 12-bit shards")
@@ -58,5 +64,6 @@ def run(args) -> int:
     print("memory budget -> experts resident:")
     for frac in (1.0, 0.75, 0.5, 0.3, 0.1):
         print(f"  {human(budgeted + kv + frac * each * n_experts):>10}  {frac:>4.0%}")
-    print(f"  {human(budgeted + kv + a.top_k * each):>10}  minimum ({a.top_k} experts: one token's experts of one layer)")
+    print(f"  {human(budgeted + kv + a.top_k * each):>10}  minimum ({plural(a.top_k, 'expert')}: one token's experts of "
+          "one layer)")
     return 0

@@ -7,7 +7,7 @@ import os
 import socket
 import sys
 
-from moepage.cli import add_engine_arguments, engine_config
+from moepage.cli import MODEL_HELP, add_engine_arguments, engine_config
 from moepage.commands.elastic_args import add_elastic_arguments, check_elastic_args, install_elastic
 from moepage.paging.budget import parse_size
 
@@ -16,9 +16,9 @@ def register(sub):
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
                        description="MODEL is a local directory, a .gguf file or a Hugging Face repo id; "
                                    "without it a small built-in demo MoE is served.")
-    p.add_argument("model", nargs="?", default=None, help="model directory, .gguf file or Hub repo id")
+    p.add_argument("model", nargs="?", default=None, metavar="MODEL", help=MODEL_HELP)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on (default 8000)")
     p.add_argument("--served-model-name", default=None, help="model id clients use (default: from the path)")
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     p.add_argument("--api-key", action="append", default=[],

@@ -1,13 +1,15 @@
 """`moepage train MODEL OUT --mode named|emergent|lm [--teacher T]`: train on local domain text, resumably."""
 from __future__ import annotations
 
-import json
 import os
+
+from moepage.cli import add_model_argument, model_path
 
 
 def register(sub):
     p = sub.add_parser("train", help="train a dense or MoE Qwen model: next-token + distillation + router loss")
-    p.add_argument("model", help="starting checkpoint (dense Qwen2/Qwen3 or Qwen2-MoE/Qwen3-MoE)")
+    add_model_argument(p, optional=False, help="starting checkpoint: dense Qwen2/Qwen3 or Qwen2-MoE/Qwen3-MoE directory "
+                                                "(`demo`: the built-in demo model)")
     p.add_argument("out", help="output directory: train_state.pt (resumable), train_log.jsonl, final checkpoint")
     p.add_argument("--mode", default="named", choices=["lm", "emergent", "named"],
                    help="router loss: named (domain i -> expert i), emergent (load balancing) or lm (none)")
@@ -18,19 +20,20 @@ def register(sub):
                    help="comma-separated domains to train on (default: all, in corpus order)")
     p.add_argument("--teacher", default=None, help="teacher checkpoint (same tokenizer) for top-k logit distillation")
     p.add_argument("--distill-coef", type=float, default=0.5, help="weight of the distillation loss (with --teacher)")
-    p.add_argument("--distill-topk", type=int, default=16)
-    p.add_argument("--router-coef", type=float, default=0.1)
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--distill-topk", type=int, default=16, help="teacher logits kept per position (default 16)")
+    p.add_argument("--router-coef", type=float, default=0.1, help="weight of the router loss (default 0.1)")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps in all, a resumed run included (default 200)")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per step (default 16)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
     p.add_argument("--warmup", type=int, default=10, help="linear LR warmup steps")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of batch sampling and initialisation (default 0)")
     p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps")
-    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--log-every", type=int, default=10, help="status line and train_log.jsonl record every N steps")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT/train_state.pt exists")
     p.add_argument("--threads", type=int, default=None, help="torch compute threads")
-    p.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the final checkpoint (default float32)")
     p.set_defaults(func=run)
 
 
@@ -43,6 +46,7 @@ def run(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.model = model_path(args.model)
     model = TrainableDecoder.from_pretrained(args.model)
     os.makedirs(args.out, exist_ok=True)
     corpus_path = args.corpus or os.path.join(args.out, "corpus.npz")
@@ -62,8 +66,10 @@ def run(args) -> int:
                       distill_coef=args.distill_coef if args.teacher else 0.0, distill_topk=args.distill_topk,
                       seed=args.seed, save_every=args.save_every, log_every=args.log_every,
                       domains=args.domains.split(",") if args.domains else [])
-    teacher = TrainableDecoder.from_pretrained(args.teacher) if args.teacher else None
+    teacher = TrainableDecoder.from_pretrained(model_path(args.teacher)) if args.teacher else None
     result = train(model, corpus, cfg, args.out, resume=not args.no_resume, teacher=teacher)
     model.save_pretrained(args.out, dtype=getattr(torch, args.save_dtype), tokenizer_from=args.model)
-    print(json.dumps(result, indent=2))
+    losses = ", ".join(f"{k} {result[k]:.4f}" for k in ("loss", "lm", "router", "distill", "route_acc") if k in result)
+    print(f"wrote {args.out} after {result['step']} steps ({result['tokens']:,} tokens in {result['seconds']:.0f} s)"
+          + (f": {losses}" if losses else ""))
     return 0

@@ -1,7 +1,7 @@
 """`moepage upcycle DENSE OUT --experts N --shared 1 --top-k K --drop 0.3`: a dense Qwen2/Qwen3 model -> an MoE."""
 from __future__ import annotations
 
-import json
+from moepage.commands import plural
 
 
 def register(sub):
@@ -9,12 +9,13 @@ def register(sub):
     p.add_argument("dense", help="dense checkpoint directory (Qwen2 or Qwen3, HF safetensors)")
     p.add_argument("out", help="output directory for the MoE checkpoint")
     p.add_argument("--experts", type=int, default=4, help="routed experts per layer (copies of the dense FFN)")
-    p.add_argument("--shared", type=int, default=None,
-                   help="shared experts: 1 (Qwen2 -> Qwen2-MoE, default) or 0 (Qwen3 -> Qwen3-MoE, default)")
+    p.add_argument("--shared", type=int, default=None, choices=[0, 1],
+                   help="shared experts, 0 or 1 (default: 1 for a Qwen2 model, which becomes Qwen2-MoE; 0 for Qwen3, "
+                        "which becomes Qwen3-MoE)")
     p.add_argument("--top-k", type=int, default=2, help="routed experts per token")
     p.add_argument("--drop", type=float, default=0.0,
                    help="Drop-Upcycling: fraction of each copy's FFN neurons re-initialised (0 = exact copy)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the router and the re-drawn neurons (default 0)")
     p.add_argument("--dtype", default=None, help="output dtype (default: the dense checkpoint's)")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty output directory")
     p.set_defaults(func=run)
@@ -33,5 +34,8 @@ def run(args) -> int:
     cfg.validate(config.get("model_type"))
     out = prepare_output_dir(args.out, overwrite=args.overwrite)
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    print(json.dumps(upcycle(args.dense, out, cfg, dtype=dtype), indent=2))
+    r = upcycle(args.dense, out, cfg, dtype=dtype)
+    print(f"wrote {r['model_type']} to {r['out']}: {plural(r['experts'], 'routed expert')} per layer, top-{r['top_k']}, "
+          f"{plural(r['shared'], 'shared expert')}, drop {r['drop']:g}; {r['params_dense'] / 1e6:.2f} M parameters "
+          f"dense -> {r['params_moe'] / 1e6:.2f} M")
     return 0

@@ -33,7 +33,7 @@ class EngineConfig:
     expert_cache_bytes: int | None = None  # overrides the expert share of the budget
     dtype: str = "auto"
     ctx_size: int | None = None
-    policy: str = "auto"  # lru | lfu | stale | auto (stale below one token's experts, else lru: replays, README)
+    policy: str = "auto"  # lru | lfu | stale | auto (stale below one token's experts, else lru: docs/performance.md)
     io_threads: int = 2
     prefetch: bool = True
     device: str = "cpu"
@@ -42,23 +42,21 @@ class EngineConfig:
     verify_shards: bool = True
     drop_page_cache: bool = True
     prefix_cache: bool = False  # reuse the KV of the previous prompt's common prefix (faster, not bit-exact)
-    # Read the token embedding table row by row from disk instead of holding it (0.3-0.6 GB for a 150k vocabulary).
+    # Read the token embedding table row by row from disk instead of holding it (a large vocabulary's table is big).
     # None: do so when a memory budget is set and the embeddings are not tied to the lm_head.
     embed_on_disk: bool | None = None
     # Pre-gating: during decode, read the experts the next layer's router picks for the current hidden state.
-    # Off by default: on the bench model 62% of its guesses are right, so at a disk-bound 30% cap a third of its
-    # reads are waste (7.2-7.5 tok/s without, 5.0-5.5 with; queued wrong guesses are withdrawn once the real routing
-    # is known, which is not enough); see README "Speed and memory".
+    # Off by default: its wrong guesses are reads a disk-bound cap cannot afford (docs/performance.md).
     pregate: bool = False
     trace: str | None = None  # write every expert access to this file (JSON lines) for offline policy replays
-    tokenizer: bool = True  # False: token ids in and out only (benchmarks; saves ~100 MB for a 150k vocabulary)
+    tokenizer: bool = True  # False: token ids in and out only (benchmarks; a large vocabulary's tokenizer is big)
     secretary: str | None = None  # a `moepage profile` JSON: guess each prompt's domain, prefetch its hot experts
     # Read every expert at load when the budget holds them all (a fully resident model starts warm, as llama.cpp's
     # mmap does with a warm page cache). None: do so exactly when every expert fits.
     preload: bool | None = None
-    # Hold the lm_head (the largest resident matrix: 311 MB for a 152k vocabulary at hidden 1024) in the lossless
-    # 12-bit form and multiply from it directly: 25% less memory, the same logits bit for bit, a faster decode where
-    # memory bandwidth is the limit. None: wherever the fused kernel runs (bf16, AVX512-BF16 + VBMI2).
+    # Hold the lm_head (the largest resident matrix) in the lossless 12-bit form and multiply from it directly: 25%
+    # less memory, the same logits bit for bit, a faster decode where memory bandwidth is the limit. None: wherever
+    # the fused kernel runs (bf16, AVX512-BF16 + VBMI2).
     pack_lm_head: bool | None = None
 
 
@@ -172,8 +170,11 @@ class Engine:
             except FileNotFoundError:
                 pass
         if cfg.preload if cfg.preload is not None else plan.fraction_resident >= 1.0:
-            cache.prefetch([(layer, e) for layer in args.moe_layers for e in range(args.num_experts)])
-            cache.wait_idle()
+            from moepage.progress import bar
+
+            for layer in bar(args.moe_layers, desc="reading experts", unit="layer"):  # a layer at a time: a bar moves
+                cache.prefetch([(layer, e) for e in range(args.num_experts)])
+                cache.wait_idle()
         engine = cls(ckpt, tokenizer, model, cache, model.new_kv_cache(ctx), plan, cfg)
         if cfg.secretary:
             from moepage.paging.secretary import Secretary
@@ -192,11 +193,12 @@ class Engine:
         lines = [self.plan.summary()]
         src = self.ckpt.experts
         if (self.plan.fraction_resident < 1.0 and self.args.torch_dtype == "bfloat16"
-                and not getattr(src, "quantized", False) and getattr(src, "encoding", None) != ENCODING
+                and not hasattr(src, "read_quantized")  # GGUF keeps its own encoding, even BF16: no --lossless
+                and getattr(src, "encoding", None) != ENCODING
                 and native.runs_here("bf16_unpack")):  # without the C++ decoder, decoding costs more than reading
             lines.append(f"hint: experts page in as bf16; `moepage split {self.ckpt.root} OUT --lossless` stores the "
                          "same weights bit for bit in 12 bits: a quarter fewer bytes a page-in (1.8x the decode rate "
-                         "at the bench's 30% cap, README)")
+                         "at the bench's 30% cap, docs/performance.md)")
         return "\n".join(lines)
 
     def close(self):
@@ -324,8 +326,8 @@ def read_buffer_bytes(ckpt: Checkpoint, io_threads: int) -> int:
 
 def choose_policy(name: str, plan: MemoryPlan, experts_per_token: int) -> str:
     """'auto': a cache smaller than one token's experts is walked cyclically layer by layer, where LRU always
-    evicts what comes next and 'stale' keeps a fixed subset (replayed on the bench model's 30% trace: 0% vs 5.5% hits
-    at 8 experts, 0% vs 22% at 32); from one token's experts up, LRU wins (89% vs 40% at 96)."""
+    evicts what comes next and 'stale' keeps a fixed subset; from one token's experts up, LRU wins (replays in
+    docs/performance.md)."""
     if name != "auto":
         return name
     capacity = plan.expert_cache_bytes // max(1, plan.expert_bytes_each)

@@ -41,6 +41,15 @@ def build_directory(name: str) -> str:
     if os.path.exists(lock) and time.time() - os.path.getmtime(lock) > STALE_LOCK_SECONDS:
         os.remove(lock)
     return path
+
+
+def is_built(name: str) -> bool:
+    """Whether a compiled module newer than its source is cached (load() then only opens it)."""
+    built = os.path.join(build_directory(name), f"moepage_{name}_{VERSION}.so")
+    source = os.path.join(CSRC, f"{name}.cpp")
+    return os.path.exists(built) and os.path.getmtime(built) >= os.path.getmtime(source)
+
+
 _lock = threading.Lock()
 _loaded: dict[str, object] = {}
 
@@ -74,7 +83,11 @@ def load(name: str):
             try:
                 from torch.utils.cpp_extension import load as build
 
-                log.info("compiling moepage's %s CPU kernels (once per environment; cached under ~/.cache/moepage)", name)
+                if is_built(name):
+                    log.debug("loading moepage's %s CPU kernels from %s", name, build_directory(name))
+                else:
+                    log.info("compiling moepage's %s CPU kernels (once per environment, under a minute; cached in %s)",
+                             name, build_directory(name))
                 module = build(name=f"moepage_{name}_{VERSION}", sources=[os.path.join(CSRC, f"{name}.cpp")],
                                extra_cflags=["-O3", "-fopenmp", *flags], extra_ldflags=["-fopenmp"], verbose=False,
                                build_directory=build_directory(name))
@@ -83,3 +96,23 @@ def load(name: str):
                 log.warning("%s CPU kernels unavailable (%s); using torch", name, first)
         _loaded[name] = module
         return module
+
+
+def build_all() -> list[str]:
+    """Build (or open) every module this CPU runs; the names of those whose build failed."""
+    failed = []
+    for name in MODULES:
+        if not runs_here(name):
+            lacks = " ".join(sorted(MODULES[name][0] - cpu_flags()))
+            print(f"{name}: skipped ({f'this CPU lacks {lacks}' if lacks else 'MOEPAGE_KERNELS=torch'})")
+        elif load(name) is None:
+            failed.append(name)
+            print(f"{name}: build FAILED (see the warning above)")
+        else:
+            print(f"{name}: built in {build_directory(name)}")
+    return failed
+
+
+if __name__ == "__main__":  # `python -m moepage.kernels.native`: pre-build the kernels (docker/Dockerfile)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    sys.exit(1 if build_all() else 0)

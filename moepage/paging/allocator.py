@@ -1,12 +1,11 @@
 """Make freed memory go back to the OS, so a memory budget is what the process really holds.
 
 glibc raises its mmap threshold each time a large block is freed (up to 32 MiB); blocks below it come from the
-heap and their pages stay with the process when freed (fragmentation measured at ~100 MB on the bench model
-after one 512-token prefill, when expert buffers came from malloc). Expert slots and reads now live in mappings
-of their own (`pread.aligned_bytes`), so the threshold only decides where temporaries go: fixed at 1 MiB, the
-many 128 KiB-1 MiB temporaries of a prompt (an expert's rows, their activations) reuse heap pages instead of
-faulting in fresh zeroed ones each time (a 512-token prompt on the bench model under a budget: time to first
-token 2.8-3.4 s -> 1.6-2.5 s, peak RSS +16 MiB), and the heap gives back free space above 128 KiB at its top.
+heap and their pages stay with the process when freed. Expert slots and reads live in mappings of their own
+(`pread.aligned_bytes`), so the threshold only decides where temporaries go: fixed at 1 MiB, the many
+128 KiB-1 MiB temporaries of a prompt (an expert's rows, their activations) reuse heap pages instead of faulting
+in fresh zeroed ones each time, and the heap gives back free space above 128 KiB at its top (what each choice
+measured: docs/performance.md).
 """
 from __future__ import annotations
 

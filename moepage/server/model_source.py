@@ -1,11 +1,13 @@
-"""`moepage serve MODEL`: a local directory, a .gguf file, a Hugging Face repo id, or nothing (the demo model).
+"""What a MODEL argument names: a local directory, a .gguf file, a Hugging Face repo id, or `demo` / nothing (the
+built-in demo model; a local path called `demo` wins over the name).
 
 Hub forms (downloads go to the standard Hugging Face cache, only the files needed):
 - `owner/repo`: a safetensors checkpoint (config.json, weights, tokenizer) — or, for a repo holding only GGUF
   files, one of them: Q4_K_M if there is one, else the first in name order (logged).
 - `owner/repo:QUANT` (as llama.cpp's `-hf owner/repo:Q4_K_M`): the .gguf file of that quant, alone.
 - `owner/repo/path/file.gguf`: that file alone.
-With HF_HUB_OFFLINE=1 (or no connection) the files are found in the local cache.
+With HF_HUB_OFFLINE=1, or when the Hub does not answer within HUB_TIMEOUT_S, the files are taken from the local
+cache without asking the Hub again; what the cache lacks is an error at once.
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ HUB_FILE = re.compile(rf"^(?P<repo>{_REPO})/(?P<file>[\w.-]+(?:/[\w.-]+)*\.gguf)
 # Files a safetensors MoE checkpoint needs: weights, index, config, tokenizer, chat template.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "merges.txt", "vocab.json", "*.txt"]
 DEFAULT_QUANT = "Q4_K_M"
+DEMO_NAME = "demo"
+HUB_TIMEOUT_S = 10.0  # one listing request, no retries: an unreachable Hub fails in seconds, not after backoffs
 _SPLIT = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
 
 
@@ -42,7 +46,7 @@ def default_model_id(path: str) -> str:
 
 
 def resolve_model(spec: str | None, revision: str | None = None) -> ResolvedModel:
-    if not spec:
+    if not spec or (spec == DEMO_NAME and not os.path.exists(spec)):
         from moepage.demo import demo_model_path
 
         return ResolvedModel(demo_model_path(), "moepage-demo", "demo")
@@ -56,27 +60,37 @@ def resolve_model(spec: str | None, revision: str | None = None) -> ResolvedMode
     if not spec.startswith((".", "/", "~")):
         m = HUB_FILE.match(spec)
         if m:
+            listing = list_hub_files(m["repo"], revision)
+            if listing.online and m["file"] not in listing.files:
+                raise ModelNotFound(f"{m['repo']}: the repository has no file {m['file']!r}")
             try:
-                return ResolvedModel(download_hub_file(m["repo"], m["file"], revision), spec, "hub-gguf")
+                path = download_hub_file(m["repo"], m["file"], revision, offline=not listing.online)
             except ModelNotFound as e:
                 raise ModelNotFound(f"{spec}: no such local file; as a Hugging Face Hub file: {e}") from None
+            return ResolvedModel(path, spec, "hub-gguf")
         m = HUB_QUANT.match(spec)
         if m:
-            files = list_hub_files(m["repo"], revision)
-            if files is None:
+            listing = list_hub_files(m["repo"], revision)
+            if listing.files is None:
                 raise ModelNotFound(f"{m['repo']}: not in the local Hugging Face cache and the Hub cannot be reached "
-                                    f"(offline or HF_HUB_OFFLINE=1), so its GGUF files cannot be listed. Connect once, "
-                                    f"or name the file: {m['repo']}/FILE.gguf")
-            name = pick_gguf(m["repo"], files, m["quant"])
-            return ResolvedModel(download_hub_file(m["repo"], name, revision), spec, "hub-gguf")
+                                    f"({listing.why}), so its GGUF files cannot be listed. Connect once, or name the "
+                                    f"file: {m['repo']}/FILE.gguf")
+            name = pick_gguf(m["repo"], listing.files, m["quant"])
+            return ResolvedModel(download_hub_file(m["repo"], name, revision, offline=not listing.online), spec,
+                                 "hub-gguf")
         if HUB_ID.match(spec):
-            files = list_hub_files(spec, revision)
-            if files is not None and "config.json" not in files and _ggufs(files):
-                name = pick_gguf(spec, files, None)
+            listing = list_hub_files(spec, revision)
+            if listing.files is None:
+                raise ModelNotFound(f"{spec}: not in the local Hugging Face cache and the Hub cannot be reached "
+                                    f"({listing.why}). Connect once to download it, or pass a local directory or "
+                                    f".gguf file")
+            if "config.json" not in listing.files and _ggufs(listing.files):
+                name = pick_gguf(spec, listing.files, None)
                 log.info("%s has GGUF files and no config.json: serving %s (pick another with %s:QUANT or %s/FILE.gguf)",
                          spec, name, spec, spec)
-                return ResolvedModel(download_hub_file(spec, name, revision), spec, "hub-gguf")
-            return ResolvedModel(download_from_hub(spec, revision), spec, "hub")
+                return ResolvedModel(download_hub_file(spec, name, revision, offline=not listing.online), spec,
+                                     "hub-gguf")
+            return ResolvedModel(download_from_hub(spec, revision, offline=not listing.online), spec, "hub")
     raise ModelNotFound(f"{spec}: no such model directory or .gguf file (and not a Hugging Face repo id like "
                         f"Qwen/Qwen3-30B-A3B, owner/repo:Q4_K_M or owner/repo/file.gguf)")
 
@@ -134,34 +148,45 @@ def _cached_files(repo_id: str, revision: str | None) -> list[str] | None:
     return sorted(out)
 
 
-def list_hub_files(repo_id: str, revision: str | None = None) -> list[str] | None:
-    """The repo's files: from the Hub when online, else from the local cache; None if neither knows them."""
+@dataclass
+class HubListing:
+    files: list[str] | None  # the repo's files, from the Hub or else the local cache; None: neither knows the repo
+    online: bool  # the Hub answered (downloads may ask it); False: the cache alone is used
+    why: str = ""  # why the Hub was not asked or did not answer
+
+
+def list_hub_files(repo_id: str, revision: str | None = None) -> HubListing:
+    """The repo's files from one Hub request (HUB_TIMEOUT_S, no retries) when online, else from the local cache."""
     from huggingface_hub import HfApi, constants
     from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
-    if not constants.is_offline_mode():
-        try:
-            return HfApi().list_repo_files(repo_id, revision=revision)
-        except RepositoryNotFoundError:
-            raise ModelNotFound(f"{repo_id}: no such repository on the Hugging Face Hub (or it is private or gated: "
-                                f"run `hf auth login`)") from None
-        except RevisionNotFoundError:
-            raise ModelNotFound(f"{repo_id}: no revision {revision!r} on the Hugging Face Hub") from None
-        except Exception as e:  # no connection, Hub down: fall back to the cache
-            log.warning("%s: cannot list the repository on the Hub (%s: %s); looking in the local cache",
-                        repo_id, type(e).__name__, e)
-    return _cached_files(repo_id, revision)
+    if constants.is_offline_mode():
+        return HubListing(_cached_files(repo_id, revision), False, "HF_HUB_OFFLINE=1")
+    try:
+        info = HfApi().model_info(repo_id, revision=revision, timeout=HUB_TIMEOUT_S)
+        return HubListing(sorted(s.rfilename for s in info.siblings or []), True)
+    except RepositoryNotFoundError:
+        raise ModelNotFound(f"{repo_id}: no such repository on the Hugging Face Hub (or it is private or gated: "
+                            f"run `hf auth login`)") from None
+    except RevisionNotFoundError:
+        raise ModelNotFound(f"{repo_id}: no revision {revision!r} on the Hugging Face Hub") from None
+    except Exception as e:  # no connection, a timeout, the Hub down: the cache alone decides, at once
+        why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no answer'}"
+    cached = _cached_files(repo_id, revision)
+    if cached is not None:
+        log.warning("%s: the Hugging Face Hub did not answer (%s); using the local cache", repo_id, why)
+    return HubListing(cached, False, why)
 
 
-def download_hub_file(repo_id: str, filename: str, revision: str | None = None) -> str:
-    """hf_hub_download of one file into the standard HF cache (served from the cache when offline)."""
+def download_hub_file(repo_id: str, filename: str, revision: str | None = None, offline: bool = False) -> str:
+    """hf_hub_download of one file into the standard HF cache (offline: from the cache only, no request)."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (
         EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError,
     )
 
     try:
-        return hf_hub_download(repo_id, filename, revision=revision)
+        return hf_hub_download(repo_id, filename, revision=revision, local_files_only=offline)
     except RepositoryNotFoundError:
         raise ModelNotFound(f"{repo_id}: no such repository on the Hugging Face Hub (or it is private or gated: "
                             f"run `hf auth login`)") from None
@@ -177,19 +202,20 @@ def download_hub_file(repo_id: str, filename: str, revision: str | None = None) 
         raise ModelNotFound(f"{repo_id}/{filename}: download from the Hugging Face Hub failed: {e}") from None
 
 
-def download_from_hub(repo_id: str, revision: str | None = None) -> str:
-    """snapshot_download into the standard HF cache, only the files a safetensors checkpoint needs."""
+def download_from_hub(repo_id: str, revision: str | None = None, offline: bool = False) -> str:
+    """snapshot_download into the standard HF cache, only the files a safetensors checkpoint needs (offline: from
+    the cache only, no request)."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
-        return snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS)
+        return snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS, local_files_only=offline)
     except RepositoryNotFoundError:
         raise ModelNotFound(f"{repo_id}: no such repository on the Hugging Face Hub (or it is private: "
                             f"run `hf auth login`)") from None
-    except LocalEntryNotFoundError as e:
+    except LocalEntryNotFoundError:
         raise ModelNotFound(f"{repo_id}: not in the local Hugging Face cache and the Hub cannot be reached "
-                            f"(offline or HF_HUB_OFFLINE=1): {e}. Connect once to download it, or pass a local "
+                            f"(offline or HF_HUB_OFFLINE=1). Connect once to download it, or pass a local "
                             f"directory") from None
     except (HfHubHTTPError, OSError) as e:
         raise ModelNotFound(f"{repo_id}: download from the Hugging Face Hub failed: {e}") from None

@@ -155,8 +155,10 @@ def collect_texts(domain: str, spec: CorpusSpec) -> list[tuple[str, str]]:
 def build_corpus(tokenizer, spec: CorpusSpec = CorpusSpec(), separator_id: int | None = None,
                  texts: dict[str, list[tuple[str, str]]] | None = None) -> DomainCorpus:
     """Tokenize each domain's files (a `tokenizers.Tokenizer`) into train/held-out id streams + a manifest."""
+    from moepage.progress import bar
+
     train, heldout, files_manifest = {}, {}, {}
-    for domain in spec.domains:
+    for domain in bar(spec.domains, desc="corpus from this machine's files", unit="domain"):
         items = texts[domain] if texts is not None else collect_texts(domain, spec)
         streams = {"train": [], "heldout": []}
         entries = []

@@ -19,6 +19,7 @@ import torch
 
 from moepage.engine.checkpoint import Checkpoint
 from moepage.engine.families import common
+from moepage.progress import bar
 from moepage.surgery.checkpoint_writer import ShardedWriter, copy_tokenizer, write_json
 
 # Dense model_type -> transformers architecture. The dense block must be the MoE block with the FFN swapped:
@@ -91,7 +92,7 @@ def write_dense(ckpt: Checkpoint, kept: dict[int, list[int]], avg_gate: dict[int
         raise ValueError(f"experts to keep are given for layers {sorted(kept)}, the model's MoE layers are {args.moe_layers}")
     dtype = ckpt.read_tensor(names["embed"]).dtype
     ffns = {}
-    for i in range(args.num_layers):
+    for i in bar(range(args.num_layers), desc="merge experts", unit="layer"):
         p = f"layers.{i}."
         if not args.sparse_layers[i]:
             ffns[i] = tuple(ckpt.read_tensor(names[p + f"dense_{part}"]).float() for part in ("gate", "up", "down"))

@@ -14,6 +14,7 @@ import re
 
 from moepage.engine.checkpoint import Checkpoint
 from moepage.engine.weight_names import expert_names
+from moepage.progress import bar
 from moepage.surgery.checkpoint_writer import ShardedWriter, copy_tokenizer, experts_config_key, write_json
 
 _ROUTER = re.compile(r"^layers\.(\d+)\.router$")
@@ -55,7 +56,7 @@ def write_extracted_moe(ckpt: Checkpoint, kept: dict[int, list[int]], out_dir: s
             tensor = tensor[kept[int(router.group(1))]]  # [E, H] -> [N, H]
         writer.add(name, tensor)
     table = ckpt.family.EXPERT_NAMES
-    for layer in ckpt.args.moe_layers:
+    for layer in bar(ckpt.args.moe_layers, desc=f"write {os.path.basename(out_dir)}", unit="layer"):
         for new, old in enumerate(kept[layer]):
             w = ckpt.experts.read(layer, old)
             names = expert_names(table, layer, new)

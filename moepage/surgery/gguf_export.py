@@ -31,6 +31,7 @@ import torch
 from moepage.engine.families import FAMILIES, common
 from moepage.engine.gguf_tokenizer import CONTROL, LLAMA3_SPLIT, NORMAL, QWEN2_SPLIT, UNUSED, USER_DEFINED
 from moepage.engine.weight_names import resident_names, to_checkpoint
+from moepage.progress import bar
 
 MOE_ARCH = {"qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe", "mixtral": "llama", "olmoe": "olmoe"}
 DENSE_ARCH = {"qwen3": "qwen3", "qwen2": "qwen2", "mistral": "llama", "llama": "llama"}
@@ -367,7 +368,7 @@ def write_gguf(model_dir: str, out_path: str, out_type: str = "auto", name: str 
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for t, q in zip(plan, qtypes):
+        for t, q in bar(zip(plan, qtypes), desc=f"write {os.path.basename(out_path)}", total=len(plan), unit="tensor"):
             data = _encode(t.load(), q)
             if data.shape != t.shape and q in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
                 raise GGUFExportError(f"{t.name}: shape {data.shape} != planned {t.shape}")

@@ -1,7 +1,8 @@
 """`moepage profile`: run calibration text per domain through the model and record routing statistics.
 
 Routing is observed through SparseMoE.observers (router weights, chosen experts) and the expert outputs
-through SparseMoE.output_observers (for the REAP saliency: routing weight x output norm).
+through SparseMoE.output_observers (for the REAP saliency: routing weight x output norm). Files are read one at a
+time and only until the domain's token cap is reached, so a large file set costs what the cap needs.
 
 Shape legend: T tokens, E experts, K experts per token, t tokens routed to one expert, H hidden, L MoE layers.
 """
@@ -20,6 +21,9 @@ from moepage.paging.secretary import NGRAM_BUCKETS, ngram_table
 from moepage.surgery.profile_format import FORMAT, VERSION, specialization
 
 
+CHARS_PER_TOKEN_BOUND = 32  # a file is read up to this many characters per token still wanted (BPE tokens are shorter)
+
+
 @dataclass
 class TextSource:
     path: str
@@ -28,6 +32,22 @@ class TextSource:
     @property
     def sha256(self) -> str:
         return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
+
+    def read(self, max_chars: int | None = None) -> "TextSource":
+        return self
+
+
+@dataclass
+class TextFile:
+    """A calibration file not read yet: profile_engine reads it only if the domain still wants tokens."""
+
+    path: str
+
+    def read(self, max_chars: int | None = None) -> TextSource:
+        """Its text (gunzipped for .gz), at most max_chars characters."""
+        opener = gzip.open if self.path.endswith(".gz") else open  # /usr/share/doc style README.gz: text, not bytes
+        with opener(self.path, "rt", encoding="utf-8", errors="replace") as f:
+            return TextSource(self.path, f.read(-1 if max_chars is None else max_chars))
 
 
 def parse_domain_args(specs: list[list[str]]) -> dict[str, list[str]]:
@@ -44,24 +64,27 @@ def parse_domain_args(specs: list[list[str]]) -> dict[str, list[str]]:
     return out
 
 
-def read_sources(patterns: list[str], domain_name: str) -> list[TextSource]:
-    """Files, directories (every file below, sorted) and glob patterns -> texts, in a stable order (.gz files are
-    decompressed)."""
+def list_sources(patterns: list[str], domain_name: str) -> list[TextFile]:
+    """Files, directories (every file below, sorted) and glob patterns (`**` recursive) -> files, in a stable
+    order; nothing is read yet."""
     paths: list[str] = []
     for pattern in patterns:
         if os.path.isdir(pattern):
             found = sorted(os.path.join(d, f) for d, _, fs in os.walk(pattern) for f in fs)
         else:
-            found = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
+            found = [pattern]
+            if any(c in pattern for c in "*?["):
+                found = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
         if not found or not all(os.path.isfile(p) for p in found):
             missing = next((p for p in found if not os.path.isfile(p)), pattern)
             raise FileNotFoundError(f"domain {domain_name!r}: no such text file {missing!r}")
         paths += found
-    sources = []
-    for p in paths:
-        opener = gzip.open if p.endswith(".gz") else open  # /usr/share/doc style README.gz: its text, not its bytes
-        with opener(p, "rt", encoding="utf-8", errors="replace") as f:
-            sources.append(TextSource(p, f.read()))
+    return [TextFile(p) for p in paths]
+
+
+def read_sources(patterns: list[str], domain_name: str) -> list[TextSource]:
+    """list_sources, every file read whole."""
+    sources = [f.read() for f in list_sources(patterns, domain_name)]
     if not any(s.text.strip() for s in sources):
         raise ValueError(f"domain {domain_name!r}: its files contain no text")
     return sources
@@ -129,9 +152,12 @@ def _windows(ids: list[int], max_seq: int, budget: int) -> list[list[int]]:
     return out
 
 
-def profile_engine(engine, domains: dict[str, list[TextSource]], max_seq: int = 512,
+def profile_engine(engine, domains: dict[str, list[TextSource | TextFile]], max_seq: int = 512,
                    max_tokens_per_domain: int = 65536, model_name: str | None = None) -> dict:
-    """Run each domain's texts through `engine` (an Engine) and return the profile dict (profile_format)."""
+    """Run each domain's texts through `engine` (an Engine) until its token cap and return the profile dict
+    (profile_format); `sources` lists the texts used, as far as they were read."""
+    from moepage.progress import bar
+
     if engine.tokenizer is None:
         raise ValueError(f"{engine.ckpt.root}: no tokenizer files next to the model; profiling needs text -> tokens")
     args = engine.args
@@ -142,23 +168,31 @@ def profile_engine(engine, domains: dict[str, list[TextSource]], max_seq: int = 
     for b in blocks:
         b.observers.append(rec.on_route)
         b.output_observers.append(rec.on_output)
-    result = {}
+    result, used = {}, {}
     try:
         for name in sorted(domains):
             rec.reset()
             tokens, predicted, nll = 0, 0, 0.0
-            for src in domains[name]:
-                ids = engine.tokenizer.encode(src.text)
-                for window in _windows(ids, max_seq, max_tokens_per_domain - tokens):
-                    logits = engine.logits_all(window).float()  # [T, V]
-                    nll += F.cross_entropy(logits[:-1], torch.tensor(window[1:]), reduction="sum").item()
-                    tokens += len(window)
-                    predicted += len(window) - 1
+            used[name] = []
+            with bar(desc=f"profile {name}", total=max_tokens_per_domain, unit="tok", unit_scale=True) as progress:
+                for item in domains[name]:
+                    wanted = max_tokens_per_domain - tokens
+                    if wanted < 2:
+                        break
+                    src = item.read(wanted * CHARS_PER_TOKEN_BOUND)
+                    used[name].append(src)
+                    ids = engine.tokenizer.encode(src.text)
+                    for window in _windows(ids, max_seq, wanted):
+                        logits = engine.logits_all(window).float()  # [T, V]
+                        nll += F.cross_entropy(logits[:-1], torch.tensor(window[1:]), reduction="sum").item()
+                        tokens += len(window)
+                        predicted += len(window) - 1
+                        progress.update(len(window))
             if tokens == 0:
                 raise ValueError(f"domain {name!r}: its text has fewer than 2 tokens")
             d = rec.summary(tokens)
             d["nll"] = nll / predicted  # mean negative log-likelihood per predicted token
-            d["sources"] = [{"path": s.path, "sha256": s.sha256, "chars": len(s.text)} for s in domains[name]]
+            d["sources"] = [{"path": s.path, "sha256": s.sha256, "chars": len(s.text)} for s in used[name]]
             result[name] = d
     finally:
         for b in blocks:
@@ -181,6 +215,6 @@ def profile_engine(engine, domains: dict[str, list[TextSource]], max_seq: int = 
         "specialization": spec,
         "secretary": {
             "buckets": NGRAM_BUCKETS,
-            "ngrams": {n: ngram_table((s.text for s in domains[n]), NGRAM_BUCKETS) for n in names},
+            "ngrams": {n: ngram_table((s.text for s in used[n]), NGRAM_BUCKETS) for n in names},
         },
     }

@@ -97,13 +97,18 @@ def quality_table(base_dir: str, new_dir: str, name: str, eval_files: list[str])
             raise FileNotFoundError(f"{path}: evaluation text file not found")
         with open(path, encoding="utf-8", errors="replace") as f:
             texts.append((os.path.basename(path), f.read()))
+    from moepage.progress import bar
+
     rows = {}
+    progress = bar(desc="perplexity --eval", total=2 * len(texts), unit="file")
     for label, model_dir in (("base", base_dir), (name, new_dir)):
         logits_all, tokenizer, close, how = scorer(model_dir)
         try:
             for i, (fname, text) in enumerate(texts):
+                progress.update()
                 ppl, tokens = _score(logits_all, tokenizer, [text], 512, 16384)
                 rows[(i, label)] = {"model": label, "text": fname, "tokens": tokens, "perplexity": ppl, "scored_by": how}
         finally:
             close()
+    progress.close()
     return {"rows": [rows[(i, label)] for i in range(len(texts)) for label in ("base", name)]}

@@ -38,9 +38,10 @@ def encoded_shard(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
     return entries, {"format": "pt", "encoding": ENCODING, "shapes": json.dumps(shapes)}
 
 
-def split_checkpoint(src: str, out: str, log: Callable[[str], None] = lambda s: None, lossless: bool = False) -> dict:
+def split_checkpoint(src: str, out: str, log: Callable[[str], None] = lambda s: None, lossless: bool = False,
+                     progress: Callable[[int, int], None] | None = None) -> dict:
     """lossless: store each bf16 expert in the 12-bit encoding (paging/bf16_12bit.py): a quarter fewer bytes to
-    page in, the same bits after decoding."""
+    page in, the same bits after decoding. progress(done, total) is called after each expert shard."""
     ckpt = open_checkpoint(src, drop_page_cache=False, verify=True)
     if os.path.exists(os.path.join(out, MANIFEST)):
         raise FileExistsError(f"{out}: already holds a split model ({MANIFEST}); choose an empty directory")
@@ -61,6 +62,7 @@ def split_checkpoint(src: str, out: str, log: Callable[[str], None] = lambda s: 
     log(f"resident weights: {len(resident)} tensors")
     del resident
     args = ckpt.args
+    done, total = 0, len(args.moe_layers) * args.num_experts
     for layer in args.moe_layers:
         for e in range(args.num_experts):
             w = ckpt.experts.read(layer, e)
@@ -74,7 +76,9 @@ def split_checkpoint(src: str, out: str, log: Callable[[str], None] = lambda s: 
             else:
                 save_file(tensors, os.path.join(out, rel))
             record(rel)
-        log(f"layer {layer}: {args.num_experts} expert shards")
+            done += 1
+            if progress:
+                progress(done, total)
     copied = []
     for name in ("config.json",) + TOKENIZER_FILES:
         p = os.path.join(ckpt.root, name)
