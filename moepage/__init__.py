@@ -9,3 +9,7 @@ __version__ = "0.1.0"
 # runs a bf16 matmul, so set on import; the user's own settings win.
 _os.environ.setdefault("LRU_CACHE_CAPACITY", "16")
 _os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16")
+# libgomp's default spin-wait keeps torch's worker threads running after each parallel region; beside moepage's own
+# kernel threads or a busy neighbour on few cores that collapses decode. Read when libgomp loads (import torch), so
+# set on import; the user's own setting wins.
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -16,6 +16,7 @@ from moepage.engine.moe import SparseMoE
 from moepage.kernels import native
 from moepage.kernels.cpu_bf16 import linear
 from moepage.kernels.experts import swiglu
+from moepage.kernels.ggml_decode import quantized_decode_kernel
 from moepage.kernels.norm import rms_norm
 from moepage.kernels.rope import RotaryTable, apply_rope
 from moepage.paging.bf16_12bit import PackedMatrix
@@ -85,6 +86,8 @@ class MoEModel:
         """The C++ kernel that runs a decode token through a layer's attention half in one call, or None where the
         model is not all plain bf16 CPU tensors (quantized GGUF attention, float32, another device)."""
         a = self.args
+        if a.clip_qkv is None and (quantized := quantized_decode_kernel(self.layers, self.dtype, self.device)):
+            return quantized  # GGML weights (a quantized GGUF): the same call over ggml's kernels
         if self.dtype != torch.bfloat16 or self.device.type != "cpu" or a.clip_qkv is not None:
             return None
         plain = lambda t: t is None or (type(t) is torch.Tensor and t.dtype == torch.bfloat16  # noqa: E731

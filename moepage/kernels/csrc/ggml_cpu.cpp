@@ -9,238 +9,23 @@
 //
 // Shape legend: M activation rows (tokens), K input features (weight columns), N output features (weight rows),
 // E experts of one token, H hidden, I expert intermediate size.
-#include <torch/extension.h>
-
-#include <dlfcn.h>
-
-#include <algorithm>
-#include <atomic>
-#include <chrono>
-#include <cmath>
-#include <condition_variable>
-#include <cstring>
-#include <functional>
-#include <memory>
-#include <mutex>
-#include <thread>
-#include <vector>
+#include "ggml_cpu_core.h"
+#include "ggml_cpu_decode.h"
 
 namespace {
 
-// ---- the part of ggml.h / ggml-cpu.h (ggml 0.20) used here -------------------------------------------
-using to_float_t = void (*)(const void*, float*, int64_t);
-using from_float_t = void (*)(const float*, void*, int64_t);
-using vec_dot_t = void (*)(int, float*, size_t, const void*, size_t, const void*, size_t, int);
-
-struct TypeTraits {  // struct ggml_type_traits
-  const char* type_name;
-  int64_t blck_size;
-  int64_t blck_size_interleave;
-  size_t type_size;
-  bool is_quantized;
-  to_float_t to_float;
-  from_float_t from_float_ref;
-};
-
-struct TypeTraitsCpu {  // struct ggml_type_traits_cpu
-  from_float_t from_float;
-  vec_dot_t vec_dot;
-  int vec_dot_type;
-  int64_t nrows;
-};
-
-constexpr int TYPE_F32 = 0, TYPE_Q4_K = 12, TYPE_Q8_K = 15;
-constexpr int TYPE_COUNT = 40;  // ids below MXFP4 + 1: every ggml since 0.20 has them
-
-struct Library {
-  const TypeTraits* (*traits)(int) = nullptr;
-  const TypeTraitsCpu* (*cpu_traits)(int) = nullptr;
-  std::string features;
-};
-Library lib;
-
-void* symbol(void* handle, const char* name, const std::string& path) {
-  void* p = dlsym(handle, name);
-  TORCH_CHECK(p != nullptr, path, ": no symbol ", name, " (not a ggml 0.20 CPU backend library)");
-  return p;
-}
-
-void* open_isolated(const std::string& path) {
-#if defined(__linux__) && defined(__GLIBC__)
-  // A namespace of its own: another ggml in the process (llama-cpp-python's) keeps its own symbols.
-  void* h = dlmopen(LM_ID_NEWLM, path.c_str(), RTLD_NOW | RTLD_LOCAL);
-  if (h != nullptr) return h;
-#endif
-  return dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
-}
-
-// ---- a small thread pool with passive waiting ---------------------------------------------------------
-class Pool {
- public:
-  // fn(task) for task in [0, tasks), tasks claimed one at a time by `threads` threads (the caller is one).
-  void run(int64_t tasks, int threads, const std::function<void(int64_t)>& fn) {
-    if (threads <= 1 || tasks <= 1) {
-      for (int64_t t = 0; t < tasks; ++t) fn(t);
-      return;
-    }
-    resize(threads - 1);
-    auto job = std::make_shared<Job>();
-    job->fn = &fn;
-    job->tasks = tasks;
-    bool sleeping;
-    {
-      std::lock_guard<std::mutex> g(mu_);
-      job_ = job;
-      epoch_.fetch_add(1);
-      sleeping = sleepers_ > 0;
-    }
-    if (sleeping) wake_.notify_all();
-    work(*job);
-    wait_until([&] { return job->done.load() == tasks; }, done_);
-  }
-
-  ~Pool() { resize(0); }
-
- private:
-  struct Job {  // a late worker holding a finished job finds no task left in it
-    const std::function<void(int64_t)>* fn = nullptr;
-    int64_t tasks = 0;
-    std::atomic<int64_t> next{0}, done{0};
-  };
-  static constexpr auto SPIN = std::chrono::microseconds(100);  // spin (yielding) this long, then sleep
-
-  void work(Job& j) {
-    int64_t finished = 0;
-    for (int64_t t = j.next.fetch_add(1); t < j.tasks; t = j.next.fetch_add(1), ++finished) (*j.fn)(t);
-    if (finished && j.done.fetch_add(finished) + finished == j.tasks) {
-      std::lock_guard<std::mutex> g(mu_);
-      done_.notify_all();
-    }
-  }
-
-  template <class Ready>
-  void wait_until(Ready ready, std::condition_variable& cv) {
-    const auto until = std::chrono::steady_clock::now() + SPIN;
-    while (!ready()) {
-      if (std::chrono::steady_clock::now() > until) {
-        std::unique_lock<std::mutex> l(mu_);
-        ++sleepers_;
-        cv.wait(l, ready);
-        --sleepers_;
-        return;
-      }
-      std::this_thread::yield();
-    }
-  }
-
-  void worker() {
-    uint64_t seen = epoch_.load();
-    for (;;) {
-      wait_until([&] { return epoch_.load() != seen; }, wake_);
-      std::shared_ptr<Job> job;
-      {
-        std::lock_guard<std::mutex> g(mu_);
-        seen = epoch_.load();
-        if (stop_) return;
-        job = job_;
-      }
-      if (job) work(*job);
-    }
-  }
-
-  void resize(size_t n) {
-    if (workers_.size() == n) return;
-    {
-      std::lock_guard<std::mutex> g(mu_);
-      stop_ = true;
-      epoch_.fetch_add(1);
-    }
-    wake_.notify_all();
-    for (auto& t : workers_) t.join();
-    workers_.clear();
-    stop_ = false;
-    for (size_t i = 0; i < n; ++i) workers_.emplace_back([this] { worker(); });
-  }
-
-  std::vector<std::thread> workers_;
-  std::mutex mu_;
-  std::condition_variable wake_, done_;
-  std::atomic<uint64_t> epoch_{0};
-  std::shared_ptr<Job> job_;
-  int sleepers_ = 0;
-  bool stop_ = false;
-};
-
-Pool pool;
-std::mutex pool_mu;  // one parallel region at a time (the pool has one job slot)
-
-void parallel(int64_t tasks, const std::function<void(int64_t)>& fn) {
-  std::lock_guard<std::mutex> g(pool_mu);
-  pool.run(tasks, std::max(1, at::get_num_threads()), fn);
-}
-
-// ---- types ---------------------------------------------------------------------------------------------
-struct Kind {
-  int id;
-  const TypeTraits* t;
-  const TypeTraitsCpu* cpu;
-  const TypeTraits* dot;  // the activation's type
-  const TypeTraitsCpu* dot_cpu;
-
-  int64_t row_bytes(int64_t K) const { return K / t->blck_size * t->type_size; }
-  int64_t dot_row_bytes(int64_t K) const { return K / dot->blck_size * dot->type_size; }
-};
-
-Kind kind(int64_t id) {
-  TORCH_CHECK(lib.traits != nullptr, "the ggml CPU library is not open");
-  TORCH_CHECK(id >= 0 && id < TYPE_COUNT, "GGML type id ", id, " is out of range");
-  Kind k{static_cast<int>(id), lib.traits(id), lib.cpu_traits(id), nullptr, nullptr};
-  TORCH_CHECK(k.t != nullptr && k.t->blck_size > 0 && k.cpu != nullptr && k.cpu->vec_dot != nullptr,
-              "ggml has no CPU dot product for type ", k.t && k.t->type_name ? k.t->type_name : "?");
-  k.dot = lib.traits(k.cpu->vec_dot_type);
-  k.dot_cpu = lib.cpu_traits(k.cpu->vec_dot_type);
-  TORCH_CHECK(k.cpu->vec_dot_type == TYPE_F32 || (k.dot_cpu != nullptr && k.dot_cpu->from_float != nullptr),
-              "ggml cannot convert activations for type ", k.t->type_name);
-  return k;
-}
-
-void check_weight(const torch::Tensor& raw, const Kind& k, int64_t N, int64_t K, const char* what) {
-  TORCH_CHECK(raw.device().is_cpu() && raw.scalar_type() == at::kByte && raw.is_contiguous(), what,
-              ": GGML bytes must be a contiguous uint8 CPU tensor");
-  TORCH_CHECK(K % k.t->blck_size == 0, what, ": ", K, " columns are not a multiple of the ", k.t->type_name,
-              " block size ", k.t->blck_size);
-  TORCH_CHECK(raw.numel() == N * k.row_bytes(K), what, ": ", raw.numel(), " bytes do not hold ", k.t->type_name,
-              " [", N, ", ", K, "]");
-}
-
-// x [M, K] float32 (contiguous) -> M rows of the weight's vec_dot type (K must suit its block size)
-std::vector<uint8_t> quantize_activations(const float* x, int64_t M, int64_t K, const Kind& k) {
-  TORCH_CHECK(K % k.dot->blck_size == 0, K, " activations are not a multiple of the ", k.dot->type_name,
-              " block size ", k.dot->blck_size);
-  const int64_t rb = k.dot_row_bytes(K);
-  std::vector<uint8_t> out(M * rb);
-  if (k.cpu->vec_dot_type == TYPE_F32) {
-    std::memcpy(out.data(), x, M * K * sizeof(float));
-  } else {
-    for (int64_t m = 0; m < M; ++m) k.dot_cpu->from_float(x + m * K, out.data() + m * rb, K);
-  }
-  return out;
-}
-
-constexpr int64_t ROWS_PER_TASK = 16;
-
-// out[m * ldo + n] = row n of w . activation row m, for n in [0, N)
-void matvec(const uint8_t* w, const Kind& k, int64_t N, int64_t K, const uint8_t* xq, int64_t M, float* out,
-            int64_t ldo) {
-  const int64_t wb = k.row_bytes(K), xb = k.dot_row_bytes(K);
-  parallel((N + ROWS_PER_TASK - 1) / ROWS_PER_TASK, [&](int64_t task) {
-    const int64_t n1 = std::min(N, (task + 1) * ROWS_PER_TASK);
-    for (int64_t n = task * ROWS_PER_TASK; n < n1; ++n)
-      for (int64_t m = 0; m < M; ++m) k.cpu->vec_dot(K, out + m * ldo + n, 0, w + n * wb, 0, xq + m * xb, 0, 1);
-  });
-}
-
 float silu(float v) { return v / (1.0f + std::exp(-v)); }
+
+// Q8_K, an activation-only type ggml has no to_float for: float d, int8 q[256], int16 bsums[16] -> d * q
+void q8_k_to_float(const void* src, float* y, int64_t k) {
+  const uint8_t* b = static_cast<const uint8_t*>(src);
+  for (int64_t i = 0; i < k; i += 256, b += 292) {
+    float d;
+    std::memcpy(&d, b, 4);
+    const int8_t* q = reinterpret_cast<const int8_t*>(b + 4);
+    for (int j = 0; j < 256; ++j) y[i + j] = d * q[j];
+  }
+}
 
 }  // namespace
 
@@ -276,17 +61,6 @@ std::tuple<int64_t, int64_t, int64_t, bool> type_info(int64_t id) {
   if (t == nullptr || t->blck_size <= 0) return {0, 0, -1, false};
   const bool dot = c != nullptr && c->vec_dot != nullptr;
   return {t->blck_size, static_cast<int64_t>(t->type_size), dot ? c->vec_dot_type : -1, dot};
-}
-
-// Q8_K, an activation-only type ggml has no to_float for: float d, int8 q[256], int16 bsums[16] -> d * q
-void q8_k_to_float(const void* src, float* y, int64_t k) {
-  const uint8_t* b = static_cast<const uint8_t*>(src);
-  for (int64_t i = 0; i < k; i += 256, b += 292) {
-    float d;
-    std::memcpy(&d, b, 4);
-    const int8_t* q = reinterpret_cast<const int8_t*>(b + 4);
-    for (int j = 0; j < 256; ++j) y[i + j] = d * q[j];
-  }
 }
 
 // [N, K] GGML bytes -> float32 [N, K] (ggml's to_float)
@@ -355,17 +129,12 @@ torch::Tensor experts_one_token(torch::Tensor x, std::vector<torch::Tensor> gate
   const auto xu = ku.cpu->vec_dot_type == kg.cpu->vec_dot_type ? xg
                                                                  : quantize_activations(xf.data_ptr<float>(), 1, H, ku);
   std::vector<float> gu(E * 2 * I);  // expert e: gate outputs at [2eI, 2eI + I), up outputs after them
-  const int64_t tasks_per_part = (I + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
-  const int64_t gb = kg.row_bytes(H), ub = ku.row_bytes(H);
-  parallel(E * 2 * tasks_per_part, [&](int64_t task) {
-    const int64_t e = task / (2 * tasks_per_part), part = task / tasks_per_part % 2, r = task % tasks_per_part;
-    const Kind& k = part ? ku : kg;
-    const uint8_t* w = (part ? ups : gates)[e].data_ptr<uint8_t>();
-    const uint8_t* xq = part ? xu.data() : xg.data();
-    float* out = gu.data() + (2 * e + part) * I;
-    const int64_t rb = part ? ub : gb, n1 = std::min(I, (r + 1) * ROWS_PER_TASK);
-    for (int64_t n = r * ROWS_PER_TASK; n < n1; ++n) k.cpu->vec_dot(H, out + n, 0, w + n * rb, 0, xq, 0, 1);
-  });
+  std::vector<Segment> segs;
+  for (int64_t e = 0; e < E; ++e) {
+    segs.push_back({gates[e].data_ptr<uint8_t>(), &kg, I, H, xg.data(), gu.data() + 2 * e * I});
+    segs.push_back({ups[e].data_ptr<uint8_t>(), &ku, I, H, xu.data(), gu.data() + (2 * e + 1) * I});
+  }
+  matvec_segments(segs);
   std::vector<float> act(E * I);
   for (int64_t e = 0; e < E; ++e)
     for (int64_t i = 0; i < I; ++i) act[e * I + i] = silu(gu[2 * e * I + i]) * gu[(2 * e + 1) * I + i];
@@ -373,21 +142,44 @@ torch::Tensor experts_one_token(torch::Tensor x, std::vector<torch::Tensor> gate
               " block size");
   const auto aq = quantize_activations(act.data(), E, I, kd);
   std::vector<float> down(E * H);
-  const int64_t ab = kd.dot_row_bytes(I), db = kd.row_bytes(I), tasks_h = (H + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
-  parallel(E * tasks_h, [&](int64_t task) {
-    const int64_t e = task / tasks_h, r = task % tasks_h, n1 = std::min(H, (r + 1) * ROWS_PER_TASK);
-    const uint8_t* w = downs[e].data_ptr<uint8_t>();
-    for (int64_t n = r * ROWS_PER_TASK; n < n1; ++n)
-      kd.cpu->vec_dot(I, down.data() + e * H + n, 0, w + n * db, 0, aq.data() + e * ab, 0, 1);
-  });
-  auto out = residual.has_value() ? residual->to(at::kFloat).contiguous().clone()
-                                  : torch::zeros({1, H}, x.options().dtype(at::kFloat));
+  const int64_t ab = kd.dot_row_bytes(I);
+  segs.clear();
+  for (int64_t e = 0; e < E; ++e) segs.push_back({downs[e].data_ptr<uint8_t>(), &kd, H, I, aq.data() + e * ab, down.data() + e * H});
+  matvec_segments(segs);
+  auto out = torch::zeros({1, H}, x.options().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
   for (int64_t e = 0; e < E; ++e) {
     const float we = static_cast<float>(weights[e]);
     for (int64_t h = 0; h < H; ++h) o[h] += we * down[e * H + h];
   }
-  return out.to(x.scalar_type());
+  if (!residual.has_value()) return out.to(x.scalar_type());
+  return residual->add(out.to(x.scalar_type()));  // the experts' sum rounded to x's dtype, then the residual added
+}
+
+// One decode token through a layer's attention half (ggml_cpu_decode.h); weights are GGML bytes [rows, bytes per
+// row] with their type ids, everything else in the model dtype (float32 or bfloat16).
+DecodeOut attention_decode(torch::Tensor h, torch::Tensor attn_norm, torch::Tensor ffn_norm, double eps,
+                           torch::Tensor wq, int64_t tq, torch::Tensor wk, int64_t tk, torch::Tensor wv, int64_t tv,
+                           torch::Tensor wo, int64_t to, c10::optional<torch::Tensor> bq,
+                           c10::optional<torch::Tensor> bk, c10::optional<torch::Tensor> bv,
+                           c10::optional<torch::Tensor> bo, int64_t qk_norm_mode, c10::optional<torch::Tensor> q_norm,
+                           c10::optional<torch::Tensor> k_norm, torch::Tensor cos, torch::Tensor sin,
+                           torch::Tensor k_cache, torch::Tensor v_cache, int64_t pos, double scale,
+                           c10::optional<torch::Tensor> router, int64_t tr, int64_t top_k, bool norm_topk_prob,
+                           bool weights_in_logits_dtype) {
+  TORCH_CHECK(h.dim() == 2 && h.size(0) == 1 && h.device().is_cpu(), "attention_decode takes one token h [1, H]");
+  const Weight q = weight(wq, tq, "q"), k = weight(wk, tk, "k"), v = weight(wv, tv, "v"), o = weight(wo, to, "o");
+  c10::optional<Weight> r;
+  if (router.has_value() && router->defined()) r = weight(*router, tr, "router");
+  const Weight* rp = r.has_value() ? &*r : nullptr;
+  if (h.scalar_type() == at::kFloat)
+    return attention_decode_t<float>(h, attn_norm, ffn_norm, eps, q, k, v, o, bq, bk, bv, bo, qk_norm_mode, q_norm,
+                                     k_norm, cos, sin, k_cache, v_cache, pos, scale, rp, top_k, norm_topk_prob,
+                                     weights_in_logits_dtype);
+  TORCH_CHECK(h.scalar_type() == at::kBFloat16, "attention_decode runs in float32 or bfloat16");
+  return attention_decode_t<c10::BFloat16>(h, attn_norm, ffn_norm, eps, q, k, v, o, bq, bk, bv, bo, qk_norm_mode,
+                                           q_norm, k_norm, cos, sin, k_cache, v_cache, pos, scale, rp, top_k,
+                                           norm_topk_prob, weights_in_logits_dtype);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -399,4 +191,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         free_gil);
   m.def("linear", &linear, "x [M, K] @ GGML weight [N, K]^T with ggml's vec_dot", free_gil);
   m.def("experts_one_token", &experts_one_token, "one token through E quantized SwiGLU experts, summed", free_gil);
+  m.def("attention_decode", &attention_decode, "one decode token through a layer's attention half", free_gil);
 }

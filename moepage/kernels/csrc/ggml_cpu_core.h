@@ -1,0 +1,258 @@
+// The shared core of moepage's ggml CPU kernels (included by ggml_cpu.cpp only): the library's type tables,
+// a thread pool with passive waiting, activation conversion and matvecs on GGML bytes.
+#pragma once
+#include <torch/extension.h>
+
+#include <dlfcn.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace {
+
+// ---- the part of ggml.h / ggml-cpu.h (ggml 0.20) used here -------------------------------------------
+using to_float_t = void (*)(const void*, float*, int64_t);
+using from_float_t = void (*)(const float*, void*, int64_t);
+using vec_dot_t = void (*)(int, float*, size_t, const void*, size_t, const void*, size_t, int);
+
+struct TypeTraits {  // struct ggml_type_traits
+  const char* type_name;
+  int64_t blck_size;
+  int64_t blck_size_interleave;
+  size_t type_size;
+  bool is_quantized;
+  to_float_t to_float;
+  from_float_t from_float_ref;
+};
+
+struct TypeTraitsCpu {  // struct ggml_type_traits_cpu
+  from_float_t from_float;
+  vec_dot_t vec_dot;
+  int vec_dot_type;
+  int64_t nrows;
+};
+
+constexpr int TYPE_F32 = 0, TYPE_Q4_K = 12, TYPE_Q8_K = 15;
+constexpr int TYPE_COUNT = 40;  // ids below MXFP4 + 1: every ggml since 0.20 has them
+
+struct Library {
+  const TypeTraits* (*traits)(int) = nullptr;
+  const TypeTraitsCpu* (*cpu_traits)(int) = nullptr;
+  std::string features;
+};
+Library lib;
+
+void* symbol(void* handle, const char* name, const std::string& path) {
+  void* p = dlsym(handle, name);
+  TORCH_CHECK(p != nullptr, path, ": no symbol ", name, " (not a ggml 0.20 CPU backend library)");
+  return p;
+}
+
+void* open_isolated(const std::string& path) {
+#if defined(__linux__) && defined(__GLIBC__)
+  // A namespace of its own: another ggml in the process (llama-cpp-python's) keeps its own symbols.
+  void* h = dlmopen(LM_ID_NEWLM, path.c_str(), RTLD_NOW | RTLD_LOCAL);
+  if (h != nullptr) return h;
+#endif
+  return dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
+}
+
+// ---- a small thread pool with passive waiting ---------------------------------------------------------
+class Pool {
+ public:
+  // fn(task) for task in [0, tasks), tasks claimed one at a time by `threads` threads (the caller is one).
+  void run(int64_t tasks, int threads, const std::function<void(int64_t)>& fn) {
+    if (threads <= 1 || tasks <= 1) {
+      for (int64_t t = 0; t < tasks; ++t) fn(t);
+      return;
+    }
+    resize(threads - 1);
+    auto job = std::make_shared<Job>();
+    job->fn = &fn;
+    job->tasks = tasks;
+    bool sleeping;
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      job_ = job;
+      epoch_.fetch_add(1);
+      sleeping = sleepers_ > 0;
+    }
+    if (sleeping) wake_.notify_all();
+    work(*job);
+    wait_until([&] { return job->done.load() == tasks; }, done_);
+  }
+
+  ~Pool() { resize(0); }
+
+ private:
+  struct Job {  // a late worker holding a finished job finds no task left in it
+    const std::function<void(int64_t)>* fn = nullptr;
+    int64_t tasks = 0;
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  static constexpr auto SPIN = std::chrono::microseconds(50);  // yield-spin this long for the next job, then sleep
+
+  void work(Job& j) {
+    int64_t finished = 0;
+    for (int64_t t = j.next.fetch_add(1); t < j.tasks; t = j.next.fetch_add(1), ++finished) (*j.fn)(t);
+    if (finished && j.done.fetch_add(finished) + finished == j.tasks) {
+      std::lock_guard<std::mutex> g(mu_);
+      done_.notify_all();
+    }
+  }
+
+  template <class Ready>
+  void wait_until(Ready ready, std::condition_variable& cv) {
+    const auto until = std::chrono::steady_clock::now() + SPIN;
+    while (!ready()) {
+      if (std::chrono::steady_clock::now() > until) {
+        std::unique_lock<std::mutex> l(mu_);
+        ++sleepers_;
+        cv.wait(l, ready);
+        --sleepers_;
+        return;
+      }
+      std::this_thread::yield();
+    }
+  }
+
+  void worker() {
+    uint64_t seen = epoch_.load();
+    for (;;) {
+      wait_until([&] { return epoch_.load() != seen; }, wake_);
+      std::shared_ptr<Job> job;
+      {
+        std::lock_guard<std::mutex> g(mu_);
+        seen = epoch_.load();
+        if (stop_) return;
+        job = job_;
+      }
+      if (job) work(*job);
+    }
+  }
+
+  void resize(size_t n) {
+    if (workers_.size() == n) return;
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      stop_ = true;
+      epoch_.fetch_add(1);
+    }
+    wake_.notify_all();
+    for (auto& t : workers_) t.join();
+    workers_.clear();
+    stop_ = false;
+    for (size_t i = 0; i < n; ++i) workers_.emplace_back([this] { worker(); });
+  }
+
+  std::vector<std::thread> workers_;
+  std::mutex mu_;
+  std::condition_variable wake_, done_;
+  std::atomic<uint64_t> epoch_{0};
+  std::shared_ptr<Job> job_;
+  int sleepers_ = 0;
+  bool stop_ = false;
+};
+
+Pool pool;
+std::mutex pool_mu;  // one parallel region at a time (the pool has one job slot)
+
+void parallel(int64_t tasks, const std::function<void(int64_t)>& fn) {
+  std::lock_guard<std::mutex> g(pool_mu);
+  pool.run(tasks, std::max(1, at::get_num_threads()), fn);
+}
+
+// ---- types ---------------------------------------------------------------------------------------------
+struct Kind {
+  int id;
+  const TypeTraits* t;
+  const TypeTraitsCpu* cpu;
+  const TypeTraits* dot;  // the activation's type
+  const TypeTraitsCpu* dot_cpu;
+
+  int64_t row_bytes(int64_t K) const { return K / t->blck_size * t->type_size; }
+  int64_t dot_row_bytes(int64_t K) const { return K / dot->blck_size * dot->type_size; }
+};
+
+Kind kind(int64_t id) {
+  TORCH_CHECK(lib.traits != nullptr, "the ggml CPU library is not open");
+  TORCH_CHECK(id >= 0 && id < TYPE_COUNT, "GGML type id ", id, " is out of range");
+  Kind k{static_cast<int>(id), lib.traits(id), lib.cpu_traits(id), nullptr, nullptr};
+  TORCH_CHECK(k.t != nullptr && k.t->blck_size > 0 && k.cpu != nullptr && k.cpu->vec_dot != nullptr,
+              "ggml has no CPU dot product for type ", k.t && k.t->type_name ? k.t->type_name : "?");
+  k.dot = lib.traits(k.cpu->vec_dot_type);
+  k.dot_cpu = lib.cpu_traits(k.cpu->vec_dot_type);
+  TORCH_CHECK(k.cpu->vec_dot_type == TYPE_F32 || (k.dot_cpu != nullptr && k.dot_cpu->from_float != nullptr),
+              "ggml cannot convert activations for type ", k.t->type_name);
+  return k;
+}
+
+void check_weight(const torch::Tensor& raw, const Kind& k, int64_t N, int64_t K, const char* what) {
+  TORCH_CHECK(raw.device().is_cpu() && raw.scalar_type() == at::kByte && raw.is_contiguous(), what,
+              ": GGML bytes must be a contiguous uint8 CPU tensor");
+  TORCH_CHECK(K % k.t->blck_size == 0, what, ": ", K, " columns are not a multiple of the ", k.t->type_name,
+              " block size ", k.t->blck_size);
+  TORCH_CHECK(raw.numel() == N * k.row_bytes(K), what, ": ", raw.numel(), " bytes do not hold ", k.t->type_name,
+              " [", N, ", ", K, "]");
+}
+
+// x [M, K] float32 (contiguous) -> M rows of the weight's vec_dot type (K must suit its block size)
+std::vector<uint8_t> quantize_activations(const float* x, int64_t M, int64_t K, const Kind& k) {
+  TORCH_CHECK(K % k.dot->blck_size == 0, K, " activations are not a multiple of the ", k.dot->type_name,
+              " block size ", k.dot->blck_size);
+  const int64_t rb = k.dot_row_bytes(K);
+  std::vector<uint8_t> out(M * rb);
+  if (k.cpu->vec_dot_type == TYPE_F32) {
+    std::memcpy(out.data(), x, M * K * sizeof(float));
+  } else {
+    for (int64_t m = 0; m < M; ++m) k.dot_cpu->from_float(x + m * K, out.data() + m * rb, K);
+  }
+  return out;
+}
+
+constexpr int64_t ROWS_PER_TASK = 16;
+
+// One matrix of a fused matvec: out[n] = row n of w . xq (the activation already in w's vec_dot type), n < N.
+struct Segment {
+  const uint8_t* w;
+  const Kind* k;
+  int64_t N, K;
+  const uint8_t* xq;
+  float* out;
+};
+
+// Every segment's rows in one parallel region (one wake-up of the pool for several matrices).
+void matvec_segments(const std::vector<Segment>& segs) {
+  std::vector<int64_t> first(segs.size() + 1, 0);  // first task of each segment
+  for (size_t i = 0; i < segs.size(); ++i) first[i + 1] = first[i] + (segs[i].N + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
+  parallel(first.back(), [&](int64_t task) {
+    const size_t i = std::upper_bound(first.begin(), first.end(), task) - first.begin() - 1;
+    const Segment& s = segs[i];
+    const int64_t wb = s.k->row_bytes(s.K), n0 = (task - first[i]) * ROWS_PER_TASK;
+    const int64_t n1 = std::min(s.N, n0 + ROWS_PER_TASK);
+    for (int64_t n = n0; n < n1; ++n) s.k->cpu->vec_dot(s.K, s.out + n, 0, s.w + n * wb, 0, s.xq, 0, 1);
+  });
+}
+
+// out[m * ldo + n] = row n of w . activation row m, for n in [0, N)
+void matvec(const uint8_t* w, const Kind& k, int64_t N, int64_t K, const uint8_t* xq, int64_t M, float* out,
+            int64_t ldo) {
+  const int64_t wb = k.row_bytes(K), xb = k.dot_row_bytes(K);
+  parallel((N + ROWS_PER_TASK - 1) / ROWS_PER_TASK, [&](int64_t task) {
+    const int64_t n1 = std::min(N, (task + 1) * ROWS_PER_TASK);
+    for (int64_t n = task * ROWS_PER_TASK; n < n1; ++n)
+      for (int64_t m = 0; m < M; ++m) k.cpu->vec_dot(K, out + m * ldo + n, 0, w + n * wb, 0, xq + m * xb, 0, 1);
+  });
+}
+
+
+}  // namespace

@@ -1,0 +1,205 @@
+// The attention half of one decoder layer for one decode token over GGML weights (included by ggml_cpu.cpp), the
+// quantized twin of bf16_decode.cpp's attention_decode with the same arguments and results:
+//   r = attn_norm(h); q, k, v = r Wq, r Wk, r Wv (+ biases); q/k norm (1: per head [D], 2: over all heads);
+//   RoPE at this position; k, v written to the layer's cache at `pos`; softmax(q k^T * scale) v over positions
+//   0..pos (GQA: query head n reads kv head n / (N/G)); h2 = h + o Wo (+ bias); r2 = ffn_norm(h2);
+//   logits = r2 Wr when a router is given, and its softmax top-k when top_k > 0.
+// Activations, norms, caches and biases are in the model dtype T (float or bf16): values are rounded to T where
+// the torch ops of model.py round them; everything in between is fp32. Weights are GGML bytes multiplied with
+// ggml's vec_dot after one conversion of the activation per vec_dot type.
+//
+// Shape legend: H hidden, N query heads, G kv heads, D head dim, S cache positions, E experts.
+#pragma once
+
+#include "ggml_cpu_core.h"
+
+namespace {
+
+template <class T>
+float round_to(float v) {
+  return static_cast<float>(static_cast<T>(v));
+}
+
+template <class T>
+const T* opt_data(const c10::optional<torch::Tensor>& t, int64_t n, const char* what) {
+  if (!t.has_value() || !t->defined()) return nullptr;
+  TORCH_CHECK(t->numel() == n && t->is_contiguous() && t->scalar_type() == c10::CppTypeToScalarType<T>::value,
+              what, ": expected ", n, " contiguous values of the model dtype");
+  return t->data_ptr<T>();
+}
+
+// kernels/norm.py: x * rsqrt(mean(x^2) + eps) rounded to T, times the weight, rounded to T
+template <class T>
+void rms_norm_row(const float* x, const T* w, int64_t n, double eps, float* out) {
+  float ss = 0.0f;
+  for (int64_t i = 0; i < n; ++i) ss += x[i] * x[i];
+  const float inv = 1.0f / std::sqrt(ss / static_cast<float>(n) + static_cast<float>(eps));
+  for (int64_t i = 0; i < n; ++i) out[i] = round_to<T>(static_cast<float>(w[i]) * round_to<T>(x[i] * inv));
+}
+
+// kernels/rope.py: x * cos + rotate_half(x) * sin, each product and the sum rounded to T
+template <class T>
+void rope_row(float* x, const T* cos, const T* sin, int64_t D) {
+  std::vector<float> y(D);
+  const int64_t half = D / 2;
+  for (int64_t d = 0; d < D; ++d) {
+    const float rot = d < half ? -x[d + half] : x[d - half];
+    y[d] = round_to<T>(round_to<T>(x[d] * static_cast<float>(cos[d])) + round_to<T>(rot * static_cast<float>(sin[d])));
+  }
+  std::copy(y.begin(), y.end(), x);
+}
+
+struct Weight {
+  const uint8_t* data;
+  Kind kind;
+  int64_t rows, cols;
+};
+
+Weight weight(const torch::Tensor& raw, int64_t type, const char* what) {
+  TORCH_CHECK(raw.dim() == 2, what, ": GGML bytes [rows, bytes per row]");
+  Weight w{raw.data_ptr<uint8_t>(), kind(type), raw.size(0), 0};
+  w.cols = raw.size(1) / static_cast<int64_t>(w.kind.t->type_size) * w.kind.t->blck_size;
+  check_weight(raw, w.kind, w.rows, w.cols, what);
+  return w;
+}
+
+// out_i = x . rows of weights[i], for every weight in one parallel region; x converted once per vec_dot type
+void fused_matvec(const float* x, int64_t K, const std::vector<const Weight*>& ws, const std::vector<float*>& outs) {
+  std::vector<std::pair<int, std::vector<uint8_t>>> converted;
+  std::vector<Segment> segs;
+  for (size_t i = 0; i < ws.size(); ++i) {
+    TORCH_CHECK(ws[i]->cols == K, "weight has ", ws[i]->cols, " columns, the activation ", K);
+    const int dot = ws[i]->kind.cpu->vec_dot_type;
+    auto it = std::find_if(converted.begin(), converted.end(), [&](const auto& c) { return c.first == dot; });
+    if (it == converted.end()) {
+      converted.emplace_back(dot, quantize_activations(x, 1, K, ws[i]->kind));
+      it = converted.end() - 1;
+    }
+    segs.push_back({ws[i]->data, &ws[i]->kind, ws[i]->rows, K, it->second.data(), outs[i]});
+  }
+  matvec_segments(segs);
+}
+
+// linear output rounded to T, then the bias added in T (ggml_linear returns x's dtype, then + bias)
+template <class T>
+void finish_linear(float* acc, const T* bias, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    acc[i] = bias ? round_to<T>(round_to<T>(acc[i]) + static_cast<float>(bias[i])) : round_to<T>(acc[i]);
+}
+
+// kernels/routing.py's softmax_topk through the same ATen ops: the K experts ascending and their weights [K]
+std::tuple<std::vector<int64_t>, torch::Tensor> route_softmax_topk(const torch::Tensor& logits, int64_t top_k,
+                                                                   bool norm_topk_prob, bool weights_in_logits_dtype) {
+  TORCH_CHECK(top_k >= 1 && top_k <= logits.size(1), "1 <= top_k <= experts");
+  auto probs = at::softmax(logits, -1, at::kFloat);
+  auto [w, idx] = at::topk(probs, top_k, -1);
+  if (norm_topk_prob) w = w / w.sum(-1, true);
+  if (weights_in_logits_dtype) w = w.to(logits.scalar_type());
+  auto order = at::argsort(idx[0]);
+  auto ids = idx[0].index_select(0, order).contiguous();
+  return {std::vector<int64_t>(ids.data_ptr<int64_t>(), ids.data_ptr<int64_t>() + top_k), w[0].index_select(0, order)};
+}
+
+using DecodeOut = std::tuple<torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>, std::vector<int64_t>,
+                             c10::optional<torch::Tensor>>;
+
+template <class T>
+DecodeOut attention_decode_t(const torch::Tensor& h, const torch::Tensor& attn_norm, const torch::Tensor& ffn_norm,
+                             double eps, const Weight& wq, const Weight& wk, const Weight& wv, const Weight& wo,
+                             const c10::optional<torch::Tensor>& bq, const c10::optional<torch::Tensor>& bk,
+                             const c10::optional<torch::Tensor>& bv, const c10::optional<torch::Tensor>& bo,
+                             int64_t qk_norm_mode, const c10::optional<torch::Tensor>& q_norm,
+                             const c10::optional<torch::Tensor>& k_norm, const torch::Tensor& cos,
+                             const torch::Tensor& sin, torch::Tensor& k_cache, torch::Tensor& v_cache, int64_t pos,
+                             double scale, const Weight* router, int64_t top_k, bool norm_topk_prob,
+                             bool weights_in_logits_dtype) {
+  const auto dtype = c10::CppTypeToScalarType<T>::value;
+  TORCH_CHECK(k_cache.dim() == 3 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                  k_cache.sizes() == v_cache.sizes() && k_cache.scalar_type() == dtype && v_cache.scalar_type() == dtype,
+              "k_cache, v_cache: contiguous [G, S, D] of the model dtype");
+  const int64_t H = h.size(1), G = k_cache.size(0), S = k_cache.size(1), D = k_cache.size(2);
+  const int64_t NQ = wq.rows, NK = wk.rows, N = NQ / D;
+  TORCH_CHECK(wq.cols == H && wk.cols == H && wv.cols == H && NK == G * D && wv.rows == NK && NQ % D == 0 &&
+                  N % G == 0 && wo.rows == H && wo.cols == NQ, "attention weight shapes");
+  TORCH_CHECK(pos >= 0 && pos < S, "position ", pos, " outside the KV cache of ", S);
+  const T* an = opt_data<T>(attn_norm, H, "attn_norm");
+  const T* fn = opt_data<T>(ffn_norm, H, "ffn_norm");
+  const T* cp = opt_data<T>(cos, D, "cos");
+  const T* sp = opt_data<T>(sin, D, "sin");
+  TORCH_CHECK(an && fn && cp && sp, "norm weights and RoPE rows are required");
+  const T *pbq = opt_data<T>(bq, NQ, "q bias"), *pbk = opt_data<T>(bk, NK, "k bias");
+  const T *pbv = opt_data<T>(bv, NK, "v bias"), *pbo = opt_data<T>(bo, H, "o bias");
+  const T* qn = qk_norm_mode ? opt_data<T>(q_norm, qk_norm_mode == 1 ? D : NQ, "q_norm") : nullptr;
+  const T* kn = qk_norm_mode ? opt_data<T>(k_norm, qk_norm_mode == 1 ? D : NK, "k_norm") : nullptr;
+  TORCH_CHECK(qk_norm_mode == 0 || (qn && kn), "qk norm weights missing");
+  TORCH_CHECK(router == nullptr || router->cols == H, "router shape");
+
+  auto hf = h.to(at::kFloat).contiguous();
+  const float* hp = hf.data_ptr<float>();
+  std::vector<float> r(H), q(NQ), k(NK), v(NK);
+  rms_norm_row<T>(hp, an, H, eps, r.data());
+  fused_matvec(r.data(), H, {&wq, &wk, &wv}, {q.data(), k.data(), v.data()});
+  finish_linear<T>(q.data(), pbq, NQ);
+  finish_linear<T>(k.data(), pbk, NK);
+  finish_linear<T>(v.data(), pbv, NK);
+  if (qk_norm_mode == 2) {
+    rms_norm_row<T>(q.data(), qn, NQ, eps, q.data());
+    rms_norm_row<T>(k.data(), kn, NK, eps, k.data());
+  }
+  for (int64_t n = 0; n < N; ++n) {
+    if (qk_norm_mode == 1) rms_norm_row<T>(q.data() + n * D, qn, D, eps, q.data() + n * D);
+    rope_row<T>(q.data() + n * D, cp, sp, D);
+  }
+  T* kc = k_cache.data_ptr<T>();
+  T* vc = v_cache.data_ptr<T>();
+  for (int64_t g = 0; g < G; ++g) {
+    if (qk_norm_mode == 1) rms_norm_row<T>(k.data() + g * D, kn, D, eps, k.data() + g * D);
+    rope_row<T>(k.data() + g * D, cp, sp, D);
+    for (int64_t d = 0; d < D; ++d) {
+      kc[(g * S + pos) * D + d] = static_cast<T>(k[g * D + d]);
+      vc[(g * S + pos) * D + d] = static_cast<T>(v[g * D + d]);
+    }
+  }
+
+  const int64_t P = pos + 1, per_kv = N / G;
+  std::vector<float> attn(NQ);
+  parallel(N, [&](int64_t n) {  // one query head per task
+    const int64_t g = n / per_kv;
+    const float* qh = q.data() + n * D;
+    const T* keys = kc + g * S * D;
+    const T* values = vc + g * S * D;
+    std::vector<float> s(P), o(D, 0.0f);
+    float mx = -INFINITY;
+    for (int64_t p = 0; p < P; ++p) {
+      float dot = 0.0f;
+      for (int64_t d = 0; d < D; ++d) dot += qh[d] * static_cast<float>(keys[p * D + d]);
+      s[p] = dot * static_cast<float>(scale);
+      mx = std::max(mx, s[p]);
+    }
+    float sum = 0.0f;
+    for (int64_t p = 0; p < P; ++p) {
+      s[p] = std::exp(s[p] - mx);
+      sum += s[p];
+    }
+    for (int64_t p = 0; p < P; ++p)
+      for (int64_t d = 0; d < D; ++d) o[d] += s[p] * static_cast<float>(values[p * D + d]);
+    for (int64_t d = 0; d < D; ++d) attn[n * D + d] = round_to<T>(o[d] / sum);
+  });
+
+  std::vector<float> oacc(H), h2f(H), r2f(H);
+  fused_matvec(attn.data(), NQ, {&wo}, {oacc.data()});
+  finish_linear<T>(oacc.data(), pbo, H);
+  for (int64_t j = 0; j < H; ++j) h2f[j] = round_to<T>(round_to<T>(hp[j]) + oacc[j]);
+  rms_norm_row<T>(h2f.data(), fn, H, eps, r2f.data());
+  auto h2 = torch::from_blob(h2f.data(), {1, H}, at::kFloat).to(dtype, false, true);
+  auto r2 = torch::from_blob(r2f.data(), {1, H}, at::kFloat).to(dtype, false, true);
+  if (router == nullptr) return {h2, r2, c10::nullopt, {}, c10::nullopt};
+  std::vector<float> lacc(router->rows);
+  fused_matvec(r2f.data(), H, {router}, {lacc.data()});
+  auto logits = torch::from_blob(lacc.data(), {1, router->rows}, at::kFloat).to(dtype, false, true);
+  if (top_k <= 0) return {h2, r2, logits, {}, c10::nullopt};
+  auto [experts, weights] = route_softmax_topk(logits, top_k, norm_topk_prob, weights_in_logits_dtype);
+  return {h2, r2, logits, experts, weights};
+}
+
+}  // namespace

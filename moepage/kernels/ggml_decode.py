@@ -1,0 +1,69 @@
+"""One C++ call per decode layer for models whose attention weights are GGML bytes (a quantized GGUF): the twin
+of bf16_decode's attention_decode (same arguments, same results), built on ggml's CPU kernels
+(csrc/ggml_cpu_decode.h).
+
+Shape legend: R weight rows, C weight columns.
+"""
+from __future__ import annotations
+
+import torch
+
+from moepage.kernels.ggml import backend_for, ggml_backend
+from moepage.kernels.ggml_linear import GGMLWeight
+
+PLAIN_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 30}  # GGML type ids of plain matrices
+MODEL_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _ggml_bytes(w: torch.Tensor) -> tuple[torch.Tensor, int, int] | None:
+    """w (a GGMLWeight or a plain 2-D matrix) -> (uint8 [R, bytes per row], GGML type id, C), or None when ggml's
+    kernels cannot multiply it."""
+    if isinstance(w, GGMLWeight):
+        q = w.qweight
+        return (q.data.view(q.shape[0], -1), q.type.id, q.shape[1]) if backend_for(q) is not None else None
+    if type(w) is torch.Tensor and w.dim() == 2 and w.is_contiguous() and w.device.type == "cpu" \
+            and w.dtype in PLAIN_TYPES:
+        return w.view(torch.uint8), PLAIN_TYPES[w.dtype], w.shape[1]
+    return None
+
+
+class QuantizedDecodeKernel:
+    """attention_decode(...) with bf16_decode's signature; each weight's bytes and type looked up once."""
+
+    def __init__(self, module, weights: dict[int, tuple[torch.Tensor, int]]):
+        self.module = module
+        self.weights = weights  # id(weight tensor) -> (GGML bytes, type id)
+
+    def attention_decode(self, h, attn_norm, ffn_norm, eps, wq, wk, wv, wo, bq, bk, bv, bo, qk_norm_mode, q_norm,
+                         k_norm, cos, sin, k_cache, v_cache, pos, scale, router, top_k, norm_topk_prob,
+                         weights_in_logits_dtype):
+        w = self.weights
+        router = getattr(router, "weight", router)  # a Router object or its weight
+        r, tr = w[id(router)] if router is not None else (None, 0)
+        return self.module.attention_decode(h, attn_norm, ffn_norm, eps, *w[id(wq)], *w[id(wk)], *w[id(wv)],
+                                            *w[id(wo)], bq, bk, bv, bo, qk_norm_mode, q_norm, k_norm, cos, sin,
+                                            k_cache, v_cache, pos, scale, r, tr, top_k, norm_topk_prob,
+                                            weights_in_logits_dtype)
+
+
+def quantized_decode_kernel(layers, dtype: torch.dtype, device: torch.device) -> QuantizedDecodeKernel | None:
+    """The kernel for a model whose layers (model.Layer: q, k, v, o, norms, biases, moe.router) hold GGML weights
+    ggml's kernels multiply and plain CPU tensors of the model dtype elsewhere; None otherwise."""
+    b = ggml_backend()
+    if b is None or dtype not in MODEL_DTYPES or device.type != "cpu":
+        return None
+    weights: dict[int, tuple[torch.Tensor, int]] = {}
+    any_ggml = False
+    for layer in layers:
+        router = getattr(layer.moe.router, "weight", layer.moe.router) if layer.moe is not None else None
+        for t in (layer.q, layer.k, layer.v, layer.o) + ((router,) if isinstance(router, torch.Tensor) else ()):
+            raw = _ggml_bytes(t)
+            if raw is None or raw[2] % b.activation_block(raw[1]):
+                return None
+            weights[id(t)] = raw[:2]
+            any_ggml |= isinstance(t, GGMLWeight)
+        for t in (layer.attn_norm, layer.ffn_norm, layer.q_bias, layer.k_bias, layer.v_bias, layer.o_bias,
+                  layer.q_norm, layer.k_norm):
+            if t is not None and not (type(t) is torch.Tensor and t.dtype == dtype and t.is_contiguous()):
+                return None
+    return QuantizedDecodeKernel(b.module, weights) if any_ggml else None
