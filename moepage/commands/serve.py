@@ -36,6 +36,11 @@ def register(sub):
                    help="serve /metrics without the API key (for scrapers); /health is always open")
     p.add_argument("--template-timeout", type=float, default=2.0, metavar="SECONDS",
                    help="longest one chat-template rendering may run; past it the request fails with 500")
+    p.add_argument("--no-prompt-cache", action="store_true",
+                   help="prefill every prompt from its first token (default: re-use the longest cached prefix)")
+    p.add_argument("--prompt-cache-bytes", type=parse_size, default=None, metavar="SIZE",
+                   help="memory for earlier conversations' states, inside --memory-budget (default: one full "
+                        "context's KV cache; under a budget at most half of what experts have beyond one token's)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_engine_arguments(p)
     add_elastic_arguments(p)
@@ -57,6 +62,16 @@ def settings_from_args(args, model_id: str, routing: str = "exact"):
                           api_keys=keys, cors_origins=cors, max_queue=args.max_queue, tool_parser=args.tool_parser,
                           sse_ping_seconds=args.sse_ping, routing=routing, max_request_bytes=args.max_request_bytes,
                           metrics_public=args.metrics_public, template_timeout_seconds=args.template_timeout)
+
+
+def prompt_cache_line(engine) -> str:
+    from moepage.paging.budget import human
+
+    pc = engine.prompt_cache
+    if pc is None:
+        return "prompt cache: off (--no-prompt-cache)"
+    return (f"prompt cache: {human(pc.capacity)} (--prompt-cache-bytes) for earlier conversations; prompts re-use "
+            f"their longest cached prefix in whole chunks of {pc.chunk} tokens (the same tokens as without it)")
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -95,8 +110,12 @@ def _serve(args, sock: socket.socket) -> int:
     resolved = resolve_model(args.model, args.revision)
     settings = settings_from_args(args, resolved.model_id)
     print(f"moepage serve: loading {resolved.path} ({resolved.kind})", file=sys.stderr)
-    engine = Engine.load(engine_config(args, resolved.path))
+    config = engine_config(args, resolved.path)
+    config.prefix_cache = not args.no_prompt_cache
+    config.prompt_cache_bytes = args.prompt_cache_bytes
+    engine = Engine.load(config)
     print(engine.memory_summary(), file=sys.stderr)
+    print(prompt_cache_line(engine), file=sys.stderr)
     try:
         elastic, line = install_elastic(engine, args)
     except (ValueError, OSError):

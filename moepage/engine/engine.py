@@ -11,6 +11,7 @@ import torch
 from moepage.engine.checkpoint import Checkpoint, open_checkpoint
 from moepage.engine.kv_cache import ContextOverflow, KVCache
 from moepage.engine.model import MoEModel
+from moepage.engine.prompt_cache import PromptCache
 from moepage.engine.quantized_expert import expert_loader
 from moepage.engine.sampling import Sampler, SamplingParams, StopMatcher
 from moepage.engine.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -41,7 +42,9 @@ class EngineConfig:
     prefill_chunk: int = 512
     verify_shards: bool = True
     drop_page_cache: bool = True
-    prefix_cache: bool = False  # reuse the KV of the previous prompt's common prefix (faster, not bit-exact)
+    # Prompt cache: re-use the longest chunk-aligned cached prefix of each prompt (exact: engine/prompt_cache.py).
+    prefix_cache: bool = False
+    prompt_cache_bytes: int | None = None  # snapshots kept; None: default_prompt_cache_bytes
     # Read the token embedding table row by row from disk instead of holding it (a large vocabulary's table is big).
     # None: do so when a memory budget is set and the embeddings are not tied to the lm_head.
     embed_on_disk: bool | None = None
@@ -112,6 +115,8 @@ class Engine:
         self.eos_ids = eos
         self.last_stats = GenerationStats()
         self.kv_ids: list[int] = []  # the tokens whose keys/values are in self.kv
+        self.exact_ids: list[int] = []  # the prefix of kv_ids whose state a fresh prefill would give bit for bit
+        self.prompt_cache: PromptCache | None = None
         self.secretary = None  # paging.secretary.Secretary when EngineConfig.secretary names a profile
 
     @classmethod
@@ -146,8 +151,12 @@ class Engine:
         n_experts = len(args.moe_layers) * args.num_experts
         load_expert, expert_nbytes, each = expert_loader(ckpt.experts, args, dtype, device)
         buffers = read_buffer_bytes(ckpt, cfg.io_threads)
+        prompt_cache_bytes = 0
+        if cfg.prefix_cache:
+            prompt_cache_bytes = cfg.prompt_cache_bytes if cfg.prompt_cache_bytes is not None else \
+                default_prompt_cache_bytes(cfg.memory_budget, resident_bytes, kv_bytes, buffers, args.top_k * each)
         plan = plan_memory(cfg.memory_budget, resident_bytes, kv_bytes, each, n_experts, args.top_k,
-                           cfg.expert_cache_bytes, buffers)
+                           cfg.expert_cache_bytes, buffers, prompt_cache_bytes)
         if embed_rows is not None:
             plan.on_disk_bytes = ckpt.tensor_nbytes(names["embed"])
         cache = ExpertCache(
@@ -176,6 +185,8 @@ class Engine:
                 cache.prefetch([(layer, e) for e in range(args.num_experts)])
                 cache.wait_idle()
         engine = cls(ckpt, tokenizer, model, cache, model.new_kv_cache(ctx), plan, cfg)
+        if cfg.prefix_cache:
+            engine.prompt_cache = PromptCache(prompt_cache_bytes, cfg.prefill_chunk)
         if cfg.secretary:
             from moepage.paging.secretary import Secretary
 
@@ -211,10 +222,11 @@ class Engine:
     def prefill(self, ids: list[int], cancelled: Callable[[], bool] | None = None) -> torch.Tensor | None:
         """Run the prompt through the model in chunks; logits [V] of the last position (None if cancelled)."""
         start = 0
-        if self.cfg.prefix_cache:
-            start = min(_common_prefix(self.kv_ids, ids), len(ids) - 1)
+        if self.prompt_cache is not None:  # chunk-aligned: the chunks below are those a fresh prefill runs
+            start = self.prompt_cache.begin(self.kv, self.exact_ids, ids)
         self.kv.length = start
         self.kv_ids = list(ids[:start])
+        self.exact_ids = list(ids[:start])
         self.last_stats.cached_prompt_tokens = start
         logits = None
         chunk = max(1, self.cfg.prefill_chunk)
@@ -223,6 +235,9 @@ class Engine:
                 return None
             logits = self.model.forward(torch.tensor(ids[s : s + chunk]), self.kv, start=s)
             self.kv_ids = list(ids[: s + chunk])
+            if s + chunk <= len(ids):  # a whole chunk: exactly what a longer prompt's prefill computes here
+                self.exact_ids = list(self.kv_ids)
+                self.kv.mark(s + chunk)
         return logits[-1]
 
     def logits_all(self, ids: list[int]) -> torch.Tensor:
@@ -230,6 +245,7 @@ class Engine:
         with self.lock:
             self.kv.length = 0
             self.kv_ids = list(ids)
+            self.exact_ids = []  # one pass over every position: not the chunks a prefill runs
             return self.model.forward(torch.tensor(ids), self.kv, start=0, all_logits=True)
 
     def generate(self, prompt_ids: list[int], params: SamplingParams,
@@ -334,12 +350,11 @@ def choose_policy(name: str, plan: MemoryPlan, experts_per_token: int) -> str:
     return "stale" if capacity < experts_per_token else "lru"
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+def default_prompt_cache_bytes(budget: int | None, resident: int, kv: int, buffers: int, min_experts: int) -> int:
+    """One full context's state; under a budget at most half of what the experts could have beyond their minimum."""
+    if budget is None:
+        return kv
+    return max(0, min(kv, (budget - resident - kv - buffers - min_experts) // 2))
 
 
 def _as_list(v) -> list[int]:

@@ -1,4 +1,4 @@
-"""Preallocated KV cache for one sequence.
+"""Preallocated KV cache for one sequence, with snapshots of a prefix for the prompt cache.
 
 Shape legend: L layers, G kv heads, S max tokens, D head dim, T new tokens.
 """
@@ -43,3 +43,41 @@ class KVCache:
 
     def truncate(self, length: int):
         self.length = min(self.length, length)
+
+    def mark(self, length: int):
+        """The state after `length` tokens may be snapshot later: positions stay where they are, nothing to copy."""
+
+    def snapshot(self, length: int) -> "KVSnapshot":
+        """A copy of the keys and values of the first `length` positions (for the prompt cache)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot snapshot {length} positions of a KV cache holding {self.length}")
+        return KVSnapshot(self.k[:, :, :, :length].clone(), self.v[:, :, :, :length].clone(), length)
+
+    def rewind(self, length: int) -> int:
+        """Keep the first `length` positions (any length: positions do not change)."""
+        self.length = min(self.length, length)
+        return self.length
+
+    def restore(self, snap: "KVSnapshot", length: int) -> int:
+        """Put the snapshot's first `length` positions back (the snapshot stays as it is); the cache then holds
+        exactly those."""
+        if snap.k.shape[:3] != self.k.shape[:3] or snap.k.shape[4] != self.k.shape[4] or snap.k.dtype != self.k.dtype:
+            raise ValueError("a KV snapshot of another model shape cannot be restored here")
+        n = min(length, snap.length)
+        if n > self.max_tokens:
+            raise ContextOverflow(n, self.max_tokens)
+        self.k[:, :, :, :n] = snap.k[:, :, :, :n]
+        self.v[:, :, :, :n] = snap.v[:, :, :, :n]
+        self.length = n
+        return n
+
+
+class KVSnapshot:
+    """Keys and values [L, 1, G, length, D] of a sequence's first `length` positions."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, length: int):
+        self.k, self.v, self.length = k, v, length
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()

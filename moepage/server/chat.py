@@ -219,8 +219,7 @@ class ChatHandler:
             if err:
                 raise err
         completion = sum(a.tokens for a in assemblers)
-        usage = Usage(prompt_tokens=len(prompt_ids), completion_tokens=completion,
-                      total_tokens=len(prompt_ids) + completion)
+        usage = Usage.of(len(prompt_ids), completion, first.cached_tokens)
         body = ChatCompletion(id=rid, created=created, model=model, choices=choices, usage=usage)
         if svc.settings.log_requests:
             log.info("chat %s: %d tokens, finish %s, tool calls %s", rid, completion,
@@ -274,8 +273,7 @@ class ChatHandler:
                 yield chunk(i, Delta(), a.finish_reason, a.take_logprobs())
             if include_usage and not failed:
                 completion = sum(a.tokens for a in assemblers)
-                usage = Usage(prompt_tokens=len(prompt_ids), completion_tokens=completion,
-                              total_tokens=len(prompt_ids) + completion)
+                usage = Usage.of(len(prompt_ids), completion, first.cached_tokens)
                 final = ChatCompletionChunk(id=rid, created=created, model=model, choices=[], usage=usage)
                 yield chunk_json(final, True)
             yield DONE

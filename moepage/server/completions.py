@@ -82,7 +82,7 @@ class CompletionHandler:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return sse_response(self._stream(req, rid, created, model, jobs, first, include_usage),
                                 svc.settings.sse_ping_seconds)
-        choices, prompt_tokens, completion_tokens = [], 0, 0
+        choices, prompt_tokens, completion_tokens, cached_tokens = [], 0, 0, 0
         try:
             for index, (p, ids, params) in enumerate(jobs):
                 job = first if index == 0 else svc.submit(ids, params)
@@ -102,16 +102,16 @@ class CompletionHandler:
                                                 logprobs=lp.take() if lp else None, finish_reason=finish))
                 prompt_tokens += len(ids)
                 completion_tokens += len(steps)
+                cached_tokens += job.cached_tokens
         finally:
             first.cancel()
-        usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                      total_tokens=prompt_tokens + completion_tokens)
+        usage = Usage.of(prompt_tokens, completion_tokens, cached_tokens)
         return JSONResponse(Completion(id=rid, created=created, model=model, choices=choices, usage=usage).model_dump())
 
     async def _stream(self, req, rid, created, model, jobs, first, include_usage):
         svc = self.svc
         job = first
-        prompt_tokens = completion_tokens = 0
+        prompt_tokens = completion_tokens = cached_tokens = 0
 
         def chunk(index, text, finish=None, logprobs=None):
             c = Completion(id=rid, created=created, model=model,
@@ -145,9 +145,9 @@ class CompletionHandler:
                         err = APIError(500, f"generation failed: {type(inner).__name__}: {inner}")
                     yield error_event(err)
                     break
+                cached_tokens += job.cached_tokens
             if include_usage:
-                usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                              total_tokens=prompt_tokens + completion_tokens)
+                usage = Usage.of(prompt_tokens, completion_tokens, cached_tokens)
                 yield chunk_json(Completion(id=rid, created=created, model=model, choices=[], usage=usage), True)
             yield DONE
         except (asyncio.CancelledError, GeneratorExit):

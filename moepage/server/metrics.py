@@ -73,6 +73,18 @@ class EngineCollector(Collector):
         yield gauge("moepage_requests_running", "Requests generating now", self.worker.running)
         yield gauge("moepage_requests_waiting", "Requests queued behind the running one", self.worker.waiting)
         yield gauge("moepage_context_length_tokens", "KV cache length in tokens", self.engine.ctx_size)
+        prompt_cache = getattr(self.engine, "prompt_cache", None)
+        if prompt_cache is not None:
+            p = prompt_cache.snapshot_stats()
+            yield counter("moepage_prompt_tokens_reused", "Prompt tokens whose state came from the prompt cache",
+                          p["reused_tokens"])
+            yield counter("moepage_prompt_tokens_computed", "Prompt tokens prefilled (not found in the prompt cache)",
+                          p["computed_tokens"])
+            yield counter("moepage_prompt_cache_hits", "Prompts that re-used a cached prefix", p["hits"])
+            yield counter("moepage_prompt_cache_evictions", "Cached conversation states evicted", p["evictions"])
+            yield gauge("moepage_prompt_cache_entries", "Conversation states held in the prompt cache", p["entries"])
+            yield gauge("moepage_prompt_cache_used_bytes", "Bytes of the prompt cache's snapshots", p["bytes"])
+            yield gauge("moepage_prompt_cache_capacity_bytes", "Byte budget of the prompt cache", p["capacity_bytes"])
         secretary = getattr(self.engine, "secretary", None)
         if secretary is not None:
             yield from self._secretary(secretary.snapshot(), counter)

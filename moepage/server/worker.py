@@ -40,6 +40,7 @@ class Job:
     cancel_event: threading.Event = field(default_factory=threading.Event)
     timing: JobTiming = field(default_factory=lambda: JobTiming(time.perf_counter()))
     finish_reason: str | None = None
+    cached_tokens: int = 0  # prompt tokens the engine re-used from its prompt cache (known at the first step)
     state: str = "queued"  # queued -> running -> done, or queued -> withdrawn (set under the worker's lock)
     on_cancel: Callable[["Job"], None] | None = None
 
@@ -147,6 +148,8 @@ class EngineWorker:
             if not job.cancelled:
                 gen = self.engine.generate(job.prompt_ids, job.params, cancelled=job.cancel_event.is_set)
                 for step in gen:
+                    if not job.timing.token_times:
+                        job.cached_tokens = self.engine.last_stats.cached_prompt_tokens
                     job.timing.token_times.append(time.perf_counter())
                     if step.finish_reason:
                         job.finish_reason = step.finish_reason
