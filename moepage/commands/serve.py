@@ -105,6 +105,7 @@ def _serve(args, sock: socket.socket) -> int:
 
     from moepage.engine.engine import Engine
     from moepage.server.app import create_app
+    from moepage.server.discovery import context_warning
     from moepage.server.model_source import resolve_model
 
     resolved = resolve_model(args.model, args.revision)
@@ -116,6 +117,9 @@ def _serve(args, sock: socket.socket) -> int:
     engine = Engine.load(config)
     print(engine.memory_summary(), file=sys.stderr)
     print(prompt_cache_line(engine), file=sys.stderr)
+    warning = context_warning(args.ctx_size, engine.args.max_position_embeddings)
+    if warning:
+        print(warning, file=sys.stderr)
     try:
         elastic, line = install_elastic(engine, args)
     except (ValueError, OSError):

@@ -15,6 +15,7 @@ from moepage.server.body_limit import BodyLimitMiddleware
 from moepage.server.chat import ChatHandler
 from moepage.server.completions import CompletionHandler
 from moepage.server.cpu_pool import CpuPool
+from moepage.server.discovery import model_card, props
 from moepage.server.errors import APIError, bad_request, install_error_handlers
 from moepage.server.generation import GenerationService
 from moepage.server.metrics import EngineCollector, RequestMetrics
@@ -99,7 +100,11 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
         return get_redoc_html(openapi_url="/openapi.json", title="moepage API")
 
     def card() -> ModelCard:
-        return ModelCard(id=settings.model_id, created=created, max_model_len=engine.ctx_size)
+        return model_card(engine, settings, created)
+
+    @app.get("/props", dependencies=auth, responses=ERRORS)
+    async def llama_server_props():
+        return props(engine, settings)
 
     @app.get("/v1/models", response_model=ModelList, dependencies=auth, responses=ERRORS)
     async def models():

@@ -291,7 +291,9 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "moepage"
-    max_model_len: Optional[int] = None
+    max_model_len: Optional[int] = None  # vLLM's name for the served context
+    context_length: Optional[int] = None  # OpenRouter's and LM Studio's
+    meta: Optional[dict] = None  # llama-server's: n_ctx, n_ctx_train, n_vocab, n_embd
 
 
 class ModelList(BaseModel):
