@@ -1,6 +1,6 @@
-"""One decode token's quantized matvec, x [1, K] @ W [N, K]^T, by three kernels: ggml's CPU `vec_dot` (moepage's
-path: kernels/csrc/ggml_cpu.cpp over libggml-cpu), moepage's own block-decoding C++ gemv (csrc/ggml_gemv.cpp,
-AVX-512 only, five types) and torch (dequantize, then F.linear).
+"""One decode token's quantized matvec, x [1, K] @ W [N, K]^T, by ggml's CPU `vec_dot` (moepage's path:
+kernels/csrc/ggml_cpu.cpp over libggml-cpu) and by torch (dequantize, then F.linear). docs/performance.md also
+has moepage's own former block-decoding gemv (csrc/ggml_gemv.cpp, removed) measured with this script.
 
     python bench/quant_matvec.py [--threads 2] [--iters 20]
     MOEPAGE_GGML_LIB=.../llama_cpp/lib/libggml-cpu.so python bench/quant_matvec.py   # llama.cpp's own build
@@ -19,11 +19,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from moepage.kernels import native
 from moepage.kernels.ggml import BY_NAME, dequantize
 from moepage.kernels.ggml_cpu import backend
 
-OWN_TYPES = {"Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K"}  # the block decoders of csrc/ggml_gemv.cpp
 SHAPES = {"lm_head": (151936, 1024), "expert gate/up": (768, 2048), "expert down": (2048, 768)}
 TYPES = {"lm_head": ["Q6_K", "Q4_K", "Q8_0", "Q4_0", "Q5_0"],
          "expert gate/up": ["Q4_K", "Q5_K", "Q4_0", "IQ4_XS"],
@@ -57,10 +55,9 @@ def main():
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     ggml = backend()
-    ours = native.load("ggml_gemv")
     print(f"ggml: {ggml.path if ggml else 'unavailable'} ({ggml.features if ggml else '-'}); {a.threads} threads")
-    print("| shape | type | MB | ggml vec_dot ms (GB/s) | moepage gemv ms (GB/s) | torch dequantize + F.linear ms |")
-    print("|---|---|---|---|---|---|")
+    print("| shape | type | MB | ggml vec_dot ms (GB/s) | torch dequantize + F.linear ms |")
+    print("|---|---|---|---|---|")
     for label, (n, k) in SHAPES.items():
         x = torch.randn(1, k, generator=torch.Generator().manual_seed(1))
         for qtype in TYPES[label]:
@@ -70,11 +67,6 @@ def main():
             cells = []
             if ggml and ggml.multiplies(t.id):
                 ms = median_ms(lambda: ggml.linear(x, w, t.id, n), a.iters)
-                cells.append(f"{ms:.2f} ({mb / ms:.1f})")
-            else:
-                cells.append("-")
-            if ours is not None and qtype in OWN_TYPES:
-                ms = median_ms(lambda: ours.linear(x, w, qtype, n), a.iters)
                 cells.append(f"{ms:.2f} ({mb / ms:.1f})")
             else:
                 cells.append("-")

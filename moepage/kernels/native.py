@@ -19,7 +19,6 @@ CSRC = os.path.join(os.path.dirname(__file__), "csrc")
 # module -> (CPU flags it needs, extra compiler flags); bump the version suffix when a source changes.
 MODULES = {
     "bf16_decode": ({"avx512f", "avx512bw", "avx512_bf16"}, ["-mavx512f", "-mavx512bw", "-mavx512bf16"]),
-    "ggml_gemv": ({"avx512f"}, ["-mavx512f", "-mf16c", "-ffp-contract=off"]),
     "bf16_unpack": ({"avx512f", "avx512bw", "avx512_vbmi2", "popcnt"}, ["-mavx512f", "-mavx512bw", "-mavx512vbmi2",
                                                                          "-mpopcnt"]),
     "ggml_cpu": (set(), []),  # portable: the SIMD is in the libggml-cpu it opens at run time
