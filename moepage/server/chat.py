@@ -13,6 +13,7 @@ from moepage.server.errors import APIError
 from moepage.server.generation import ClientDisconnected, GenerationService, engine_error
 from moepage.server.json_schema import check_schema, validate as validate_json
 from moepage.server.prompts import chat_prompt_ids, tool_dicts
+from moepage.server.reasoning import CLOSE_THINKING, ReasoningDelta, ReasoningSplitter, prompt_opens_thinking
 from moepage.server.protocol import (
     ChatChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChoiceLogprobs, ChunkChoice, Delta,
     DeltaFunctionCall, DeltaToolCall, ResponseFunctionCall, ResponseMessage, ResponseToolCall, TokenLogprob,
@@ -29,11 +30,13 @@ class ChoiceAssembler:
     """Turns one generation's steps into deltas (streamed) and the final message (both from the same parser)."""
 
     def __init__(self, index: int, tokenizer, tools: list[dict] | None, formats: tuple[str, ...], logprobs: bool,
-                 prefix: str = ""):
+                 prefix: str = "", thinking: bool = False):
         self.index = index
         self.tokenizer = tokenizer
         self.parser = ToolCallParser(tools, formats) if tools else None
         self.prefix = prefix  # forced tool-call opening already in the prompt: parsed as if the model wrote it
+        # thinking: the prompt ends inside an open <think>; with a forced prefix the output is a tool call
+        self.reasoning = ReasoningSplitter(in_reasoning=thinking, detect_open=not prefix)
         self.want_logprobs = logprobs
         self.content = ""
         self.logprobs: list[TokenLogprob] = []
@@ -61,10 +64,20 @@ class ChoiceAssembler:
             self._pending_lp.append(lp)
         if s.finish_reason:
             self.finish_reason = s.finish_reason
-        return self._deltas(self.parser.feed(s.text) if self.parser else [ContentDelta(s.text)] if s.text else [])
+        return self._split(self.reasoning.feed(s.text))
+
+    def _split(self, parts) -> list[Delta]:
+        out = []
+        for part in parts:
+            if isinstance(part, ReasoningDelta):
+                out.append(Delta(reasoning_content=part.text))
+            elif part.text:
+                out += self._deltas(self.parser.feed(part.text) if self.parser else [ContentDelta(part.text)])
+        return out
 
     def finish(self) -> list[Delta]:
-        deltas = self._deltas(self.parser.finish()) if self.parser else []
+        deltas = self._split(self.reasoning.finish())
+        deltas += self._deltas(self.parser.finish()) if self.parser else []
         if self.parser and self.parser.calls and self.finish_reason == "stop":
             self.finish_reason = "tool_calls"
         return deltas
@@ -95,7 +108,7 @@ class ChoiceAssembler:
             content = None
         tool_calls = [ResponseToolCall(id=c.id, function=ResponseFunctionCall(name=c.name, arguments=c.arguments))
                       for c in calls] or None
-        return ResponseMessage(content=content, tool_calls=tool_calls)
+        return ResponseMessage(content=content, reasoning_content=self.reasoning.reasoning_text, tool_calls=tool_calls)
 
 
 def _check_json_output(text: str | None, fmt) -> APIError | None:
@@ -151,14 +164,24 @@ class ChatHandler:
                                 "with --tool-parser", param="tool_choice", code="tool_choice_unsupported")
         return forced_prefix(fmt, name)
 
-    def _prompt_ids(self, req: ChatCompletionRequest, prefix: str) -> list[int]:
-        """Template and tokens (CPU work, in the pool). Tools go to the template even with tool_choice "none" (as in
-        vLLM); "none" only turns parsing off."""
+    def _prompt_ids(self, req: ChatCompletionRequest, prefix: str) -> tuple[list[int], bool]:
+        """Template and tokens (CPU work, in the pool), and whether the output starts inside <think>. Tools go to
+        the template even with tool_choice "none" (as in vLLM); "none" only turns parsing off. Thinking off
+        (enable_thinking false, reasoning_effort "none") reaches the template; a generation prompt that opens
+        <think> all the same, or before a forced tool call, gets it closed."""
         engine = self.svc.engine
-        ids = chat_prompt_ids(engine.tokenizer, req.messages, req.tools or None,
-                              template_kwargs=req.chat_template_kwargs, limits=self.svc.render_limits,
-                              ctx_size=engine.ctx_size)
-        return ids + engine.tokenizer.encode(prefix, add_special_tokens=False) if prefix else ids
+        tk = engine.tokenizer
+        kwargs = dict(req.chat_template_kwargs or {})
+        if req.reasoning_effort == "none":
+            kwargs.setdefault("enable_thinking", False)
+        elif req.reasoning_effort:
+            kwargs.setdefault("reasoning_effort", req.reasoning_effort)
+        ids = chat_prompt_ids(tk, req.messages, req.tools or None, template_kwargs=kwargs,
+                              limits=self.svc.render_limits, ctx_size=engine.ctx_size)
+        thinking = prompt_opens_thinking(tk.decode(ids[-8:], skip_special_tokens=False))
+        if thinking and (kwargs.get("enable_thinking") is False or prefix):
+            ids, thinking = ids + tk.encode(CLOSE_THINKING, add_special_tokens=False), False
+        return (ids + tk.encode(prefix, add_special_tokens=False) if prefix else ids), thinking
 
     async def __call__(self, req: ChatCompletionRequest, request: Request) -> Response:
         svc = self.svc
@@ -176,11 +199,11 @@ class ChatHandler:
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         n = req.n or 1
         params = [svc.sampling_params(req, max_tokens, logprobs, i) for i in range(n)]
-        prompt_ids = await svc.cpu.run(self._prompt_ids, req, prefix)
+        prompt_ids, thinking = await svc.cpu.run(self._prompt_ids, req, prefix)
         svc.check_context(prompt_ids, "messages")
         tools = tool_dicts(req.tools) if req.tools and req.tool_choice != "none" else None
-        assemblers = [ChoiceAssembler(i, svc.engine.tokenizer, tools, self._formats(), bool(req.logprobs), prefix)
-                      for i in range(n)]
+        assemblers = [ChoiceAssembler(i, svc.engine.tokenizer, tools, self._formats(), bool(req.logprobs), prefix,
+                                      thinking) for i in range(n)]
         rid, created, model = new_id("chatcmpl"), now(), svc.settings.model_id
         if svc.settings.log_requests:
             choice = req.tool_choice if isinstance(req.tool_choice, (str, type(None))) else \
