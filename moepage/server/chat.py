@@ -30,10 +30,11 @@ class ChoiceAssembler:
     """Turns one generation's steps into deltas (streamed) and the final message (both from the same parser)."""
 
     def __init__(self, index: int, tokenizer, tools: list[dict] | None, formats: tuple[str, ...], logprobs: bool,
-                 prefix: str = "", thinking: bool = False):
+                 prefix: str = "", thinking: bool = False, max_calls: int | None = None):
         self.index = index
         self.tokenizer = tokenizer
         self.parser = ToolCallParser(tools, formats) if tools else None
+        self.max_calls = max_calls  # parallel_tool_calls false: 1 (later calls are dropped)
         self.prefix = prefix  # forced tool-call opening already in the prompt: parsed as if the model wrote it
         # thinking: the prompt ends inside an open <think>; with a forced prefix the output is a tool call
         self.reasoning = ReasoningSplitter(in_reasoning=thinking, detect_open=not prefix)
@@ -91,6 +92,8 @@ class ChoiceAssembler:
     def _deltas(self, events) -> list[Delta]:
         out = []
         for e in events:
+            if self.max_calls is not None and getattr(e, "index", -1) >= self.max_calls:
+                continue
             if isinstance(e, ContentDelta):
                 self.content += e.text
                 out.append(Delta(content=e.text))
@@ -102,7 +105,7 @@ class ChoiceAssembler:
         return out
 
     def message(self) -> ResponseMessage:
-        calls = self.parser.calls if self.parser else []
+        calls = (self.parser.calls if self.parser else [])[: self.max_calls]
         content = self.content
         if calls and not content.strip():
             content = None
@@ -203,7 +206,7 @@ class ChatHandler:
         svc.check_context(prompt_ids, "messages")
         tools = tool_dicts(req.tools) if req.tools and req.tool_choice != "none" else None
         assemblers = [ChoiceAssembler(i, svc.engine.tokenizer, tools, self._formats(), bool(req.logprobs), prefix,
-                                      thinking) for i in range(n)]
+                                      thinking, 1 if req.parallel_tool_calls is False else None) for i in range(n)]
         rid, created, model = new_id("chatcmpl"), now(), svc.settings.model_id
         if svc.settings.log_requests:
             choice = req.tool_choice if isinstance(req.tool_choice, (str, type(None))) else \

@@ -1,7 +1,8 @@
 """Streaming tool-call parsers: model text in, content deltas and OpenAI tool-call events out.
 
 Formats: Hermes/Qwen JSON `<tool_call>{"name", "arguments"}</tool_call>`, Qwen3-Coder XML
-`<tool_call><function=NAME><parameter=P>V</parameter></function></tool_call>`, and Mistral
+`<tool_call><function=NAME><parameter=P>V</parameter></function></tool_call>` (also without the `<tool_call>`
+wrapper or a parameter's closing tag; values converted by the tool's JSON schema), and Mistral
 `[TOOL_CALLS][{"name", "arguments"}, ...]` or `[TOOL_CALLS]NAME[ARGS]{...}`.
 Text that may be the start of a tag is held back, so no tag text reaches content. Feeding the whole
 text at once (non-streamed) and feeding it token by token (streamed) give the same calls.
@@ -14,13 +15,18 @@ import secrets
 import string
 from dataclasses import dataclass, field
 
+from moepage.server.tool_values import param_types, xml_value
+
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
+FUNCTION_OPEN, FUNCTION_CLOSE = "<function=", "</function>"
 MISTRAL_OPEN = "[TOOL_CALLS]"
 FORMATS = ("hermes", "qwen3_coder", "mistral")
 
 _NAME_FIRST = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*')
 _FUNCTION = re.compile(r"\s*<function=([^>\n]+)>")
-_PARAMETER = re.compile(r"\s*<parameter=([^>\n]+)>(.*?)</parameter>", re.DOTALL)
+# a parameter ends at its closing tag, or (the tag left out) where the next parameter or the function's end begins
+_PARAMETER = re.compile(r"\s*<parameter=([^>\n]+)>(.*?)(?:</parameter>|(?=\s*<parameter=)|(?=\s*</function>))",
+                        re.DOTALL)
 _ALNUM = string.ascii_letters + string.digits
 
 
@@ -88,26 +94,6 @@ def _balanced_end(text: str) -> int | None:
     return None
 
 
-def _param_types(tools: list[dict] | None) -> dict[str, dict[str, str]]:
-    out = {}
-    for tool in tools or []:
-        fn = tool.get("function", tool)
-        props = ((fn.get("parameters") or {}).get("properties") or {}) if isinstance(fn, dict) else {}
-        out[fn.get("name")] = {k: (v.get("type") if isinstance(v, dict) else None) for k, v in props.items()}
-    return out
-
-
-def _xml_value(raw: str, declared: str | None) -> str:
-    value = raw[1:] if raw.startswith("\n") else raw
-    value = value[:-1] if value.endswith("\n") else value
-    if declared not in (None, "string"):
-        try:
-            return json.dumps(json.loads(value), ensure_ascii=False)
-        except ValueError:
-            pass
-    return json.dumps(value, ensure_ascii=False)
-
-
 class _Block:
     """One tool-call block after its opening tag; consumes text until it closes."""
 
@@ -122,11 +108,14 @@ class _Block:
 
 
 class _TaggedBlock(_Block):
-    """`<tool_call>` ... `</tool_call>` holding either Hermes JSON or Qwen3-Coder XML."""
+    """`<tool_call>` ... `</tool_call>` holding either Hermes JSON or Qwen3-Coder XML; or, opened by a bare
+    `<function=`, Qwen3-Coder XML up to `</function>`."""
 
-    def __init__(self, parser: "ToolCallParser", allow_json: bool, allow_xml: bool):
+    def __init__(self, parser: "ToolCallParser", allow_json: bool, allow_xml: bool, bare: bool = False):
         self.p = parser
-        self.body = ""
+        self.bare = bare
+        self.close = FUNCTION_CLOSE if bare else HERMES_CLOSE
+        self.body = FUNCTION_OPEN if bare else ""
         self.allow_json, self.allow_xml = allow_json, allow_xml
         self.kind: str | None = None  # "json" | "xml"
         self.index: int | None = None
@@ -137,14 +126,19 @@ class _TaggedBlock(_Block):
 
     def feed(self, text: str):
         self.body += text
-        end = self.body.find(HERMES_CLOSE)
+        end = self.body.find(self.close)
         if end < 0:
-            visible = self.body[: len(self.body) - _held_prefix(self.body, (HERMES_CLOSE,))]
+            visible = self.body[: len(self.body) - _held_prefix(self.body, (self.close,))]
             return self._progress(visible, final=False), None
-        rest = self.body[end + len(HERMES_CLOSE):]
-        self.body = self.body[:end]
+        rest = self.body[end + len(self.close):]
+        self.body = self.body[:end] + (FUNCTION_CLOSE if self.bare else "")
         self.closed = True
         return self._progress(self.body, final=True), rest
+
+    def _raw(self) -> list:
+        if self.bare:
+            return [ContentDelta(self.body)]
+        return [ContentDelta(HERMES_OPEN + self.body + (HERMES_CLOSE if self.closed else ""))]
 
     def finish(self):
         return self._progress(self.body, final=True)
@@ -162,7 +156,7 @@ class _TaggedBlock(_Block):
             return self._json(body, final)
         if self.kind == "xml":
             return self._xml(body, final)
-        return [ContentDelta(HERMES_OPEN + body + (HERMES_CLOSE if self.closed else ""))] if final else []
+        return self._raw() if final else []
 
     def _json(self, body: str, final: bool) -> list:
         events = []
@@ -204,7 +198,7 @@ class _TaggedBlock(_Block):
             obj = None
         if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
             self.kind = "raw"
-            return [ContentDelta(HERMES_OPEN + body + (HERMES_CLOSE if self.closed else ""))]
+            return self._raw()
         args = obj.get("arguments", obj.get("parameters", {}))
         self.index, start = self.p.start_call(obj["name"])
         text = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
@@ -217,7 +211,7 @@ class _TaggedBlock(_Block):
             if not m:
                 if final:
                     self.kind = "raw"
-                    return [ContentDelta(HERMES_OPEN + body + (HERMES_CLOSE if self.closed else ""))]
+                    return self._raw()
                 return events
             self.name = m.group(1).strip()
             self.index, start = self.p.start_call(self.name)
@@ -230,7 +224,7 @@ class _TaggedBlock(_Block):
                 break
             key = m.group(1).strip()
             head = "{" if self.xml_params == 0 else ", "
-            events.append(self.p.arguments(self.index, f"{head}{json.dumps(key)}: {_xml_value(m.group(2), types.get(key))}"))
+            events.append(self.p.arguments(self.index, f"{head}{json.dumps(key)}: {xml_value(m.group(2), types.get(key))}"))
             self.xml_params += 1
             self.xml_pos = m.end()
         if final:
@@ -317,10 +311,12 @@ class ToolCallParser:
         unknown = set(self.formats) - set(FORMATS)
         if unknown:
             raise ValueError(f"unknown tool-call format(s) {sorted(unknown)}; choose from {', '.join(FORMATS)}")
-        self.param_types = _param_types(self.tools)
+        self.param_types = param_types(self.tools)
         tags = []
         if "hermes" in self.formats or "qwen3_coder" in self.formats:
             tags.append(HERMES_OPEN)
+        if "qwen3_coder" in self.formats:
+            tags.append(FUNCTION_OPEN)
         if "mistral" in self.formats:
             tags.append(MISTRAL_OPEN)
         self.tags = tuple(tags)
@@ -341,7 +337,7 @@ class ToolCallParser:
     def _open(self, tag: str) -> _Block:
         if tag == MISTRAL_OPEN:
             return _MistralBlock(self)
-        return _TaggedBlock(self, "hermes" in self.formats, "qwen3_coder" in self.formats)
+        return _TaggedBlock(self, "hermes" in self.formats, "qwen3_coder" in self.formats, bare=tag == FUNCTION_OPEN)
 
     def _content(self, text: str, final: bool = False) -> list:
         if not text:
