@@ -152,3 +152,12 @@ def test_qwen3_coder_xml_values_typed_by_the_schema(served, stream):
     content, calls, finish = ask(client, engine, list(XML_PIECES), stream)
     assert not content and finish == "tool_calls"
     assert calls == [("edit", {"path": "src/a.py", "content": CODE, "line": 3})]
+
+
+def test_a_deeply_nested_schema_is_looked_into_only_so_far():
+    schema = {"type": "integer"}
+    for _ in range(5000):  # a request's tool schema: far deeper than Python's recursion limit
+        schema = {"anyOf": [schema]}
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"properties": {"n": schema}}}}]
+    _, calls = parse_all("<function=f>\n<parameter=n>\n5\n</parameter>\n</function>", tools)
+    assert json.loads(calls[0].arguments) == {"n": 5}  # undeclared as far as looked: parsed where it is JSON

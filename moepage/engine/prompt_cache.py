@@ -13,7 +13,6 @@ the last two return the length they could go back to (a recurrent state only to 
 """
 from __future__ import annotations
 
-import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Protocol, Sequence
@@ -59,7 +58,8 @@ class CachedPrompt:
 
 class PromptCache:
     """Snapshots of earlier sequences in LRU order, within capacity_bytes, plus the live sequence the engine holds
-    (its state object: re-used in place, stashed here only when another prompt is about to overwrite it)."""
+    (its state object: re-used in place, stashed here only when another prompt is about to overwrite it).
+    Used by the engine's thread only; snapshot_stats reads counters (no lock: /metrics never waits on a copy)."""
 
     def __init__(self, capacity_bytes: int, chunk: int):
         if capacity_bytes < 0:
@@ -68,11 +68,16 @@ class PromptCache:
         self.chunk = max(1, int(chunk))
         self.entries: OrderedDict[int, CachedPrompt] = OrderedDict()  # key: id(entry); oldest first
         self.stats = PromptCacheStats()
-        self.lock = threading.Lock()  # stats and entries are read by /metrics while the engine thread works
+        self.nbytes = 0  # of the snapshots held
 
-    @property
-    def nbytes(self) -> int:
-        return sum(e.snapshot.nbytes for e in self.entries.values())
+    def _add(self, entry: CachedPrompt):
+        self.entries[id(entry)] = entry
+        self.nbytes += entry.snapshot.nbytes
+
+    def _drop(self, key: int) -> CachedPrompt:
+        entry = self.entries.pop(key)
+        self.nbytes -= entry.snapshot.nbytes
+        return entry
 
     def aligned(self, n: int) -> int:
         return n // self.chunk * self.chunk
@@ -89,22 +94,21 @@ class PromptCache:
     def begin(self, state: SequenceState, live: Sequence[int], ids: Sequence[int]) -> int:
         """Before prefilling ids: put the best state into `state` (live holds the tokens whose exact state it has
         now) and return how many leading tokens need no prefill."""
-        with self.lock:
-            self.stats.lookups += 1
-            start = self.reusable(live, ids)
-            best = max(self.entries.values(), key=lambda e: self.reusable(e.ids, ids), default=None)
-            if best is not None and self.reusable(best.ids, ids) > start:
+        self.stats.lookups += 1
+        start = self.reusable(live, ids)
+        best = max(self.entries.values(), key=lambda e: self.reusable(e.ids, ids), default=None)
+        if best is not None and self.reusable(best.ids, ids) > start:
+            self._stash(state, live)
+            self._drop(id(best))  # it becomes the live state
+            start = state.restore(best.snapshot, self.reusable(best.ids, ids))
+        else:
+            if not self._kept(live, ids):  # the prefill overwrites what only the live state holds
                 self._stash(state, live)
-                del self.entries[id(best)]  # it becomes the live state
-                start = state.restore(best.snapshot, self.reusable(best.ids, ids))
-            else:
-                if not self._kept(live, ids):  # the prefill overwrites what only the live state holds
-                    self._stash(state, live)
-                start = state.rewind(start)
-            self.stats.hits += start > 0
-            self.stats.reused_tokens += start
-            self.stats.computed_tokens += len(ids) - start
-            return start
+            start = state.rewind(start)
+        self.stats.hits += start > 0
+        self.stats.reused_tokens += start
+        self.stats.computed_tokens += len(ids) - start
+        return start
 
     def _kept(self, live: Sequence[int], ids: Sequence[int]) -> bool:
         """Whether the live state is still exact for `live` after ids is prefilled into it."""
@@ -118,24 +122,18 @@ class PromptCache:
         if snap.nbytes > self.capacity:
             return
         for key in [k for k, e in self.entries.items() if ids[: len(e.ids)] == e.ids]:
-            del self.entries[key]  # a prefix of what is stored now
+            self._drop(key)  # a prefix of what is stored now
         while self.entries and self.nbytes + snap.nbytes > self.capacity:
-            self.entries.popitem(last=False)
+            self._drop(next(iter(self.entries)))
             self.stats.evictions += 1
-        entry = CachedPrompt(ids, snap)
-        self.entries[id(entry)] = entry
+        self._add(CachedPrompt(ids, snap))
         self.stats.stored += 1
 
-    def clear(self):
-        with self.lock:
-            self.entries.clear()
-
     def snapshot_stats(self) -> dict:
-        with self.lock:
-            s = self.stats
-            return {"lookups": s.lookups, "hits": s.hits, "reused_tokens": s.reused_tokens,
-                    "computed_tokens": s.computed_tokens, "stored": s.stored, "evictions": s.evictions,
-                    "entries": len(self.entries), "bytes": self.nbytes, "capacity_bytes": self.capacity}
+        s = self.stats
+        return {"lookups": s.lookups, "hits": s.hits, "reused_tokens": s.reused_tokens,
+                "computed_tokens": s.computed_tokens, "stored": s.stored, "evictions": s.evictions,
+                "entries": len(self.entries), "bytes": self.nbytes, "capacity_bytes": self.capacity}
 
 
 class LayerStatesSnapshot:

@@ -4,15 +4,18 @@ from __future__ import annotations
 import json
 
 
-def _schema_types(schema) -> set[str]:
+MAX_DEPTH = 8  # anyOf/oneOf nesting looked into (schemas come with requests)
+
+
+def _schema_types(schema, depth: int = 0) -> set[str]:
     """The JSON types a parameter's schema allows: `type` (a name or a list) and those of anyOf/oneOf branches."""
-    if not isinstance(schema, dict):
+    if not isinstance(schema, dict) or depth > MAX_DEPTH:
         return set()
     t = schema.get("type")
     types = {t} if isinstance(t, str) else {x for x in t if isinstance(x, str)} if isinstance(t, list) else set()
     for key in ("anyOf", "oneOf"):
         for branch in schema.get(key) or []:
-            types |= _schema_types(branch)
+            types |= _schema_types(branch, depth + 1)
     if not types and "enum" in schema and all(isinstance(v, str) for v in schema["enum"] or []):
         types.add("string")
     return types
