@@ -49,7 +49,8 @@ def run(system: str, gguf: str, prompt_file: str, a) -> dict:
                str(a.time_limit)]
     else:
         cmd = [sys.executable, os.path.join(HERE, "run_one.py"), system, "--model", gguf, "--prompt-ids", prompt_file,
-               "--decode", str(a.decode), "--threads", str(a.threads), "--ctx", ctx, "--time-limit", str(a.time_limit)]
+               "--decode", str(a.decode), "--threads", str(a.threads), "--ctx", ctx, "--time-limit", str(a.time_limit),
+               "--dtype", a.dtype]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.time_limit * 3 + 600)
     line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if line is None:
@@ -70,6 +71,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--time-limit", type=float, default=60.0)
     ap.add_argument("--vocab", type=int, default=4096, help="prompt ids are drawn below this (seed 0)")
+    ap.add_argument("--dtype", default="auto", help="moepage's compute dtype (auto: bfloat16 for a quantized file)")
     a = ap.parse_args()
     rng = random.Random(0)
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:

@@ -60,3 +60,17 @@ def test_fused_decode_equals_the_op_path(q4_k_m, family, dtype):
     assert diff <= (1e-4 if dtype == "float32" else 0.05) * scale, f"max |fused - op| logit {diff} (max {scale})"
     if dtype == "float32":
         assert fused_tokens == op_tokens
+
+
+def test_torch_threads_wait_passively_unless_the_user_says_otherwise():
+    """moepage's import sets OMP_WAIT_POLICY=PASSIVE for libgomp (read when torch loads it); a user's value wins."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import moepage, os; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    run = lambda e: subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True,  # noqa: E731
+                                   timeout=60).stdout.strip()
+    assert run(env) == "PASSIVE"
+    assert run({**env, "OMP_WAIT_POLICY": "ACTIVE"}) == "ACTIVE"
