@@ -196,6 +196,12 @@ def test_bad_config_is_one_line_naming_file_and_field(case, model, tmp_path):
     assert message.startswith(str(d / "config.json"))
 
 
+def test_generation_config_with_a_bad_eos_is_one_line(model, tmp_path):
+    d = copy_model(model, tmp_path / "m")
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": 1.5}))
+    refused(open_checkpoint, str(d), match="generation_config.json: eos_token_id must be a token id")
+
+
 def test_config_that_is_a_list_and_inspect_of_1e9_layers(model, tmp_path, capsys):
     d = copy_model(model, tmp_path / "m")
     (d / "config.json").write_text("[1, 2]")
@@ -318,6 +324,14 @@ def test_index_weight_map_outside_the_directory_is_refused(entry, model, tmp_pat
     refused(open_checkpoint, str(d), match="inside the model directory|outside the model directory")
 
 
+def test_split_does_not_copy_a_file_linked_from_outside(model, tmp_path, outside):
+    d = copy_model(model, tmp_path / "m")
+    os.symlink(outside / "passwd", d / "chat_template.jinja")
+    refused(split_checkpoint, str(d), str(tmp_path / "out"), match="chat_template.jinja: model file resolves to .*, "
+                                                                  "outside the model directory", secret=PASSWD)
+    assert not (tmp_path / "out" / "chat_template.jinja").exists()
+
+
 def test_huggingface_cache_snapshot_links_into_its_blobs(model, tmp_path):
     repo = tmp_path / "models--org--name"
     snap, blobs = repo / "snapshots" / "abc123", repo / "blobs"
@@ -411,6 +425,19 @@ def test_original_checkpoint_changed_while_serving_is_refused(model, tmp_path):
     flip_in_place(d / "model.safetensors", info.start)
     with pytest.raises(ExpertReadError, match=r"model\.safetensors: changed since it was loaded \(layer 0 expert 1\)"):
         ckpt.experts.read(0, 1)
+
+
+def test_embedding_rows_read_from_a_changed_file_are_refused(model, tmp_path):
+    import torch
+
+    d = copy_model(model, tmp_path / "m")
+    ckpt = open_checkpoint(str(d))
+    rows = ckpt.tensor_rows("model.embed_tokens.weight", torch.float32, "cpu")
+    assert rows(torch.tensor([1, 2])).shape == (2, 64)
+    flip_in_place(d / "model.safetensors", rows.info.start + rows.row_bytes)
+    with pytest.raises(ExpertReadError, match=r"model\.safetensors: changed since it was loaded \(rows of "
+                                              r"model\.embed_tokens\.weight\)"):
+        rows(torch.tensor([1, 2]))
 
 
 def test_gguf_changed_while_serving_is_refused(tmp_path):

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from moepage.engine.families import family_for
-from moepage.engine.model_args import ConfigError, ModelArgs, expert_shapes, resident_shape
+from moepage.engine.model_args import ConfigError, ModelArgs, eos_list, expert_shapes, resident_shape
 from moepage.engine.weight_names import resident_names, to_checkpoint
 from moepage.paging.model_paths import read_model_json, resolve_model_file
 from moepage.paging.safetensors_file import CheckpointError, SafetensorsFile, shown
@@ -106,8 +106,13 @@ def check_shapes(ckpt: Checkpoint):
 
 def _generation_config(root: str) -> dict:
     value = read_model_json(root, "generation_config.json", "generation config", must_exist=False)
+    where = os.path.join(root, "generation_config.json")
     if value is not None and not isinstance(value, dict):
-        raise CheckpointError(f"{os.path.join(root, 'generation_config.json')}: not a JSON object")
+        raise CheckpointError(f"{where}: not a JSON object")
+    try:
+        eos_list((value or {}).get("eos_token_id"))
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
     return value or {}
 
 

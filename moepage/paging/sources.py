@@ -19,7 +19,7 @@ import torch
 from moepage.paging.bf16_12bit import ENCODING, PARTS, EncodingError, Packed, unpack_into
 from moepage.paging.model_paths import resolve_model_file
 from moepage.paging.pread import ALIGN, ExpertReadError, PreadFile, aligned_bytes, file_stamp, span_bytes
-from moepage.paging.safetensors_file import CheckpointError, SafetensorsFile
+from moepage.paging.safetensors_file import CheckpointError, SafetensorsFile, shown
 
 Shapes = dict[str, tuple[int, ...]]  # part (gate, up, down) -> the shape the config implies
 
@@ -345,7 +345,7 @@ class SplitExpertSource(ExpertSource):
     def __init__(self, root: str, shard_path: Callable[[int, int], str], expert_table: dict[str, str],
                  hashes: dict[str, str], drop_page_cache: bool = True, verify: bool = True, encoding: str | None = None):
         if encoding not in (None, ENCODING):
-            raise CheckpointError(f"{root}: unknown expert encoding {encoding!r} (this moepage reads {ENCODING!r})")
+            raise CheckpointError(f"{root}: unknown expert encoding {shown(encoding)} (this moepage reads {ENCODING!r})")
         self.root = root
         self.shards = ShardFiles(root, shard_path, hashes, drop_page_cache, verify)
         self.table = expert_table

@@ -81,8 +81,8 @@ def split_checkpoint(src: str, out: str, log: Callable[[str], None] = lambda s: 
                 progress(done, total)
     copied = []
     for name in ("config.json",) + TOKENIZER_FILES:
-        p = os.path.join(ckpt.root, name)
-        if os.path.exists(p):
+        p = resolve_model_file(ckpt.root, name, "model file", must_exist=False)  # never a link out of the model
+        if p is not None:
             shutil.copyfile(p, os.path.join(out, name))
             copied.append(name)
     manifest = {
@@ -159,6 +159,9 @@ def _file_problems(root: str, rel, meta) -> list[str]:
         return [f"{os.path.join(root, rel)}: missing"]
     if os.path.getsize(p) != size:
         return [f"{p}: size {os.path.getsize(p)} bytes, manifest says {size}"]
-    if sha256_of(p) != digest:
-        return [f"{p}: sha256 mismatch (file is corrupt)"]
+    try:
+        if sha256_of(p) != digest:
+            return [f"{p}: sha256 mismatch (file is corrupt)"]
+    except (CheckpointError, OSError) as e:
+        return [str(e) if isinstance(e, CheckpointError) else f"{p}: cannot read: {e.strerror}"]
     return []
