@@ -26,8 +26,8 @@ def write_gguf(path, arch: str, tensors: dict[str, tuple[np.ndarray, str]], meta
             w.add_string(key, value)
     for name, (values, kind) in tensors.items():
         qtype = gguf.GGMLQuantizationType[kind]
-        if kind == "Q2_K":  # gguf-py cannot quantize Q2_K: random bytes of the right size
-            nbytes = values.size // 256 * 84
+        if kind in ("Q2_K", "Q8_K"):  # gguf-py cannot quantize these: random bytes of the right size
+            nbytes = values.size // 256 * {"Q2_K": 84, "Q8_K": 292}[kind]
             raw = np.random.default_rng(0).integers(0, 256, nbytes, dtype=np.uint8)
             w.add_tensor(name, raw.reshape(*values.shape[:-1], -1), raw_dtype=qtype)
         elif kind in ("F32", "F16"):
@@ -116,9 +116,19 @@ def test_unsupported_architecture(tmp_path):
 
 
 def test_unsupported_expert_quant_type_names_type_and_tensor(tmp_path):
-    path, _ = tiny_qwen3moe(tmp_path / "q2.gguf", expert_type="Q2_K")
-    with pytest.raises(CheckpointError, match="unsupported quant type Q2_K in tensor 'blk.0.ffn_gate_exps.weight'"):
+    path, _ = tiny_qwen3moe(tmp_path / "q8k.gguf", expert_type="Q8_K")  # an activation-only type: no matvec exists
+    with pytest.raises(CheckpointError, match="unsupported quant type Q8_K in tensor 'blk.0.ffn_gate_exps.weight'"):
         open_checkpoint(path)
+
+
+def test_q2_k_experts_open_where_ggml_computes_them(tmp_path):
+    from moepage.kernels.ggml_cpu import backend
+
+    if backend() is None:
+        pytest.skip("ggml's CPU library (libggml-python) is unavailable: torch decodes no Q2_K")
+    path, _ = tiny_qwen3moe(tmp_path / "q2.gguf", expert_type="Q2_K")
+    q = open_checkpoint(path).experts.read_quantized(0, 1)
+    assert q.gate.type.name == "Q2_K" and q.gate.dequantize().shape == (I, H)
 
 
 def test_unsupported_tokenizer_model_is_reported(tmp_path):
