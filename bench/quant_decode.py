@@ -1,11 +1,12 @@
 """Resident decode of one quantized GGUF (e.g. Q4_K_M) by moepage and by llama.cpp, alternating in one run.
 
-    python bench/quant_decode.py MODEL.gguf [--repeats 5] [--decode 64] [--prompt-tokens 128] [--threads 2]
+    python bench/quant_decode.py MODEL.gguf [--repeats 5] [--decode 64] [--prompt-tokens 128] [--threads 2] [--burn 1]
 
 Each run is a fresh process (bench/run_one.py) on the same prompt ids; moepage and llama.cpp alternate so drift in
 a shared machine's memory bandwidth hits both alike. Prints every run's decode tok/s, each system's median and
 range, the ratio of the medians and the run-by-run ratios, and whether the greedy tokens agree (up to the first
-difference: a router near-tie flips a random model's tokens, see tests/test_gguf.py).
+difference: a router near-tie flips a random model's tokens, see tests/test_gguf.py). --burn N keeps N CPU-burning
+processes running beside every run (a busy laptop).
 """
 from __future__ import annotations
 
@@ -72,12 +73,14 @@ def main():
     ap.add_argument("--time-limit", type=float, default=60.0)
     ap.add_argument("--vocab", type=int, default=4096, help="prompt ids are drawn below this (seed 0)")
     ap.add_argument("--dtype", default="auto", help="moepage's compute dtype (auto: bfloat16 for a quantized file)")
+    ap.add_argument("--burn", type=int, default=0, help="CPU-burning neighbour processes during the runs")
     a = ap.parse_args()
     rng = random.Random(0)
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump([rng.randrange(a.vocab) for _ in range(a.prompt_tokens)], f)
         prompt_file = f.name
     runs: dict[str, list[dict]] = {"moepage": [], "llamacpp": []}
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(a.burn)]
     try:
         for rep in range(a.repeats):
             for system in ("moepage", "llamacpp") if rep % 2 == 0 else ("llamacpp", "moepage"):
@@ -86,6 +89,9 @@ def main():
                 print(f"run {rep} {system}: " + (f"{r['decode_tps']:.2f} tok/s decode, {r.get('prefill_tps', 0):.1f} "
                       f"tok/s prefill" if r.get("decode_tps") else r.get("error", "?")), file=sys.stderr, flush=True)
     finally:
+        for p in burners:
+            p.kill()
+            p.wait()
         os.unlink(prompt_file)
     rates = {s: [r["decode_tps"] for r in rs if r.get("decode_tps")] for s, rs in runs.items()}
     if not all(rates.values()):
@@ -94,7 +100,7 @@ def main():
     pairs = [m / l for m, l in zip(rates["moepage"], rates["llamacpp"])]
     ours, theirs = runs["moepage"][0].get("tokens", []), runs["llamacpp"][0].get("tokens", [])
     print(f"{os.path.basename(a.gguf)}: {a.threads} threads, prompt {a.prompt_tokens} tokens, decode {a.decode}, "
-          f"{a.repeats} alternating runs each")
+          f"{a.repeats} alternating runs each" + (f", {a.burn} CPU-burning neighbour(s)" if a.burn else ""))
     for s in ("moepage", "llamacpp"):
         rss = max(r.get("peak_rss_bytes", 0) for r in runs[s]) / 2**20
         print(f"  {s:9s} decode median {med[s]:.2f} tok/s (range {min(rates[s]):.2f}-{max(rates[s]):.2f}; runs "

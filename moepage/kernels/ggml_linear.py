@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moepage.kernels.ggml import QuantizedTensor, backend_for
+from moepage.kernels.ggml import QuantizedTensor, backend_for, is_quantized
 
 GEMV_ROWS = 8  # up to this many tokens, one ggml vec_dot per weight row; more: dequantize, then torch's GEMM
 
@@ -29,13 +29,16 @@ def rounded_activations(b, x: torch.Tensor, w: QuantizedTensor) -> torch.Tensor:
 def ggml_linear(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, K] @ w [N, K]^T (+ bias) -> [T, N] in x's dtype, with llama.cpp's numerics where ggml's library is
     present: a few tokens through ggml's vec_dot on the stored bytes; more through torch's GEMM on the dequantized
-    weight and the activations ggml would use. Without it: the weight dequantized with torch, float activations."""
+    weight and (block types) the activations ggml would use. Without it: the weight dequantized with torch, float
+    activations."""
     b = backend_for(w) if x.dim() == 2 and x.device.type == "cpu" else None
     if b is None or x.shape[-1] % b.activation_block(w.type.id):
         return F.linear(x, w.dequantize(x.dtype), bias)
     if x.shape[0] <= GEMV_ROWS:
         out = b.linear(x, w.data, w.type.id, w.shape[0])
         return out if bias is None else out + bias
+    if not is_quantized(w.type):  # 16-bit weights: the exact product, as the same checkpoint in safetensors gives
+        return F.linear(x, w.dequantize(x.dtype), bias)
     return F.linear(rounded_activations(b, x, w).to(x.dtype), w.dequantize(x.dtype), bias)
 
 
