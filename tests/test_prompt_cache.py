@@ -153,3 +153,13 @@ def test_recurrent_layer_states_plug_in_and_restore_exactly():
     fresh = new()
     assert torch.equal(out, run(fresh, None, [], second)[0])
     assert torch.equal(cached.layers[1].recurrent, fresh.layers[1].recurrent)
+
+
+def test_default_prompt_cache_bytes_never_crowds_out_the_experts():
+    from moepage.engine.engine import default_prompt_cache_bytes
+
+    kv = 1000
+    assert default_prompt_cache_bytes(None, 5000, kv, 100, 400) == kv  # no budget: one full context
+    assert default_prompt_cache_bytes(5000 + kv + 100 + 400 + 600, 5000, kv, 100, 400) == 300  # half the spare
+    assert default_prompt_cache_bytes(5000 + kv + 100 + 400 + 10**6, 5000, kv, 100, 400) == kv
+    assert default_prompt_cache_bytes(5000 + kv + 100 + 400, 5000, kv, 100, 400) == 0  # a tight budget: none
