@@ -6,6 +6,7 @@ where the cache keeps every file.
 """
 from __future__ import annotations
 
+import json
 import os
 import stat
 
@@ -60,15 +61,19 @@ def resolve_model_file(root: str, name, what: str, must_exist: bool = True) -> s
 
 def read_model_json(root: str, name: str, what: str, must_exist: bool = True, limit: int = MAX_JSON_BYTES):
     """The JSON value of root/name (resolved as above, at most `limit` bytes), or None if absent and allowed."""
-    import json
-
     path = resolve_model_file(root, name, what, must_exist)
     if path is None:
         return None
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size  # read(n) would allocate n bytes up front
-        raw = f.read(size + 1) if size <= limit else b""
-    if size > limit or len(raw) > limit:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a fifo swapped in meanwhile: no wait
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read {what}: {e.strerror}") from None
+    with open(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(f"{path}: {what} is not a regular file")
+        raw = f.read(st.st_size + 1) if st.st_size <= limit else b""  # read(n) allocates n bytes up front
+    if st.st_size > limit or len(raw) > limit:
         raise CheckpointError(f"{path}: {what} is larger than {limit >> 20} MiB")
     try:
         return json.loads(raw)
