@@ -189,9 +189,9 @@ def is_quantized(t: GGMLType) -> bool:
 
 def ggml_backend():
     """ggml's CPU kernels (kernels/ggml_cpu.py), or None where they are unavailable."""
-    from moepage.kernels.ggml_cpu import backend
+    from moepage.kernels import ggml_cpu  # imported here: ggml_cpu builds a C++ module, this module stays light
 
-    return backend()
+    return ggml_cpu.backend()
 
 
 def can_compute(t: GGMLType) -> bool:

@@ -26,13 +26,14 @@ def experts_one_token(x: torch.Tensor, experts: list[tuple[QuantizedTensor, Quan
     None where ggml's kernels do not apply (the caller computes expert by expert)."""
     gate, up, down = experts[0]
     b = backend_for(gate)
-    if b is None or x.dim() != 2 or x.shape[0] != 1 or x.device.type != "cpu":
+    if b is None or backend_for(up) is None or backend_for(down) is None or x.dim() != 2 or x.shape[0] != 1 \
+            or x.device.type != "cpu":
         return None
     types = (gate.type.id, up.type.id, down.type.id)
     width = gate.shape[0]
-    for g, u, d in experts:
-        if (g.type.id, u.type.id, d.type.id) != types or g.shape[0] != width or backend_for(d) is None \
-                or backend_for(u) is None or not (g.data.is_contiguous() and u.data.is_contiguous()):
+    for g, u, d in experts[1:]:  # one layer's experts share their types; checked, not assumed
+        if (g.type.id, u.type.id, d.type.id) != types or g.shape != gate.shape or d.shape != down.shape \
+                or not (g.data.is_contiguous() and u.data.is_contiguous() and d.data.is_contiguous()):
             return None
     if x.shape[1] % b.activation_block(types[0]) or x.shape[1] % b.activation_block(types[1]) \
             or width % b.activation_block(types[2]):
