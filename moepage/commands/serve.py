@@ -41,7 +41,8 @@ def register(sub):
     p.add_argument("--prompt-cache-bytes", type=parse_size, default=None, metavar="SIZE",
                    help="memory for earlier conversations' states, inside --memory-budget (default: one full "
                         "context's KV cache; under a budget at most half of what experts have beyond one token's)")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="server log verbosity (default info)")
     add_engine_arguments(p)
     add_elastic_arguments(p)
     p.set_defaults(func=run)

@@ -7,12 +7,14 @@ MOEPAGE_KERNELS=torch is set; callers then use plain torch.
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import logging
 import os
 import sys
 import threading
 import time
+from contextlib import contextmanager
 
 log = logging.getLogger("moepage.kernels")
 CSRC = os.path.join(os.path.dirname(__file__), "csrc")
@@ -42,11 +44,51 @@ def build_directory(name: str) -> str:
     return path
 
 
+@contextmanager
+def build_lock(name: str):
+    """Held while torch builds or opens `name`: an flock, which the kernel drops when its holder dies. Inside it no
+    other moepage process is building, so a torch lock file found there was left by a killed build (torch would
+    wait on it forever) and is removed."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): torch's own lock alone
+        yield
+        return
+    directory = build_directory(name)
+    with open(os.path.join(directory, "moepage-build.flock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            stale = os.path.join(directory, "lock")
+            if os.path.exists(stale):
+                os.remove(stale)
+                log.warning("%s: removed the lock a killed build left in %s", name, directory)
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def source_digest(name: str) -> str:
+    """sha256 of the module's source and the shared headers it may include."""
+    h = hashlib.sha256()
+    for path in [os.path.join(CSRC, f"{name}.cpp"), *sorted(glob.glob(os.path.join(CSRC, "*.h")))]:
+        with open(path, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()
+
+
+def _stamp(name: str) -> str:
+    return os.path.join(build_directory(name), "source.sha256")
+
+
 def is_built(name: str) -> bool:
-    """Whether a compiled module newer than its source is cached (load() then only opens it)."""
+    """Whether the cached module was built from the current sources (load() then only opens it)."""
+    try:
+        with open(_stamp(name)) as f:
+            stamp = f.read().strip()
+    except OSError:
+        return False
     built = os.path.join(build_directory(name), f"moepage_{name}_{VERSION}.so")
-    source = os.path.join(CSRC, f"{name}.cpp")
-    return os.path.exists(built) and os.path.getmtime(built) >= os.path.getmtime(source)
+    return os.path.exists(built) and stamp == source_digest(name)
 
 
 _lock = threading.Lock()
@@ -87,9 +129,12 @@ def load(name: str):
                 else:
                     log.info("compiling moepage's %s CPU kernels (once per environment, under a minute; cached in %s)",
                              name, build_directory(name))
-                module = build(name=f"moepage_{name}_{VERSION}", sources=[os.path.join(CSRC, f"{name}.cpp")],
-                               extra_cflags=["-O3", "-fopenmp", *flags], extra_ldflags=["-fopenmp"], verbose=False,
-                               build_directory=build_directory(name))
+                with build_lock(name):
+                    module = build(name=f"moepage_{name}_{VERSION}", sources=[os.path.join(CSRC, f"{name}.cpp")],
+                                   extra_cflags=["-O3", "-fopenmp", *flags], extra_ldflags=["-fopenmp"],
+                                   verbose=False, build_directory=build_directory(name))
+                with open(_stamp(name), "w") as f:  # what was built: the next start opens it without announcing
+                    f.write(source_digest(name))
             except Exception as e:  # no compiler, no ninja, an old assembler: torch instead
                 first = str(e).splitlines()[0] if str(e) else type(e).__name__
                 log.warning("%s CPU kernels unavailable (%s); using torch", name, first)
