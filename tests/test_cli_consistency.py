@@ -55,6 +55,9 @@ def test_generate_takes_the_model_positionally_or_as_a_flag(capsys):
     assert main(["generate", "--model", "demo", "--max-tokens", "1"]) == 0
     assert main(["generate", "demo", "--model", "./other", "--max-tokens", "1"]) == 2
     assert "two models given" in capsys.readouterr().err
+    assert main(["generate", "demo", "--memory-budget", "5MiB"]) == 2  # below the demo model's minimum
+    err = capsys.readouterr().err
+    assert "one token needs 1 expert x" in err and "1 experts" not in err
 
 
 def test_sizes_say_how_they_were_read_and_bad_ones_fail_in_one_line(capsys):
