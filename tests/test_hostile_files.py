@@ -247,6 +247,23 @@ def test_garbage_tokenizer_json_names_the_file(model, tmp_path):
     assert "secret-value" not in message
 
 
+def test_tokenizer_files_linked_out_of_the_model_or_not_regular_are_refused(model, tmp_path):
+    outside = tmp_path / "secret.json"
+    outside.write_bytes(PASSWD)
+    d = copy_model(model, tmp_path / "m")
+    (d / "tokenizer_config.json").unlink()
+    (d / "tokenizer_config.json").symlink_to(outside)
+    refused(open_checkpoint(str(d)).load_tokenizer, match="outside the model directory", secret=PASSWD)
+    (d / "tokenizer_config.json").unlink()
+    os.mkfifo(d / "tokenizer_config.json")  # opening a fifo would wait forever for a writer
+    refused(open_checkpoint(str(d)).load_tokenizer, match="tokenizer_config.json is not a regular file")
+    (d / "tokenizer_config.json").unlink()
+    (d / "tokenizer_config.json").write_text("[1, 2]")
+    refused(open_checkpoint(str(d)).load_tokenizer, match="tokenizer_config.json must be a JSON object")
+    (d / "tokenizer_config.json").write_text('{"chat_template": 7}')
+    refused(open_checkpoint(str(d)).load_tokenizer, match="chat_template must be a string")
+
+
 # ---- safetensors headers -------------------------------------------------------------------------------------
 def safetensors_bytes(header: dict, body: bytes) -> bytes:
     raw = json.dumps(header).encode()

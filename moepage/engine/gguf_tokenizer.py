@@ -105,4 +105,4 @@ def tokenizer_from_gguf(meta: dict, path: str = "?") -> Tokenizer:
         "pad_token": token("tokenizer.ggml.padding_token_id"),
         "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
     }
-    return Tokenizer(tk, config, template)
+    return Tokenizer(tk, config, template, f"{path}: GGUF tokenizer.chat_template")

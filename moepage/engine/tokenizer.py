@@ -2,7 +2,6 @@
 sandbox: moepage.engine.chat_template)."""
 from __future__ import annotations
 
-import json
 import os
 
 import jinja2
@@ -11,7 +10,10 @@ from tokenizers import Tokenizer as HFTokenizer
 from moepage.engine.chat_template import (  # noqa: F401 (re-exported: the server maps these to HTTP errors)
     ChatTemplateError, RenderLimits, TemplateStopped, TemplateTimeout, TemplateTooLarge, compile_template,
 )
+from moepage.paging.model_paths import read_model_json, resolve_model_file
 from moepage.paging.pread import CheckpointError
+
+MAX_TEMPLATE_BYTES = 4 << 20
 
 # Special tokens that mark tool calls: kept in decoded text so the server's tool-call parsers can see them
 # (Mistral's [TOOL_CALLS] is a special token; a plain skip_special_tokens decode would drop it).
@@ -72,26 +74,29 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, path: str) -> "Tokenizer":
-        tj = os.path.join(path, "tokenizer.json")
-        if not os.path.exists(tj):
-            raise FileNotFoundError(f"{tj}: no tokenizer.json next to the model")
-        config = {}
+        tj = resolve_model_file(path, "tokenizer.json", "tokenizer.json", must_exist=False)
+        if tj is None:
+            raise FileNotFoundError(f"{os.path.join(path, 'tokenizer.json')}: no tokenizer.json next to the model")
         tc = os.path.join(path, "tokenizer_config.json")
-        if os.path.exists(tc):
-            with open(tc) as f:
-                config = json.load(f)
+        config = read_model_json(path, "tokenizer_config.json", "tokenizer_config.json", must_exist=False) or {}
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{tc}: tokenizer_config.json must be a JSON object")
         template = None
-        jinja_file = os.path.join(path, "chat_template.jinja")
-        if os.path.exists(jinja_file):
-            with open(jinja_file) as f:
+        jinja_file = resolve_model_file(path, "chat_template.jinja", "chat_template.jinja", must_exist=False)
+        if jinja_file is not None:
+            if os.path.getsize(jinja_file) > MAX_TEMPLATE_BYTES:
+                raise CheckpointError(f"{jinja_file}: chat template is larger than {MAX_TEMPLATE_BYTES >> 20} MiB")
+            with open(jinja_file, encoding="utf-8", errors="replace") as f:
                 template = f.read()
             source = jinja_file
         else:
             template = config.get("chat_template")
             source = f"{tc}: chat_template"
             if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-                named = {t.get("name"): t.get("template") for t in template}
+                named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
                 template = named.get("default") or next(iter(named.values()), None)
+            if template is not None and not isinstance(template, str):
+                raise CheckpointError(f"{tc}: chat_template must be a string or a list of named templates")
         try:
             tk = HFTokenizer.from_file(tj)
         except (KeyboardInterrupt, SystemExit):
