@@ -69,7 +69,8 @@ def test_sizes_say_how_they_were_read_and_bad_ones_fail_in_one_line(capsys):
     with pytest.raises(SystemExit):
         main(["serve", "--memory-budget", "lots"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.endswith("argument --memory-budget: cannot parse size 'lots'; use e.g. 6GB, 6GiB, 512MiB or a byte count")
+    assert err.endswith("argument --memory-budget: cannot parse size 'lots'; use e.g. 6GB, 6GiB, 512MiB or a byte "
+                        "count")
     assert "parse_size" not in err
 
 

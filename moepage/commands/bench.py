@@ -23,7 +23,8 @@ def register(sub):
     p.add_argument("--time-limit", type=float, default=300.0, help="stop decoding after this many seconds")
     p.add_argument("--json", default=None, help="write the result as JSON to this file")
     p.add_argument("--replay", default=None, metavar="TRACE", help="replay a --trace file instead of running a model")
-    p.add_argument("--policies", default="lru,lfu,stale", help="comma-separated policies to replay (default lru,lfu,stale)")
+    p.add_argument("--policies", default="lru,lfu,stale",
+                   help="comma-separated policies to replay (default lru,lfu,stale)")
     p.add_argument("--capacity", default=None,
                    help="comma-separated cache sizes to replay: expert counts, or byte sizes with --expert-bytes")
     p.add_argument("--expert-bytes", type=size_argument, default=None,

@@ -19,7 +19,8 @@ def register(sub):
     p.add_argument("--heatmap-metric", default="share", choices=["share", "saliency", "avg_gate"],
                    help="what the heatmap colours: share of routed tokens, REAP saliency, or mean router weight")
     p.add_argument("--max-seq", type=int, default=512, help="tokens per forward pass (default 512)")
-    p.add_argument("--max-tokens", type=int, default=65536, help="calibration tokens per domain at most (default 65536)")
+    p.add_argument("--max-tokens", type=int, default=65536,
+                   help="calibration tokens per domain at most (default 65536)")
     add_engine_arguments(p)
     p.set_defaults(func=run)
 

@@ -19,7 +19,8 @@ def register(sub):
                    help="calibration domains to rank by (repeatable; default: all domains of the profile)")
     add_criterion_argument(p)
     p.add_argument("--name", default=None, help="model name for the card (default <base>-pruned-<domains>-<N>e)")
-    p.add_argument("--max-shard-size", type=size_argument, default=None, help="largest safetensors shard (default 2GiB)")
+    p.add_argument("--max-shard-size", type=size_argument, default=None,
+                   help="largest safetensors shard (default 2GiB)")
     p.add_argument("--eval", action="append", default=None, metavar="FILE",
                    help="held-out text: measure base and new perplexity for the model card (repeatable)")
     add_gguf_arguments(p)

@@ -8,8 +8,8 @@ from moepage.cli import add_model_argument, model_path
 
 def register(sub):
     p = sub.add_parser("train", help="train a dense or MoE Qwen model: next-token + distillation + router loss")
-    add_model_argument(p, optional=False, help="starting checkpoint: dense Qwen2/Qwen3 or Qwen2-MoE/Qwen3-MoE directory "
-                                                "(`demo`: the built-in demo model)")
+    add_model_argument(p, optional=False, help="starting checkpoint: dense Qwen2/Qwen3 or Qwen2-MoE/Qwen3-MoE "
+                                                "directory (`demo`: the built-in demo model)")
     p.add_argument("out", help="output directory: train_state.pt (resumable), train_log.jsonl, final checkpoint")
     p.add_argument("--mode", default="named", choices=["lm", "emergent", "named"],
                    help="router loss: named (domain i -> expert i), emergent (load balancing) or lm (none)")
@@ -22,7 +22,8 @@ def register(sub):
     p.add_argument("--distill-coef", type=float, default=0.5, help="weight of the distillation loss (with --teacher)")
     p.add_argument("--distill-topk", type=int, default=16, help="teacher logits kept per position (default 16)")
     p.add_argument("--router-coef", type=float, default=0.1, help="weight of the router loss (default 0.1)")
-    p.add_argument("--steps", type=int, default=200, help="optimizer steps in all, a resumed run included (default 200)")
+    p.add_argument("--steps", type=int, default=200,
+                   help="optimizer steps in all, a resumed run included (default 200)")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per step (default 16)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")

@@ -35,7 +35,7 @@ def run(args) -> int:
     out = prepare_output_dir(args.out, overwrite=args.overwrite)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     r = upcycle(args.dense, out, cfg, dtype=dtype)
-    print(f"wrote {r['model_type']} to {r['out']}: {plural(r['experts'], 'routed expert')} per layer, top-{r['top_k']}, "
-          f"{plural(r['shared'], 'shared expert')}, drop {r['drop']:g}; {r['params_dense'] / 1e6:.2f} M parameters "
+    print(f"wrote {r['model_type']} to {r['out']}: {plural(r['experts'], 'routed expert')} per layer, "
+          f"top-{r['top_k']}, {plural(r['shared'], 'shared expert')}, drop {r['drop']:g}; {r['params_dense'] / 1e6:.2f} M parameters "
           f"dense -> {r['params_moe'] / 1e6:.2f} M")
     return 0

@@ -91,7 +91,8 @@ def plan_memory(
             f"memory budget too small: resident weights {human(resident_bytes)} + KV cache {human(kv_bytes)} "
             + (f"+ read buffers {human(buffer_bytes)} " if buffer_bytes else "")
             + (f"+ prompt cache {human(prompt_cache_bytes)} " if prompt_cache_bytes else "")
-            + f"leave {human(max(0, expert_cache_bytes))} for experts, but one token needs {top_k} expert{'s' * (top_k != 1)} x "
+            + f"leave {human(max(0, expert_cache_bytes))} for experts, but one token needs {top_k} "
+            f"expert{'s' * (top_k != 1)} x "
             f"{human(expert_bytes_each)} = {human(plan.min_expert_cache)}; the minimum budget is "
             f"{human(plan.min_budget)} ({plan.min_budget} bytes); lower --ctx-size to shrink the KV cache"
             + (" or --prompt-cache-bytes" if prompt_cache_bytes else "")
