@@ -45,14 +45,18 @@ print("RESULT " + json.dumps(out))
 
 def run(system: str, gguf: str, prompt_file: str, a) -> dict:
     ctx = str(a.prompt_tokens + a.decode + 64)
-    if system == "llamacpp":
+    env = dict(os.environ)
+    if system.startswith("llamacpp"):
         cmd = [sys.executable, "-c", LLAMA_CPP, gguf, prompt_file, str(a.decode), str(a.threads), ctx,
                str(a.time_limit)]
+        env.pop("OMP_WAIT_POLICY", None)
+        if system == "llamacpp-passive":  # its OpenMP threads sleep instead of spinning, as moepage's do
+            env["OMP_WAIT_POLICY"] = "PASSIVE"
     else:
         cmd = [sys.executable, os.path.join(HERE, "run_one.py"), system, "--model", gguf, "--prompt-ids", prompt_file,
                "--decode", str(a.decode), "--threads", str(a.threads), "--ctx", ctx, "--time-limit", str(a.time_limit),
                "--dtype", a.dtype]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.time_limit * 3 + 600)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.time_limit * 3 + 600, env=env)
     line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if line is None:
         return {"system": system, "error": f"exit {p.returncode}: {p.stderr[-400:]}"}
@@ -74,16 +78,19 @@ def main():
     ap.add_argument("--vocab", type=int, default=4096, help="prompt ids are drawn below this (seed 0)")
     ap.add_argument("--dtype", default="auto", help="moepage's compute dtype (auto: bfloat16 for a quantized file)")
     ap.add_argument("--burn", type=int, default=0, help="CPU-burning neighbour processes during the runs")
+    ap.add_argument("--llama-passive", action="store_true",
+                    help="also run llama.cpp with OMP_WAIT_POLICY=PASSIVE (its threads sleep between jobs, as moepage's do)")
     a = ap.parse_args()
     rng = random.Random(0)
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump([rng.randrange(a.vocab) for _ in range(a.prompt_tokens)], f)
         prompt_file = f.name
-    runs: dict[str, list[dict]] = {"moepage": [], "llamacpp": []}
+    systems = ["moepage", "llamacpp"] + (["llamacpp-passive"] if a.llama_passive else [])
+    runs: dict[str, list[dict]] = {s: [] for s in systems}
     burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(a.burn)]
     try:
         for rep in range(a.repeats):
-            for system in ("moepage", "llamacpp") if rep % 2 == 0 else ("llamacpp", "moepage"):
+            for system in systems if rep % 2 == 0 else systems[::-1]:
                 r = run(system, a.gguf, prompt_file, a)
                 runs[system].append(r)
                 print(f"run {rep} {system}: " + (f"{r['decode_tps']:.2f} tok/s decode, {r.get('prefill_tps', 0):.1f} "
@@ -97,16 +104,17 @@ def main():
     if not all(rates.values()):
         sys.exit(f"a system produced no decode rate: {runs}")
     med = {s: statistics.median(v) for s, v in rates.items()}
-    pairs = [m / l for m, l in zip(rates["moepage"], rates["llamacpp"])]
     ours, theirs = runs["moepage"][0].get("tokens", []), runs["llamacpp"][0].get("tokens", [])
     print(f"{os.path.basename(a.gguf)}: {a.threads} threads, prompt {a.prompt_tokens} tokens, decode {a.decode}, "
           f"{a.repeats} alternating runs each" + (f", {a.burn} CPU-burning neighbour(s)" if a.burn else ""))
-    for s in ("moepage", "llamacpp"):
+    for s in systems:
         rss = max(r.get("peak_rss_bytes", 0) for r in runs[s]) / 2**20
-        print(f"  {s:9s} decode median {med[s]:.2f} tok/s (range {min(rates[s]):.2f}-{max(rates[s]):.2f}; runs "
+        print(f"  {s:16s} decode median {med[s]:.2f} tok/s (range {min(rates[s]):.2f}-{max(rates[s]):.2f}; runs "
               + ", ".join(f"{x:.2f}" for x in rates[s]) + f"), peak RSS {rss:.0f} MiB")
-    print(f"  moepage / llama.cpp: {med['moepage'] / med['llamacpp']:.2f}x of the medians; run by run "
-          + ", ".join(f"{x:.2f}x" for x in pairs))
+    for peer in systems[1:]:
+        pairs = [m / p for m, p in zip(rates["moepage"], rates[peer])]
+        print(f"  moepage / {peer}: {med['moepage'] / med[peer]:.2f}x of the medians; run by run "
+              + ", ".join(f"{x:.2f}x" for x in pairs))
     print(f"  greedy tokens equal for the first {agreement(ours, theirs)} of {min(len(ours), len(theirs))}")
 
 
