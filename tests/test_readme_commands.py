@@ -12,7 +12,7 @@ How a command is read (these are all the rules):
    /v1/models; the client commands after it in the same README run against it (MOEPAGE_URL=http://127.0.0.1:P); it
    is stopped with SIGTERM before the next serve and at the end, and must then exit.
 5. SKIPPED lists what is not run and why (network, a Docker daemon, hours of benchmark, the suite itself); each
-   appears as a skipped test. A command that is neither run nor skipped fails.
+   appears as a skipped test. A command that is neither run nor skipped fails. A command shown twice runs once.
 A command passes when it exits 0 within its time limit and prints no Python traceback.
 """
 from __future__ import annotations
@@ -209,11 +209,12 @@ class Server:
 
 
 def run_readme(readme: str, cwd: Path) -> list[str]:
-    failures, server = [], None
+    failures, server, seen = [], None, set()
     try:
         for cmd in commands_in(readme):
-            if cmd.skip_reason:
+            if cmd.skip_reason or cmd.text in seen:
                 continue
+            seen.add(cmd.text)
             argv = cmd.argv()
             t0 = time.monotonic()
             if argv[:2] == ["moepage", "serve"]:
