@@ -14,7 +14,6 @@ from moepage.engine.router import Router
 from moepage.kernels.cpu_bf16 import experts_one_token
 from moepage.kernels.experts import swiglu, swiglu_fused
 from moepage.kernels.ggml_experts import experts_one_token as quantized_experts_one_token
-from moepage.kernels.ggml_experts import experts_one_token as quantized_experts_one_token
 from moepage.kernels.routing import RoutingConfig
 from moepage.paging.cache import ExpertCache
 from moepage.paging.pread import ALIGN
@@ -198,12 +197,6 @@ class SparseMoE:
                 wl = w.tolist()
                 out = experts_one_token(x, [ex.w13 for ex in held], [ex.w2 for ex in held], [wl[k] for k in slots],
                                         residual)
-                if out is not None:
-                    return out
-            elif not self.output_observers and held and all(hasattr(ex, "down") for ex in held):  # QuantizedExpert
-                wl = w.tolist()
-                out = quantized_experts_one_token(x, [(ex.gate, ex.up, ex.down) for ex in held],
-                                                  [wl[k] for k in slots], residual)
                 if out is not None:
                     return out
             elif not self.output_observers and held and all(hasattr(ex, "down") for ex in held):  # QuantizedExpert
