@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from moepage.server.tool_parsers import held_prefix
+
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 TOOL_OPENERS = ("<tool_call>", "<function=", "[TOOL_CALLS]")
 CLOSE_THINKING = "\n\n" + THINK_CLOSE + "\n\n"  # appended to a prompt that opened <think> when thinking is off
@@ -22,17 +24,6 @@ class ReasoningDelta:
 @dataclass
 class TextDelta:
     text: str
-
-
-def _held(text: str, tags: tuple[str, ...]) -> int:
-    """Length of the longest suffix of text that is a proper prefix of one of tags."""
-    best = 0
-    for tag in tags:
-        for k in range(min(len(tag) - 1, len(text)), best, -1):
-            if text.endswith(tag[:k]):
-                best = k
-                break
-    return best
 
 
 def prompt_opens_thinking(prompt_tail: str) -> bool:
@@ -81,7 +72,7 @@ class ReasoningSplitter:
                 self._buf = self._buf[at + len(tag):] if tag == THINK_CLOSE else self._buf[at:]
                 self.in_reasoning, self._after_close = False, True
                 continue
-            head = self._buf[: len(self._buf) - _held(self._buf, (THINK_CLOSE,) + TOOL_OPENERS)]
+            head = self._buf[: len(self._buf) - held_prefix(self._buf, (THINK_CLOSE,) + TOOL_OPENERS)]
             keep = len(self._buf) - len(head.rstrip("\n"))  # a tag's start and the newlines before it wait
             out += self._reason(self._buf[: len(self._buf) - keep])
             self._buf = self._buf[len(self._buf) - keep:]

@@ -61,7 +61,7 @@ def _call_id(mistral: bool = False) -> str:
     return "call_" + secrets.token_hex(12)
 
 
-def _held_prefix(text: str, tags: tuple[str, ...]) -> int:
+def held_prefix(text: str, tags: tuple[str, ...]) -> int:
     """Length of the longest suffix of text that is a proper prefix of one of tags."""
     best = 0
     for tag in tags:
@@ -128,7 +128,7 @@ class _TaggedBlock(_Block):
         self.body += text
         end = self.body.find(self.close)
         if end < 0:
-            visible = self.body[: len(self.body) - _held_prefix(self.body, (self.close,))]
+            visible = self.body[: len(self.body) - held_prefix(self.body, (self.close,))]
             return self._progress(visible, final=False), None
         rest = self.body[end + len(self.close):]
         self.body = self.body[:end] + (FUNCTION_CLOSE if self.bare else "")
@@ -367,7 +367,7 @@ class ToolCallParser:
                 self._buf = self._buf[at + len(tag):]
                 self._block = self._open(tag)
                 continue
-            keep = _held_prefix(self._buf, self.tags)
+            keep = held_prefix(self._buf, self.tags)
             if self._after_call and not self._buf[: len(self._buf) - keep].strip():
                 break  # whitespace after a call: wait to see whether more text or another call follows
             events += self._content(self._buf[: len(self._buf) - keep])
