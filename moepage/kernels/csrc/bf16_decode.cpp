@@ -14,6 +14,8 @@
 #include <cmath>
 #include <vector>
 
+#include "route_topk.h"
+
 namespace {
 
 using bf16 = c10::BFloat16;
@@ -385,22 +387,6 @@ void attend_kv_head(const bf16* q, int64_t R, const bf16* k, const bf16* v, int6
       for (int64_t j = 0; j < R; ++j) o[j * D + d] += s[j * P + p] * static_cast<float>(v[p * D + d]);
   for (int64_t j = 0; j < R; ++j)
     for (int64_t d = 0; d < D; ++d) out[j * D + d] = bf16(o[j * D + d] / sum[j]);
-}
-
-// kernels/routing.py's softmax_topk for one token's router logits [1, E], through the same ATen ops (so ties
-// between equal scores break the same way): the K experts in ascending id order (the order their outputs are
-// summed in) and their weights [K] in that order.
-std::tuple<std::vector<int64_t>, torch::Tensor> route_softmax_topk(torch::Tensor logits, int64_t top_k,
-                                                                   bool norm_topk_prob, bool weights_in_logits_dtype) {
-  TORCH_CHECK(logits.dim() == 2 && logits.size(0) == 1 && top_k >= 1 && top_k <= logits.size(1),
-              "route_softmax_topk takes logits [1, E] and 1 <= top_k <= E");
-  auto probs = at::softmax(logits, -1, at::kFloat);
-  auto [w, idx] = at::topk(probs, top_k, -1);
-  if (norm_topk_prob) w = w / w.sum(-1, true);
-  if (weights_in_logits_dtype) w = w.to(logits.scalar_type());
-  auto order = at::argsort(idx[0]);
-  auto ids = idx[0].index_select(0, order).contiguous();
-  return {std::vector<int64_t>(ids.data_ptr<int64_t>(), ids.data_ptr<int64_t>() + top_k), w[0].index_select(0, order)};
 }
 
 using DecodeOut = std::tuple<torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>, std::vector<int64_t>,

@@ -12,6 +12,7 @@
 #pragma once
 
 #include "ggml_cpu_core.h"
+#include "route_topk.h"
 
 namespace {
 
@@ -97,19 +98,6 @@ template <class T>
 void finish_linear(float* acc, const T* bias, int64_t n) {
   for (int64_t i = 0; i < n; ++i)
     acc[i] = bias ? round_to<T>(round_to<T>(acc[i]) + static_cast<float>(bias[i])) : round_to<T>(acc[i]);
-}
-
-// kernels/routing.py's softmax_topk through the same ATen ops: the K experts ascending and their weights [K]
-std::tuple<std::vector<int64_t>, torch::Tensor> route_softmax_topk(const torch::Tensor& logits, int64_t top_k,
-                                                                   bool norm_topk_prob, bool weights_in_logits_dtype) {
-  TORCH_CHECK(top_k >= 1 && top_k <= logits.size(1), "1 <= top_k <= experts");
-  auto probs = at::softmax(logits, -1, at::kFloat);
-  auto [w, idx] = at::topk(probs, top_k, -1);
-  if (norm_topk_prob) w = w / w.sum(-1, true);
-  if (weights_in_logits_dtype) w = w.to(logits.scalar_type());
-  auto order = at::argsort(idx[0]);
-  auto ids = idx[0].index_select(0, order).contiguous();
-  return {std::vector<int64_t>(ids.data_ptr<int64_t>(), ids.data_ptr<int64_t>() + top_k), w[0].index_select(0, order)};
 }
 
 using DecodeOut = std::tuple<torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>, std::vector<int64_t>,
