@@ -118,3 +118,18 @@ class ServeProcess:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def assert_stream_protocol(events, calls):
+    """Each call starts once (with id and name) before any of its arguments; its argument deltas add up to it."""
+    from moepage.server.tool_parsers import ToolCallArguments, ToolCallStart
+
+    started = set()
+    for e in events:
+        if isinstance(e, ToolCallStart):
+            assert e.index not in started and e.id and e.name
+            started.add(e.index)
+        elif isinstance(e, ToolCallArguments):
+            assert e.index in started
+    for i, call in enumerate(calls):
+        assert "".join(e.delta for e in events if isinstance(e, ToolCallArguments) and e.index == i) == call.arguments

@@ -8,9 +8,10 @@ from hypothesis import given, settings, strategies as st
 
 from moepage.server.tool_choice import forced_prefix, template_tool_format
 from moepage.server.tool_parsers import (
-    ContentDelta, ToolCallArguments, ToolCallParser, ToolCallStart, parse_all,
+    ContentDelta, ToolCallArguments, ToolCallParser, parse_all,
 )
 from moepage.surgery.tokenizer_builder import CHATML_TEMPLATE
+from server_support import assert_stream_protocol
 
 TOOLS = [{"type": "function", "function": {"name": "run", "parameters": {"type": "object", "properties": {
     "cmd": {"type": "string"}, "n": {"type": "integer"}, "opts": {"type": "object"}}}}}]
@@ -66,16 +67,7 @@ def test_random_chunking_gives_same_calls(data):
     events, calls = run_stream(text, cuts)
     _, want = EXPECTED[text]
     assert [(c.name, json.loads(c.arguments)) for c in calls] == want
-    # stream protocol: each call starts once (with id and name) before any of its arguments
-    started = set()
-    for e in events:
-        if isinstance(e, ToolCallStart):
-            assert e.index not in started and e.id and e.name
-            started.add(e.index)
-        elif isinstance(e, ToolCallArguments):
-            assert e.index in started
-    for i, call in enumerate(calls):
-        assert "".join(e.delta for e in events if isinstance(e, ToolCallArguments) and e.index == i) == call.arguments
+    assert_stream_protocol(events, calls)
 
 
 def test_arguments_stream_incrementally():

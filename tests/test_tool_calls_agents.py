@@ -12,8 +12,8 @@ from hypothesis import given, settings, strategies as st
 
 from moepage.demo import DemoSpec, build_demo_model
 from moepage.engine.engine import Engine, EngineConfig
-from moepage.server.tool_parsers import ContentDelta, ToolCallArguments, ToolCallParser, ToolCallStart, parse_all
-from server_support import MODEL_ID, serving
+from moepage.server.tool_parsers import ContentDelta, ToolCallParser, parse_all
+from server_support import MODEL_ID, assert_stream_protocol, serving
 
 SCHEMA = {"type": "object", "properties": {
     "path": {"type": "string"}, "content": {"type": "string"}, "line": {"type": "integer"},
@@ -69,15 +69,7 @@ def test_a_call_split_at_any_bytes_gives_the_same_calls_and_no_tag_text(data):
     assert [(c.name, json.loads(c.arguments)) for c in calls] == want_calls
     content = "".join(e.text for e in events if isinstance(e, ContentDelta))
     assert content.strip() == (want_content or "").strip()
-    started = set()
-    for e in events:  # each call starts once, with its id and name, before any of its arguments
-        if isinstance(e, ToolCallStart):
-            assert e.index not in started and e.id and e.name
-            started.add(e.index)
-        elif isinstance(e, ToolCallArguments):
-            assert e.index in started
-    for i, call in enumerate(calls):
-        assert "".join(e.delta for e in events if isinstance(e, ToolCallArguments) and e.index == i) == call.arguments
+    assert_stream_protocol(events, calls)
 
 
 def test_every_single_split_point():
