@@ -10,6 +10,7 @@ import torch
 
 from moepage.engine.checkpoint import Checkpoint, open_checkpoint
 from moepage.engine.kv_cache import ContextOverflow, KVCache
+from moepage.engine.lora_merge import apply_lora
 from moepage.engine.model import MoEModel
 from moepage.engine.prompt_cache import PromptCache
 from moepage.engine.quantized_expert import expert_loader
@@ -61,6 +62,7 @@ class EngineConfig:
     # less memory, the same logits bit for bit, a faster decode where memory bandwidth is the limit. None: wherever
     # the fused kernel runs (bf16, AVX512-BF16 + VBMI2).
     pack_lm_head: bool | None = None
+    lora: str | None = None  # a PEFT LoRA adapter directory, merged at load and into each expert paged in
 
 
 @dataclass
@@ -144,8 +146,9 @@ class Engine:
                    if not (c == "embed" and embed_rows is not None) and not (c == "lm_head" and head_rows is not None)}
         if head_rows is not None:  # read a block of rows at a time and keep it in the 12-bit form
             weights["lm_head"] = PackedMatrix((head_rows.rows, head_rows.cols), head_rows.block)
-        resident_bytes = sum(t.nbytes if isinstance(t, PackedMatrix) else t.numel() * t.element_size()
-                             for t in weights.values())
+        lora_bytes = apply_lora(cfg.lora, ckpt, weights) if cfg.lora else 0  # engine/lora_merge.py
+        resident_bytes = lora_bytes + sum(t.nbytes if isinstance(t, PackedMatrix) else t.numel() * t.element_size()
+                                          for t in weights.values())
         ctx = int(cfg.ctx_size or min(args.max_position_embeddings, 4096))
         kv_bytes = KVCache.bytes_for(args.num_layers, args.num_kv_heads, args.head_dim, ctx, dtype)
         n_experts = len(args.moe_layers) * args.num_experts
