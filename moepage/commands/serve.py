@@ -26,6 +26,9 @@ def register(sub):
     p.add_argument("--cors", action="append", default=[], metavar="ORIGIN",
                    help="allow browser requests from ORIGIN (repeatable, or '*')")
     p.add_argument("--max-queue", type=int, default=16, help="requests that may wait for the engine; more get 429")
+    p.add_argument("--parallel", type=int, default=4, metavar="N",
+                   help="requests generated at once, decoded together one token each a step (default 4); each "
+                        "holds a KV cache of --ctx-size tokens inside --memory-budget")
     p.add_argument("--tool-parser", default="auto", choices=["auto", "hermes", "qwen3_coder", "mistral"],
                    help="tool-call format in the model's output (auto: all of them)")
     p.add_argument("--sse-ping", type=float, default=10.0, help="seconds between SSE comment pings on a silent stream")
@@ -55,6 +58,8 @@ def settings_from_args(args, model_id: str, routing: str = "exact"):
     cors = [o for item in args.cors for o in item.split(",") if o]
     if args.max_queue < 0:
         raise ValueError("--max-queue must be >= 0")
+    if getattr(args, "parallel", 1) < 1:
+        raise ValueError("--parallel must be at least 1")
     if args.max_request_bytes is not None and args.max_request_bytes < 1:
         raise ValueError("--max-request-bytes must be at least 1 byte")
     if not args.template_timeout > 0:
@@ -115,6 +120,7 @@ def _serve(args, sock: socket.socket) -> int:
     config = engine_config(args, resolved.path)
     config.prefix_cache = not args.no_prompt_cache
     config.prompt_cache_bytes = args.prompt_cache_bytes
+    config.parallel = args.parallel
     engine = Engine.load(config)
     print(engine.memory_summary(), file=sys.stderr)
     print(prompt_cache_line(engine), file=sys.stderr)
