@@ -75,7 +75,7 @@ def prepare_lazy(repo_id: str, files: list[str], revision: str | None = None, lo
         repo = HubRepo(repo_id, commit)
         os.makedirs(out, exist_ok=True)
         if first == MANIFEST:
-            lazy = _from_split(repo, out, meta.size, log)
+            lazy = _from_split(repo, out, files, log)
         else:
             lazy = _from_checkpoint(repo, out, files, log)
         lazy.update({"format": LAZY_FORMAT, "version": 1, "repo_id": repo_id, "revision": revision, "commit": commit})
@@ -103,11 +103,25 @@ def _download(repo: HubRepo, rel: str, out: str, size: int, sha256: str | None =
     return digest
 
 
-def _from_split(repo: HubRepo, out: str, manifest_size: int | None, log) -> dict:
-    if manifest_size is None or manifest_size > MAX_JSON_BYTES:
-        raise CheckpointError(f"{repo.repo_id}/{MANIFEST}: size unknown or larger than {MAX_JSON_BYTES >> 20} MiB")
-    _download(repo, MANIFEST, out, manifest_size)
+def _small_files(repo: HubRepo, out: str, names: list[str]) -> dict[str, dict]:
+    """config and tokenizer files (each at most MAX_JSON_BYTES) into out: {name: {size, sha256}}."""
+    from huggingface_hub import get_hf_file_metadata
+
+    got = {}
+    for name in names:
+        size = get_hf_file_metadata(repo.url(name)).size
+        if size is None or size > MAX_JSON_BYTES:
+            raise CheckpointError(f"{repo.repo_id}/{name}: size unknown or larger than {MAX_JSON_BYTES >> 20} MiB")
+        got[name] = {"size": size, "sha256": _download(repo, name, out, size)}
+    return got
+
+
+def _from_split(repo: HubRepo, out: str, files: list[str], log) -> dict:
+    """A `moepage split` upload: the manifest, then every file it lists but the experts (checked against it), and
+    the config and tokenizer files it copied (the manifest names them, without hashes)."""
+    _small_files(repo, out, [MANIFEST])
     manifest = read_manifest(out)
+    _small_files(repo, out, [n for n in SMALL_FILES if n in files and n not in manifest["files"]])
     for rel, meta in sorted(manifest["files"].items()):
         if rel.replace("\\", "/").startswith(EXPERTS_DIR + "/"):
             continue
@@ -131,13 +145,7 @@ def _from_checkpoint(repo: HubRepo, out: str, files: list[str], log) -> dict:
             metas[name] = m
         return metas[name]
 
-    small = {}
-    for name in SMALL_FILES + (INDEX,):
-        if name in files:
-            size = meta(name).size
-            if size > MAX_JSON_BYTES:
-                raise CheckpointError(f"{repo.repo_id}/{name}: larger than {MAX_JSON_BYTES >> 20} MiB")
-            small[name] = {"size": size, "sha256": _download(repo, name, out, size)}
+    small = _small_files(repo, out, [n for n in SMALL_FILES + (INDEX,) if n in files])
     config = read_model_json(out, "config.json", "config.json")
     family, args = model_args_of(config, f"{repo.repo_id}/config.json")
     if any("{E}" not in t for t in family.EXPERT_NAMES.values()):

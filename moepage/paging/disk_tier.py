@@ -253,8 +253,11 @@ class HashLog:
         if not _LINE.match(line[:-1]):
             raise ExpertReadError(f"{self.path}: cannot record {rel!r} with ETag {etag!r}")
         with self._lock:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
             try:
+                end = os.fstat(fd).st_size
+                if end and os.pread(fd, 1, end - 1) != b"\n":
+                    line = "\n" + line  # after a torn line: start a line of our own
                 os.write(fd, line.encode())
                 os.fsync(fd)
             finally:

@@ -338,3 +338,22 @@ def hub_expert_source(root: str, manifest: dict, shard_path, expert_table, hashe
         plans[rel] = plan
     return HubExpertSource(root, shard_path, expert_table, hashes, drop_page_cache, encoding, repo, kind,
                            plans=plans, file_etags=file_etags)
+
+
+def configure_disk_tier(source, budget: int | None, moe_layers: list[int], readers: int) -> str:
+    """Give a lazy model's disk tier its budget (files beyond it leave now); the start-up line describing it.
+    The budget must hold one expert per reading thread and one more (each pins its file while it reads it)."""
+    from moepage.paging.budget import human
+
+    if not isinstance(source, HubExpertSource):
+        raise ValueError("--lazy: the model's experts do not come from the Hub")
+    if budget is not None:
+        largest = max((source.stored_nbytes(layer) for layer in moe_layers), default=0) + (64 << 10)
+        need = (max(1, readers) + 1) * largest
+        if budget < need:
+            raise ValueError(f"--disk-budget {human(budget)} is below {human(need)}: {max(1, readers) + 1} experts "
+                             f"of up to {human(largest)} (one per --io-threads reader and one more)")
+    source.tier.resize(budget)
+    limit = "no limit" if budget is None else f"{human(budget)} (--disk-budget)"
+    return (f"disk tier: {source.root}: {len(source.tier)} experts, {human(source.tier.used_bytes)} of {limit}; "
+            f"misses are fetched from {source.repo.repo_id}@{source.repo.commit[:12]}")
