@@ -220,7 +220,7 @@ def _open_split(root: str, drop_page_cache: bool, verify: bool) -> Checkpoint:
     if os.path.lexists(os.path.join(root, "hub.json")):  # `serve --lazy`: experts come from the Hub on a miss
         from moepage.paging.hub_source import hub_expert_source
 
-        source = hub_expert_source(root, manifest, split_shard_path, family.EXPERT_NAMES, hashes, drop_page_cache)
+        source = hub_expert_source(root, manifest, split_shard_path, hashes, drop_page_cache, family.EXPERT_NAMES)
     else:
         source = SplitExpertSource(root, split_shard_path, family.EXPERT_NAMES, hashes, drop_page_cache, verify,
                                    encoding=manifest.get("expert_encoding"))
