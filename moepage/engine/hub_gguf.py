@@ -60,8 +60,11 @@ class RemoteGGUF:
             raise CheckpointError(f"{self.path}: bytes [{start}, {end}) lie outside the file ({self.size} bytes)")
         if self._at <= start and end <= self._at + len(self._buf):
             return self._buf[start - self._at : end - self._at]
-        i = bisect.bisect_left(self._stops, end)
-        stop = min(self._stops[i] if i < len(self._stops) else self.size, start + max(length, READ_AHEAD))
+        if self._stops:  # the resident tensors: read ahead, never into an expert tensor
+            i = bisect.bisect_left(self._stops, end)
+            stop = min(self._stops[i] if i < len(self._stops) else self.size, start + max(length, READ_AHEAD))
+        else:  # the header: the parser asks for windows of its own
+            stop = end
         buf = bytearray()
         for a in range(start, max(stop, end), MAX_REQUEST):
             buf += self.repo.read_range(self.filename, a, min(max(stop, end), a + MAX_REQUEST), self.etag)
