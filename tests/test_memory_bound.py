@@ -122,3 +122,89 @@ def test_temporaries_reuse_the_heap_and_expert_slots_go_back_to_the_os():
     temp_in_heap, aligned, slot_in_heap, grew, kept = p.stdout.split()
     assert temp_in_heap == "True" and aligned == "True" and slot_in_heap == "False"
     assert int(grew) >= 90 and int(kept) <= 4, p.stdout
+
+
+# ---- GGUF: the resident part planned from the header, before it is loaded -------------------------------
+def _synthetic_gguf(tmp_path) -> str:
+    import os
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+    import synthetic_gguf as sg
+
+    out = str(tmp_path / "tiny-q4_k_m.gguf")
+    sg.write_gguf(out, sg.SHAPES["tiny"], "Q4_K_M", _vocab(tmp_path), sg.Routing(), seed=2, progress=False)
+    return out
+
+
+def _vocab(tmp_path) -> str:
+    import os
+    import tarfile
+
+    import pytest
+
+    from gguf_support import CANDIDATES, LLAMA_CPP_VERSION
+
+    for c in CANDIDATES:
+        p = os.path.expanduser(c.format(v=LLAMA_CPP_VERSION))
+        if os.path.isfile(p) and p.endswith(".tar.gz"):
+            with tarfile.open(p) as tar:
+                m = next((m for m in tar.getmembers() if m.name.endswith("models/ggml-vocab-qwen2.gguf")), None)
+                if m is not None:
+                    m.name = "ggml-vocab-qwen2.gguf"
+                    tar.extractall(tmp_path, members=[m], filter="data")
+                    return str(tmp_path / "ggml-vocab-qwen2.gguf")
+    pytest.skip("the llama-cpp-python sdist (with models/ggml-vocab-qwen2.gguf) is not on this machine")
+
+
+def test_gguf_budget_refused_before_resident_weights_load(tmp_path, monkeypatch):
+    """A budget below the minimum is refused from the header alone: no resident tensor is read (the old engine
+    loaded them first and overshot the budget by their size), and the error states the minimum, which a budget
+    of exactly that size then meets."""
+    import re
+
+    import pytest
+
+    from moepage.engine.engine import Engine, EngineConfig
+    from moepage.engine.gguf_checkpoint import GGUFCheckpoint
+    from moepage.paging.budget import BudgetError
+
+    path = _synthetic_gguf(tmp_path)
+    real = GGUFCheckpoint.resident_tensor
+    reads = []
+
+    def counted(self, name, dtype, device):
+        reads.append(name)
+        return real(self, name, dtype, device)
+
+    monkeypatch.setattr(GGUFCheckpoint, "resident_tensor", counted)
+    with pytest.raises(BudgetError) as e:
+        Engine.load(EngineConfig(path, memory_budget=20 << 20, ctx_size=256))
+    assert reads == []
+    minimum = int(re.search(r"\((\d+) bytes\)", str(e.value)).group(1))
+    engine = Engine.load(EngineConfig(path, memory_budget=minimum, ctx_size=256))
+    try:
+        assert reads and engine.plan.min_budget == minimum
+    finally:
+        engine.close()
+
+
+def test_inspect_and_engine_agree_on_gguf_bytes(tmp_path, capsys):
+    """`moepage inspect` states the engine's bytes per expert (stored GGML blocks, not a bf16 conversion), its
+    resident bytes and its minimum budget."""
+    import argparse
+
+    from moepage.commands import inspect
+    from moepage.engine.engine import Engine, EngineConfig
+    from moepage.paging.budget import human
+
+    path = _synthetic_gguf(tmp_path)
+    inspect.run(argparse.Namespace(model=path, dtype="auto", ctx_size=256))
+    out = capsys.readouterr().out
+    engine = Engine.load(EngineConfig(path, memory_budget=1 << 30, ctx_size=256, prefix_cache=False))
+    try:
+        plan = engine.plan
+        assert f"{human(plan.expert_bytes_each)} in memory as stored" in out
+        assert f"{human(plan.resident_bytes)} in memory" in out
+        assert f"{human(plan.min_budget):>10}  minimum" in out
+    finally:
+        engine.close()

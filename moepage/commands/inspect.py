@@ -20,7 +20,8 @@ def run(args) -> int:
     from moepage.engine.checkpoint import open_checkpoint
     from moepage.engine.engine import EngineConfig, packable_lm_head, read_buffer_bytes, resolve_dtype
     from moepage.engine.kv_cache import KVCache
-    from moepage.engine.moe import PreparedExpert
+    from moepage.engine.memory_plan import planned_resident_bytes
+    from moepage.engine.quantized_expert import expert_loader
     from moepage.commands import plural
     from moepage.paging.budget import human
 
@@ -28,27 +29,29 @@ def run(args) -> int:
     ckpt = open_checkpoint(path)
     a = ckpt.args
     dtype = resolve_dtype(args.dtype, a.torch_dtype)
-    size = torch.empty(0, dtype=dtype).element_size()
     resident_stored = sum(ckpt.tensor_nbytes(n) for n in ckpt.resident_checkpoint_names().values())
-    numel = ckpt.tensor_numel or (lambda n: ckpt.tensor_nbytes(n) // 2)
     names = ckpt.resident_checkpoint_names()
-    resident = sum(numel(n) * size for n in names.values())
+    cpu = torch.device("cpu")
+    resident = planned_resident_bytes(ckpt, names, dtype, False, False)
     # under a memory budget the engine reads an untied embedding table from disk, and where the fused kernel runs
-    # holds a bf16 lm_head in the 12-bit form (1.5 bytes a value + a row offset; escapes are a few hundredths of 1%)
-    budgeted, how = resident, []
-    if not a.tie_word_embeddings and "embed" in names and ckpt.tensor_rows(names["embed"], dtype, "cpu"):
-        budgeted -= numel(names["embed"]) * size
+    # holds a bf16 lm_head in the 12-bit form: the same bytes the engine plans with (engine/memory_plan.py)
+    how = []
+    on_disk = not a.tie_word_embeddings and "embed" in names and ckpt.tensor_rows(names["embed"], dtype, "cpu")
+    if on_disk:
         how.append("the embedding table read from disk row by row")
-    if packable_lm_head(EngineConfig(path), ckpt, names, dtype, torch.device("cpu")) is not None:
-        budgeted -= numel(names["lm_head"]) * size - (numel(names["lm_head"]) * 3 // 2 + a.vocab_size * 8)
+    packed = packable_lm_head(EngineConfig(path), ckpt, names, dtype, cpu) is not None
+    if packed:
         how.append("the lm_head in the lossless 12-bit form")
+    budgeted = planned_resident_bytes(ckpt, names, dtype, bool(on_disk), packed)
     buffers = read_buffer_bytes(ckpt, EngineConfig(path).io_threads)
     if buffers:
         budgeted += buffers
-        how.append(f"{human(buffers)} of read buffers for the 12-bit shards")
+        how.append(f"{human(buffers)} of read buffers for the page-in threads")
     n_experts = len(a.moe_layers) * a.num_experts
-    each = PreparedExpert.nbytes_for(a.hidden_size, a.moe_intermediate_size, dtype)
-    stored_each = ckpt.experts.stored_nbytes(a.moe_layers[0]) if a.moe_layers else 0
+    _, _, each = expert_loader(ckpt.experts, a, dtype, cpu)  # what the engine's cache holds per expert
+    held = "as stored (GGML blocks)" if getattr(ckpt.experts, "quantized", False) else \
+        f"as {str(dtype).replace('torch.', '')}"
+    stored_each = max((ckpt.experts.stored_nbytes(layer) for layer in a.moe_layers), default=0)
     ctx = args.ctx_size or min(a.max_position_embeddings, 4096)
     kv = KVCache.bytes_for(a.num_layers, a.num_kv_heads, a.head_dim, ctx, dtype)
     print(f"model: {ckpt.root} ({ckpt.kind}, {a.family})")
@@ -56,7 +59,7 @@ def run(args) -> int:
           f"x {a.head_dim}, vocab {a.vocab_size}, max positions {a.max_position_embeddings}")
     print(f"experts: {a.num_experts} per layer, top-{a.top_k}, FFN {a.moe_intermediate_size}"
           + (f", shared expert FFN {a.shared_expert_intermediate_size}" if a.shared_expert_intermediate_size else ""))
-    print(f"bytes per expert: {human(stored_each)} on disk, {human(each)} in memory as {str(dtype).replace('torch.', '')}")
+    print(f"bytes per expert: {human(stored_each)} on disk, {human(each)} in memory {held} (the largest layer's)")
     print(f"resident weights: {human(resident_stored)} on disk, {human(resident)} in memory; "
           f"all experts: {human(each * n_experts)}; KV cache for {ctx} tokens: {human(kv)}")
     if how:

@@ -23,6 +23,7 @@ from moepage.kernels.ggml import ggml_backend
 from moepage.paging.allocator import return_freed_memory
 from moepage.paging.bf16_12bit import ENCODING, PackedMatrix, fused_kernel
 from moepage.paging.budget import MemoryPlan, plan_memory
+from moepage.engine.memory_plan import planned_resident_bytes
 from moepage.paging.trace import TraceRecorder
 from moepage.paging.cache import ExpertCache
 
@@ -145,13 +146,6 @@ class Engine:
         if on_disk and not args.tie_word_embeddings:
             embed_rows = ckpt.tensor_rows(names["embed"], dtype, device)
         head_rows = packable_lm_head(cfg, ckpt, names, dtype, device)
-        weights = {c: ckpt.resident_tensor(n, dtype, device) for c, n in names.items()
-                   if not (c == "embed" and embed_rows is not None) and not (c == "lm_head" and head_rows is not None)}
-        if head_rows is not None:  # read a block of rows at a time and keep it in the 12-bit form
-            weights["lm_head"] = PackedMatrix((head_rows.rows, head_rows.cols), head_rows.block)
-        lora_bytes = apply_lora(cfg.lora, ckpt, weights) if cfg.lora else 0  # engine/lora_merge.py
-        resident_bytes = lora_bytes + sum(t.nbytes if isinstance(t, PackedMatrix) else t.numel() * t.element_size()
-                                          for t in weights.values())
         ctx = int(cfg.ctx_size or min(args.max_position_embeddings, 4096))
         if cfg.parallel < 1:
             raise ValueError(f"parallel must be at least 1, got {cfg.parallel}")
@@ -160,6 +154,17 @@ class Engine:
         n_experts = len(args.moe_layers) * args.num_experts
         load_expert, expert_nbytes, each = expert_loader(ckpt.experts, args, dtype, device)
         buffers = read_buffer_bytes(ckpt, cfg.io_threads)
+        if cfg.memory_budget is not None and not cfg.lora:  # the budget checked from the headers, before loading
+            planned = planned_resident_bytes(ckpt, names, dtype, embed_rows is not None, head_rows is not None)
+            plan_memory(cfg.memory_budget, planned, kv_bytes, each, n_experts, args.top_k, cfg.expert_cache_bytes,
+                        buffers, (cfg.prompt_cache_bytes or 0) if cfg.prefix_cache else 0)
+        weights = {c: ckpt.resident_tensor(n, dtype, device) for c, n in names.items()
+                   if not (c == "embed" and embed_rows is not None) and not (c == "lm_head" and head_rows is not None)}
+        if head_rows is not None:  # read a block of rows at a time and keep it in the 12-bit form
+            weights["lm_head"] = PackedMatrix((head_rows.rows, head_rows.cols), head_rows.block)
+        lora_bytes = apply_lora(cfg.lora, ckpt, weights) if cfg.lora else 0  # engine/lora_merge.py
+        resident_bytes = lora_bytes + sum(t.nbytes if isinstance(t, PackedMatrix) else t.numel() * t.element_size()
+                                          for t in weights.values())
         prompt_cache_bytes = 0
         if cfg.prefix_cache:
             prompt_cache_bytes = cfg.prompt_cache_bytes if cfg.prompt_cache_bytes is not None else \
