@@ -58,6 +58,9 @@ def test_build_targets_keep_separate_caches_and_bad_arch_is_refused(monkeypatch)
         monkeypatch.setenv("MOEPAGE_KERNEL_ARCH", arch)
         dirs.add(native.build_directory("bf16_decode"))
     assert len(dirs) == 2
+    monkeypatch.setenv("MOEPAGE_KERNEL_ARCH", "native")  # a -march=native cache carried to another CPU is not used
+    monkeypatch.setitem(native._features, "cpu", {"avx2", "fma"})
+    assert native.build_directory("bf16_decode") not in dirs
 
 
 def test_an_avx2_build_target_disables_the_avx512_only_module(monkeypatch):

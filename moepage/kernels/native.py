@@ -38,7 +38,10 @@ def build_directory(name: str) -> str:
     """One build directory per module, torch and Python environment: two venvs never rebuild each other's copy."""
     import torch
 
-    key = f"{sys.prefix}|{torch.__version__}|{VERSION}|{cpu.build_target().key()}"
+    target = cpu.build_target()
+    # -march=native code runs on this CPU model only: a cache carried to another machine (a Docker image) rebuilds
+    machine = ",".join(sorted(cpu_flags())) if target.arch == "native" else ""
+    key = f"{sys.prefix}|{torch.__version__}|{VERSION}|{target.key()}|{machine}"
     env = hashlib.sha256(key.encode()).hexdigest()[:12]
     base = os.environ.get("MOEPAGE_KERNEL_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "moepage", "kernels")
