@@ -13,7 +13,8 @@ from moepage.kernels.experts import swiglu_fused
 from moepage.kernels.rope import RotaryTable, rotate_half
 
 bf16 = native.load("bf16_decode")
-needs_kernels = pytest.mark.skipif(bf16 is None, reason="the bf16 C++ kernels need AVX512-BF16 and a compiler")
+needs_kernels = pytest.mark.skipif(bf16 is None, reason="the bf16 C++ kernels need a C++ compiler (or "
+                                   "MOEPAGE_KERNELS=torch is set)")
 G = torch.Generator().manual_seed(0)
 
 
@@ -54,6 +55,15 @@ def test_rope_is_bit_exact_and_rms_norm_nearly():
     h, w = rand(64, 1024, scale=3.0), rand(1024, scale=0.5)
     ref = w * (h.float() * torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True) + 1e-6)).bfloat16()
     assert (bf16.rms_norm(h, w, 1e-6) != ref).float().mean().item() < 1e-3
+
+
+@needs_kernels
+def test_the_build_runs_the_core_its_target_has():
+    """vdpbf16ps where the build target has AVX512-BF16, the portable core everywhere else; OpenMP where the build
+    links it, moepage's pool otherwise."""
+    core, threads = bf16.core().split("/")
+    assert core == ("avx512bf16" if "avx512_bf16" in native.target_flags() else "portable")
+    assert threads == ("openmp" if native.cpu.build_target().openmp else "pool")
 
 
 def test_stale_build_lock_is_removed(tmp_path, monkeypatch):

@@ -1,13 +1,15 @@
 """The portable bf16 core (moepage/kernels/csrc/bf16_portable.h) gives the same bits on every ISA: built for x86-64
 baseline (SSE2), for haswell (AVX2 + FMA + F16C) and for this machine, and cross-compiled for aarch64 (NEON) and run
 under qemu-aarch64, one input through tests/csrc/portable_kernels_main.cpp gives byte-identical outputs; and those
-outputs are the torch ops' up to the order of fp32 sums (rope exactly)."""
+outputs are the torch ops' up to the order of fp32 sums (rope exactly). And the torch module built for AVX2 only,
+without OpenMP (what an AVX2 laptop and Apple clang get), passes tests/test_kernels.py."""
 from __future__ import annotations
 
 import os
 import shutil
 import struct
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -141,3 +143,17 @@ def test_the_portable_core_computes_the_torch_ops(outputs):
             live = x >= -80
             assert torch.all(got[~live] == 0) and torch.all(got[live] > 0)
             assert ((got[live].double() - want[live]).abs() / want[live]).max() < 4e-7  # ~2 ulp
+
+
+def test_the_avx2_build_without_openmp_passes_the_kernel_tests():
+    """tests/test_kernels.py with bf16_decode built for haswell and moepage's own thread pool (~40 s to compile once
+    per environment; cached after)."""
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("no C++ compiler")
+    env = dict(os.environ, MOEPAGE_KERNEL_ARCH="haswell", MOEPAGE_KERNEL_OPENMP="0")
+    env.pop("MOEPAGE_KERNELS", None)
+    run = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                          os.path.join(ROOT, "tests", "test_kernels.py")], capture_output=True, text=True, env=env,
+                         timeout=1200, cwd=ROOT)
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert " passed" in run.stdout and "skipped" not in run.stdout

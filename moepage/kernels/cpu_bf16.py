@@ -1,9 +1,10 @@
-"""bf16 decode kernels for CPUs with AVX512-BF16, compiled once on first use (torch.utils.cpp_extension).
+"""bf16 decode kernels, compiled once on first use for the machine (torch.utils.cpp_extension, kernels/native.py).
 
 torch's bf16 F.linear with one activation row runs at ~12 GB/s on the 2-core machines we measure on, a third of
 what the memory system gives; a decode step is almost only such matrix-vector products. `linear` and
-`experts_one_token` read each weight once at close to memory bandwidth (C++ in csrc/bf16_decode.cpp, built by
-kernels/native.py); without them `available()` is False and plain torch runs.
+`experts_one_token` read each weight once at close to memory bandwidth (C++ in csrc/bf16_decode.cpp: vdpbf16ps where
+the build target has AVX512-BF16, else the portable core of csrc/bf16_portable.h, which compiles to AVX2 + FMA, NEON
+or plain SSE2); without a compiler `available()` is False and plain torch runs.
 
 Shape legend: M tokens (at most MAX_ROWS), K input features, N output features, H hidden, I expert FFN width.
 """
