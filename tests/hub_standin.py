@@ -7,7 +7,8 @@ subprocess's environment).
   the Hub gives for LFS files; the git blob's sha1 otherwise), X-Repo-Commit, Content-Length, Accept-Ranges; a
   Range header gets 206 and Content-Range. REV is "main" or the repo's commit.
 Faults, to test the client: `fail` (a set of path prefixes answered 500), `stall` (path prefixes whose body stops
-halfway until `release` is set), and `down()`/`up()`.
+halfway until `release` is set), and `down()`/`up()`; `latency_s` delays every answer (a network's round trip, for
+bench/hub_lazy.py).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import json
 import os
 import re
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 _RESOLVE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)$")
@@ -51,6 +53,7 @@ class HubStandIn:
         self.stall: set[str] = set()
         self.release = threading.Event()
         self.stalled = threading.Event()  # set once a stalled body has sent its first half
+        self.latency_s = 0.0
         self._server: ThreadingHTTPServer | None = None
         self._port = 0
 
@@ -105,6 +108,8 @@ class HubStandIn:
     def _answer(self, h: BaseHTTPRequestHandler, body: bool):
         path = h.path.split("?")[0]
         self.requests.append((h.command, path, h.headers.get("Range")))
+        if self.latency_s:
+            time.sleep(self.latency_s)
         m = _API.match(path)
         if m and body:
             repo = self.repos.get(m["repo"])

@@ -64,20 +64,26 @@ class LazyServe(ServeProcess):
         super().__init__([repo, "--lazy", "--threads", "1", "--ctx-size", "256", *flags])
         self.env = env
 
-    def start(self, timeout: float = 120.0) -> "LazyServe":
-        self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env,
-                                     text=True)
+    def start(self, timeout: float = 180.0) -> "LazyServe":
+        """Output goes to a file (a pipe nobody reads could fill and stall the server); its tail is in any error."""
+        import tempfile
+
+        self.log = tempfile.NamedTemporaryFile("w+", suffix=".log")
+        self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT, env=self.env, text=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"moepage serve exited {self.proc.returncode}: {self.proc.stderr.read()[-2000:]}")
+                break
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
-        raise RuntimeError(f"moepage serve did not answer /health on {self.url} within {timeout} s")
+        self.stop()
+        self.log.seek(0)
+        raise RuntimeError(f"moepage serve did not answer /health on {self.url} (exit {self.proc.returncode}): "
+                           f"{self.log.read()[-2000:]}")
 
 
 def swallow(fn, *args):

@@ -8,12 +8,13 @@ The header is parsed by the same bounded parser as a local file (paging/gguf_hea
 from __future__ import annotations
 
 import bisect
+import json
 import os
 
-from moepage.engine.checkpoint import model_args_of, split_shard_path
+from moepage.engine.checkpoint import MANIFEST, model_args_of, split_shard_path
 from moepage.engine.families import common
 from moepage.engine.gguf_config import gguf_config
-from moepage.paging.disk_tier import TMP_SUFFIX, fsync_dir
+from moepage.paging.disk_tier import TMP_SUFFIX, fsync_dir, write_atomic
 from moepage.paging.gguf_experts import PARTS
 from moepage.paging.gguf_header import parse_gguf_header
 from moepage.paging.gguf_resident import write_resident_gguf
@@ -74,12 +75,7 @@ class RemoteGGUF:
 
 def from_gguf(repo: HubRepo, out: str, filename: str, log) -> dict:
     """Write out/resident.gguf and out/moepage.json for the Hub GGUF `filename`; returns hub.json's fields."""
-    import json
-
     from huggingface_hub import get_hf_file_metadata
-
-    from moepage.engine.checkpoint import MANIFEST
-    from moepage.paging.disk_tier import write_atomic
 
     meta = get_hf_file_metadata(repo.url(filename))
     if meta.size is None or not meta.etag:

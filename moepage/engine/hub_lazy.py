@@ -12,6 +12,9 @@ built again. It lives under the Hugging Face cache, `HF_HUB_CACHE/moepage-lazy/m
 - An original safetensors checkpoint: each weight file's header is read by range; the resident tensors are read
   by range and written into resident.safetensors; each expert's tensors (name, dtype, shape, offsets) go into
   hub.json, to be read by range on its miss.
+- One GGUF file of a repo (owner/repo:QUANT): engine/hub_gguf.py, in the directory COMMIT.FILE.
+Every URL names the commit, so the bytes cannot change between requests; resident files are written atomically
+and their sha256 recorded in moepage.json (`moepage verify DIR` checks them).
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ from moepage.engine.families import common
 from moepage.engine.gguf_checkpoint import open_gguf
 from moepage.paging.gguf_experts import PARTS, shard_metadata
 from moepage.paging.gguf_file import GGUFFile
-from moepage.paging.gguf_resident import write_resident_gguf  # noqa: F401  (also imported from here)
+from moepage.paging.gguf_resident import write_resident_gguf
 from moepage.paging.safetensors_file import CheckpointError
 from moepage.paging.sources import sha256_of
 
