@@ -252,14 +252,26 @@ def backend_for(q: "QuantizedTensor"):
     return b if b is not None and b.multiplies(q.type.id) else None
 
 
+INTERLEAVED = 256  # a kernel type id with this bit: the type's 8-row interleaved layout (csrc/ggml_cpu_interleave.h)
+
+
 @dataclass
 class QuantizedTensor:
-    """A GGML tensor kept as its stored bytes: data [R * row_bytes] uint8, logical shape (R, C)."""
+    """A GGML tensor kept as its stored bytes: data [R * row_bytes] uint8, logical shape (R, C).
+
+    interleaved: the bytes are in ggml's 8-row interleaved layout (interleaved_for_matvec), which only the kernels
+    read; dequantize() gives the same values either way."""
 
     data: torch.Tensor
     type: GGMLType
     shape: tuple[int, ...]
     name: str = "?"
+    interleaved: bool = False
+
+    @property
+    def kernel_type(self) -> int:
+        """The type id the C++ kernels take: the GGML type id, with INTERLEAVED set for the interleaved layout."""
+        return self.type.id | (INTERLEAVED if self.interleaved else 0)
 
     @property
     def nbytes(self) -> int:
@@ -277,9 +289,25 @@ class QuantizedTensor:
             b = ggml_backend()
             if b is not None and b.dequantizes(self.type.id):
                 check_size(self.data, self.type, self.shape, self.name)
-                out = b.dequantize(self.data.contiguous(), self.type.id, self.rows, self.shape[-1])
+                out = b.dequantize(self.data.contiguous(), self.kernel_type, self.rows, self.shape[-1])
                 return out.view(self.shape).to(dtype)
+        if self.interleaved:
+            raise ValueError(f"tensor {self.name!r}: interleaved bytes need ggml's CPU library to dequantize")
         return dequantize(self.data, self.type, self.shape, self.name, dtype)
 
     def to(self, device) -> "QuantizedTensor":
-        return QuantizedTensor(self.data.to(device), self.type, self.shape, self.name)
+        if self.interleaved and torch.device(device).type != "cpu":
+            raise ValueError(f"tensor {self.name!r}: interleaved bytes stay on the CPU")
+        return QuantizedTensor(self.data.to(device), self.type, self.shape, self.name, self.interleaved)
+
+
+def interleaved_for_matvec(q: QuantizedTensor) -> QuantizedTensor:
+    """q with its bytes rearranged in place into ggml's 8-row interleaved layout where this CPU's ggml multiplies
+    that layout faster (Q4_K on AVX2 and on NEON with int8 matmul, as llama.cpp's CPU backend repacks it), else q.
+    The bytes are q's own (a fresh read): nothing else may hold them. Only for matrices used in matmuls (not in an
+    embedding lookup, which reads rows)."""
+    b = backend_for(q)
+    if b is None or q.interleaved or not b.interleaves(q.type.id) or q.shape[0] % 8:
+        return q
+    b.relayout_(q.data, q.type.id, q.shape[0], q.shape[1])
+    return QuantizedTensor(q.data, q.type, q.shape, q.name, True)

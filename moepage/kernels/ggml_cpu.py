@@ -69,6 +69,14 @@ class GGMLBackend:
     def linear(self, x: torch.Tensor, raw: torch.Tensor, type_id: int, rows: int) -> torch.Tensor:
         return self.module.linear(x, raw, type_id, rows)
 
+    def interleaves(self, type_id: int) -> bool:
+        """Whether type_id has ggml's 8-row interleaved layout with a faster kernel on this CPU."""
+        return self.module.interleaves(type_id)
+
+    def relayout_(self, raw: torch.Tensor, type_id: int, rows: int, cols: int, interleave: bool = True) -> None:
+        """raw (GGML bytes [rows, cols]) into (interleave) or out of the 8-row interleaved layout, in place."""
+        self.module.relayout_(raw, type_id, rows, cols, interleave)
+
     def quantize_rows(self, x: torch.Tensor, type_id: int) -> torch.Tensor:
         return self.module.quantize_rows(x, type_id)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from moepage.kernels.ggml import backend_for, ggml_backend
+from moepage.kernels.ggml import INTERLEAVED, backend_for, ggml_backend, interleaved_for_matvec
 from moepage.kernels.ggml_linear import GGMLWeight
 
 PLAIN_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 30}  # GGML type ids of plain matrices
@@ -20,7 +20,7 @@ def _ggml_bytes(w: torch.Tensor) -> tuple[torch.Tensor, int, int] | None:
     kernels cannot multiply it."""
     if isinstance(w, GGMLWeight):
         q = w.qweight
-        return (q.data.view(q.shape[0], -1), q.type.id, q.shape[1]) if backend_for(q) is not None else None
+        return (q.data.view(q.shape[0], -1), q.kernel_type, q.shape[1]) if backend_for(q) is not None else None
     if type(w) is torch.Tensor and w.dim() == 2 and w.is_contiguous() and w.device.type == "cpu" \
             and w.dtype in PLAIN_TYPES:
         return w.view(torch.uint8), PLAIN_TYPES[w.dtype], w.shape[1]
@@ -48,22 +48,26 @@ class QuantizedDecodeKernel:
 
 def quantized_decode_kernel(layers, dtype: torch.dtype, device: torch.device) -> QuantizedDecodeKernel | None:
     """The kernel for a model whose layers (model.Layer: q, k, v, o, norms, biases, moe.router) hold GGML weights
-    ggml's kernels multiply and plain CPU tensors of the model dtype elsewhere; None otherwise."""
+    ggml's kernels multiply and plain CPU tensors of the model dtype elsewhere; None otherwise. The GGML matrices
+    are put in ggml's interleaved layout where this CPU has a faster kernel for it (every use of them reads it)."""
     b = ggml_backend()
     if b is None or dtype not in MODEL_DTYPES or device.type != "cpu":
         return None
-    weights: dict[int, tuple[torch.Tensor, int]] = {}
-    any_ggml = False
+    matrices: list[torch.Tensor] = []
     for layer in layers:
         router = getattr(layer.moe.router, "weight", layer.moe.router) if layer.moe is not None else None
         for t in (layer.q, layer.k, layer.v, layer.o) + ((router,) if isinstance(router, torch.Tensor) else ()):
             raw = _ggml_bytes(t)
-            if raw is None or raw[2] % b.activation_block(raw[1]):
+            if raw is None or raw[2] % b.activation_block(raw[1] & ~INTERLEAVED):
                 return None
-            weights[id(t)] = raw[:2]
-            any_ggml |= isinstance(t, GGMLWeight)
+            matrices.append(t)
         for t in (layer.attn_norm, layer.ffn_norm, layer.q_bias, layer.k_bias, layer.v_bias, layer.o_bias,
                   layer.q_norm, layer.k_norm):
             if t is not None and not (type(t) is torch.Tensor and t.dtype == dtype and t.is_contiguous()):
                 return None
-    return QuantizedDecodeKernel(b.module, weights) if any_ggml else None
+    if not any(isinstance(t, GGMLWeight) for t in matrices):
+        return None
+    for t in matrices:
+        if isinstance(t, GGMLWeight):
+            t.qweight = interleaved_for_matvec(t.qweight)  # in place: the GGMLWeight's bytes are the same memory
+    return QuantizedDecodeKernel(b.module, {id(t): _ggml_bytes(t)[:2] for t in matrices})

@@ -29,14 +29,14 @@ def experts_one_token(x: torch.Tensor, experts: list[tuple[QuantizedTensor, Quan
     if b is None or backend_for(up) is None or backend_for(down) is None or x.dim() != 2 or x.shape[0] != 1 \
             or x.device.type != "cpu":
         return None
-    types = (gate.type.id, up.type.id, down.type.id)
+    types = (gate.kernel_type, up.kernel_type, down.kernel_type)
     width = gate.shape[0]
     for g, u, d in experts[1:]:  # one layer's experts share their types; checked, not assumed
-        if (g.type.id, u.type.id, d.type.id) != types or g.shape != gate.shape or d.shape != down.shape \
+        if (g.kernel_type, u.kernel_type, d.kernel_type) != types or g.shape != gate.shape or d.shape != down.shape \
                 or not (g.data.is_contiguous() and u.data.is_contiguous() and d.data.is_contiguous()):
             return None
-    if x.shape[1] % b.activation_block(types[0]) or x.shape[1] % b.activation_block(types[1]) \
-            or width % b.activation_block(types[2]):
+    if x.shape[1] % b.activation_block(gate.type.id) or x.shape[1] % b.activation_block(up.type.id) \
+            or width % b.activation_block(down.type.id):
         return None
     return b.experts_one_token(x, [e[0].data for e in experts], [e[1].data for e in experts],
                                [e[2].data for e in experts], types, width, weights, residual)

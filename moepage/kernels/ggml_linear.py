@@ -39,7 +39,7 @@ def ggml_linear(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None =
     if b is None or x.shape[-1] % b.activation_block(w.type.id):
         return F.linear(x, w.dequantize(x.dtype), bias)
     if x.shape[0] <= GEMV_ROWS:
-        out = b.linear(x, w.data, w.type.id, w.shape[0])
+        out = b.linear(x, w.data, w.kernel_type, w.shape[0])
         return out if bias is None else out + bias
     if not is_quantized(w.type):  # 16-bit weights: the exact product, as the same checkpoint in safetensors gives
         return F.linear(x, w.dequantize(x.dtype), bias)
@@ -49,6 +49,8 @@ def ggml_linear(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None =
 def ggml_embedding(ids: torch.Tensor, w: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
     """ids [T] -> rows [T, K] of w [V, K], only those rows dequantized."""
     rows, cols = w.shape
+    if w.interleaved:
+        raise ValueError(f"tensor {w.name!r}: an embedding's rows are read one by one; it is never interleaved")
     per_row = w.type.row_bytes(cols)
     picked = w.data.view(rows, per_row)[ids.reshape(-1)]  # [T, row bytes]
     out = QuantizedTensor(picked.reshape(-1), w.type, (picked.shape[0], cols), w.name).dequantize(dtype)

@@ -11,6 +11,7 @@
 // E experts of one token, H hidden, I expert intermediate size.
 #include "ggml_cpu_core.h"
 #include "ggml_cpu_decode.h"
+#include "ggml_cpu_interleave.h"
 
 namespace {
 
@@ -49,6 +50,9 @@ std::string open(const std::string& path) {
   }
   lib.cpu_traits = cpu;
   lib.features = features;
+  const bool has_x8 = features.find("avx2") != std::string::npos ||
+                      (features.find("neon") != std::string::npos && features.find("matmul_int8") != std::string::npos);
+  if (has_x8) lib.gemv_q4_k_x8 = reinterpret_cast<gemv_t>(dlsym(h, "ggml_gemv_q4_K_8x8_q8_K"));
   lib.traits = traits;
   return features;
 }
@@ -65,22 +69,47 @@ std::tuple<int64_t, int64_t, int64_t, bool> type_info(int64_t id) {
 
 // [N, K] GGML bytes -> float32 [N, K] (ggml's to_float)
 torch::Tensor dequantize(torch::Tensor raw, int64_t type, int64_t N, int64_t K) {
+  const bool interleaved = type & INTERLEAVED;
+  type &= ~INTERLEAVED;
   TORCH_CHECK(lib.traits != nullptr && type >= 0 && type < TYPE_COUNT, "bad GGML type id ", type);
+  TORCH_CHECK(!interleaved || type == TYPE_Q4_K, "no interleaved layout of GGML type id ", type);
   const TypeTraits* t = lib.traits(type);
   TORCH_CHECK(t != nullptr && t->blck_size > 0 && (t->to_float != nullptr || type == TYPE_Q8_K),
               "ggml cannot dequantize type ", type);
   const to_float_t to_float = type == TYPE_Q8_K ? q8_k_to_float : t->to_float;
   Kind k{static_cast<int>(type), t, nullptr, nullptr, nullptr};
   check_weight(raw, k, N, K, "dequantize");
+  TORCH_CHECK(!interleaved || N % 8 == 0, "dequantize: an interleaved matrix has a multiple of 8 rows, not ", N);
   auto out = torch::empty({N, K}, raw.options().dtype(at::kFloat));
   const uint8_t* src = raw.data_ptr<uint8_t>();
   float* dst = out.data_ptr<float>();
-  const int64_t rb = k.row_bytes(K), per_task = std::max<int64_t>(1, 65536 / K);
+  const int64_t rb = k.row_bytes(K), per_task = std::max<int64_t>(8, 65536 / K) & ~int64_t(7);
   parallel((N + per_task - 1) / per_task, [&](int64_t task) {
-    const int64_t n1 = std::min(N, (task + 1) * per_task);
-    for (int64_t n = task * per_task; n < n1; ++n) to_float(src + n * rb, dst + n * K, K);
-  });
+    const int64_t n0 = task * per_task, n1 = std::min(N, n0 + per_task);
+    std::vector<uint8_t> rows(interleaved ? 8 * rb : 0);
+    for (int64_t n = n0; n < n1; ++n) {
+      if (interleaved && n % 8 == 0) deinterleave_group(src + n * rb, rows.data(), K / t->blck_size);
+      to_float(interleaved ? rows.data() + (n % 8) * rb : src + n * rb, dst + n * K, K);
+    }
+  }, N * rb);
   return out;
+}
+
+// Whether weights of `type` have an 8-row interleaved layout with a faster kernel in this library (and this CPU)
+bool interleaves(int64_t type) { return type == TYPE_Q4_K && lib.gemv_q4_k_x8 != nullptr; }
+
+// [N, K] GGML bytes of `type` (N a multiple of 8) rearranged in place into / out of the interleaved layout
+void relayout_(torch::Tensor raw, int64_t type, int64_t N, int64_t K, bool interleave) {
+  TORCH_CHECK(lib.traits != nullptr && type == TYPE_Q4_K, "only Q4_K has an interleaved layout here");
+  Kind k{static_cast<int>(type), lib.traits(type), nullptr, nullptr, nullptr};
+  check_weight(raw, k, N, K, interleave ? "interleave" : "deinterleave");
+  TORCH_CHECK(N % 8 == 0, "an interleaved matrix has a multiple of 8 rows, not ", N);
+  uint8_t* p = raw.data_ptr<uint8_t>();
+  const int64_t rb = k.row_bytes(K), B = K / k.t->blck_size;
+  parallel(N / 8, [&](int64_t g) {
+    std::vector<uint8_t> copy(p + g * 8 * rb, p + (g + 1) * 8 * rb);
+    (interleave ? interleave_group : deinterleave_group)(copy.data(), p + g * 8 * rb, B);
+  }, N * rb);
 }
 
 // x [M, K] float32 -> M rows of `type`'s activation blocks (uint8 [M, bytes per row]), ggml's from_float
@@ -187,6 +216,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("open", &open, "open a ggml 0.20 CPU backend library; returns the CPU features it was built for");
   m.def("type_info", &type_info, "(block size, bytes per block, activation type id, has a CPU dot product)");
   m.def("dequantize", &dequantize, "GGML bytes [N, K] -> float32 with ggml's to_float", free_gil);
+  m.def("interleaves", &interleaves, "whether a type has ggml's 8-row interleaved layout and kernel here");
+  m.def("relayout_", &relayout_, "GGML bytes [N, K] into (interleave=True) or out of the 8-row interleaved layout, "
+        "in place", free_gil);
   m.def("quantize_rows", &quantize_rows, "x [M, K] -> activation blocks of a weight type (ggml's from_float)",
         free_gil);
   m.def("linear", &linear, "x [M, K] @ GGML weight [N, K]^T with ggml's vec_dot", free_gil);

@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 
 #include <dlfcn.h>
+#include <pthread.h>
 
 #include <algorithm>
 #include <atomic>
@@ -23,6 +24,8 @@ namespace {
 using to_float_t = void (*)(const void*, float*, int64_t);
 using from_float_t = void (*)(const float*, void*, int64_t);
 using vec_dot_t = void (*)(int, float*, size_t, const void*, size_t, const void*, size_t, int);
+// ggml's gemv over 8-row interleaved weights: (K, out, out stride, weights, activation, 1 row, output columns)
+using gemv_t = void (*)(int, float*, size_t, const void*, const void*, int, int);
 
 struct TypeTraits {  // struct ggml_type_traits
   const char* type_name;
@@ -43,10 +46,13 @@ struct TypeTraitsCpu {  // struct ggml_type_traits_cpu
 
 constexpr int TYPE_F32 = 0, TYPE_Q4_K = 12, TYPE_Q8_K = 15;
 constexpr int TYPE_COUNT = 40;  // ids below MXFP4 + 1: every ggml since 0.20 has them
+// A weight's type id with this bit set: the type's 8-row interleaved layout (ggml_cpu_interleave.h)
+constexpr int64_t INTERLEAVED = 256;
 
 struct Library {
   const TypeTraits* (*traits)(int) = nullptr;
   const TypeTraitsCpu* (*cpu_traits)(int) = nullptr;
+  gemv_t gemv_q4_k_x8 = nullptr;  // set where ggml's own repack would use it (AVX2; NEON with int8 matmul)
   std::string features;
 };
 Library lib;
@@ -67,6 +73,14 @@ void* open_isolated(const std::string& path) {
 }
 
 // ---- a small thread pool with passive waiting ---------------------------------------------------------
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
 class Pool {
  public:
   // fn(task) for task in [0, tasks), tasks claimed one at a time by `threads` threads (the caller is one).
@@ -99,7 +113,10 @@ class Pool {
     int64_t tasks = 0;
     std::atomic<int64_t> next{0}, done{0};
   };
-  static constexpr auto SPIN = std::chrono::microseconds(50);  // yield-spin this long for the next job, then sleep
+  // Spin this long for the next job or the last task (pause instructions, the clock read every 64 of them, no
+  // system calls), then sleep on a condition variable: a decode step's parallel regions follow each other within
+  // microseconds, while a busy neighbour gets the core back after 50 us.
+  static constexpr auto SPIN = std::chrono::microseconds(50);
 
   void work(Job& j) {
     int64_t finished = 0;
@@ -113,19 +130,23 @@ class Pool {
   template <class Ready>
   void wait_until(Ready ready, std::condition_variable& cv) {
     const auto until = std::chrono::steady_clock::now() + SPIN;
-    while (!ready()) {
-      if (std::chrono::steady_clock::now() > until) {
-        std::unique_lock<std::mutex> l(mu_);
-        ++sleepers_;
-        cv.wait(l, ready);
-        --sleepers_;
-        return;
+    for (;;) {
+      for (int i = 0; i < 64; ++i) {
+        if (ready()) return;
+        cpu_relax();
       }
-      std::this_thread::yield();
+      if (std::chrono::steady_clock::now() > until) break;
     }
+    std::unique_lock<std::mutex> l(mu_);
+    ++sleepers_;
+    cv.wait(l, ready);
+    --sleepers_;
   }
 
   void worker() {
+#if defined(__linux__)
+    pthread_setname_np(pthread_self(), "moepage-ggml");
+#endif
     uint64_t seen = epoch_.load();
     for (;;) {
       wait_until([&] { return epoch_.load() != seen; }, wake_);
@@ -166,7 +187,14 @@ class Pool {
 Pool pool;
 std::mutex pool_mu;  // one parallel region at a time (the pool has one job slot)
 
-void parallel(int64_t tasks, const std::function<void(int64_t)>& fn) {
+// Work below this many bytes runs on the calling thread: waking the pool costs more than it saves.
+constexpr int64_t INLINE_BYTES = 96 * 1024;
+
+void parallel(int64_t tasks, const std::function<void(int64_t)>& fn, int64_t bytes = INT64_MAX) {
+  if (bytes < INLINE_BYTES) {
+    for (int64_t t = 0; t < tasks; ++t) fn(t);
+    return;
+  }
   std::lock_guard<std::mutex> g(pool_mu);
   pool.run(tasks, std::max(1, at::get_num_threads()), fn);
 }
@@ -178,15 +206,21 @@ struct Kind {
   const TypeTraitsCpu* cpu;
   const TypeTraits* dot;  // the activation's type
   const TypeTraitsCpu* dot_cpu;
+  gemv_t gemv = nullptr;  // the 8-row interleaved layout's kernel, or row-by-row vec_dot when null
 
   int64_t row_bytes(int64_t K) const { return K / t->blck_size * t->type_size; }
   int64_t dot_row_bytes(int64_t K) const { return K / dot->blck_size * dot->type_size; }
 };
 
-Kind kind(int64_t id) {
+Kind kind(int64_t type) {
   TORCH_CHECK(lib.traits != nullptr, "the ggml CPU library is not open");
-  TORCH_CHECK(id >= 0 && id < TYPE_COUNT, "GGML type id ", id, " is out of range");
+  const int64_t id = type & ~INTERLEAVED;
+  TORCH_CHECK(id >= 0 && id < TYPE_COUNT, "GGML type id ", type, " is out of range");
   Kind k{static_cast<int>(id), lib.traits(id), lib.cpu_traits(id), nullptr, nullptr};
+  if (type & INTERLEAVED) {
+    TORCH_CHECK(id == TYPE_Q4_K && lib.gemv_q4_k_x8 != nullptr, "no interleaved kernel for GGML type id ", id);
+    k.gemv = lib.gemv_q4_k_x8;
+  }
   TORCH_CHECK(k.t != nullptr && k.t->blck_size > 0 && k.cpu != nullptr && k.cpu->vec_dot != nullptr,
               "ggml has no CPU dot product for type ", k.t && k.t->type_name ? k.t->type_name : "?");
   k.dot = lib.traits(k.cpu->vec_dot_type);
@@ -203,6 +237,7 @@ void check_weight(const torch::Tensor& raw, const Kind& k, int64_t N, int64_t K,
               " block size ", k.t->blck_size);
   TORCH_CHECK(raw.numel() == N * k.row_bytes(K), what, ": ", raw.numel(), " bytes do not hold ", k.t->type_name,
               " [", N, ", ", K, "]");
+  TORCH_CHECK(k.gemv == nullptr || N % 8 == 0, what, ": an interleaved matrix has a multiple of 8 rows, not ", N);
 }
 
 // x [M, K] float32 (contiguous) -> M rows of the weight's vec_dot type (K must suit its block size)
@@ -219,7 +254,13 @@ std::vector<uint8_t> quantize_activations(const float* x, int64_t M, int64_t K, 
   return out;
 }
 
-constexpr int64_t ROWS_PER_TASK = 16;
+// Rows per task: about TASK_BYTES of weights (a multiple of 8 rows, so 8-row interleaved layouts split whole), enough
+// tasks for dynamic balancing between threads, few enough that claiming one (an atomic add) stays negligible.
+constexpr int64_t TASK_BYTES = 64 * 1024;
+
+int64_t rows_per_task(int64_t row_bytes) {
+  return std::max<int64_t>(8, (TASK_BYTES / std::max<int64_t>(1, row_bytes)) & ~int64_t(7));
+}
 
 // One matrix of a fused matvec: out[n] = row n of w . xq (the activation already in w's vec_dot type), n < N.
 struct Segment {
@@ -232,26 +273,40 @@ struct Segment {
 
 // Every segment's rows in one parallel region (one wake-up of the pool for several matrices).
 void matvec_segments(const std::vector<Segment>& segs) {
-  std::vector<int64_t> first(segs.size() + 1, 0);  // first task of each segment
-  for (size_t i = 0; i < segs.size(); ++i) first[i + 1] = first[i] + (segs[i].N + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
+  std::vector<int64_t> first(segs.size() + 1, 0), rows(segs.size());  // first task and rows per task of each segment
+  int64_t bytes = 0;
+  for (size_t i = 0; i < segs.size(); ++i) {
+    const int64_t wb = segs[i].k->row_bytes(segs[i].K);
+    rows[i] = rows_per_task(wb);
+    first[i + 1] = first[i] + (segs[i].N + rows[i] - 1) / rows[i];
+    bytes += segs[i].N * wb;
+  }
   parallel(first.back(), [&](int64_t task) {
     const size_t i = std::upper_bound(first.begin(), first.end(), task) - first.begin() - 1;
     const Segment& s = segs[i];
-    const int64_t wb = s.k->row_bytes(s.K), n0 = (task - first[i]) * ROWS_PER_TASK;
-    const int64_t n1 = std::min(s.N, n0 + ROWS_PER_TASK);
+    const int64_t wb = s.k->row_bytes(s.K), n0 = (task - first[i]) * rows[i];
+    const int64_t n1 = std::min(s.N, n0 + rows[i]);
+    if (s.k->gemv != nullptr) {  // n0, n1: multiples of 8 (rows_per_task and N are)
+      s.k->gemv(s.K, s.out + n0, s.N, s.w + n0 * wb, s.xq, 1, n1 - n0);
+      return;
+    }
     for (int64_t n = n0; n < n1; ++n) s.k->cpu->vec_dot(s.K, s.out + n, 0, s.w + n * wb, 0, s.xq, 0, 1);
-  });
+  }, bytes);
 }
 
 // out[m * ldo + n] = row n of w . activation row m, for n in [0, N)
 void matvec(const uint8_t* w, const Kind& k, int64_t N, int64_t K, const uint8_t* xq, int64_t M, float* out,
             int64_t ldo) {
-  const int64_t wb = k.row_bytes(K), xb = k.dot_row_bytes(K);
-  parallel((N + ROWS_PER_TASK - 1) / ROWS_PER_TASK, [&](int64_t task) {
-    const int64_t n1 = std::min(N, (task + 1) * ROWS_PER_TASK);
-    for (int64_t n = task * ROWS_PER_TASK; n < n1; ++n)
+  const int64_t wb = k.row_bytes(K), xb = k.dot_row_bytes(K), per = rows_per_task(wb);
+  parallel((N + per - 1) / per, [&](int64_t task) {
+    const int64_t n0 = task * per, n1 = std::min(N, n0 + per);
+    if (k.gemv != nullptr) {
+      for (int64_t m = 0; m < M; ++m) k.gemv(K, out + m * ldo + n0, N, w + n0 * wb, xq + m * xb, 1, n1 - n0);
+      return;
+    }
+    for (int64_t n = n0; n < n1; ++n)
       for (int64_t m = 0; m < M; ++m) k.cpu->vec_dot(K, out + m * ldo + n, 0, w + n * wb, 0, xq + m * xb, 0, 1);
-  });
+  }, N * wb);
 }
 
 

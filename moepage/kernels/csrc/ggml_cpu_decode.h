@@ -185,7 +185,7 @@ DecodeOut attention_decode_t(const torch::Tensor& h, const torch::Tensor& attn_n
       }
     for (int64_t j = 0; j < per_kv; ++j)
       for (int64_t d = 0; d < D; ++d) attn[(g * per_kv + j) * D + d] = round_to<T>(o[j * D + d] / sum[j]);
-  });
+  }, 2 * G * P * D * static_cast<int64_t>(sizeof(T)));  // the keys and values read
 
   std::vector<float> oacc(H), h2f(H), r2f(H);
   fused_matvec(attn.data(), NQ, {&wo}, {oacc.data()});
