@@ -29,8 +29,10 @@ class LRUPolicy:
         self._order.pop(key, None)
 
     def victims(self) -> Iterator[Hashable]:
-        """Keys in eviction order (first = evict first)."""
-        return iter(list(self._order))
+        """Keys in eviction order (first = evict first), read lazily: the cache takes the first unpinned one of
+        thousands (6,144 experts on a Qwen3-30B-A3B), so no copy of the order per eviction. Mutating the policy
+        ends the iteration (take the keys you need first, as `list(victims())`)."""
+        return iter(self._order)
 
 
 class LFUPolicy:
