@@ -392,3 +392,12 @@ def test_publish_of_a_split_directory_checks_it_first(models, tmp_path):
         f.write(b"\xff\xff")
     with pytest.raises(ValueError, match="E0003.safetensors: sha256 mismatch"):
         publish(broken, "me/demo-split", dry_run=True)
+
+
+def test_lazy_flags_fail_in_one_line_before_anything_loads(capsys, tmp_path):
+    from moepage.cli import main
+
+    assert main(["serve", "demo", "--disk-budget", "1GB", "--port", "0"]) == 2
+    assert "--disk-budget sets the disk tier of --lazy" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path), "--lazy", "--port", "0"]) == 2
+    assert "--lazy takes a Hugging Face repo id" in capsys.readouterr().err
