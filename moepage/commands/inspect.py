@@ -19,7 +19,7 @@ def register(sub):
 def run(args) -> int:
     from moepage.engine.checkpoint import open_checkpoint
     from moepage.engine.engine import EngineConfig, packable_lm_head, read_buffer_bytes, resolve_dtype
-    from moepage.engine.kv_cache import KVCache
+    from moepage.engine.sequence_state import state_nbytes
     from moepage.engine.moe import PreparedExpert
     from moepage.commands import plural
     from moepage.paging.budget import human
@@ -50,7 +50,7 @@ def run(args) -> int:
     each = PreparedExpert.nbytes_for(a.hidden_size, a.moe_intermediate_size, dtype)
     stored_each = ckpt.experts.stored_nbytes(a.moe_layers[0]) if a.moe_layers else 0
     ctx = args.ctx_size or min(a.max_position_embeddings, 4096)
-    kv = KVCache.bytes_for(a.num_layers, a.num_kv_heads, a.head_dim, ctx, dtype)
+    kv = state_nbytes(a, ctx, dtype)
     print(f"model: {ckpt.root} ({ckpt.kind}, {a.family})")
     print(f"layers {a.num_layers} ({len(a.moe_layers)} MoE), hidden {a.hidden_size}, heads {a.num_heads}/{a.num_kv_heads} "
           f"x {a.head_dim}, vocab {a.vocab_size}, max positions {a.max_position_embeddings}")

@@ -9,9 +9,10 @@ from typing import Callable, Iterator
 import torch
 
 from moepage.engine.checkpoint import Checkpoint, open_checkpoint
-from moepage.engine.kv_cache import ContextOverflow, KVCache
+from moepage.engine.kv_cache import ContextOverflow
 from moepage.engine.model import MoEModel
 from moepage.engine.prompt_cache import PromptCache
+from moepage.engine.sequence_state import SequenceState, state_nbytes
 from moepage.engine.quantized_expert import expert_loader
 from moepage.engine.sampling import Sampler, SamplingParams, StopMatcher
 from moepage.engine.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -98,7 +99,7 @@ def resolve_dtype(name: str, checkpoint_dtype: str) -> torch.dtype:
 
 class Engine:
     def __init__(self, ckpt: Checkpoint, tokenizer: Tokenizer | None, model: MoEModel, cache: ExpertCache,
-                 kv: KVCache, plan: MemoryPlan, cfg: EngineConfig):
+                 kv: SequenceState, plan: MemoryPlan, cfg: EngineConfig):
         self.ckpt = ckpt
         self.args = ckpt.args
         self.tokenizer = tokenizer
@@ -147,7 +148,7 @@ class Engine:
         resident_bytes = sum(t.nbytes if isinstance(t, PackedMatrix) else t.numel() * t.element_size()
                              for t in weights.values())
         ctx = int(cfg.ctx_size or min(args.max_position_embeddings, 4096))
-        kv_bytes = KVCache.bytes_for(args.num_layers, args.num_kv_heads, args.head_dim, ctx, dtype)
+        kv_bytes = state_nbytes(args, ctx, dtype)  # KV of the attention layers + recurrent layers' states
         n_experts = len(args.moe_layers) * args.num_experts
         load_expert, expert_nbytes, each = expert_loader(ckpt.experts, args, dtype, device)
         buffers = read_buffer_bytes(ckpt, cfg.io_threads)
@@ -224,7 +225,7 @@ class Engine:
         start = 0
         if self.prompt_cache is not None:  # chunk-aligned: the chunks below are those a fresh prefill runs
             start = self.prompt_cache.begin(self.kv, self.exact_ids, ids)
-        self.kv.length = start
+        start = self.kv.rewind(start)  # recurrent layers: back to a state they hold (0 without a prompt cache)
         self.kv_ids = list(ids[:start])
         self.exact_ids = list(ids[:start])
         self.last_stats.cached_prompt_tokens = start
@@ -243,7 +244,7 @@ class Engine:
     def logits_all(self, ids: list[int]) -> torch.Tensor:
         """Logits [T, V] for every position of ids (tests, perplexity)."""
         with self.lock:
-            self.kv.length = 0
+            self.kv.rewind(0)
             self.kv_ids = list(ids)
             self.exact_ids = []  # one pass over every position: not the chunks a prefill runs
             return self.model.forward(torch.tensor(ids), self.kv, start=0, all_logits=True)

@@ -47,23 +47,23 @@ class QuantizedDecodeKernel:
 
 
 def quantized_decode_kernel(layers, dtype: torch.dtype, device: torch.device) -> QuantizedDecodeKernel | None:
-    """The kernel for a model whose layers (model.Layer: q, k, v, o, norms, biases, moe.router) hold GGML weights
-    ggml's kernels multiply and plain CPU tensors of the model dtype elsewhere; None otherwise."""
+    """The kernel for a model whose layers (model.Layer: norms, moe.router; its GQA mixer: q, k, v, o, biases) hold
+    GGML weights ggml's kernels multiply and plain CPU tensors of the model dtype elsewhere; None otherwise."""
     b = ggml_backend()
     if b is None or dtype not in MODEL_DTYPES or device.type != "cpu":
         return None
     weights: dict[int, tuple[torch.Tensor, int]] = {}
     any_ggml = False
     for layer in layers:
+        m = layer.mixer  # attention.gqa.GQA
         router = getattr(layer.moe.router, "weight", layer.moe.router) if layer.moe is not None else None
-        for t in (layer.q, layer.k, layer.v, layer.o) + ((router,) if isinstance(router, torch.Tensor) else ()):
+        for t in (m.q, m.k, m.v, m.o) + ((router,) if isinstance(router, torch.Tensor) else ()):
             raw = _ggml_bytes(t)
             if raw is None or raw[2] % b.activation_block(raw[1]):
                 return None
             weights[id(t)] = raw[:2]
             any_ggml |= isinstance(t, GGMLWeight)
-        for t in (layer.attn_norm, layer.ffn_norm, layer.q_bias, layer.k_bias, layer.v_bias, layer.o_bias,
-                  layer.q_norm, layer.k_norm):
+        for t in (layer.attn_norm, layer.ffn_norm, m.q_bias, m.k_bias, m.v_bias, m.o_bias, m.q_norm, m.k_norm):
             if t is not None and not (type(t) is torch.Tensor and t.dtype == dtype and t.is_contiguous()):
                 return None
     return QuantizedDecodeKernel(b.module, weights) if any_ggml else None
