@@ -81,6 +81,9 @@ def add_engine_arguments(p: argparse.ArgumentParser):
     p.add_argument("--threads", type=int, default=None, help="torch compute threads")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, mps")
     p.add_argument("--no-verify", action="store_true", help="skip sha256 checks of split shards at first page-in")
+    p.add_argument("--lora", default=None, metavar="ADAPTER",
+                   help="a PEFT LoRA adapter directory (`moepage train --lora`): merged into the resident weights at "
+                        "load and into each routed expert as it is paged in")
 
 
 def size_lines(args) -> list[str]:
@@ -102,7 +105,7 @@ def engine_config(args, model: str):
         model=model, memory_budget=args.memory_budget, expert_cache_bytes=args.expert_cache, dtype=args.dtype,
         ctx_size=args.ctx_size, policy=args.policy, io_threads=args.io_threads, prefetch=not args.no_prefetch,
         threads=args.threads, device=args.device, verify_shards=not args.no_verify,
-        pregate=args.pregate, trace=args.trace, secretary=args.secretary,
+        pregate=args.pregate, trace=args.trace, secretary=args.secretary, lora=args.lora,
         # an approximate routing mode reads fewer experts: page in what it uses rather than everything at load
         preload=False if _elastic(args) else None,
     )

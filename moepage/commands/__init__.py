@@ -4,7 +4,7 @@ from __future__ import annotations
 import importlib
 
 VERBS = ["serve", "generate", "inspect", "split", "verify"]
-OPTIONAL_VERBS = ["profile", "extract", "prune", "publish", "upcycle", "train", "probe", "bench"]
+OPTIONAL_VERBS = ["profile", "extract", "prune", "publish", "prefetch", "upcycle", "train", "probe", "bench"]
 
 
 def register_all(sub):

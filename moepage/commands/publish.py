@@ -26,6 +26,9 @@ def run(args) -> int:
     print(f"{verb} {len(r['files'])} files ({r['bytes'] / 2**20:.1f} MiB) to {r['repo_id']}:")
     for path, size in r["files"]:
         print(f"  {path}  {size}")
+    if r["split"]:
+        print(f"a `moepage split` directory: `moepage serve {r['repo_id']} --lazy` fetches its resident weights, "
+              f"then one expert file per miss")
     if r["url"]:
         print(r["url"])
     return 0

@@ -7,7 +7,7 @@ import os
 import socket
 import sys
 
-from moepage.cli import MODEL_HELP, add_engine_arguments, engine_config
+from moepage.cli import MODEL_HELP, add_engine_arguments, engine_config, size_argument
 from moepage.commands.elastic_args import add_elastic_arguments, check_elastic_args, install_elastic
 from moepage.paging.budget import parse_size
 
@@ -21,11 +21,20 @@ def register(sub):
     p.add_argument("--port", type=int, default=8000, help="TCP port to listen on (default 8000)")
     p.add_argument("--served-model-name", default=None, help="model id clients use (default: from the path)")
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    p.add_argument("--lazy", action="store_true",
+                   help="owner/repo: download the resident weights, config and tokenizer now and each routed expert "
+                        "on its first miss (HTTP range requests), kept in a disk tier under the HF cache")
+    p.add_argument("--disk-budget", type=size_argument, default=None, metavar="SIZE",
+                   help="with --lazy: bytes of experts the disk tier keeps, least recently used out first "
+                        "(default: no limit)")
     p.add_argument("--api-key", action="append", default=[],
                    help="require `Authorization: Bearer KEY` (repeatable; default: $MOEPAGE_API_KEY if set)")
     p.add_argument("--cors", action="append", default=[], metavar="ORIGIN",
                    help="allow browser requests from ORIGIN (repeatable, or '*')")
     p.add_argument("--max-queue", type=int, default=16, help="requests that may wait for the engine; more get 429")
+    p.add_argument("--parallel", type=int, default=4, metavar="N",
+                   help="requests generated at once, decoded together one token each a step (default 4); each "
+                        "holds a KV cache of --ctx-size tokens inside --memory-budget")
     p.add_argument("--tool-parser", default="auto", choices=["auto", "hermes", "qwen3_coder", "mistral"],
                    help="tool-call format in the model's output (auto: all of them)")
     p.add_argument("--sse-ping", type=float, default=10.0, help="seconds between SSE comment pings on a silent stream")
@@ -55,6 +64,8 @@ def settings_from_args(args, model_id: str, routing: str = "exact"):
     cors = [o for item in args.cors for o in item.split(",") if o]
     if args.max_queue < 0:
         raise ValueError("--max-queue must be >= 0")
+    if getattr(args, "parallel", 1) < 1:
+        raise ValueError("--parallel must be at least 1")
     if args.max_request_bytes is not None and args.max_request_bytes < 1:
         raise ValueError("--max-request-bytes must be at least 1 byte")
     if not args.template_timeout > 0:
@@ -93,6 +104,8 @@ def bind_socket(host: str, port: int) -> socket.socket:
 def run(args) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings_from_args(args, "")  # bad flags, contradictory ones, then a port in use fail before the (slow) load
+    if getattr(args, "disk_budget", None) is not None and not args.lazy:
+        raise ValueError("--disk-budget sets the disk tier of --lazy; without --lazy every expert is on disk already")
     check_elastic_args(args)
     sock = bind_socket(args.host, args.port)
     try:
@@ -109,13 +122,21 @@ def _serve(args, sock: socket.socket) -> int:
     from moepage.server.discovery import context_warning
     from moepage.server.model_source import resolve_model
 
-    resolved = resolve_model(args.model, args.revision)
+    resolved = resolve_model(args.model, args.revision, lazy=args.lazy)
     settings = settings_from_args(args, resolved.model_id)
     print(f"moepage serve: loading {resolved.path} ({resolved.kind})", file=sys.stderr)
     config = engine_config(args, resolved.path)
     config.prefix_cache = not args.no_prompt_cache
     config.prompt_cache_bytes = args.prompt_cache_bytes
+    config.parallel = args.parallel
+    if args.lazy:
+        config.preload = False  # experts come from the Hub when first used, not all at start-up
     engine = Engine.load(config)
+    if args.lazy:
+        from moepage.paging.hub_source import configure_disk_tier
+
+        print(configure_disk_tier(engine.ckpt.experts, args.disk_budget, engine.args.moe_layers, args.io_threads),
+              file=sys.stderr)
     print(engine.memory_summary(), file=sys.stderr)
     print(prompt_cache_line(engine), file=sys.stderr)
     warning = context_warning(args.ctx_size, engine.args.max_position_embeddings)

@@ -220,8 +220,13 @@ def _open_split(root: str, drop_page_cache: bool, verify: bool) -> Checkpoint:
     hashes = {rel: meta["sha256"] for rel, meta in manifest["files"].items()}
     resident = SafetensorsFile(manifest_resident(root, manifest), drop_page_cache=False)
     index = TensorIndex([resident])
-    source = SplitExpertSource(root, split_shard_path, expert_names, hashes, drop_page_cache, verify,
-                               encoding=manifest.get("expert_encoding"))
+    if os.path.lexists(os.path.join(root, "hub.json")):  # `serve --lazy`: experts come from the Hub on a miss
+        from moepage.paging.hub_source import hub_expert_source
+
+        source = hub_expert_source(root, manifest, split_shard_path, expert_names, hashes, drop_page_cache)
+    else:
+        source = SplitExpertSource(root, split_shard_path, expert_names, hashes, drop_page_cache, verify,
+                                   encoding=manifest.get("expert_encoding"))
     ckpt = Checkpoint(
         kind="split", root=root, config=config, family=family, args=args, experts=source,
         names=names, expert_names=expert_names, read_tensor=lambda n: index.read(n, "resident weight"),

@@ -1,4 +1,5 @@
-"""Engine: a loaded model, its expert cache and KV cache, and the prefill/decode loop for one sequence at a time."""
+"""Engine: a loaded model, its expert cache, its sequence slots (a KV cache each), and generation: one sequence at a
+time here (generate), up to --parallel of them interleaved by the server's scheduler (server/worker.py)."""
 from __future__ import annotations
 
 import threading
@@ -10,12 +11,14 @@ import torch
 
 from moepage.engine.checkpoint import Checkpoint, open_checkpoint
 from moepage.engine.kv_cache import ContextOverflow
+from moepage.engine.lora_merge import apply_lora
 from moepage.engine.model import MoEModel
 from moepage.engine.prompt_cache import PromptCache
 from moepage.engine.sequence_state import SequenceState, state_nbytes
 from moepage.engine.quantized_expert import expert_loader
-from moepage.engine.sampling import Sampler, SamplingParams, StopMatcher
-from moepage.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from moepage.engine.sampling import SamplingParams
+from moepage.engine.sequence import Sequence, Slot
+from moepage.engine.tokenizer import Tokenizer
 from moepage.kernels import native
 from moepage.kernels.ggml import ggml_backend
 from moepage.paging.allocator import return_freed_memory
@@ -41,6 +44,7 @@ class EngineConfig:
     device: str = "cpu"
     threads: int | None = None
     prefill_chunk: int = 512
+    parallel: int = 1  # sequences that can be generated at once, each with a KV cache of ctx_size (all budgeted)
     verify_shards: bool = True
     drop_page_cache: bool = True
     # Prompt cache: re-use the longest chunk-aligned cached prefix of each prompt (exact: engine/prompt_cache.py).
@@ -62,6 +66,7 @@ class EngineConfig:
     # less memory, the same logits bit for bit, a faster decode where memory bandwidth is the limit. None: wherever
     # the fused kernel runs (bf16, AVX512-BF16 + VBMI2).
     pack_lm_head: bool | None = None
+    lora: str | None = None  # a PEFT LoRA adapter directory, merged at load and into each expert paged in
 
 
 @dataclass
@@ -115,8 +120,8 @@ class Engine:
             eos.add(tokenizer.eos_id)
         self.eos_ids = eos
         self.last_stats = GenerationStats()
-        self.kv_ids: list[int] = []  # the tokens whose keys/values are in self.kv
-        self.exact_ids: list[int] = []  # the prefix of kv_ids whose state a fresh prefill would give bit for bit
+        # slot 0 holds self.kv; the others get a KV cache of the same size (--parallel), counted in the plan
+        self.slots = [Slot(kv)] + [Slot(model.new_kv_cache(kv.max_tokens)) for _ in range(max(1, cfg.parallel) - 1)]
         self.prompt_cache: PromptCache | None = None
         self.secretary = None  # paging.secretary.Secretary when EngineConfig.secretary names a profile
 
@@ -145,17 +150,22 @@ class Engine:
                    if not (c == "embed" and embed_rows is not None) and not (c == "lm_head" and head_rows is not None)}
         if head_rows is not None:  # read a block of rows at a time and keep it in the 12-bit form
             weights["lm_head"] = PackedMatrix((head_rows.rows, head_rows.cols), head_rows.block)
-        resident_bytes = sum(t.nbytes if isinstance(t, PackedMatrix) else t.numel() * t.element_size()
-                             for t in weights.values())
+        lora_bytes = apply_lora(cfg.lora, ckpt, weights) if cfg.lora else 0  # engine/lora_merge.py
+        resident_bytes = lora_bytes + sum(t.nbytes if isinstance(t, PackedMatrix) else t.numel() * t.element_size()
+                                          for t in weights.values())
         ctx = int(cfg.ctx_size or min(args.max_position_embeddings, 4096))
-        kv_bytes = state_nbytes(args, ctx, dtype)  # KV of the attention layers + recurrent layers' states
+        if cfg.parallel < 1:
+            raise ValueError(f"parallel must be at least 1, got {cfg.parallel}")
+        one_kv = state_nbytes(args, ctx, dtype)  # KV of the attention layers + the recurrent layers' states
+        kv_bytes = one_kv * cfg.parallel
         n_experts = len(args.moe_layers) * args.num_experts
         load_expert, expert_nbytes, each = expert_loader(ckpt.experts, args, dtype, device)
         buffers = read_buffer_bytes(ckpt, cfg.io_threads)
         prompt_cache_bytes = 0
         if cfg.prefix_cache:
             prompt_cache_bytes = cfg.prompt_cache_bytes if cfg.prompt_cache_bytes is not None else \
-                default_prompt_cache_bytes(cfg.memory_budget, resident_bytes, kv_bytes, buffers, args.top_k * each)
+                default_prompt_cache_bytes(cfg.memory_budget, resident_bytes, kv_bytes, buffers, args.top_k * each,
+                                           one_kv)
         plan = plan_memory(cfg.memory_budget, resident_bytes, kv_bytes, each, n_experts, args.top_k,
                            cfg.expert_cache_bytes, buffers, prompt_cache_bytes)
         if embed_rows is not None:
@@ -219,35 +229,61 @@ class Engine:
             if isinstance(cb, TraceRecorder):
                 cb.close()
 
+    # ---- slots and sequences --------------------------------------------------------------------------------------
+    @property
+    def kv_ids(self) -> list[int]:
+        """The tokens whose keys/values slot 0 (self.kv) holds."""
+        return self.slots[0].kv_ids
+
+    @property
+    def exact_ids(self) -> list[int]:
+        return self.slots[0].exact_ids
+
+    def free_slot(self, ids: list[int]) -> Slot | None:
+        """The free slot whose state re-uses most of ids (ties: the least recently used), or None if all are busy."""
+        free = [s for s in self.slots if not s.busy]
+        if not free:
+            return None
+        pc = self.prompt_cache
+        return max(free, key=lambda s: (pc.reusable(s.exact_ids, ids) if pc is not None else 0, -s.last_used))
+
+    def start(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+        """A Sequence in a free slot (checks as generate does; the caller holds self.lock while it steps it)."""
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        params.validate(self.args.vocab_size)
+        if len(prompt_ids) >= self.ctx_size:
+            raise ContextOverflow(len(prompt_ids), self.ctx_size)
+        slot = self.free_slot(prompt_ids)
+        if slot is None:
+            raise RuntimeError(f"all {len(self.slots)} sequence slots are busy")
+        slot.busy = True
+        seq = Sequence(self, slot, prompt_ids, params)
+        self.last_stats = seq.stats
+        return seq
+
     # ---- forward passes -----------------------------------------------------------------------
     def prefill(self, ids: list[int], cancelled: Callable[[], bool] | None = None) -> torch.Tensor | None:
-        """Run the prompt through the model in chunks; logits [V] of the last position (None if cancelled)."""
-        start = 0
-        if self.prompt_cache is not None:  # chunk-aligned: the chunks below are those a fresh prefill runs
-            start = self.prompt_cache.begin(self.kv, self.exact_ids, ids)
-        start = self.kv.rewind(start)  # recurrent layers: back to a state they hold (0 without a prompt cache)
-        self.kv_ids = list(ids[:start])
-        self.exact_ids = list(ids[:start])
-        self.last_stats.cached_prompt_tokens = start
-        logits = None
-        chunk = max(1, self.cfg.prefill_chunk)
-        for s in range(start, len(ids), chunk):
-            if cancelled is not None and cancelled():
-                return None
-            logits = self.model.forward(torch.tensor(ids[s : s + chunk]), self.kv, start=s)
-            self.kv_ids = list(ids[: s + chunk])
-            if s + chunk <= len(ids):  # a whole chunk: exactly what a longer prompt's prefill computes here
-                self.exact_ids = list(self.kv_ids)
-                self.kv.mark(s + chunk)
-        return logits[-1]
+        """Run the prompt through the model in chunks in a free slot; logits [V] of the last position (None if
+        cancelled)."""
+        seq = self.start(ids, SamplingParams())
+        try:
+            while True:
+                if cancelled is not None and cancelled():
+                    return None
+                if seq.prefill_chunk():
+                    return seq.logits
+        finally:
+            seq.finish()
 
     def logits_all(self, ids: list[int]) -> torch.Tensor:
         """Logits [T, V] for every position of ids (tests, perplexity)."""
         with self.lock:
-            self.kv.rewind(0)
-            self.kv_ids = list(ids)
-            self.exact_ids = []  # one pass over every position: not the chunks a prefill runs
-            return self.model.forward(torch.tensor(ids), self.kv, start=0, all_logits=True)
+            slot = self.slots[0]
+            slot.kv.rewind(0)  # recurrent layers too
+            slot.kv_ids = list(ids)
+            slot.exact_ids = []  # one pass over every position: not the chunks a prefill runs
+            return self.model.forward(torch.tensor(ids), slot.kv, start=0, all_logits=True)
 
     def generate(self, prompt_ids: list[int], params: SamplingParams,
                  cancelled: Callable[[], bool] | None = None) -> Iterator[StepOutput]:
@@ -259,60 +295,34 @@ class Engine:
             raise ContextOverflow(len(prompt_ids), self.ctx_size)
         with self.lock:
             if self.secretary is not None:
-                self._ask_secretary(prompt_ids)
+                self.ask_secretary(prompt_ids)
+            seq = self.start(prompt_ids, params)
             try:
-                yield from self._generate(prompt_ids, params, cancelled)
+                yield from self._run(seq, cancelled)
             finally:
+                seq.finish()
                 if self.secretary is not None:
                     self.secretary.end_request()
 
-    def _ask_secretary(self, prompt_ids: list[int]):
+    def ask_secretary(self, prompt_ids: list[int]):
         """Prefetch the hottest experts of the prompt's guessed domain (half the expert cache) before prefill."""
         from moepage.paging.secretary import experts_budget_from_bytes
 
         budget = experts_budget_from_bytes(self.cache.budget, self.plan.expert_bytes_each)
         self.secretary.prefetch(self.cache, self.tokenizer.decode(prompt_ids), budget)
 
-    def _generate(self, prompt_ids, params: SamplingParams, cancelled):
-        stats = self.last_stats = GenerationStats(prompt_tokens=len(prompt_ids))
-        t0 = time.perf_counter()
-        logits = self.prefill(prompt_ids, cancelled)
-        if logits is None:
-            return
-        stats.prefill_seconds = time.perf_counter() - t0
-        sampler = Sampler(params, prompt_ids, logits.shape[-1])
-        detok = IncrementalDetokenizer(self.tokenizer, prompt_ids) if self.tokenizer else None
-        stops = StopMatcher([s for s in params.stop if s])  # holds back text that may begin a stop string
-        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
-        max_new = min(params.max_tokens or self.ctx_size, self.ctx_size - len(prompt_ids))
-        t_decode = time.perf_counter()
-        for n in range(max_new):
-            choice = sampler(logits)
-            now = time.perf_counter()
-            stats.token_times.append(now)
-            if stats.first_token_time is None:
-                stats.first_token_time = now - t0
-            stats.completion_tokens += 1
-            if choice.token in stop_ids:
-                yield StepOutput(choice.token, stops.pending, choice.logprob, choice.top, "stop")
+    def _run(self, seq: Sequence, cancelled):
+        while True:
+            if cancelled is not None and cancelled():
+                return
+            if seq.prefill_chunk():
                 break
-            text = detok.push(choice.token) if detok else ""
-            emit, hit = stops.push(text)
-            if hit:
-                yield StepOutput(choice.token, emit, choice.logprob, choice.top, "stop")
-                break
-            finish = None
-            last = n == max_new - 1
-            if last:
-                finish = "length"
-                if detok:
-                    emit += stops.pending + detok.flush()
-            yield StepOutput(choice.token, emit, choice.logprob, choice.top, finish)
-            if last or (cancelled is not None and cancelled()):
-                break
-            logits = self.model.forward(torch.tensor([choice.token]), self.kv)[-1]
-            self.kv_ids.append(choice.token)
-        stats.decode_seconds = time.perf_counter() - t_decode
+        while True:
+            out = seq.sample()
+            yield out
+            if seq.finished or (cancelled is not None and cancelled()):
+                return
+            seq.feed(self.model.forward(torch.tensor([seq.pending]), seq.slot.kv)[-1])
 
 
 def packable_lm_head(cfg: EngineConfig, ckpt, names: dict[str, str], dtype: torch.dtype, device):
@@ -351,11 +361,14 @@ def choose_policy(name: str, plan: MemoryPlan, experts_per_token: int) -> str:
     return "stale" if capacity < experts_per_token else "lru"
 
 
-def default_prompt_cache_bytes(budget: int | None, resident: int, kv: int, buffers: int, min_experts: int) -> int:
-    """One full context's state; under a budget at most half of what the experts could have beyond their minimum."""
+def default_prompt_cache_bytes(budget: int | None, resident: int, kv: int, buffers: int, min_experts: int,
+                               one_kv: int | None = None) -> int:
+    """One full context's state (one_kv; default kv, the slots' KV caches together); under a budget at most half of
+    what the experts could have beyond their minimum."""
+    one_kv = kv if one_kv is None else one_kv
     if budget is None:
-        return kv
-    return max(0, min(kv, (budget - resident - kv - buffers - min_experts) // 2))
+        return one_kv
+    return max(0, min(one_kv, (budget - resident - kv - buffers - min_experts) // 2))
 
 
 def _as_list(v) -> list[int]:

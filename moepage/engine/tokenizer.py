@@ -16,8 +16,11 @@ from moepage.paging.pread import CheckpointError
 MAX_TEMPLATE_BYTES = 4 << 20
 
 # Special tokens that mark tool calls: kept in decoded text so the server's tool-call parsers can see them
-# (Mistral's [TOOL_CALLS] is a special token; a plain skip_special_tokens decode would drop it).
-TOOL_CALL_MARKERS = frozenset({"[TOOL_CALLS]", "[ARGS]", "[CALL_ID]", "<tool_call>", "</tool_call>"})
+# (Mistral's [TOOL_CALLS] is a special token; a plain skip_special_tokens decode would drop it), and Harmony's
+# message markers (gpt-oss: server/harmony.py splits channels and tool calls on them).
+TOOL_CALL_MARKERS = frozenset({"[TOOL_CALLS]", "[ARGS]", "[CALL_ID]", "<tool_call>", "</tool_call>",
+                               "<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|constrain|>", "<|call|>",
+                               "<|return|>"})
 GIL_FREE_CHARS = 2048  # texts (and id lists) longer than this are encoded (decoded) with the GIL released
 PIECE_MIN_CHARS = 16384  # encode_within counts a long text in pieces of at least this many characters
 PIECE_CHARS_PER_TOKEN = 8  # ... and of this many characters per token of the limit

@@ -24,6 +24,7 @@ MODULES = {
     "bf16_unpack": ({"avx512f", "avx512bw", "avx512_vbmi2", "popcnt"}, ["-mavx512f", "-mavx512bw", "-mavx512vbmi2",
                                                                          "-mpopcnt"]),
     "ggml_cpu": (set(), []),  # portable: the SIMD is in the libggml-cpu it opens at run time
+    "mxfp4": (set(), []),  # portable: its dot vectorises for the build target
 }
 VERSION = "v17"
 STALE_LOCK_SECONDS = 600  # a build lock older than this was left by a killed build (torch would wait on it forever)

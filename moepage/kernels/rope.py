@@ -31,8 +31,10 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> tuple[to
         def correction_dim(rot):
             return (head_dim * math.log(original / (rot * 2 * math.pi))) / (2 * math.log(theta))
 
-        low = max(math.floor(correction_dim(beta_fast)), 0)
-        high = min(math.ceil(correction_dim(beta_slow)), head_dim - 1)
+        low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+        if scaling.get("truncate", True):  # gpt-oss sets truncate false: the range is not rounded outwards
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, head_dim - 1)
         if low == high:
             high += 0.001
         ramp = (torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)

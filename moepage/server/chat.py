@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, Response
 from moepage.engine.engine import StepOutput
 from moepage.server.errors import APIError
 from moepage.server.generation import ClientDisconnected, GenerationService, engine_error
+from moepage.server.harmony import HarmonyParser, is_harmony
 from moepage.server.json_schema import check_schema, validate as validate_json
 from moepage.server.prompts import chat_prompt_ids, tool_dicts
 from moepage.server.reasoning import CLOSE_THINKING, ReasoningDelta, ReasoningSplitter, prompt_opens_thinking
@@ -30,10 +31,12 @@ class ChoiceAssembler:
     """Turns one generation's steps into deltas (streamed) and the final message (both from the same parser)."""
 
     def __init__(self, index: int, tokenizer, tools: list[dict] | None, formats: tuple[str, ...], logprobs: bool,
-                 prefix: str = "", thinking: bool = False, max_calls: int | None = None):
+                 prefix: str = "", thinking: bool = False, max_calls: int | None = None, harmony: bool = False):
         self.index = index
         self.tokenizer = tokenizer
-        self.parser = ToolCallParser(tools, formats) if tools else None
+        # harmony: a Harmony template (gpt-oss): one parser splits reasoning, tool calls and content
+        self.harmony = HarmonyParser(tools) if harmony else None
+        self.parser = ToolCallParser(tools, formats) if tools and not harmony else None
         self.max_calls = max_calls  # parallel_tool_calls false: 1 (later calls are dropped)
         self.prefix = prefix  # forced tool-call opening already in the prompt: parsed as if the model wrote it
         # thinking: the prompt ends inside an open <think>; with a forced prefix the output is a tool call
@@ -55,6 +58,8 @@ class ChoiceAssembler:
 
     def start(self) -> list[Delta]:
         """Deltas of the forced prefix (a tool call's start: its id and, when named, its name)."""
+        if self.harmony is not None:
+            return self._split(self.harmony.feed(self.prefix)) if self.prefix else []
         return self._deltas(self.parser.feed(self.prefix)) if self.parser and self.prefix else []
 
     def step(self, s: StepOutput) -> list[Delta]:
@@ -65,18 +70,25 @@ class ChoiceAssembler:
             self._pending_lp.append(lp)
         if s.finish_reason:
             self.finish_reason = s.finish_reason
-        return self._split(self.reasoning.feed(s.text))
+        return self._split(self.harmony.feed(s.text) if self.harmony is not None else self.reasoning.feed(s.text))
 
     def _split(self, parts) -> list[Delta]:
         out = []
         for part in parts:
             if isinstance(part, ReasoningDelta):
                 out.append(Delta(reasoning_content=part.text))
+            elif isinstance(part, (ContentDelta, ToolCallStart, ToolCallArguments)):  # Harmony's events
+                out += self._deltas([part])
             elif part.text:
                 out += self._deltas(self.parser.feed(part.text) if self.parser else [ContentDelta(part.text)])
         return out
 
     def finish(self) -> list[Delta]:
+        if self.harmony is not None:
+            deltas = self._split(self.harmony.finish())
+            if self.harmony.calls and self.finish_reason == "stop":
+                self.finish_reason = "tool_calls"
+            return deltas
         deltas = self._split(self.reasoning.finish())
         deltas += self._deltas(self.parser.finish()) if self.parser else []
         if self.parser and self.parser.calls and self.finish_reason == "stop":
@@ -105,13 +117,15 @@ class ChoiceAssembler:
         return out
 
     def message(self) -> ResponseMessage:
-        calls = (self.parser.calls if self.parser else [])[: self.max_calls]
+        source = self.harmony or self.parser
+        calls = (source.calls if source else [])[: self.max_calls]
         content = self.content
         if calls and not content.strip():
             content = None
         tool_calls = [ResponseToolCall(id=c.id, function=ResponseFunctionCall(name=c.name, arguments=c.arguments))
                       for c in calls] or None
-        return ResponseMessage(content=content, reasoning_content=self.reasoning.reasoning_text, tool_calls=tool_calls)
+        reasoning = (self.harmony or self.reasoning).reasoning_text
+        return ResponseMessage(content=content, reasoning_content=reasoning, tool_calls=tool_calls)
 
 
 def _check_json_output(text: str | None, fmt) -> APIError | None:
@@ -205,8 +219,10 @@ class ChatHandler:
         prompt_ids, thinking = await svc.cpu.run(self._prompt_ids, req, prefix)
         svc.check_context(prompt_ids, "messages")
         tools = tool_dicts(req.tools) if req.tools and req.tool_choice != "none" else None
-        assemblers = [ChoiceAssembler(i, svc.engine.tokenizer, tools, self._formats(), bool(req.logprobs), prefix,
-                                      thinking, 1 if req.parallel_tool_calls is False else None) for i in range(n)]
+        tokenizer = svc.engine.tokenizer
+        harmony = is_harmony(tokenizer.chat_template if tokenizer else None)
+        assemblers = [ChoiceAssembler(i, tokenizer, tools, self._formats(), bool(req.logprobs), prefix, thinking,
+                                      1 if req.parallel_tool_calls is False else None, harmony) for i in range(n)]
         rid, created, model = new_id("chatcmpl"), now(), svc.settings.model_id
         if svc.settings.log_requests:
             choice = req.tool_choice if isinstance(req.tool_choice, (str, type(None))) else \

@@ -9,8 +9,6 @@ from moepage.engine.engine import Engine
 from moepage.server.protocol import ModelCard
 from moepage.server.settings import ServerSettings
 
-SLOTS = 1  # sequences generated at once (requests beyond queue)
-
 
 def template_caps(template: str | None) -> dict[str, bool]:
     """llama-server's chat_template_caps, read from what the template's source refers to."""
@@ -52,7 +50,7 @@ def props(engine: Engine, settings: ServerSettings) -> dict:
         },
         "n_ctx": n_ctx,
         "n_ctx_train": engine.args.max_position_embeddings,
-        "total_slots": SLOTS,
+        "total_slots": len(engine.slots),
         "model_alias": settings.model_id,
         "model_path": settings.model_id,
         "modalities": {"vision": False, "audio": False},

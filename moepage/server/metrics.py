@@ -88,6 +88,38 @@ class EngineCollector(Collector):
         secretary = getattr(self.engine, "secretary", None)
         if secretary is not None:
             yield from self._secretary(secretary.snapshot(), counter)
+        tier = getattr(getattr(self.engine, "ckpt", None), "experts", None)
+        if getattr(tier, "tier", None) is not None:  # `serve --lazy`: memory -> disk tier -> Hub
+            yield from self._tiers(tier, s["hits"], counter, gauge)
+
+    def _tiers(self, source, memory_hits: int, counter, gauge):
+        t = source.stats.snapshot()
+        hits = CounterMetricFamily("moepage_expert_tier_hits", "Expert lookups served by each tier (memory: the "
+                                   "expert cache; disk: the disk tier; hub: fetched from the Hub)",
+                                   labels=["model", "tier"])
+        for name, n in (("memory", memory_hits), ("disk", t["disk_hits"]), ("hub", t["hub_fetches"])):
+            hits.add_metric([self.model_id, name], n)
+        yield hits
+        read = CounterMetricFamily("moepage_expert_tier_bytes", "Bytes of experts read from the disk tier and "
+                                   "received from the Hub", labels=["model", "tier"])
+        for name, n in (("disk", t["disk_bytes"]), ("hub", t["hub_bytes"])):
+            read.add_metric([self.model_id, name], n)
+        yield read
+        yield counter("moepage_hub_fetch_errors", "Expert fetches from the Hub that failed (their requests got 503)",
+                      t["hub_errors"])
+        yield counter("moepage_disk_tier_evictions", "Expert files the disk tier deleted to stay within its budget",
+                      t["evictions"])
+        yield gauge("moepage_disk_tier_used_bytes", "Bytes of expert files in the disk tier", source.tier.used_bytes)
+        yield gauge("moepage_disk_tier_budget_bytes", "The --disk-budget (0: no limit)", source.tier.budget or 0)
+        yield gauge("moepage_disk_tier_experts", "Expert files in the disk tier", len(source.tier))
+        cumulative, buckets = 0, []
+        for bound, n in zip(list(t["fetch_buckets"]) + [float("inf")], t["fetch_counts"]):
+            cumulative += n
+            buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), cumulative))
+        h = HistogramMetricFamily("moepage_hub_fetch_seconds", "Time to fetch one expert from the Hub",
+                                  labels=["model"])
+        h.add_metric([self.model_id], buckets, t["fetch_seconds_total"])
+        yield h
 
     def _secretary(self, snap: dict, counter):
         predictions = CounterMetricFamily("moepage_secretary_predictions", "Requests the secretary assigned to each "

@@ -8,6 +8,9 @@ Hub forms (downloads go to the standard Hugging Face cache, only the files neede
 - `owner/repo/path/file.gguf`: that file alone.
 With HF_HUB_OFFLINE=1, or when the Hub does not answer within HUB_TIMEOUT_S, the files are taken from the local
 cache without asking the Hub again; what the cache lacks is an error at once.
+
+`--lazy` (owner/repo only): the resident weights, config and tokenizer now, each routed expert on its first miss
+(engine/hub_lazy.py); offline, the lazy directory an earlier start made serves what its disk tier holds.
 """
 from __future__ import annotations
 
@@ -45,7 +48,13 @@ def default_model_id(path: str) -> str:
     return os.path.basename(os.path.normpath(path)) or "moepage"
 
 
-def resolve_model(spec: str | None, revision: str | None = None) -> ResolvedModel:
+def resolve_model(spec: str | None, revision: str | None = None, lazy: bool = False) -> ResolvedModel:
+    """lazy: a Hub repo id served with its experts fetched on their first miss (resolve_lazy)."""
+    if lazy:
+        if not spec or os.path.exists(os.path.expanduser(spec)) or not HUB_ID.match(spec):
+            raise ModelNotFound(f"{spec or 'the demo model'}: --lazy takes a Hugging Face repo id (owner/repo) of a "
+                                f"safetensors checkpoint or a `moepage split` upload; local models are paged already")
+        return ResolvedModel(resolve_lazy(spec, revision), spec, "hub-lazy")
     if not spec or (spec == DEMO_NAME and not os.path.exists(spec)):
         from moepage.demo import demo_model_path
 
@@ -219,3 +228,29 @@ def download_from_hub(repo_id: str, revision: str | None = None, offline: bool =
                             f"directory") from None
     except (HfHubHTTPError, OSError) as e:
         raise ModelNotFound(f"{repo_id}: download from the Hugging Face Hub failed: {e}") from None
+
+
+def resolve_lazy(repo_id: str, revision: str | None = None) -> str:
+    """The lazy directory of repo_id (engine/hub_lazy.py): built or reused when the Hub answers, else the one an
+    earlier start left in the cache."""
+    from moepage.engine.hub_lazy import cached_lazy_dir, prepare_lazy
+
+    listing = list_hub_files(repo_id, revision)
+    why = listing.why
+    if listing.online:
+        try:
+            return prepare_lazy(repo_id, listing.files, revision, log=log.info)
+        except ModelNotFound:
+            raise
+        except Exception as e:  # the Hub stopped answering mid-way, or a file it sent is malformed
+            why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no answer'}"
+            cached = cached_lazy_dir(repo_id, revision)
+            if cached is None or isinstance(e, ValueError):  # ValueError: a malformed file, not the network
+                raise ModelNotFound(f"{repo_id}: preparing the lazy model failed: {why}") from None
+    cached = cached_lazy_dir(repo_id, revision)
+    if cached is None:
+        raise ModelNotFound(f"{repo_id}: the Hub cannot be reached ({why}) and no earlier `--lazy` start left a "
+                            f"copy of revision {revision or 'main'!r} in the local cache")
+    log.warning("%s: the Hugging Face Hub did not answer (%s); serving the lazy copy in %s: experts its disk tier "
+                "lacks fail their request until the Hub answers", repo_id, why, cached)
+    return cached

@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import json
 
+from moepage.server.harmony import CHANNEL, CONSTRAIN, MESSAGE, is_harmony
 from moepage.server.tool_parsers import HERMES_OPEN, MISTRAL_OPEN
 
-# Formats of a forced prefix: Hermes/Qwen JSON, Qwen3-Coder XML, Mistral JSON array, Mistral NAME[ARGS]{...}.
+# Formats of a forced prefix: Hermes/Qwen JSON, Qwen3-Coder XML, Mistral JSON array, Mistral NAME[ARGS]{...},
+# Harmony (gpt-oss) `<|channel|>commentary to=functions.NAME <|constrain|>json<|message|>`.
 HERMES_JSON, QWEN3_CODER_XML, MISTRAL_JSON, MISTRAL_ARGS = "hermes", "qwen3_coder", "mistral", "mistral_args"
+HARMONY = "harmony"
 
 
 def template_tool_format(template: str | None, configured: str = "auto") -> str | None:
@@ -32,6 +35,8 @@ def template_tool_format(template: str | None, configured: str = "auto") -> str 
     `<tool_call>\\n{"name": ...}` or `<tool_call>\\n<function=...>`) and renders past calls the same way.
     """
     t = template or ""
+    if configured == "auto" and is_harmony(t):
+        return HARMONY
     if configured == "qwen3_coder" or (configured in ("auto", "hermes") and "<function=" in t):
         return QWEN3_CODER_XML
     if configured == "hermes" or (configured == "auto" and HERMES_OPEN in t):
@@ -50,6 +55,8 @@ def forced_prefix(fmt: str, name: str | None) -> str:
                                     if name else "")
     if fmt == MISTRAL_ARGS:
         return MISTRAL_OPEN + (f"{name}[ARGS]" if name else "")
+    if fmt == HARMONY:  # without a name the model writes it, then its header's end
+        return CHANNEL + "commentary to=functions." + (f"{name} {CONSTRAIN}json{MESSAGE}" if name else "")
     if fmt == MISTRAL_JSON:
         return MISTRAL_OPEN + ('[{"name": ' + json.dumps(name, ensure_ascii=False) + ', "arguments": '
                                if name else "")

@@ -6,6 +6,8 @@ import re
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 IGNORED_PREFIXES = (".",)  # hidden files and folders (.git, .cache, editor files) never go up
+SPLIT_MANIFEST = "moepage.json"  # a `moepage split` directory (engine.checkpoint.MANIFEST)
+LAZY_FILES = ("hub.json", "expert-hashes.txt")  # what `serve --lazy` adds to its copy (engine/hub_lazy.py)
 
 
 def check_repo_id(repo_id: str) -> str:
@@ -51,8 +53,19 @@ def publish(folder: str, repo_id: str, *, dry_run: bool = False, private: bool =
     folder = os.path.abspath(os.path.expanduser(folder))
     files = files_to_upload(folder)
     warnings = check_model_dir(files, folder)
+    split = any(f == SPLIT_MANIFEST for f, _ in files)
+    if split:  # every expert its own file: a `serve REPO --lazy` client fetches one file per miss, checked by sha256
+        from moepage.surgery.split import verify_split
+
+        problems = verify_split(folder)
+        if problems:
+            raise ValueError(f"{folder}: the split directory does not match its manifest, nothing uploaded: "
+                             f"{problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+        if any(f in LAZY_FILES for f, _ in files):
+            raise ValueError(f"{folder}: a `serve --lazy` cache directory (it has {' or '.join(LAZY_FILES)}); "
+                             f"publish the `moepage split` output instead")
     result = {"repo_id": repo_id, "folder": folder, "files": files, "bytes": sum(s for _, s in files),
-              "warnings": warnings, "dry_run": dry_run, "url": None}
+              "warnings": warnings, "dry_run": dry_run, "url": None, "split": split}
     if dry_run:
         return result
     if api is None:

@@ -4,6 +4,9 @@ Modes:
   lm        next-token loss only (dense pre-training, or an MoE with its router left alone)
   emergent  + Switch-style load balancing: E * sum_e f_e P_e per MoE layer (experts specialise on their own)
   named     + router cross-entropy toward the row's domain: domain i -> routed expert i ("named experts")
+Elastic (--elastic, surgery/elastic_train.py): each row is routed under its own serving budget (shared expert only,
+k experts, experts dropped), so every budget is trained for. LoRA (surgery/lora.py): the model is a LoraDecoder and
+only its factors train; checkpoints then hold the trainable parameters only.
 Every batch has B rows of S+1 tokens; row b comes from domain b mod D at a random offset drawn from a generator
 seeded by (seed, step), so the data stream is a pure function of the seed and a resumed run sees exactly the
 batches an uninterrupted one would. Checkpoints (model + AdamW state + step) go to OUT/train_state.pt.
@@ -26,6 +29,7 @@ import torch.nn.functional as F
 
 from moepage.surgery.corpus import DomainCorpus
 from moepage.surgery.elastic import NAMED_EXPERTS_KEY
+from moepage.surgery.elastic_train import ElasticTrainConfig, RowBudgetRouting, row_budgets, row_kept
 from moepage.surgery.trainable_model import TrainableDecoder
 
 MODES = ("lm", "emergent", "named")
@@ -52,6 +56,12 @@ class TrainConfig:
     save_every: int = 100
     log_every: int = 10
     domains: list[str] = field(default_factory=list)  # empty: all of the corpus's domains, in its order
+    elastic_budgets: list[int] = field(default_factory=list)  # routed experts per token per row group; [] = exact
+    elastic_drop: float = 0.0  # probability an expert is absent from a row (elastic)
+
+    @property
+    def elastic(self) -> ElasticTrainConfig:
+        return ElasticTrainConfig(tuple(self.elastic_budgets), self.elastic_drop)
 
     def validate(self):
         if self.mode not in MODES:
@@ -98,7 +108,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 def load_balance_loss(router_logits: torch.Tensor, indices: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Switch Transformer balance loss for one layer: logits [BS, E], indices [BS, K] -> scalar (1.0 = balanced)."""
     probs = torch.softmax(router_logits.float(), dim=-1)  # [BS, E]
-    chosen = F.one_hot(indices, num_experts).float().sum(1)  # [BS, E]
+    chosen = (F.one_hot(indices.clamp_min(0), num_experts).float() * (indices >= 0)[..., None]).sum(1)  # [BS, E]
     fraction = chosen.mean(0) / indices.shape[1]  # [E]
     return num_experts * (fraction * probs.mean(0)).sum()
 
@@ -143,11 +153,24 @@ class TeacherCache:
         return values.half().float(), indices
 
 
+def elastic_routing(model: TrainableDecoder, batch: Batch, cfg: TrainConfig, step: int) -> RowBudgetRouting | None:
+    """Each row's serving budget for this step (None when elastic training is off)."""
+    el = cfg.elastic
+    if not el.enabled:
+        return None
+    a = model.args
+    el.validate(a.num_experts, bool(a.shared_expert_intermediate_size))
+    B, S = batch.ids.shape[0], batch.ids.shape[1] - 1
+    budgets = row_budgets(el, a.top_k, B, max(1, int(batch.domain.max()) + 1), step)
+    return RowBudgetRouting(model, budgets, row_kept(el, a.num_experts, B, cfg.seed, step), S)
+
+
 def compute_losses(model: TrainableDecoder, batch: Batch, cfg: TrainConfig,
-                   teacher: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                   teacher: tuple[torch.Tensor, torch.Tensor] | None = None, step: int = 0) -> dict[str, torch.Tensor]:
     """{'loss': total, 'lm': ..., 'router': ..., 'distill': ..., 'route_acc': ...} for one batch."""
     inputs, targets = batch.ids[:, :-1], batch.ids[:, 1:]  # [B, S]
-    out = model(inputs)
+    override = elastic_routing(model, batch, cfg, step)
+    out = model(inputs) if override is None else model(inputs, routing_override=override)
     V = out.logits.shape[-1]
     losses = {"lm": F.cross_entropy(out.logits.reshape(-1, V).float(), targets.reshape(-1))}
     total = losses["lm"]
@@ -176,15 +199,17 @@ def compute_losses(model: TrainableDecoder, batch: Batch, cfg: TrainConfig,
 
 # ---- the loop ----------------------------------------------------------------------------------
 def make_optimizer(model: TrainableDecoder, cfg: TrainConfig) -> torch.optim.AdamW:
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    trainable = [p for p in model.parameters() if p.requires_grad]  # a LoraDecoder: its factors only
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
 
 
 def save_state(path: str, model: TrainableDecoder, optimizer, step: int, cfg: TrainConfig):
     tmp = path + ".tmp"
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+    trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    torch.save({"model": trainable, "optimizer": optimizer.state_dict(), "step": step,
                 "config": asdict(cfg), "model_config": model.config}, tmp)
     os.replace(tmp, path)
 
@@ -196,7 +221,10 @@ def load_state(path: str, model: TrainableDecoder, optimizer, cfg: TrainConfig) 
     if saved != now:
         diff = sorted(k for k in now if saved.get(k) != now[k])
         raise ValueError(f"{path}: cannot resume, the training options differ from the saved run ({', '.join(diff)})")
-    model.load_state_dict(state["model"])
+    want = {n for n, p in model.named_parameters() if p.requires_grad}
+    if set(state["model"]) != want:
+        raise ValueError(f"{path}: cannot resume, it holds other parameters than this model trains")
+    model.load_state_dict(state["model"], strict=False)
     optimizer.load_state_dict(state["optimizer"])
     return int(state["step"])
 
@@ -233,6 +261,8 @@ def train(model: TrainableDecoder, corpus: DomainCorpus, cfg: TrainConfig, out_d
     Returns the last logged metrics plus 'step', 'tokens', 'seconds'.
     """
     cfg.validate()
+    if cfg.elastic.enabled:
+        cfg.elastic.validate(model.args.num_experts, bool(model.args.shared_expert_intermediate_size))
     domains = cfg.domains or list(corpus.domains)
     unknown = [d for d in domains if d not in corpus.domains]
     if unknown:
@@ -259,11 +289,11 @@ def train(model: TrainableDecoder, corpus: DomainCorpus, cfg: TrainConfig, out_d
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        losses = compute_losses(model, batch, cfg, teacher_topk)
+        losses = compute_losses(model, batch, cfg, teacher_topk, step)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
         optimizer.step()
         step += 1
         n = batch.ids[:, :-1].numel()

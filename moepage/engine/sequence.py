@@ -1,0 +1,140 @@
+"""One request's generation as a state machine the scheduler can interleave with others': its slot (KV cache and
+the tokens it holds), prefill chunk by chunk, then sample / feed one token at a time.
+
+Engine.generate runs one Sequence to its end; the server's scheduler (server/worker.py) runs up to --parallel of
+them, one prefill chunk or one batched decode step (engine/batch_step.py) at a time. The chunks, the kernels and
+the sampling are the same either way, so a sequence's tokens do not depend on what runs beside it.
+
+Shape legend: V vocab.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from moepage.engine.kv_cache import KVCache
+from moepage.engine.sampling import Sampler, SamplingParams, StopMatcher
+from moepage.engine.tokenizer import IncrementalDetokenizer
+
+if TYPE_CHECKING:
+    from moepage.engine.engine import Engine, GenerationStats, StepOutput
+
+
+@dataclass
+class Slot:
+    """A sequence's state: its KV cache and the tokens it holds (kv_ids), of which exact_ids is the prefix whose
+    state a fresh prefill would give bit for bit (what the prompt cache may re-use)."""
+
+    kv: KVCache
+    kv_ids: list[int] = field(default_factory=list)
+    exact_ids: list[int] = field(default_factory=list)
+    last_used: float = 0.0
+    busy: bool = False  # a Sequence runs in it (a failed step leaves kv_ids and exact_ids true: the model writes
+    # positions from len(kv_ids) on, and the ids grow only after a step succeeded)
+
+
+class Sequence:
+    def __init__(self, engine: "Engine", slot: Slot, prompt_ids: list[int], params: SamplingParams):
+        from moepage.engine.engine import GenerationStats
+
+        self.engine, self.slot, self.prompt_ids, self.params = engine, slot, list(prompt_ids), params
+        self.stats: GenerationStats = GenerationStats(prompt_tokens=len(prompt_ids))
+        self.t0 = time.perf_counter()
+        self.pos: int | None = None  # next prompt position to prefill; None before the prompt cache was asked
+        self.logits: torch.Tensor | None = None  # [V] of the last position, to sample from next
+        self.pending: int | None = None  # the sampled token the next decode step feeds
+        self.finished = False
+        self.n = 0  # tokens generated
+        self.max_new = min(params.max_tokens or engine.ctx_size, engine.ctx_size - len(prompt_ids))
+        self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else engine.eos_ids)
+        self.stops = StopMatcher([s for s in params.stop if s])  # holds back text that may begin a stop string
+        tk = engine.tokenizer
+        self.detok = IncrementalDetokenizer(tk, prompt_ids) if tk else None
+        self.sampler: Sampler | None = None
+        self.t_decode: float | None = None
+
+    @property
+    def prefilling(self) -> bool:
+        return self.logits is None and self.pending is None and not self.finished
+
+    # ---- prefill ------------------------------------------------------------------------------------------------
+    def prefill_chunk(self) -> bool:
+        """Run the next prompt chunk (the first call re-uses the longest cached prefix); True once the prompt is in
+        and logits are ready to sample."""
+        e, slot, ids = self.engine, self.slot, self.prompt_ids
+        if self.pos is None:
+            start = 0
+            if e.prompt_cache is not None:  # chunk-aligned: the chunks below are those a fresh prefill runs
+                start = e.prompt_cache.begin(slot.kv, slot.exact_ids, ids)
+            start = slot.kv.rewind(start)  # recurrent layers: back to a state they hold (0 without a prompt cache)
+            slot.kv_ids = list(ids[:start])
+            slot.exact_ids = list(ids[:start])
+            self.stats.cached_prompt_tokens = start
+            self.pos = start
+        chunk = max(1, e.cfg.prefill_chunk)
+        s = self.pos
+        logits = e.model.forward(torch.tensor(ids[s : s + chunk]), slot.kv, start=s)
+        slot.kv_ids = list(ids[: s + chunk])
+        if s + chunk <= len(ids):  # a whole chunk: exactly what a longer prompt's prefill computes here
+            slot.exact_ids = list(slot.kv_ids)
+            slot.kv.mark(s + chunk)
+        self.pos = s + chunk
+        if self.pos < len(ids):
+            return False
+        self.logits = logits[-1]
+        self.stats.prefill_seconds = time.perf_counter() - self.t0
+        self.sampler = Sampler(self.params, ids, self.logits.shape[-1])
+        return True
+
+    # ---- decode -------------------------------------------------------------------------------------------------
+    def sample(self) -> "StepOutput":
+        """The next output from the pending logits; sets `pending` (the token to feed) unless the sequence ends."""
+        from moepage.engine.engine import StepOutput
+
+        stats = self.stats
+        choice = self.sampler(self.logits)
+        self.logits = None
+        now = time.perf_counter()
+        if self.t_decode is None:
+            self.t_decode = now
+        stats.token_times.append(now)
+        if stats.first_token_time is None:
+            stats.first_token_time = now - self.t0
+        stats.completion_tokens += 1
+        self.n += 1
+        if choice.token in self.stop_ids:
+            return self._end(StepOutput(choice.token, self.stops.pending, choice.logprob, choice.top, "stop"))
+        text = self.detok.push(choice.token) if self.detok else ""
+        emit, hit = self.stops.push(text)
+        if hit:
+            return self._end(StepOutput(choice.token, emit, choice.logprob, choice.top, "stop"))
+        if self.n >= self.max_new:
+            if self.detok:
+                emit += self.stops.pending + self.detok.flush()
+            return self._end(StepOutput(choice.token, emit, choice.logprob, choice.top, "length"))
+        self.pending = choice.token
+        return StepOutput(choice.token, emit, choice.logprob, choice.top, None)
+
+    def feed(self, logits: torch.Tensor):
+        """logits [V] after the pending token went through the model."""
+        self.slot.kv_ids.append(self.pending)
+        self.pending = None
+        self.logits = logits
+
+    def _end(self, out):
+        self.finish()
+        return out
+
+    def finish(self):
+        """Stop (end of output, cancellation or error): the decode time is counted, the slot is free again."""
+        if self.finished:
+            return
+        self.finished = True
+        self.pending = None
+        if self.t_decode is not None:
+            self.stats.decode_seconds = time.perf_counter() - self.t_decode
+        self.slot.busy = False
+        self.slot.last_used = time.perf_counter()
