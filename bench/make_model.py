@@ -6,6 +6,9 @@ Tokenizer: the real Qwen2 tokenizer from llama-cpp-python's sdist (models/ggml-v
 
     python bench/make_model.py OUT [--vocab-gguf PATH] [--gguf OUT.gguf --converter DIR] [--layers 12 ...]
 
+    python bench/make_model.py --shape qwen3-30b-a3b --quant Q4_K_M --synthetic OUT.gguf --vocab-gguf PATH
+        [--routing skewed]   # a full-shape GGUF written directly (bench/synthetic_gguf.py), no bf16 step
+
 --gguf also writes the same model as a bf16 GGUF with llama.cpp's own converter (convert_hf_to_gguf.py from the
 llama-cpp-python sdist's vendor/llama.cpp, given as --converter), for the llama.cpp side of bench/bench.py.
 """
@@ -21,6 +24,13 @@ import torch
 
 
 def main():
+    if "--synthetic" in sys.argv[1:]:  # --shape S --quant Q --synthetic OUT.gguf: bench/synthetic_gguf.py writes it
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import synthetic_gguf
+
+        argv = sys.argv[1:]
+        i = argv.index("--synthetic")
+        return synthetic_gguf.main([*argv[i + 1 : i + 2], *argv[:i], *argv[i + 2 :]])
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("--layers", type=int, default=12)

@@ -255,6 +255,56 @@ def test_prefetch_fills_the_tier_with_the_domains_hottest_experts_then_serves_of
     assert bad.returncode == 2 and "unknown domain 'poetry'" in bad.stderr
 
 
+@pytest.fixture(scope="module")
+def gguf_models(models, tmp_path_factory):
+    """(a folder holding the demo as one Q8_0 GGUF, a folder with its GGUF split, reference texts)."""
+    from moepage.surgery.gguf_export import write_gguf
+    from moepage.surgery.split_gguf import split_gguf
+
+    model = models[0]
+    d = tmp_path_factory.mktemp("hub-gguf")
+    os.makedirs(d / "repo")
+    path = str(d / "repo" / "demo-Q8_0.gguf")
+    write_gguf(model, path, "q8_0")
+    split_gguf(path, str(d / "split"))
+    with serving(load_engine(path)) as (url, _):
+        ref = {p: complete(url, p, 8).json()["choices"][0]["text"] for p in PROMPTS}
+    return str(d / "repo"), str(d / "split"), ref
+
+
+def test_lazy_gguf_and_gguf_split_serve_the_local_gguf_tokens(gguf_models, tmp_path):
+    repo, split, ref = gguf_models
+    gguf = os.path.join(repo, "demo-Q8_0.gguf")
+    with HubStandIn({"me/demo-gguf": repo, "me/demo-gguf-split": split}) as hub:
+        with LazyServe("me/demo-gguf:Q8_0", hub_env(hub, str(tmp_path))) as p:
+            for prompt in PROMPTS:
+                r = complete(p.url, prompt, 8)
+                assert r.status_code == 200, r.text
+                assert r.json()["choices"][0]["text"] == ref[prompt]
+            m = httpx.get(p.url + "/metrics").text
+        fetched = metric(m, "moepage_expert_tier_hits_total", tier="hub")
+        d = [e for e in os.listdir(os.path.join(str(tmp_path), "moepage-lazy", "models--me--demo-gguf"))
+             if e.endswith(".demo-Q8_0.gguf")]
+        assert len(d) == 1 and len(tier_files(os.path.join(str(tmp_path), "moepage-lazy", "models--me--demo-gguf",
+                                                           d[0]))) == fetched
+        assert 0 < fetched < EXPERTS
+        from moepage.paging.gguf_file import GGUFFile
+
+        f = GGUFFile(gguf)
+        exps = [i for n, i in f.tensors.items() if "_exps" in n]
+        f.close()
+        slices = {(i.start + e * (i.nbytes // SPEC.experts), i.start + (e + 1) * (i.nbytes // SPEC.experts))
+                  for i in exps for e in range(SPEC.experts)}  # every expert's slice of every _exps tensor
+        spans = [(int(r.split("=")[1].split("-")[0]), int(r.split("-")[1]) + 1) for _, r in hub.gets("demo-Q8_0.gguf")]
+        into_experts = [sp for sp in spans if any(a <= sp[0] < b for a, b in slices)]
+        header_window = [sp for sp in into_experts if sp not in slices]  # the parser's first window of the file
+        assert len(header_window) <= 1 and all(sp[0] < 1 << 20 for sp in header_window)
+        assert len([sp for sp in into_experts if sp in slices]) == 3 * fetched  # three slices per expert, no more
+        with LazyServe("me/demo-gguf-split", hub_env(hub, str(tmp_path))) as p:
+            assert complete(p.url, PROMPTS[1], 8).json()["choices"][0]["text"] == ref[PROMPTS[1]]
+        assert hub.gets("experts/") and all(r.startswith("bytes=0-") for _, r in hub.gets("experts/"))
+
+
 # ---- the disk tier and its hash log, no network ------------------------------------------------------------
 def test_disk_tier_evicts_least_recently_used_never_a_pinned_file_and_drops_temporaries(tmp_path):
     root = str(tmp_path)

@@ -161,3 +161,17 @@ def test_bad_sizes_are_refused(blocks_n, scales_n, shape, match):
         with pytest.raises(RuntimeError, match="do not hold"):
             m.linear(torch.zeros(1, shape[1]), torch.zeros(blocks_n, dtype=torch.uint8),
                      torch.zeros(scales_n, dtype=torch.uint8), shape[0])
+
+
+@SETTINGS
+@given(st.integers(1, 4), st.integers(1, 3), st.floats(1e-3, 1e3), st.integers(0, 2 ** 16))
+def test_quantize_lands_on_the_grid_it_decodes_to(rows, blocks, magnitude, seed):
+    """quantize -> decode is within half a step of FP4 of each value (a step is at most 2 * 2^scale < 2/3 of the
+    block's largest magnitude), and re-quantizing decoded values is exact."""
+    w = torch.randn(rows, blocks * 32, generator=torch.Generator().manual_seed(seed)) * magnitude
+    b, s = mxfp4.quantize(w)
+    d = mxfp4.dequantize_reference(b, s)
+    amax = w.view(rows, blocks, 32).abs().amax(-1, keepdim=True)
+    assert ((d - w).view(rows, blocks, 32).abs() <= amax / 3).all()
+    b2, s2 = mxfp4.quantize(d)
+    assert torch.equal(mxfp4.dequantize_reference(b2, s2), d)

@@ -38,7 +38,7 @@ def hot_experts(profile: dict, domain_name: str) -> list[tuple[int, int]]:
 def run(args) -> int:
     from moepage.engine.checkpoint import open_checkpoint
     from moepage.paging.budget import human
-    from moepage.paging.hub_source import HubExpertSource
+    from moepage.paging.hub_source import HubTier
     from moepage.progress import bar
     from moepage.server.model_source import resolve_model
     from moepage.surgery.profile_format import load_profile
@@ -50,7 +50,7 @@ def run(args) -> int:
     resolved = resolve_model(args.model, args.revision, lazy=True)
     ckpt = open_checkpoint(resolved.path)
     source = ckpt.experts
-    if not isinstance(source, HubExpertSource):
+    if not isinstance(source, HubTier):
         raise ValueError(f"{resolved.path}: not a lazy Hub model")
     check_profile_matches(profile, ckpt.args)
     keys = hot_experts(profile, args.domain)

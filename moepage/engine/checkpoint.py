@@ -223,7 +223,7 @@ def _open_split(root: str, drop_page_cache: bool, verify: bool) -> Checkpoint:
     if os.path.lexists(os.path.join(root, "hub.json")):  # `serve --lazy`: experts come from the Hub on a miss
         from moepage.paging.hub_source import hub_expert_source
 
-        source = hub_expert_source(root, manifest, split_shard_path, expert_names, hashes, drop_page_cache)
+        source = hub_expert_source(root, manifest, split_shard_path, hashes, drop_page_cache, expert_names)
     else:
         source = SplitExpertSource(root, split_shard_path, expert_names, hashes, drop_page_cache, verify,
                                    encoding=manifest.get("expert_encoding"))

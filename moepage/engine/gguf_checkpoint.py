@@ -113,7 +113,13 @@ def open_gguf_split(root: str, manifest: dict, drop_page_cache: bool = True, ver
     config = manifest["config"] if "config" in manifest else _config_from(gguf)
     family, args = model_args_of(config, f"{os.path.join(root, MANIFEST)} (config)")
     hashes = {rel: meta["sha256"] for rel, meta in manifest["files"].items()}
-    source = GGUFSplitExpertSource(root, split_shard_path, hashes, args.moe_layers, drop_page_cache, verify)
+    if os.path.lexists(os.path.join(root, "hub.json")):  # `serve --lazy`: experts come from the Hub on a miss
+        from moepage.paging.hub_source import hub_expert_source
+
+        source = hub_expert_source(root, manifest, split_shard_path, hashes, drop_page_cache,
+                                   moe_layers=args.moe_layers)
+    else:
+        source = GGUFSplitExpertSource(root, split_shard_path, hashes, args.moe_layers, drop_page_cache, verify)
     ckpt = GGUFCheckpoint(
         kind="split", root=root, config=config, family=family, args=args, experts=source,
         names=dict(family.gguf_names), expert_names=dict(family.gguf_expert_names),

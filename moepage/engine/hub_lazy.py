@@ -27,7 +27,8 @@ import torch
 from moepage.engine.checkpoint import INDEX, MANIFEST, TOKENIZER_FILES, model_args_of, read_manifest, split_shard_path
 from moepage.engine.weight_names import resident_names, to_checkpoint
 from moepage.paging.disk_tier import EXPERTS_DIR, TMP_SUFFIX, fsync_dir, write_atomic
-from moepage.paging.hub_source import LAZY_FILE, LAZY_FORMAT, MAX_REQUEST, HubRepo, RemoteTensor
+from moepage.paging.hub_plan import LAZY_FILE, LAZY_FORMAT, RemoteTensor
+from moepage.paging.hub_source import MAX_REQUEST, HubRepo
 from moepage.paging.model_paths import MAX_JSON_BYTES, read_model_json
 from moepage.paging.safetensors_file import DTYPE_NAMES, MAX_HEADER, CheckpointError, SafetensorsFile
 
@@ -43,46 +44,69 @@ def lazy_root(repo_id: str) -> str:
     return os.path.join(constants.HF_HUB_CACHE, "moepage-lazy", repo_folder_name(repo_id=repo_id, repo_type="model"))
 
 
-def cached_lazy_dir(repo_id: str, revision: str | None = None) -> str | None:
-    """The finished lazy directory of repo_id at revision made by an earlier start (no network), or None."""
+def _ref_name(revision: str | None) -> str | None:
+    """The refs/ file name of a revision (None: one that cannot be a plain file name, like a/b or ..)."""
+    rev = revision or "main"
+    return rev if re.match(r"^[\w.-]{1,200}$", rev) and rev not in (".", "..") else None
+
+
+def lazy_dir(repo_id: str, commit: str, gguf_file: str | None = None) -> str:
+    """COMMIT/ for a safetensors or split repo; COMMIT.FILE/ for one GGUF file of it."""
+    name = commit if gguf_file is None else f"{commit}.{gguf_file.replace('/', '--')}"
+    return os.path.join(lazy_root(repo_id), name)
+
+
+def cached_lazy_dirs(repo_id: str, revision: str | None = None) -> list[tuple[str, str | None]]:
+    """[(finished lazy directory, its GGUF file or None)] an earlier start made of repo_id at revision (no network)."""
     root = lazy_root(repo_id)
     rev = revision or "main"
     commit = rev if _COMMIT.match(rev) else None
-    ref = os.path.join(root, "refs", rev)
-    if commit is None and os.path.isfile(ref) and "/" not in rev and rev not in (".", ".."):
-        with open(ref) as f:
+    ref = _ref_name(revision)
+    if commit is None and ref is not None and os.path.isfile(os.path.join(root, "refs", ref)):
+        with open(os.path.join(root, "refs", ref)) as f:
             commit = f.read(100).strip()
-    if commit is None or not _COMMIT.match(commit):
-        return None
-    d = os.path.join(root, commit)
-    return d if os.path.isfile(os.path.join(d, LAZY_FILE)) else None
+    if commit is None or not _COMMIT.match(commit) or not os.path.isdir(root):
+        return []
+    out = []
+    for name in sorted(os.listdir(root)):
+        d = os.path.join(root, name)
+        if (name == commit or name.startswith(commit + ".")) and os.path.isfile(os.path.join(d, LAZY_FILE)):
+            lazy = read_model_json(d, LAZY_FILE, "lazy Hub model description")
+            out.append((d, lazy.get("file") if isinstance(lazy, dict) else None))
+    return out
 
 
-def prepare_lazy(repo_id: str, files: list[str], revision: str | None = None, log=lambda s: None) -> str:
-    """The lazy directory of repo_id at revision (built now if this commit has none); files: the repo's listing."""
+def prepare_lazy(repo_id: str, files: list[str], revision: str | None = None, gguf_file: str | None = None,
+                 log=lambda s: None) -> str:
+    """The lazy directory of repo_id at revision (built now if this commit has none); files: the repo's listing;
+    gguf_file: serve that GGUF file of the repo."""
     from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
 
-    first = MANIFEST if MANIFEST in files else "config.json"
+    first = gguf_file or (MANIFEST if MANIFEST in files else "config.json")
     if first not in files:
-        raise CheckpointError(f"{repo_id}: --lazy serves a safetensors checkpoint or a `moepage split` upload; the "
-                              f"repository has neither config.json nor {MANIFEST}")
+        raise CheckpointError(f"{repo_id}: --lazy serves a safetensors checkpoint, a `moepage split` upload or a GGUF "
+                              f"file; the repository has no {first}")
     meta = get_hf_file_metadata(hf_hub_url(repo_id, first, revision=revision, endpoint=constants.ENDPOINT))
     commit = meta.commit_hash or ""
     if not _COMMIT.match(commit):
         raise CheckpointError(f"{repo_id}: the Hub did not name the commit of revision {revision or 'main'!r}")
-    out = os.path.join(lazy_root(repo_id), commit)
+    out = lazy_dir(repo_id, commit, gguf_file)
     if not os.path.isfile(os.path.join(out, LAZY_FILE)):
         repo = HubRepo(repo_id, commit)
         os.makedirs(out, exist_ok=True)
-        if first == MANIFEST:
+        if gguf_file is not None:
+            from moepage.engine.hub_gguf import from_gguf
+
+            lazy = from_gguf(repo, out, gguf_file, log)
+        elif first == MANIFEST:
             lazy = _from_split(repo, out, files, log)
         else:
             lazy = _from_checkpoint(repo, out, files, log)
         lazy.update({"format": LAZY_FORMAT, "version": 1, "repo_id": repo_id, "revision": revision, "commit": commit})
         write_atomic(os.path.join(out, LAZY_FILE), json.dumps(lazy).encode())
-    os.makedirs(os.path.join(lazy_root(repo_id), "refs"), exist_ok=True)
-    if revision is None or "/" not in revision:
-        write_atomic(os.path.join(lazy_root(repo_id), "refs", revision or "main"), commit.encode())
+    ref = _ref_name(revision)
+    if ref is not None:
+        write_atomic(os.path.join(lazy_root(repo_id), "refs", ref), commit.encode())
     return out
 
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from moepage.kernels.ggml import QuantizedTensor, backend_for, is_quantized
 
+Q8_0, Q8_1 = 8, 9  # GGML type ids
 GEMV_ROWS = 8  # up to this many tokens, one ggml vec_dot per weight row; more: dequantize, then torch's GEMM
 
 
@@ -22,7 +23,10 @@ def rounded_activations(b, x: torch.Tensor, w: QuantizedTensor) -> torch.Tensor:
     _, _, dot_type, _ = b.type_info(w.type.id)
     if dot_type == 0:  # F32
         return x.float()
-    q = b.quantize_rows(x.reshape(-1, x.shape[-1]), w.type.id)
+    kind = w.type.id
+    if dot_type == Q8_1:  # Q4_1/Q5_1: ggml cannot decode Q8_1, whose values round exactly as Q8_0's (Q8_0's own dot type)
+        kind = dot_type = Q8_0
+    q = b.quantize_rows(x.reshape(-1, x.shape[-1]), kind)
     return b.dequantize(q.reshape(-1), dot_type, q.shape[0], x.shape[-1]).view(x.shape)
 
 

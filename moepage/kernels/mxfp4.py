@@ -78,6 +78,23 @@ def dequantize_ggml(blk: torch.Tensor) -> torch.Tensor:
     return kv[codes] * d
 
 
+def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float [..., C] -> (blocks uint8 [..., C/32, 16], scales uint8 [..., C/32]) of the safetensors layout: each
+    block's scale is the smallest power of two that puts its largest magnitude in FP4's range (at most 6: nothing
+    saturates), each value the nearest FP4 value (ties to the lower code). For making MXFP4 checkpoints; decoding is exact, this is not."""
+    if w.shape[-1] % BLOCK:
+        raise ValueError(f"rows of {w.shape[-1]} values are not whole {BLOCK}-value blocks")
+    x = w.float().reshape(*w.shape[:-1], -1, BLOCK)  # [..., G, 32]
+    amax = x.abs().amax(dim=-1, keepdim=True)
+    exp = torch.where(amax > 0, torch.ceil(torch.log2(amax.clamp_min(2.0 ** -127) / 6)), torch.zeros_like(amax))
+    exp = exp.clamp(-127, 127)
+    lut = torch.tensor(FP4_VALUES, dtype=torch.float32)
+    codes = (torch.ldexp(x, -exp.to(torch.int32)).unsqueeze(-1) - lut).abs().argmin(dim=-1).to(torch.uint8)
+    pairs = codes.reshape(*codes.shape[:-1], 16, 2)
+    blocks = pairs[..., 0] | (pairs[..., 1] << 4)
+    return blocks.contiguous(), (exp.squeeze(-1) + 127).to(torch.uint8).contiguous()
+
+
 @dataclass
 class Mxfp4Tensor:
     """One [R, C] matrix as MXFP4 bytes of the safetensors layout: blocks uint8 [R * G * 16], scales uint8 [R * G]."""

@@ -1,9 +1,10 @@
 """C++ CPU kernels (moepage/kernels/csrc/*.cpp), compiled once on first use with torch.utils.cpp_extension.
 
-Compiled modules are cached under ~/.cache/moepage/kernels, one directory per Python environment (about 40 s per
-module the first time, on 2 cores).
-`load(name)` is None where the CPU lacks what the module needs, no compiler or ninja is found, or
-MOEPAGE_KERNELS=torch is set; callers then use plain torch.
+Compiled modules are cached under ~/.cache/moepage/kernels, one directory per Python environment and build target
+(about 40 s per module the first time, on 2 cores). They are compiled for the machine (kernels/cpu.py: -march=native,
+or MOEPAGE_KERNEL_ARCH, e.g. `haswell` for AVX2 only; OpenMP, or moepage's own thread pool where the compiler has no
+-fopenmp). `load(name)` is None where the build target or the CPU lacks what the module needs, no compiler or ninja
+is found, or MOEPAGE_KERNELS=torch is set; callers then use plain torch.
 """
 from __future__ import annotations
 
@@ -16,17 +17,20 @@ import threading
 import time
 from contextlib import contextmanager
 
+from moepage.kernels import cpu
+
 log = logging.getLogger("moepage.kernels")
 CSRC = os.path.join(os.path.dirname(__file__), "csrc")
-# module -> (CPU flags it needs, extra compiler flags); bump the version suffix when a source changes.
+# module -> (CPU and build-target features it needs, extra compiler flags); bump the version suffix when a source
+# changes. bf16_decode is portable: bf16_backend.h picks its AVX512-BF16 or its portable core from the target.
 MODULES = {
-    "bf16_decode": ({"avx512f", "avx512bw", "avx512_bf16"}, ["-mavx512f", "-mavx512bw", "-mavx512bf16"]),
+    "bf16_decode": (set(), []),
     "bf16_unpack": ({"avx512f", "avx512bw", "avx512_vbmi2", "popcnt"}, ["-mavx512f", "-mavx512bw", "-mavx512vbmi2",
                                                                          "-mpopcnt"]),
     "ggml_cpu": (set(), []),  # portable: the SIMD is in the libggml-cpu it opens at run time
     "mxfp4": (set(), []),  # portable: its dot vectorises for the build target
 }
-VERSION = "v17"
+VERSION = "v18"
 STALE_LOCK_SECONDS = 600  # a build lock older than this was left by a killed build (torch would wait on it forever)
 
 
@@ -34,7 +38,8 @@ def build_directory(name: str) -> str:
     """One build directory per module, torch and Python environment: two venvs never rebuild each other's copy."""
     import torch
 
-    env = hashlib.sha256(f"{sys.prefix}|{torch.__version__}|{VERSION}".encode()).hexdigest()[:12]
+    key = f"{sys.prefix}|{torch.__version__}|{VERSION}|{cpu.build_target().key()}"
+    env = hashlib.sha256(key.encode()).hexdigest()[:12]
     base = os.environ.get("MOEPAGE_KERNEL_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "moepage", "kernels")
     path = os.path.join(base, f"{name}-{env}")
@@ -96,21 +101,34 @@ _lock = threading.Lock()
 _loaded: dict[str, object] = {}
 
 
+_features: dict[str, set[str] | None] = {}
+
+
 def cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    """This CPU's features (Linux /proc/cpuinfo names; macOS sysctl hw.optional mapped to them)."""
+    if "cpu" not in _features:
+        _features["cpu"] = cpu.cpu_features()
+    return _features["cpu"]
+
+
+def target_flags() -> set[str]:
+    """The features the kernels' build target compiles for (empty without a compiler)."""
+    key = cpu.build_target().key()
+    if key not in _features:
+        _features[key] = cpu.target_features(cpu.build_target())
+    return _features[key] or set()
+
+
+def lacks(name: str) -> set[str]:
+    """What the module needs that this CPU or the build target does not have."""
+    needs = MODULES[name][0]
+    return (needs - cpu_flags()) | (needs - target_flags() if needs else set())
 
 
 def runs_here(name: str) -> bool:
-    """Whether this CPU (and MOEPAGE_KERNELS) lets the module run, without building it; load() may still fall back
-    to torch where no compiler is found."""
-    return os.environ.get("MOEPAGE_KERNELS", "auto") != "torch" and MODULES[name][0] <= cpu_flags()
+    """Whether this CPU, the build target (and MOEPAGE_KERNELS) let the module run, without building it; load() may
+    still fall back to torch where no compiler is found."""
+    return os.environ.get("MOEPAGE_KERNELS", "auto") != "torch" and not lacks(name)
 
 
 def load(name: str):
@@ -130,9 +148,10 @@ def load(name: str):
                 else:
                     log.info("compiling moepage's %s CPU kernels (once per environment, under a minute; cached in %s)",
                              name, build_directory(name))
+                target = cpu.build_target()
                 with build_lock(name):
                     module = build(name=f"moepage_{name}_{VERSION}", sources=[os.path.join(CSRC, f"{name}.cpp")],
-                                   extra_cflags=["-O3", "-fopenmp", *flags], extra_ldflags=["-fopenmp"],
+                                   extra_cflags=[*target.cflags(), *flags], extra_ldflags=target.ldflags(),
                                    verbose=False, build_directory=build_directory(name))
                 with open(_stamp(name), "w") as f:  # what was built: the next start opens it without announcing
                     f.write(source_digest(name))
@@ -148,8 +167,8 @@ def build_all() -> list[str]:
     failed = []
     for name in MODULES:
         if not runs_here(name):
-            lacks = " ".join(sorted(MODULES[name][0] - cpu_flags()))
-            print(f"{name}: skipped ({f'this CPU lacks {lacks}' if lacks else 'MOEPAGE_KERNELS=torch'})")
+            missing = " ".join(sorted(lacks(name)))
+            print(f"{name}: skipped ({f'this CPU or build target lacks {missing}' if missing else 'MOEPAGE_KERNELS=torch'})")
         elif load(name) is None:
             failed.append(name)
             print(f"{name}: build FAILED (see the warning above)")

@@ -4,10 +4,11 @@ A lazy model directory (engine/hub_lazy.py writes it) is a `moepage split` direc
 not there yet, plus hub.json naming the repo, the commit and how each shard is made:
 - "split": the repo is a `moepage split` upload; a shard is the repo's file of the same path, fetched whole in one
   request and checked against the manifest's sha256 before it is written.
-- "ranges": the repo is an original safetensors checkpoint; a shard is built from its expert's tensors, each read
-  by a range request into the Hub file (offsets from that file's header), and written as a safetensors file. Its
-  sha256 is recorded on the first fetch against the Hub file's ETag (disk_tier.HashLog); a later fetch of the same
-  expert must give the same bytes.
+- "ranges": the repo is an original safetensors checkpoint or a GGUF file; a shard is built from its expert's
+  tensors (a GGUF: its slices of the three [E, ., .] expert tensors), each read by a range request into the Hub
+  file (offsets from that file's header), and written as a safetensors file (for a GGUF, in the layout of a GGUF
+  split). Its sha256 is recorded on the first fetch against the Hub file's ETag (disk_tier.HashLog); a later fetch
+  of the same expert must give the same bytes.
 Requests go through huggingface_hub (hf_hub_url, build_hf_headers: endpoint, token; http_stream_backoff: retries).
 
 Shape legend: none (bytes only).
@@ -15,7 +16,6 @@ Shape legend: none (bytes only).
 from __future__ import annotations
 
 import hashlib
-import math
 import threading
 import time
 from dataclasses import dataclass
@@ -23,12 +23,12 @@ from dataclasses import dataclass
 import torch
 
 from moepage.paging.disk_tier import DiskTier, HashLog, TierStats
+from moepage.paging.gguf_experts import GGUFSplitExpertSource
+from moepage.paging.hub_plan import LAZY_FILE, HubPlan, coalesced, load_hub_plan
 from moepage.paging.pread import ALIGN, CheckpointError, ExpertReadError
 from moepage.paging.safetensors_file import DTYPES
 from moepage.paging.sources import ShardFiles, SplitExpertSource
 
-LAZY_FILE = "hub.json"  # the marker of a lazy directory
-LAZY_FORMAT = "moepage-hub-lazy"
 HASH_LOG = "expert-hashes.txt"
 MAX_REQUEST = 64 << 20  # bytes one range request asks for (bigger files are read in several)
 
@@ -116,40 +116,6 @@ def _check_range(r, start: int, end: int, where: str):
         raise HubUnavailable(f"{where}: unexpected HTTP {r.status_code} for a byte range")
 
 
-@dataclass(frozen=True)
-class RemoteTensor:
-    """One tensor of one expert as it lies in a Hub file."""
-
-    file: str
-    name: str
-    dtype: str  # safetensors dtype name
-    shape: tuple[int, ...]
-    start: int
-    end: int
-
-
-def check_remote_tensor(t: RemoteTensor, file_size: int, where: str):
-    """Offsets inside the file, the span the shape and dtype need (hub.json is a file: checked before use)."""
-    if t.dtype not in DTYPES:
-        raise CheckpointError(f"{where}: tensor {t.name!r} has an unsupported dtype")
-    n = math.prod(t.shape) * torch.empty(0, dtype=DTYPES[t.dtype]).element_size()
-    if not (0 <= t.start <= t.end <= file_size) or t.end - t.start != n or any(d < 0 for d in t.shape):
-        raise CheckpointError(f"{where}: tensor {t.name!r}: bytes [{t.start}, {t.end}) do not fit the file "
-                              f"({file_size} bytes) or its shape {list(t.shape)}")
-
-
-def coalesced(parts: list[RemoteTensor]) -> list[tuple[str, int, int, list[RemoteTensor]]]:
-    """[(file, start, end, tensors)]: tensors lying back to back in one file share one request."""
-    out: list[tuple[str, int, int, list[RemoteTensor]]] = []
-    for t in sorted(parts, key=lambda t: (t.file, t.start)):
-        if out and out[-1][0] == t.file and out[-1][2] == t.start:
-            f, s, _, ts = out[-1]
-            out[-1] = (f, s, t.end, ts + [t])
-        else:
-            out.append((t.file, t.start, t.end, [t]))
-    return out
-
-
 class TierShards(ShardFiles):
     """ShardFiles over the disk tier: a file evicted and fetched again is a new file, so what was known of the old
     one is forgotten (else the new one would look 'changed since loaded'), and it is always sha256-checked."""
@@ -159,28 +125,22 @@ class TierShards(ShardFiles):
             self._known.pop(rel, None)
 
 
-class HubExpertSource(SplitExpertSource):
-    """A split source whose shards come from the disk tier, fetched from the Hub on a miss."""
+class HubTier:
+    """Mixed into a split source (safetensors or GGUF): its shards come from the disk tier, fetched from the Hub
+    on a miss. `_init_tier` replaces the source's ShardFiles; everything else of the source is unchanged."""
 
-    def __init__(self, root: str, shard_path, expert_table, hashes: dict[str, str], drop_page_cache: bool,
-                 encoding: str | None, repo: HubRepo, kind: str, sizes: dict[str, int] | None = None,
-                 plans: dict[str, list[RemoteTensor]] | None = None, file_etags: dict[str, str] | None = None):
-        super().__init__(root, shard_path, expert_table, hashes, drop_page_cache, True, encoding)
-        if kind not in ("split", "ranges"):
-            raise CheckpointError(f"{root}/{LAZY_FILE}: unknown kind {kind!r}")
+    def _init_tier(self, root: str, shard_path, hashes: dict[str, str], drop_page_cache: bool, plan: HubPlan):
+        self.root = root
         self.shards = TierShards(root, shard_path, hashes, drop_page_cache, verify=True)
-        self.repo, self.kind = repo, kind
-        self.sizes = sizes or {}  # split: rel -> bytes from the manifest
-        self.plans = plans or {}  # ranges: rel -> its tensors on the Hub
-        self.file_etags = file_etags or {}  # ranges: Hub file -> its ETag
-        self.etags = {rel: "+".join(sorted({self.file_etags[t.file] for t in ts}))  # rel -> ETag(s) of its bytes
-                      for rel, ts in self.plans.items()}
+        self.plan = plan
+        self.repo = HubRepo(plan.repo_id, plan.commit)
         self.stats = TierStats()
         self.tier = DiskTier(root, stats=self.stats)
         self.tier.forget_hooks.append(self.shards.forget)
         self.hash_log = HashLog(f"{root}/{HASH_LOG}")
-        if kind == "ranges":
-            for rel, (sha, _) in self.hash_log.load(self.etags).items():
+        if plan.kind == "ranges":
+            etags = {rel: plan.etag_of(rel) for rel in plan.plans}
+            for rel, (sha, _) in self.hash_log.load(etags).items():
                 hashes[rel] = sha
         for rel in self.tier.keys():  # a file the tier holds but nothing vouches for (killed before its hash): out
             if rel not in hashes:
@@ -194,16 +154,16 @@ class HubExpertSource(SplitExpertSource):
     def stored_nbytes(self, layer: int) -> int:
         """From hub.json or the manifest: nothing is fetched to learn an expert's size."""
         rel = self.shards.shard_path(layer, 0)
-        if self.kind == "ranges":
-            return sum(t.end - t.start for t in self.plans.get(rel, []))
-        return self.sizes.get(rel, 0)
+        if self.plan.kind == "ranges":
+            return sum(t.end - t.start for t in self.plan.plans.get(rel, []))
+        return self.plan.sizes.get(rel, 0)
 
     def staging_nbytes(self, layer: int) -> int:
-        if self.encoding is None:
+        if getattr(self, "encoding", None) is None:
             return 0
         sizes, e = [], 0
-        while (rel := self.shards.shard_path(layer, e)) in self.sizes:
-            sizes.append(self.sizes[rel])
+        while (rel := self.shards.shard_path(layer, e)) in self.plan.sizes:
+            sizes.append(self.plan.sizes[rel])
             e += 1
         return max(sizes, default=0) + 2 * ALIGN
 
@@ -236,7 +196,7 @@ class HubExpertSource(SplitExpertSource):
         """rel from the Hub into the disk tier, verified before it is written."""
         t0 = time.perf_counter()
         try:
-            data = self._fetch_split(rel) if self.kind == "split" else self._fetch_ranges(rel)
+            data = self._fetch_split(rel) if self.plan.kind == "split" else self._fetch_ranges(rel)
         except ExpertReadError:
             with self.stats.lock:
                 self.stats.hub_errors += 1
@@ -248,9 +208,9 @@ class HubExpertSource(SplitExpertSource):
         self.tier.store(rel, data)
 
     def _fetch_split(self, rel: str) -> bytes:
-        if rel not in self.shards.hashes or rel not in self.sizes:
+        if rel not in self.shards.hashes or rel not in self.plan.sizes:
             raise ExpertReadError(f"{self.root}: the manifest lists no shard {rel!r}")
-        data = self.repo.read_range(rel, 0, self.sizes[rel])
+        data = self.repo.read_range(rel, 0, self.plan.sizes[rel])
         digest = hashlib.sha256(data).hexdigest()
         if digest != self.shards.hashes[rel]:
             raise HubUnavailable(f"{self.repo.repo_id}/{rel}: the Hub's copy does not match the manifest's sha256 "
@@ -260,20 +220,20 @@ class HubExpertSource(SplitExpertSource):
     def _fetch_ranges(self, rel: str) -> bytes:
         from safetensors.torch import save
 
-        if rel not in self.plans:
+        if rel not in self.plan.plans:
             raise ExpertReadError(f"{self.root}/{LAZY_FILE}: no Hub tensors recorded for {rel!r}")
         tensors = {}
-        for file, start, end, parts in coalesced(self.plans[rel]):
-            raw = bytearray(self.repo.read_range(file, start, end, self.file_etags.get(file)))
+        for file, start, end, parts in coalesced(self.plan.plans[rel]):
+            raw = bytearray(self.repo.read_range(file, start, end, self.plan.file_etags.get(file)))
             for t in parts:
                 piece = raw[t.start - start : t.end - start]
                 tensors[t.name] = torch.frombuffer(piece, dtype=DTYPES[t.dtype]).view(t.shape) if piece else \
                     torch.empty(t.shape, dtype=DTYPES[t.dtype])
-        data = save(tensors, metadata={"format": "pt"})
+        data = save(tensors, metadata=self.plan.shard_metadata.get(rel, {"format": "pt"}))
         digest = hashlib.sha256(data).hexdigest()
         known = self.shards.hashes.get(rel)
         if known is None:
-            self.hash_log.append(rel, digest, len(data), self.etags[rel])  # recorded before the file is written
+            self.hash_log.append(rel, digest, len(data), self.plan.etag_of(rel))  # recorded before the file is written
             self.shards.hashes[rel] = digest
         elif digest != known:
             raise HubUnavailable(f"{self.repo.repo_id}: {rel} fetched again differs from its first fetch (sha256 "
@@ -281,63 +241,32 @@ class HubExpertSource(SplitExpertSource):
         return data
 
 
-def _lazy_error(root: str, what: str) -> CheckpointError:
-    return CheckpointError(f"{root}/{LAZY_FILE}: {what}")
+class HubExpertSource(HubTier, SplitExpertSource):
+    """A lazy safetensors model's experts (float tensors per expert)."""
+
+    def __init__(self, root: str, shard_path, expert_table, hashes: dict[str, str], drop_page_cache: bool,
+                 encoding: str | None, plan: HubPlan):
+        SplitExpertSource.__init__(self, root, shard_path, expert_table, hashes, drop_page_cache, True, encoding)
+        self._init_tier(root, shard_path, hashes, drop_page_cache, plan)
 
 
-def _is_count(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+class HubGGUFExpertSource(HubTier, GGUFSplitExpertSource):
+    """A lazy GGUF model's experts (each shard the raw GGML bytes of gate, up and down)."""
+
+    def __init__(self, root: str, shard_path, hashes: dict[str, str], moe_layers: list[int], drop_page_cache: bool,
+                 plan: HubPlan):
+        self._init_tier(root, shard_path, hashes, drop_page_cache, plan)
+        self.quantized = any(self._read(layer, 0).quantized for layer in moe_layers[:1])  # fetches that one expert
 
 
-def hub_expert_source(root: str, manifest: dict, shard_path, expert_table, hashes: dict[str, str],
-                      drop_page_cache: bool) -> HubExpertSource:
-    """The expert source of a lazy directory, from its hub.json and split manifest (every field checked)."""
-    from moepage.paging.model_paths import read_model_json
-
-    lazy = read_model_json(root, LAZY_FILE, "lazy Hub model description")
-    if not isinstance(lazy, dict) or lazy.get("format") != LAZY_FORMAT or lazy.get("version") != 1:
-        raise _lazy_error(root, f"not a {LAZY_FORMAT} version 1 description")
-    repo_id, commit, kind = lazy.get("repo_id"), lazy.get("commit"), lazy.get("kind")
-    if not (isinstance(repo_id, str) and isinstance(commit, str) and commit):
-        raise _lazy_error(root, "repo_id and commit must be strings")
-    repo = HubRepo(repo_id, commit)
-    encoding = manifest.get("expert_encoding")
-    if kind == "split":
-        sizes = {}
-        for rel, meta in manifest["files"].items():
-            size = meta.get("size", meta.get("bytes"))
-            if not _is_count(size):
-                raise _lazy_error(root, f"the manifest's size of {rel!r} is not a byte count")
-            sizes[rel] = size
-        return HubExpertSource(root, shard_path, expert_table, hashes, drop_page_cache, encoding, repo, kind,
-                               sizes=sizes)
-    files, experts = lazy.get("files"), lazy.get("experts")
-    if kind != "ranges" or not isinstance(files, dict) or not isinstance(experts, dict):
-        raise _lazy_error(root, "kind must be 'split', or 'ranges' with files and experts maps")
-    file_etags, plans = {}, {}
-    for name, meta in files.items():
-        if not (isinstance(meta, dict) and isinstance(meta.get("etag"), str) and _is_count(meta.get("size"))):
-            raise _lazy_error(root, f"files[{name!r}] must have an etag and a size")
-        file_etags[name] = meta["etag"]
-    for rel, entries in experts.items():
-        if not isinstance(entries, list) or not entries:
-            raise _lazy_error(root, f"experts[{rel!r}] must list the expert's tensors")
-        plan = []
-        for e in entries:
-            try:
-                file, name, dtype, shape, start, end = e
-                t = RemoteTensor(file, name, dtype, tuple(shape), start, end)
-                ok = (file in files and isinstance(name, str) and isinstance(dtype, str) and len(shape) <= 8
-                      and all(_is_count(d) for d in shape) and _is_count(start) and _is_count(end))
-            except (TypeError, ValueError):
-                ok = False
-            if not ok:
-                raise _lazy_error(root, f"experts[{rel!r}]: an entry is not [file, name, dtype, shape, start, end]")
-            check_remote_tensor(t, files[file]["size"], f"{root}/{LAZY_FILE}: experts[{rel!r}]")
-            plan.append(t)
-        plans[rel] = plan
-    return HubExpertSource(root, shard_path, expert_table, hashes, drop_page_cache, encoding, repo, kind,
-                           plans=plans, file_etags=file_etags)
+def hub_expert_source(root: str, manifest: dict, shard_path, hashes: dict[str, str], drop_page_cache: bool,
+                      expert_table=None, moe_layers: list[int] | None = None) -> HubTier:
+    """The expert source of a lazy directory: safetensors experts with expert_table, GGUF ones with moe_layers."""
+    plan = load_hub_plan(root, manifest)
+    if expert_table is not None:
+        return HubExpertSource(root, shard_path, expert_table, hashes, drop_page_cache,
+                               manifest.get("expert_encoding"), plan)
+    return HubGGUFExpertSource(root, shard_path, hashes, moe_layers or [], drop_page_cache, plan)
 
 
 def configure_disk_tier(source, budget: int | None, moe_layers: list[int], readers: int) -> str:
@@ -345,7 +274,7 @@ def configure_disk_tier(source, budget: int | None, moe_layers: list[int], reade
     The budget must hold one expert per reading thread and one more (each pins its file while it reads it)."""
     from moepage.paging.budget import human
 
-    if not isinstance(source, HubExpertSource):
+    if not isinstance(source, HubTier):
         raise ValueError("--lazy: the model's experts do not come from the Hub")
     if budget is not None:
         largest = max((source.stored_nbytes(layer) for layer in moe_layers), default=0) + (64 << 10)

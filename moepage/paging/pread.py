@@ -1,8 +1,9 @@
 """Files read by byte range with pread, never mapped: the base of the safetensors and GGUF readers.
 
-Ranges are read with O_DIRECT into page-aligned tensors where the file system allows it: no page-cache copy
-(3x the throughput of buffered reads of 2.4 MB experts on our machines) and nothing charged to a memory
-cgroup; otherwise buffered pread followed by POSIX_FADV_DONTNEED, so the OS page cache never holds the model.
+Ranges are read with O_DIRECT (macOS: F_NOCACHE; paging/platform.py) into page-aligned tensors where the file
+system allows it: no page-cache copy (3x the throughput of buffered reads of 2.4 MB experts on our machines) and
+nothing charged to a memory cgroup; otherwise buffered pread followed by POSIX_FADV_DONTNEED, so the OS page cache
+never holds the model.
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import os
 import stat
 
 import torch
+
+from moepage.paging import platform
 
 
 class CheckpointError(ValueError):
@@ -50,7 +53,7 @@ class PreadFile:
         self.path = str(path)
         self.drop_page_cache = drop_page_cache
         self._direct_fd: int | None = None
-        self._direct_ok = DIRECT_READS and hasattr(os, "O_DIRECT")
+        self._direct_ok = DIRECT_READS and platform.uncached_reads() is not None
         self.fd = -1
         try:  # O_NONBLOCK: opening a fifo must not wait for a writer (it is refused below)
             self.fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
@@ -88,10 +91,8 @@ class PreadFile:
 
     def _direct(self) -> int | None:
         if self._direct_ok and self._direct_fd is None:
-            try:
-                self._direct_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECT)
-            except OSError:  # tmpfs and some network file systems refuse O_DIRECT
-                self._direct_ok = False
+            self._direct_fd = platform.open_uncached(self.path)  # None: tmpfs and some network file systems refuse
+            self._direct_ok = self._direct_fd is not None
         return self._direct_fd if self._direct_ok else None
 
     def read_span(self, start: int, end: int, into: torch.Tensor | None = None) -> torch.Tensor:

@@ -51,9 +51,10 @@ def default_model_id(path: str) -> str:
 def resolve_model(spec: str | None, revision: str | None = None, lazy: bool = False) -> ResolvedModel:
     """lazy: a Hub repo id served with its experts fetched on their first miss (resolve_lazy)."""
     if lazy:
-        if not spec or os.path.exists(os.path.expanduser(spec)) or not HUB_ID.match(spec):
-            raise ModelNotFound(f"{spec or 'the demo model'}: --lazy takes a Hugging Face repo id (owner/repo) of a "
-                                f"safetensors checkpoint or a `moepage split` upload; local models are paged already")
+        if not spec or os.path.exists(os.path.expanduser(spec)) or not (HUB_ID.match(spec) or HUB_QUANT.match(spec)
+                                                                         or HUB_FILE.match(spec)):
+            raise ModelNotFound(f"{spec or 'the demo model'}: --lazy takes a Hugging Face repo id (owner/repo, "
+                                f"owner/repo:QUANT or owner/repo/file.gguf); local models are paged from disk already")
         return ResolvedModel(resolve_lazy(spec, revision), spec, "hub-lazy")
     if not spec or (spec == DEMO_NAME and not os.path.exists(spec)):
         from moepage.demo import demo_model_path
@@ -230,27 +231,50 @@ def download_from_hub(repo_id: str, revision: str | None = None, offline: bool =
         raise ModelNotFound(f"{repo_id}: download from the Hugging Face Hub failed: {e}") from None
 
 
-def resolve_lazy(repo_id: str, revision: str | None = None) -> str:
-    """The lazy directory of repo_id (engine/hub_lazy.py): built or reused when the Hub answers, else the one an
-    earlier start left in the cache."""
-    from moepage.engine.hub_lazy import cached_lazy_dir, prepare_lazy
+def resolve_lazy(spec: str, revision: str | None = None) -> str:
+    """The lazy directory (engine/hub_lazy.py) of a Hub spec: owner/repo (a safetensors checkpoint, a `moepage
+    split` upload, or a GGUF-only repo: its Q4_K_M or first GGUF), owner/repo:QUANT, owner/repo/file.gguf. Built or
+    reused when the Hub answers, else the one an earlier start left in the cache."""
+    from moepage.engine.hub_lazy import MANIFEST, prepare_lazy
 
+    repo_id, gguf_file, quant = spec, None, None
+    if m := HUB_FILE.match(spec):
+        repo_id, gguf_file = m["repo"], m["file"]
+    elif m := HUB_QUANT.match(spec):
+        repo_id, quant = m["repo"], m["quant"]
     listing = list_hub_files(repo_id, revision)
     why = listing.why
     if listing.online:
+        files = listing.files
+        if quant is not None or (gguf_file is None and "config.json" not in files and MANIFEST not in files
+                                 and _ggufs(files)):
+            gguf_file = pick_gguf(repo_id, files, quant)
+        elif gguf_file is not None and gguf_file not in files:
+            raise ModelNotFound(f"{repo_id}: the repository has no file {gguf_file!r}")
         try:
-            return prepare_lazy(repo_id, listing.files, revision, log=log.info)
-        except ModelNotFound:
-            raise
+            return prepare_lazy(repo_id, files, revision, gguf_file, log=log.info)
         except Exception as e:  # the Hub stopped answering mid-way, or a file it sent is malformed
             why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no answer'}"
-            cached = cached_lazy_dir(repo_id, revision)
-            if cached is None or isinstance(e, ValueError):  # ValueError: a malformed file, not the network
-                raise ModelNotFound(f"{repo_id}: preparing the lazy model failed: {why}") from None
-    cached = cached_lazy_dir(repo_id, revision)
+            if isinstance(e, ValueError):  # a malformed file (CheckpointError), not the network
+                raise ModelNotFound(f"{spec}: preparing the lazy model failed: {why}") from None
+    cached = _cached_lazy(repo_id, revision, gguf_file, quant)
     if cached is None:
-        raise ModelNotFound(f"{repo_id}: the Hub cannot be reached ({why}) and no earlier `--lazy` start left a "
-                            f"copy of revision {revision or 'main'!r} in the local cache")
+        raise ModelNotFound(f"{spec}: the Hub cannot be reached ({why}) and no earlier `--lazy` start left a copy "
+                            f"of revision {revision or 'main'!r} in the local cache")
     log.warning("%s: the Hugging Face Hub did not answer (%s); serving the lazy copy in %s: experts its disk tier "
-                "lacks fail their request until the Hub answers", repo_id, why, cached)
+                "lacks fail their request until the Hub answers", spec, why, cached)
     return cached
+
+
+def _cached_lazy(repo_id: str, revision: str | None, gguf_file: str | None, quant: str | None) -> str | None:
+    from moepage.engine.hub_lazy import cached_lazy_dirs
+
+    found = cached_lazy_dirs(repo_id, revision)
+    if gguf_file is not None:
+        found = [(d, f) for d, f in found if f == gguf_file]
+    elif quant is not None:
+        found = [(d, f) for d, f in found if f is not None and _has_quant(f, quant)]
+    else:  # the checkpoint itself, else the GGUF a plain owner/repo picks
+        found = sorted(found, key=lambda t: (t[1] is not None, not (t[1] and _has_quant(t[1], DEFAULT_QUANT)),
+                                             t[1] or ""))
+    return found[0][0] if found else None

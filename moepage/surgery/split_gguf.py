@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
 from safetensors.torch import save_file
 
 from moepage.engine.checkpoint import MANIFEST, split_shard_path
@@ -21,6 +20,7 @@ from moepage.engine.families import common
 from moepage.engine.gguf_checkpoint import open_gguf
 from moepage.paging.gguf_experts import PARTS, shard_metadata
 from moepage.paging.gguf_file import GGUFFile
+from moepage.paging.gguf_resident import write_resident_gguf  # noqa: F401  (also imported from here)
 from moepage.paging.safetensors_file import CheckpointError
 from moepage.paging.sources import sha256_of
 
@@ -29,32 +29,6 @@ RESIDENT = "resident.gguf"
 
 def _expert_tensor_names(args) -> set[str]:
     return {common.GGUF_EXPERTS[p].format(L=layer) for layer in args.moe_layers for p in PARTS}
-
-
-def write_resident_gguf(src: GGUFFile, out_path: str, skip: set[str]):
-    """A GGUF with all of src's metadata and all tensors not in `skip`, each tensor's bytes copied as stored."""
-    import gguf
-
-    writer = gguf.GGUFWriter(out_path, src.architecture)
-    try:
-        for name, value in src.metadata.items():
-            if name in ("general.architecture", "general.alignment"):
-                continue
-            kind, sub = src.field_types[name]
-            writer.add_key_value(name, value, gguf.GGUFValueType(kind),
-                                 sub_type=gguf.GGUFValueType(sub) if sub is not None else None)
-        for name, info in src.tensors.items():
-            if name in skip:
-                continue
-            raw = np.frombuffer(src.read_bytes(info.start, info.nbytes), dtype=np.uint8)
-            byte_shape = (*info.shape[:-1], info.type.row_bytes(info.shape[-1])) if info.shape else (info.nbytes,)
-            writer.add_tensor(name, raw.reshape(byte_shape), raw_shape=byte_shape,
-                              raw_dtype=gguf.GGMLQuantizationType(info.type.id))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-    finally:
-        writer.close()
 
 
 def split_gguf(path: str, out_dir: str, progress=None) -> dict:

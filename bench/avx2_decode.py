@@ -1,0 +1,121 @@
+"""The AVX2 rows: moepage with its kernels built for AVX2 only (MOEPAGE_KERNEL_ARCH=haswell: AVX2 + FMA + F16C, no
+AVX-512) against llama.cpp built without AVX-512, on one machine, resident decode, bf16 and Q4_K_M.
+
+    # llama.cpp without AVX-512 (once, ~10 min on 2 cores), from the sdist tests use:
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF -DGGML_FMA=ON -DGGML_F16C=ON" \
+        pip install --no-deps --no-binary :all: --target /work/benchdata/llama-avx2 llama-cpp-python==0.3.36
+    python bench/avx2_decode.py --bf16 DIR BF16.gguf --q4 Q4_K_M.gguf --llama /work/benchdata/llama-avx2 [--repeats 3]
+
+Each run is a fresh process on the same prompt ids (bench/quant_decode.py's runners); moepage and llama.cpp
+alternate. Before the runs it prints what each side was built for: moepage's bf16 core (`portable` under haswell)
+and llama.cpp's system info (AVX512 = 0). Prints each system's median and range, the ratio of the medians, the
+run-by-run ratios and how many greedy tokens agree.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from quant_decode import LLAMA_CPP, agreement  # noqa: E402
+
+MOEPAGE_CORE = "from moepage.kernels import native; m = native.load('bf16_decode'); print(m.core() if m else 'torch')"
+LLAMA_INFO = "import llama_cpp; print(llama_cpp.__file__); print(llama_cpp.llama_print_system_info().decode())"
+
+
+def environment(system: str, a) -> dict:
+    env = dict(os.environ)
+    if system == "moepage":
+        env["MOEPAGE_KERNEL_ARCH"] = a.arch
+    else:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (a.llama, env.get("PYTHONPATH")) if p)
+        env.pop("OMP_WAIT_POLICY", None)
+        if system == "llamacpp-passive":
+            env["OMP_WAIT_POLICY"] = "PASSIVE"
+    return env
+
+
+def run(system: str, model: str, gguf: str, prompt_file: str, a) -> dict:
+    ctx = str(a.prompt_tokens + a.decode + 64)
+    if system == "moepage":
+        cmd = [sys.executable, os.path.join(HERE, "run_one.py"), "moepage", "--model", model, "--prompt-ids",
+               prompt_file, "--decode", str(a.decode), "--threads", str(a.threads), "--ctx", ctx, "--time-limit",
+               str(a.time_limit)]
+    else:
+        cmd = [sys.executable, "-c", LLAMA_CPP, gguf, prompt_file, str(a.decode), str(a.threads), ctx,
+               str(a.time_limit)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.time_limit * 3 + 900, env=environment(system, a))
+    line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if line is None:
+        return {"error": f"exit {p.returncode}: {p.stderr[-400:]}"}
+    return json.loads(line[len("RESULT "):])
+
+
+def row(name: str, model: str, gguf: str, prompt_file: str, systems: list[str], a):
+    runs = {s: [] for s in systems}
+    for rep in range(a.repeats):
+        for system in systems if rep % 2 == 0 else systems[::-1]:
+            r = run(system, model, gguf, prompt_file, a)
+            runs[system].append(r)
+            print(f"{name} run {rep} {system}: " + (f"{r['decode_tps']:.2f} tok/s" if r.get("decode_tps")
+                                                    else r.get("error", "?")), file=sys.stderr, flush=True)
+    rates = {s: [r["decode_tps"] for r in rs if r.get("decode_tps")] for s, rs in runs.items()}
+    if not all(rates.values()):
+        print(f"{name}: a system produced no decode rate: {runs}")
+        return
+    med = {s: statistics.median(v) for s, v in rates.items()}
+    print(f"{name}: moepage {os.path.basename(model)} vs llama.cpp {os.path.basename(gguf)}, {a.threads} threads, "
+          f"prompt {a.prompt_tokens}, decode {a.decode}, {a.repeats} alternating runs each")
+    for s in systems:
+        print(f"  {s:16s} decode median {med[s]:.2f} tok/s (range {min(rates[s]):.2f}-{max(rates[s]):.2f}; runs "
+              + ", ".join(f"{x:.2f}" for x in rates[s]) + ")")
+    for peer in systems[1:]:
+        pairs = [m / p for m, p in zip(rates["moepage"], rates[peer])]
+        print(f"  moepage / {peer}: {med['moepage'] / med[peer]:.2f}x of the medians; run by run "
+              + ", ".join(f"{x:.2f}x" for x in pairs))
+    ours, theirs = runs["moepage"][0].get("tokens", []), runs["llamacpp"][0].get("tokens", [])
+    print(f"  greedy tokens equal for the first {agreement(ours, theirs)} of {min(len(ours), len(theirs))}", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bf16", nargs=2, metavar=("MODEL_DIR", "GGUF"), help="the bf16 checkpoint and its bf16 GGUF")
+    ap.add_argument("--q4", metavar="GGUF", help="a Q4_K_M GGUF (both systems read it)")
+    ap.add_argument("--llama", required=True, help="directory of a llama-cpp-python built without AVX-512")
+    ap.add_argument("--arch", default="haswell", help="MOEPAGE_KERNEL_ARCH for moepage (default haswell: AVX2)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--decode", type=int, default=64)
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--time-limit", type=float, default=90.0)
+    ap.add_argument("--vocab", type=int, default=4096, help="prompt ids are drawn below this (seed 0)")
+    ap.add_argument("--llama-passive", action="store_true", help="also llama.cpp with OMP_WAIT_POLICY=PASSIVE")
+    a = ap.parse_args()
+    a.dtype = "auto"
+    for what, code, system in (("moepage bf16 core", MOEPAGE_CORE, "moepage"), ("llama.cpp", LLAMA_INFO, "llamacpp")):
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800,
+                           env=environment(system, a))
+        print(f"{what}: " + (p.stdout.strip() or p.stderr[-400:]).replace("\n", " | "), flush=True)
+    rng = random.Random(0)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump([rng.randrange(a.vocab) for _ in range(a.prompt_tokens)], f)
+        prompt_file = f.name
+    systems = ["moepage", "llamacpp"] + (["llamacpp-passive"] if a.llama_passive else [])
+    try:
+        if a.bf16:
+            row("bf16", a.bf16[0], a.bf16[1], prompt_file, systems, a)
+        if a.q4:
+            row("Q4_K_M", a.q4, a.q4, prompt_file, systems, a)
+    finally:
+        os.unlink(prompt_file)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+// A small thread pool with passive waiting (no OpenMP: Apple clang has no -fopenmp), torch-free. Workers yield-spin
+// 50 us for the next job and then sleep on a condition variable, so a decode loop never spins on cores that other
+// processes need.
+#pragma once
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace moepage_pool {
+
+class Pool {
+ public:
+  // fn(task) for task in [0, tasks), tasks claimed one at a time by `threads` threads (the caller is one).
+  void run(int64_t tasks, int threads, const std::function<void(int64_t)>& fn) {
+    if (threads <= 1 || tasks <= 1) {
+      for (int64_t t = 0; t < tasks; ++t) fn(t);
+      return;
+    }
+    resize(threads - 1);
+    auto job = std::make_shared<Job>();
+    job->fn = &fn;
+    job->tasks = tasks;
+    bool sleeping;
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      job_ = job;
+      epoch_.fetch_add(1);
+      sleeping = sleepers_ > 0;
+    }
+    if (sleeping) wake_.notify_all();
+    work(*job);
+    wait_until([&] { return job->done.load() == tasks; }, done_);
+  }
+
+  ~Pool() { resize(0); }
+
+ private:
+  struct Job {  // a late worker holding a finished job finds no task left in it
+    const std::function<void(int64_t)>* fn = nullptr;
+    int64_t tasks = 0;
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  static constexpr auto SPIN = std::chrono::microseconds(50);  // yield-spin this long for the next job, then sleep
+
+  void work(Job& j) {
+    int64_t finished = 0;
+    for (int64_t t = j.next.fetch_add(1); t < j.tasks; t = j.next.fetch_add(1), ++finished) (*j.fn)(t);
+    if (finished && j.done.fetch_add(finished) + finished == j.tasks) {
+      std::lock_guard<std::mutex> g(mu_);
+      done_.notify_all();
+    }
+  }
+
+  template <class Ready>
+  void wait_until(Ready ready, std::condition_variable& cv) {
+    const auto until = std::chrono::steady_clock::now() + SPIN;
+    while (!ready()) {
+      if (std::chrono::steady_clock::now() > until) {
+        std::unique_lock<std::mutex> l(mu_);
+        ++sleepers_;
+        cv.wait(l, ready);
+        --sleepers_;
+        return;
+      }
+      std::this_thread::yield();
+    }
+  }
+
+  void worker() {
+    uint64_t seen = epoch_.load();
+    for (;;) {
+      wait_until([&] { return epoch_.load() != seen; }, wake_);
+      std::shared_ptr<Job> job;
+      {
+        std::lock_guard<std::mutex> g(mu_);
+        seen = epoch_.load();
+        if (stop_) return;
+        job = job_;
+      }
+      if (job) work(*job);
+    }
+  }
+
+  void resize(size_t n) {
+    if (workers_.size() == n) return;
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      stop_ = true;
+      epoch_.fetch_add(1);
+    }
+    wake_.notify_all();
+    for (auto& t : workers_) t.join();
+    workers_.clear();
+    stop_ = false;
+    for (size_t i = 0; i < n; ++i) workers_.emplace_back([this] { worker(); });
+  }
+
+  std::vector<std::thread> workers_;
+  std::mutex mu_;
+  std::condition_variable wake_, done_;
+  std::atomic<uint64_t> epoch_{0};
+  std::shared_ptr<Job> job_;
+  int sleepers_ = 0;
+  bool stop_ = false;
+};
+
+
+// fn(lo, hi) over [begin, end) split into at most `threads` contiguous ranges of at least `grain` items (the split
+// at::parallel_for makes); one parallel region at a time per process.
+inline void parallel_for(int64_t begin, int64_t end, int64_t grain, int threads,
+                         const std::function<void(int64_t, int64_t)>& fn) {
+  static Pool pool;
+  static std::mutex mu;
+  const int64_t n = end - begin;
+  if (n <= 0) return;
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(threads, (n + std::max<int64_t>(grain, 1) - 1) /
+                                                                             std::max<int64_t>(grain, 1)));
+  const int64_t chunk = (n + parts - 1) / parts;
+  static thread_local bool inside = false;  // a region started inside a region runs serially (as at::parallel_for)
+  if (parts == 1 || inside) return fn(begin, end);
+  std::lock_guard<std::mutex> g(mu);
+  pool.run(parts, static_cast<int>(parts), [&](int64_t t) {
+    const int64_t lo = begin + t * chunk, hi = std::min(end, lo + chunk);
+    inside = true;
+    if (lo < hi) fn(lo, hi);
+    inside = false;
+  });
+}
+
+}  // namespace moepage_pool

@@ -1,0 +1,135 @@
+"""bench/synthetic_gguf.py: a 2-layer synthetic GGUF of each GGML type it writes (and llama.cpp's Q4_K_M mix, with
+uniform and skewed routing) loads in llama.cpp and in moepage, and both give the same greedy tokens (to the first
+near-tie in llama.cpp's own logits)."""
+from __future__ import annotations
+
+import os
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from gguf_support import CANDIDATES, LLAMA_CPP_VERSION, LlamaCppGreedy, llama_cpp_module
+from moepage.engine.engine import Engine, EngineConfig
+from moepage.engine.sampling import SamplingParams
+from moepage.paging.gguf_file import GGUFFile
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+import synthetic_gguf as sg  # noqa: E402
+
+N = 8
+TYPES = ["Q4_K_M", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL",
+         "IQ4_XS", "F16", "BF16"]
+NEAR_TIE = 0.25  # logits of a random model: std ~1; llama.cpp rounds activations to 8 bits for K-quants
+
+
+@pytest.fixture(scope="session")
+def qwen2_vocab(tmp_path_factory) -> str:
+    """llama.cpp's models/ggml-vocab-qwen2.gguf, from the llama-cpp-python sdist."""
+    name = "vendor/llama.cpp/models/ggml-vocab-qwen2.gguf"
+    for c in CANDIDATES:
+        p = os.path.expanduser(c.format(v=LLAMA_CPP_VERSION))
+        if os.path.isdir(p) and os.path.exists(os.path.join(p, "models", "ggml-vocab-qwen2.gguf")):
+            return os.path.join(p, "models", "ggml-vocab-qwen2.gguf")
+        if os.path.isfile(p) and p.endswith(".tar.gz"):
+            out = tmp_path_factory.mktemp("vocab")
+            with tarfile.open(p) as tar:
+                m = next((m for m in tar.getmembers() if m.name.endswith(name)), None)
+                if m is None:
+                    continue
+                m.name = "ggml-vocab-qwen2.gguf"
+                tar.extractall(out, members=[m], filter="data")
+            return str(out / "ggml-vocab-qwen2.gguf")
+    pytest.skip(f"the llama-cpp-python {LLAMA_CPP_VERSION} sdist (with {name}) is not on this machine")
+
+
+ZIPF = 2.0  # 8 experts: a strong skew, so 24 tokens show it
+
+
+def make(tmp_path, vocab: str, quant: str, routing: str = "uniform") -> str:
+    out = str(tmp_path / f"{quant}-{routing}.gguf")
+    sg.write_gguf(out, sg.SHAPES["tiny"], quant, vocab, sg.Routing(routing, ZIPF, seed=1), seed=1, progress=False)
+    return out
+
+
+def agree_until_near_tie(path: str) -> tuple[int, float]:
+    """(tokens compared, first divergence's llama.cpp margin or 0): moepage's greedy vs llama.cpp's."""
+    engine = Engine.load(EngineConfig(path, dtype="float32"))
+    try:
+        ids = engine.tokenizer.encode("def fibonacci(n):\n    if n < 2:\n        return n\n")
+        ours = [s.token for s in engine.generate(ids, SamplingParams(max_tokens=N, temperature=0.0, ignore_eos=True))]
+    finally:
+        engine.close()
+    llm = LlamaCppGreedy(path)
+    try:
+        theirs, rows = llm.generate(ids, N)
+    finally:
+        llm.close()
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        if a != b:
+            return i, float(rows[i][b] - rows[i][a])
+    return N, 0.0
+
+
+@pytest.mark.parametrize("quant", TYPES)
+def test_synthetic_file_loads_in_both_and_greedy_agrees(tmp_path, qwen2_vocab, quant):
+    llama_cpp_module()
+    path = make(tmp_path, qwen2_vocab, quant)
+    f = GGUFFile(path)
+    try:
+        expert_types = {f.info(f"blk.{L}.ffn_{p}_exps.weight").type.name for p in ("gate", "up", "down")
+                        for L in (0, 1)}
+        assert expert_types == ({"Q4_K", "Q6_K"} if quant == "Q4_K_M" else {quant})
+        assert len(f.metadata["tokenizer.ggml.tokens"]) == 151936
+    finally:
+        f.close()
+    n, margin = agree_until_near_tie(path)
+    assert n == N or margin < NEAR_TIE, f"{quant}: diverged at token {n} with llama.cpp margin {margin:.3f}"
+
+
+def test_q4_k_m_mix_follows_llama_quant():
+    s = sg.SHAPES["qwen3-30b-a3b"]
+    types = {p.name: p.type for p in sg.plan(s, 151936, "Q4_K_M")}
+    assert types["output.weight"] == "Q6_K" and types["token_embd.weight"] == "Q4_K"
+    six = [L for L in range(48) if types[f"blk.{L}.ffn_down_exps.weight"] == "Q6_K"]
+    assert six == [L for L in range(48) if L < 6 or L >= 42 or (L - 6) % 3 == 2] and len(six) == 24
+    assert {types[f"blk.{L}.ffn_gate_exps.weight"] for L in range(48)} == {"Q4_K"}
+    assert types["blk.0.ffn_gate_inp.weight"] == "F32"
+    total = sum(sg.nbytes_of(p) for p in sg.plan(s, 151936, "Q4_K_M"))
+    assert 18.0e9 < total < 19.0e9  # the published Qwen3-30B-A3B-Q4_K_M.gguf is 18.6 GB
+
+
+def popular_share(path: str, tmp_path, k: int = 2) -> float:
+    """Share of layer 1's expert accesses that go to its k most biased experts, over 24 seeded-sampled tokens."""
+    trace = str(tmp_path / "trace.jsonl")
+    engine = Engine.load(EngineConfig(path, dtype="float32", trace=trace))
+    try:
+        ids = engine.tokenizer.encode("The quick brown fox")
+        list(engine.generate(ids, SamplingParams(max_tokens=24, temperature=1.0, top_k=40, seed=3, ignore_eos=True)))
+        w = engine.ckpt.read_tensor("blk.1.ffn_gate_inp.weight")
+    finally:
+        engine.close()
+    bias = w[:, : sg.CHANNEL].sum(1)
+    top = set(torch.argsort(bias, descending=True)[:k].tolist())
+    import json
+
+    hits = [json.loads(line)["e"] for line in open(trace) if json.loads(line)["l"] == 1]
+    return sum(e in top for e in hits) / len(hits)
+
+
+def test_skewed_routing_is_skewed_and_patchable(tmp_path, qwen2_vocab):
+    """The skewed file routes layer 1's tokens to its two most biased experts far more often than the uniform file
+    does (2 of 8 experts, top-2), greedy still agrees with llama.cpp, and --patch-routing turns the uniform file
+    into the skewed one byte for byte."""
+    llama_cpp_module()
+    uni, skew = make(tmp_path, qwen2_vocab, "Q4_K_M", "uniform"), make(tmp_path, qwen2_vocab, "Q4_K_M", "skewed")
+    n, margin = agree_until_near_tie(skew)
+    assert n == N or margin < NEAR_TIE
+    s_uni, s_skew = popular_share(uni, tmp_path), popular_share(skew, tmp_path)
+    print(f"\nlayer 1, 2 most biased of 8 experts: {s_uni:.0%} of accesses (uniform), {s_skew:.0%} (skewed)")
+    assert s_skew > s_uni + 0.15
+    sg.patch_routing(uni, sg.Routing("skewed", ZIPF, seed=1))
+    with open(uni, "rb") as a, open(skew, "rb") as b:
+        assert a.read() == b.read()
