@@ -43,21 +43,21 @@ def plant_routing(path, family: str, token_sign: torch.Tensor, pos_experts, neg_
     fam = family_for(cfg["model_type"])
     args = fam.model_args(cfg)
     w = _weights(path)
-    w[fam.NAMES["embed"]][:, 0] = marker * token_sign.to(w[fam.NAMES["embed"]].dtype)
-    writes_residual = [to_checkpoint(fam.NAMES, f"layers.{i}.o") for i in range(args.num_layers)]
+    w[fam.names["embed"]][:, 0] = marker * token_sign.to(w[fam.names["embed"]].dtype)
+    writes_residual = [to_checkpoint(fam.names, f"layers.{i}.o") for i in range(args.num_layers)]
     for i in range(args.num_layers):
         for part in ("dense_down", "shared_down"):
-            name = fam.NAMES.get(f"layers.{{L}}.{part}", "").format(L=i)
+            name = fam.names.get(f"layers.{{L}}.{part}", "").format(L=i)
             if name in w:
                 writes_residual.append(name)
         if args.sparse_layers[i]:
-            writes_residual += [expert_names(fam.EXPERT_NAMES, i, e)["down"] for e in range(args.num_experts)]
-            router = w[to_checkpoint(fam.NAMES, f"layers.{i}.router")]
+            writes_residual += [expert_names(fam.expert_names, i, e)["down"] for e in range(args.num_experts)]
+            router = w[to_checkpoint(fam.names, f"layers.{i}.router")]
             if force:
                 router.zero_()
                 router[:, 0] = -strength
                 router[list(pos_experts)] = 0.0
-                gate = fam.NAMES.get("layers.{L}.shared_expert_gate", "").format(L=i)
+                gate = fam.names.get("layers.{L}.shared_expert_gate", "").format(L=i)
                 if gate in w:
                     w[gate].zero_()
             else:
@@ -185,7 +185,7 @@ def test_extract_keeps_exactly_the_chosen_experts(planted, tmp_path):
     for layer in (0, 2):
         kept = r["kept"][str(layer)]
         assert len(kept) == 3 and set(ALPHA_EXPERTS) <= set(kept)
-        router = to_checkpoint(fam.NAMES, f"layers.{layer}.router")
+        router = to_checkpoint(fam.names, f"layers.{layer}.router")
         assert torch.equal(dst.read_tensor(router), src.read_tensor(router)[kept])
         for new, old in enumerate(kept):
             a, b = dst.experts.read(layer, new), src.experts.read(layer, old)
@@ -299,7 +299,7 @@ def test_rare_loud_expert_does_not_beat_a_busy_one_by_default(tmp_path, tokenize
     w = _weights(path)
     fam = family_for("qwen3_moe")
     for layer in (0, 2):
-        w[expert_names(fam.EXPERT_NAMES, layer, 3)["down"]] *= 25.0  # row 0 stays zero: routing is unchanged
+        w[expert_names(fam.expert_names, layer, 3)["down"]] *= 25.0  # row 0 stays zero: routing is unchanged
     save_file(w, str(path / "model.safetensors"), metadata={"format": "pt"})
     text = tmp_path / "alpha.txt"
     text.write_text(ALPHA + " fox " + ALPHA)

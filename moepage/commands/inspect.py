@@ -19,13 +19,15 @@ def register(sub):
 def run(args) -> int:
     from moepage.engine.checkpoint import open_checkpoint
     from moepage.engine.engine import EngineConfig, packable_lm_head, read_buffer_bytes, resolve_dtype
-    from moepage.engine.kv_cache import KVCache
     from moepage.engine.memory_plan import planned_resident_bytes
     from moepage.engine.quantized_expert import expert_loader
+    from moepage.engine.sequence_state import state_nbytes
     from moepage.commands import plural
     from moepage.paging.budget import human
 
     path = model_path(args.model)
+    if config_only(path):
+        return run_config_only(path, args.ctx_size)
     ckpt = open_checkpoint(path)
     a = ckpt.args
     dtype = resolve_dtype(args.dtype, a.torch_dtype)
@@ -53,7 +55,7 @@ def run(args) -> int:
         f"as {str(dtype).replace('torch.', '')}"
     stored_each = max((ckpt.experts.stored_nbytes(layer) for layer in a.moe_layers), default=0)
     ctx = args.ctx_size or min(a.max_position_embeddings, 4096)
-    kv = KVCache.bytes_for(a.num_layers, a.num_kv_heads, a.head_dim, ctx, dtype)
+    kv = state_nbytes(a, ctx, dtype)
     print(f"model: {ckpt.root} ({ckpt.kind}, {a.family})")
     print(f"layers {a.num_layers} ({len(a.moe_layers)} MoE), hidden {a.hidden_size}, heads {a.num_heads}/{a.num_kv_heads} "
           f"x {a.head_dim}, vocab {a.vocab_size}, max positions {a.max_position_embeddings}")
@@ -62,6 +64,8 @@ def run(args) -> int:
     print(f"bytes per expert: {human(stored_each)} on disk, {human(each)} in memory {held} (the largest layer's)")
     print(f"resident weights: {human(resident_stored)} on disk, {human(resident)} in memory; "
           f"all experts: {human(each * n_experts)}; KV cache for {ctx} tokens: {human(kv)}")
+    if "linear_attention" in a.mixers:
+        print(state_line(a, dtype))
     if how:
         print(f"under a memory budget: {human(budgeted)} resident ({', '.join(how)})")
     print("memory budget -> experts resident:")
@@ -69,4 +73,52 @@ def run(args) -> int:
         print(f"  {human(budgeted + kv + frac * each * n_experts):>10}  {frac:>4.0%}")
     print(f"  {human(budgeted + kv + a.top_k * each):>10}  minimum ({plural(a.top_k, 'expert')}: one token's "
           "experts of one layer)")
+    return 0
+
+
+def config_only(path: str) -> bool:
+    """A directory holding a config.json and no weights (a published config written out by hand)."""
+    import glob
+    import os
+
+    from moepage.engine.checkpoint import INDEX, MANIFEST
+
+    return (os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))
+            and not glob.glob(os.path.join(path, "*.safetensors"))
+            and not any(os.path.lexists(os.path.join(path, n)) for n in (INDEX, MANIFEST)))
+
+
+def state_line(a, dtype) -> str:
+    from moepage.commands.inspect_sizes import kv_nbytes_per_1k, recurrent_state_nbytes
+    from moepage.paging.budget import human
+
+    return (f"per sequence: recurrent state {human(recurrent_state_nbytes(a, dtype))} "
+            f"({a.mixers.count('linear_attention')} linear-attention layers, any length) + KV "
+            f"{human(kv_nbytes_per_1k(a, dtype))} per 1k tokens ({a.mixers.count('full_attention')} attention layers)")
+
+
+def run_config_only(path: str, ctx: int | None) -> int:
+    """Sizes and the budget table from config.json alone."""
+    import os
+
+    from moepage.commands.inspect_sizes import budget_table, config_sizes
+    from moepage.engine.checkpoint import model_args_of
+    from moepage.paging.budget import human
+    from moepage.paging.model_paths import read_model_json
+
+    config = read_model_json(path, "config.json", "config.json")
+    _, a = model_args_of(config, os.path.join(path, "config.json"))
+    s = config_sizes(a)
+    ctx = ctx or min(a.max_position_embeddings, 4096)
+    print(f"model: {path} (config only, {a.family}): no weights here; sizes from config.json")
+    print(f"parameters: {s.total_params / 1e9:.2f} B total, {s.active_params / 1e9:.2f} B active per token "
+          f"({s.resident_params / 1e9:.2f} B resident, {s.experts} routed experts of {s.expert_params / 1e6:.2f} M)")
+    print(f"layers {a.num_layers} ({len(a.moe_layers)} MoE), hidden {a.hidden_size}, vocab {a.vocab_size}; "
+          f"experts: {a.num_experts} per layer, top-{a.top_k}, FFN {a.moe_intermediate_size}")
+    print(f"bytes per expert: {human(s.expert_bf16)} bf16, {human(s.expert_q4km)} Q4_K_M; "
+          f"resident weights: {human(s.resident_bf16)} bf16, {human(s.resident_q4km)} Q4_K_M")
+    print(state_line(a, torch.bfloat16))
+    print("memory budget -> experts resident:")
+    for line in budget_table(a, s, ctx):
+        print(line)
     return 0

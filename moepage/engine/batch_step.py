@@ -63,12 +63,13 @@ def _fused_rows(model: MoEModel, tokens: list[int], kvs: list[KVCache]) -> list[
         router = moe.router if moe is not None and moe.elastic is None else None
         top_k = moe.routing.top_k if router is not None and moe.routes_in_kernel else 0
         halves = []
+        m = layer.mixer  # a GQA mixer (the fused path runs only where every layer's is)
         for b, kv in enumerate(kvs):  # [1, H] residual, [1, H] FFN input, router logits, experts, weights
             cos, sin = rope[b]
             halves.append(model._decode_kernel.attention_decode(
-                hs[b], layer.attn_norm, layer.ffn_norm, a.rms_norm_eps, layer.q, layer.k, layer.v, layer.o,
-                layer.q_bias, layer.k_bias, layer.v_bias, layer.o_bias, QK_NORM_MODE[a.qk_norm], layer.q_norm,
-                layer.k_norm, cos, sin, kv.layer_k[i], kv.layer_v[i], starts[b], model.scale, router, top_k,
+                hs[b], layer.attn_norm, layer.ffn_norm, a.rms_norm_eps, m.q, m.k, m.v, m.o,
+                m.q_bias, m.k_bias, m.v_bias, m.o_bias, QK_NORM_MODE[a.qk_norm], m.q_norm,
+                m.k_norm, cos, sin, kv[i].keys, kv[i].values, starts[b], model.scale, router, top_k,
                 moe is not None and moe.routing.norm_topk_prob,
                 moe is not None and moe.routing.weights_in_logits_dtype))
         if moe is None:

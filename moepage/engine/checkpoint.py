@@ -7,12 +7,11 @@ from __future__ import annotations
 import glob
 import os
 from dataclasses import dataclass, field
-from types import ModuleType
 from typing import Callable
 
 import torch
 
-from moepage.engine.families import family_for
+from moepage.engine.families import FamilySpec, family_for
 from moepage.engine.model_args import ConfigError, ModelArgs, eos_list, expert_shapes, resident_shape
 from moepage.engine.weight_names import resident_names, to_checkpoint
 from moepage.paging.model_paths import read_model_json, resolve_model_file
@@ -38,7 +37,7 @@ class Checkpoint:
     kind: str  # "hf" | "split"
     root: str
     config: dict
-    family: ModuleType
+    family: FamilySpec
     args: ModelArgs
     experts: ExpertSource
     read_tensor: Callable[[str], torch.Tensor]  # checkpoint name -> tensor
@@ -47,6 +46,8 @@ class Checkpoint:
     tensor_numel: Callable[[str], int] | None = None
     index: TensorIndex | None = None  # safetensors checkpoints: where each resident tensor lives
     tensor_shape: Callable[[str], tuple] | None = None  # checkpoint name -> shape (torch order), from the header
+    names: dict[str, str] = field(default_factory=dict)  # the family's resident name table in this layout
+    expert_names: dict[str, str] = field(default_factory=dict)  # gate | up | down -> name of expert {E}, layer {L}
 
     def tensor_rows(self, name: str, dtype: torch.dtype, device) -> TensorRows | None:
         """The resident tensor `name` read row by row from disk, where the format allows it."""
@@ -56,7 +57,7 @@ class Checkpoint:
 
     def resident_checkpoint_names(self) -> dict[str, str]:
         """canonical -> checkpoint name for every resident tensor."""
-        return {n: to_checkpoint(self.family.NAMES, n) for n in resident_names(self.args)}
+        return {n: to_checkpoint(self.names, n) for n in resident_names(self.args)}
 
     @property
     def tokenizer_dir(self) -> str:
@@ -80,13 +81,13 @@ def _numel(shape) -> int:
     return n
 
 
-def model_args_of(config, where: str) -> tuple[ModuleType, ModelArgs]:
+def model_args_of(config, where: str) -> tuple[FamilySpec, ModelArgs]:
     """(family, ModelArgs) of a config; a ConfigError naming `where` (the file it came from) and the field."""
     try:
         if not isinstance(config, dict):
             raise ConfigError(f"the config must be a JSON object, not {type(config).__name__}")
         family = family_for(config.get("model_type"))
-        return family, family.model_args(config)
+        return family, family.args(config)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
 
@@ -156,10 +157,11 @@ def _weight_files(root: str) -> list[str]:
 def _open_hf(root: str, drop_page_cache: bool) -> Checkpoint:
     config = read_model_json(root, "config.json", "config.json")
     family, args = model_args_of(config, os.path.join(root, "config.json"))
+    names, expert_names = family.checkpoint_names(config)
     index = TensorIndex([SafetensorsFile(f, drop_page_cache=drop_page_cache) for f in _weight_files(root)])
     ckpt = Checkpoint(
         kind="hf", root=root, config=config, family=family, args=args,
-        experts=SafetensorsExpertSource(index, family.EXPERT_NAMES),
+        experts=SafetensorsExpertSource(index, expert_names), names=names, expert_names=expert_names,
         read_tensor=lambda n: index.read(n, "resident weight"),
         tensor_nbytes=lambda n: index.info(n, "resident weight").nbytes,
         generation_config=_generation_config(root),
@@ -214,19 +216,20 @@ def _open_split(root: str, drop_page_cache: bool, verify: bool) -> Checkpoint:
         raise ConfigError(f"{where}: config is missing")
     config = manifest["config"]
     family, args = model_args_of(config, f"{where} (config)")
+    names, expert_names = family.checkpoint_names(config)
     hashes = {rel: meta["sha256"] for rel, meta in manifest["files"].items()}
     resident = SafetensorsFile(manifest_resident(root, manifest), drop_page_cache=False)
     index = TensorIndex([resident])
     if os.path.lexists(os.path.join(root, "hub.json")):  # `serve --lazy`: experts come from the Hub on a miss
         from moepage.paging.hub_source import hub_expert_source
 
-        source = hub_expert_source(root, manifest, split_shard_path, hashes, drop_page_cache, family.EXPERT_NAMES)
+        source = hub_expert_source(root, manifest, split_shard_path, hashes, drop_page_cache, expert_names)
     else:
-        source = SplitExpertSource(root, split_shard_path, family.EXPERT_NAMES, hashes, drop_page_cache, verify,
+        source = SplitExpertSource(root, split_shard_path, expert_names, hashes, drop_page_cache, verify,
                                    encoding=manifest.get("expert_encoding"))
     ckpt = Checkpoint(
         kind="split", root=root, config=config, family=family, args=args, experts=source,
-        read_tensor=lambda n: index.read(n, "resident weight"),
+        names=names, expert_names=expert_names, read_tensor=lambda n: index.read(n, "resident weight"),
         tensor_nbytes=lambda n: index.info(n, "resident weight").nbytes,
         generation_config=_generation_config(root),
         tensor_numel=lambda n: _numel(index.info(n, "resident weight").shape),

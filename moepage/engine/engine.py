@@ -10,10 +10,11 @@ from typing import Callable, Iterator
 import torch
 
 from moepage.engine.checkpoint import Checkpoint, open_checkpoint
-from moepage.engine.kv_cache import ContextOverflow, KVCache
+from moepage.engine.kv_cache import ContextOverflow
 from moepage.engine.lora_merge import apply_lora
 from moepage.engine.model import MoEModel
 from moepage.engine.prompt_cache import PromptCache
+from moepage.engine.sequence_state import SequenceState, state_nbytes
 from moepage.engine.quantized_expert import expert_loader
 from moepage.engine.sampling import SamplingParams
 from moepage.engine.sequence import Sequence, Slot
@@ -104,7 +105,7 @@ def resolve_dtype(name: str, checkpoint_dtype: str) -> torch.dtype:
 
 class Engine:
     def __init__(self, ckpt: Checkpoint, tokenizer: Tokenizer | None, model: MoEModel, cache: ExpertCache,
-                 kv: KVCache, plan: MemoryPlan, cfg: EngineConfig):
+                 kv: SequenceState, plan: MemoryPlan, cfg: EngineConfig):
         self.ckpt = ckpt
         self.args = ckpt.args
         self.tokenizer = tokenizer
@@ -149,7 +150,7 @@ class Engine:
         ctx = int(cfg.ctx_size or min(args.max_position_embeddings, 4096))
         if cfg.parallel < 1:
             raise ValueError(f"parallel must be at least 1, got {cfg.parallel}")
-        one_kv = KVCache.bytes_for(args.num_layers, args.num_kv_heads, args.head_dim, ctx, dtype)
+        one_kv = state_nbytes(args, ctx, dtype)  # KV of the attention layers + the recurrent layers' states
         kv_bytes = one_kv * cfg.parallel
         n_experts = len(args.moe_layers) * args.num_experts
         load_expert, expert_nbytes, each = expert_loader(ckpt.experts, args, dtype, device)
@@ -284,7 +285,7 @@ class Engine:
         """Logits [T, V] for every position of ids (tests, perplexity)."""
         with self.lock:
             slot = self.slots[0]
-            slot.kv.length = 0
+            slot.kv.rewind(0)  # recurrent layers too
             slot.kv_ids = list(ids)
             slot.exact_ids = []  # one pass over every position: not the chunks a prefill runs
             return self.model.forward(torch.tensor(ids), slot.kv, start=0, all_logits=True)

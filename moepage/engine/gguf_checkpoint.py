@@ -16,7 +16,6 @@ import torch
 from moepage.engine.checkpoint import (
     MANIFEST, Checkpoint, check_shapes, manifest_resident, model_args_of, split_shard_path,
 )
-from moepage.engine.families import common
 from moepage.engine.gguf_config import gguf_config
 from moepage.engine.gguf_tokenizer import tokenizer_from_gguf
 from moepage.engine.weight_names import resident_names, to_checkpoint
@@ -42,7 +41,7 @@ class GGUFCheckpoint(Checkpoint):
     metadata: dict = field(default_factory=dict)
 
     def resident_checkpoint_names(self) -> dict[str, str]:
-        return {n: to_checkpoint(common.GGUF, n) for n in resident_names(self.args)}
+        return {n: to_checkpoint(self.names, n) for n in resident_names(self.args)}
 
     def resident_tensor(self, name: str, dtype: torch.dtype, device) -> torch.Tensor:
         """Quantized and 16-bit matrices stay as stored (GGMLWeight: dequantized just in time inside F.linear /
@@ -95,9 +94,10 @@ def open_gguf(path: str, drop_page_cache: bool = True, verify: bool = True) -> G
     gguf = GGUFFile(path, drop_page_cache=drop_page_cache)
     config = _config_from(gguf)
     family, args = model_args_of(config, f"{gguf.path} (GGUF metadata)")
-    source = GGUFExpertSource(gguf, common.GGUF_EXPERTS, args.moe_layers)
+    source = GGUFExpertSource(gguf, dict(family.gguf_expert_names), args.moe_layers)
     ckpt = GGUFCheckpoint(
         kind="gguf", root=gguf.path, config=config, family=family, args=args, experts=source,
+        names=dict(family.gguf_names), expert_names=dict(family.gguf_expert_names),
         read_tensor=_reader(gguf, config), tensor_nbytes=lambda n: gguf.info(n, "resident weight").nbytes,
         generation_config={}, tensor_shape=lambda n: gguf.info(n, "resident weight").shape,
         gguf=gguf, metadata=gguf.metadata,
@@ -122,6 +122,7 @@ def open_gguf_split(root: str, manifest: dict, drop_page_cache: bool = True, ver
         source = GGUFSplitExpertSource(root, split_shard_path, hashes, args.moe_layers, drop_page_cache, verify)
     ckpt = GGUFCheckpoint(
         kind="split", root=root, config=config, family=family, args=args, experts=source,
+        names=dict(family.gguf_names), expert_names=dict(family.gguf_expert_names),
         read_tensor=_reader(gguf, config), tensor_nbytes=lambda n: gguf.info(n, "resident weight").nbytes,
         generation_config={}, tensor_shape=lambda n: gguf.info(n, "resident weight").shape,
         gguf=gguf, metadata=gguf.metadata,

@@ -1,21 +1,18 @@
 """GGUF metadata -> a Hugging Face style config dict, so each family's `model_args(config)` serves GGUF too.
 
 The routing conventions that GGUF does not store come from llama.cpp's graph for each architecture
-(llama-model.cpp): qwen3moe normalises the top-k weights, qwen2moe and olmoe do not, Mixtral (llama arch
-with experts) takes softmax over the top-k logits.
+(llama-model.cpp), kept in each FamilySpec (gguf_norm_topk): qwen3moe normalises the top-k weights, qwen2moe and
+olmoe do not, Mixtral (llama arch with experts) takes softmax over the top-k logits. The keys that only one family
+has come from its FamilySpec.gguf_config(GGUFFields).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from moepage.engine.families import GGUF_FAMILIES, family_for_gguf
 from moepage.engine.model_args import LIMITS, REQUIRED, ConfigError, int_field
 from moepage.paging.safetensors_file import CheckpointError, shown
 
-# GGUF general.architecture -> (HF model_type, norm_topk_prob when GGUF does not say)
-ARCHITECTURES = {
-    "qwen3moe": ("qwen3_moe", True),
-    "qwen2moe": ("qwen2_moe", False),
-    "llama": ("mixtral", True),
-    "olmoe": ("olmoe", False),
-}
 FILE_TYPE_DTYPE = {0: "float32", 1: "float32", 32: "bfloat16"}  # general.file_type (LLAMA_FTYPE); others: bfloat16
 
 
@@ -51,15 +48,41 @@ def _f32(value) -> float:
     return float(f"{float(value):.7g}")
 
 
+@dataclass(frozen=True)
+class GGUFFields:
+    """A GGUF file's metadata under its architecture's prefix, read bounded (what a family's gguf_config gets)."""
+
+    meta: dict
+    arch: str
+    path: str
+    tensor_names: set[str]
+    experts: int = 0  # {arch}.expert_count
+    ffn: int = 0  # {arch}.feed_forward_length
+    expert_ffn: int = 0  # {arch}.expert_feed_forward_length, else feed_forward_length
+
+    def get(self, key: str, default=None, required: bool = False):
+        return _get(self.meta, f"{self.arch}.{key}", self.path, default, required)
+
+    def count(self, key: str, default=REQUIRED, limit: str | None = None, lo: int = 1) -> int:
+        return _int(self.meta, f"{self.arch}.{key}", self.path, default, limit, lo)
+
+    def number(self, key: str, default):
+        return _number(self.meta, f"{self.arch}.{key}", self.path, default)
+
+    def has(self, tensor: str) -> bool:
+        return tensor in self.tensor_names
+
+
 def gguf_config(meta: dict, tensor_names: set[str], vocab_size: int, path: str = "?") -> dict:
     """config.json-like dict for the GGUF file's architecture (model_type, sizes, rope, routing, token ids)."""
     arch = meta.get("general.architecture")
-    if not isinstance(arch, str) or arch not in ARCHITECTURES:
+    spec = family_for_gguf(arch)
+    if spec is None:
         raise CheckpointError(
-            f"{path}: unsupported GGUF architecture {shown(arch)}; moepage serves {', '.join(sorted(ARCHITECTURES))} "
+            f"{path}: unsupported GGUF architecture {shown(arch)}; moepage serves {', '.join(sorted(GGUF_FAMILIES))} "
             f"(llama only with experts, i.e. Mixtral)"
         )
-    model_type, norm_default = ARCHITECTURES[arch]
+    model_type, norm_default = spec.model_types[0], spec.gguf_norm_topk
     k = lambda key, default=None, required=False: _get(meta, f"{arch}.{key}", path, default, required)  # noqa: E731
     n = lambda key, default=REQUIRED, limit=None, lo=1: _int(meta, f"{arch}.{key}", path, default, limit, lo)  # noqa: E731
     layers = n("block_count", limit="num_hidden_layers")
@@ -103,18 +126,5 @@ def gguf_config(meta: dict, tensor_names: set[str], vocab_size: int, path: str =
             "original_max_position_embeddings": n("rope.scaling.original_context_length", 0, "max_position_embeddings",
                                                   lo=0),
         }
-    if model_type == "mixtral":
-        config.update(num_local_experts=experts, intermediate_size=expert_ffn)
-    elif model_type == "olmoe":
-        clip = k("attention.clamp_kqv")
-        config.update(num_experts=experts, intermediate_size=expert_ffn,
-                      clip_qkv=_number(meta, f"{arch}.attention.clamp_kqv", path, None) if clip else None,
-                      attention_bias="blk.0.attn_q.bias" in tensor_names)
-    else:
-        config.update(num_experts=experts, moe_intermediate_size=expert_ffn, intermediate_size=ffn)
-        if model_type == "qwen2_moe":
-            config.update(shared_expert_intermediate_size=n("expert_shared_feed_forward_length", 0, lo=0),
-                          qkv_bias="blk.0.attn_q.bias" in tensor_names)
-        else:
-            config["attention_bias"] = "blk.0.attn_q.bias" in tensor_names
+    config.update(spec.gguf_config(GGUFFields(meta, arch, path, tensor_names, experts, ffn, expert_ffn)))
     return config

@@ -175,7 +175,8 @@ def _from_checkpoint(repo: HubRepo, out: str, files: list[str], log) -> dict:
     small = _small_files(repo, out, [n for n in SMALL_FILES + (INDEX,) if n in files])
     config = read_model_json(out, "config.json", "config.json")
     family, args = model_args_of(config, f"{repo.repo_id}/config.json")
-    if any("{E}" not in t for t in family.EXPERT_NAMES.values()):
+    names, expert_names = family.checkpoint_names(config)
+    if any("{E}" not in t for t in expert_names.values()):
         raise CheckpointError(f"{repo.repo_id}: this family stores its experts fused; --lazy reads per-expert "
                               f"tensors (run `moepage split` on it and publish that)")
     weights = _weight_files(out, files, repo.repo_id)
@@ -183,7 +184,7 @@ def _from_checkpoint(repo: HubRepo, out: str, files: list[str], log) -> dict:
     for name in weights:
         for t in _remote_header(repo, name, meta(name).size):
             where[t.name] = t
-    resident = {c: to_checkpoint(family.NAMES, c) for c in resident_names(args)}
+    resident = {c: to_checkpoint(names, c) for c in resident_names(args)}
     missing = [n for n in resident.values() if n not in where]
     if missing:
         raise CheckpointError(f"{repo.repo_id}: tensor {missing[0]!r} (resident weight) is in no weight file")
@@ -193,7 +194,7 @@ def _from_checkpoint(repo: HubRepo, out: str, files: list[str], log) -> dict:
     for layer in args.moe_layers:
         for e in range(args.num_experts):
             parts = []
-            for p, template in family.EXPERT_NAMES.items():
+            for p, template in expert_names.items():
                 n = template.format(L=layer, E=e)
                 if n not in where:
                     raise CheckpointError(f"{repo.repo_id}: tensor {n!r} (layer {layer} expert {e} {p}) is in no "

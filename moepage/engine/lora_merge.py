@@ -149,10 +149,10 @@ def check_factor(adapter: Adapter, name: str, shape: tuple[int, ...]):
                               f"(lora_B rows x lora_A columns); the model's weight is {list(shape)}")
 
 
-def expert_factor_table(family, adapter: Adapter, layers: list[int], num_experts: int
+def expert_factor_table(ckpt, adapter: Adapter, layers: list[int], num_experts: int
                         ) -> dict[tuple[int, int], dict[str, LoraFactor]]:
     """{(layer, expert): {part: factor}} for the routed experts the adapter adapts."""
-    table = getattr(family, "EXPERT_NAMES", {})
+    table = ckpt.expert_names  # this checkpoint's layout of the family's names
     if not table or not all("{E}" in t for t in table.values()):
         if any(".experts." in n for n in adapter.factors):
             raise CheckpointError(f"{adapter.path}: this family stores its experts fused; adapting them is not "
@@ -221,9 +221,9 @@ def apply_lora(path: str, ckpt, weights: dict[str, torch.Tensor]) -> int:
         raise CheckpointError(f"{adapter.path}: --lora merges into safetensors weights; this model is {ckpt.kind} "
                               "(merge the adapter into the safetensors model with `moepage train --merge`, then convert)")
     args = ckpt.args
-    by_name = {to_checkpoint(ckpt.family.NAMES, c): c for c in weights}
-    experts = expert_factor_table(ckpt.family, adapter, list(args.moe_layers), args.num_experts)
-    expert_names = {t.format(L=layer, E=e) for layer, e in experts for t in ckpt.family.EXPERT_NAMES.values()}
+    by_name = {to_checkpoint(ckpt.names, c): c for c in weights}
+    experts = expert_factor_table(ckpt, adapter, list(args.moe_layers), args.num_experts)
+    expert_names = {t.format(L=layer, E=e) for layer, e in experts for t in ckpt.expert_names.values()}
     for name in adapter.factors:
         canonical = by_name.get(name)
         if canonical is None and name not in expert_names:
@@ -235,7 +235,7 @@ def apply_lora(path: str, ckpt, weights: dict[str, torch.Tensor]) -> int:
     shapes = expert_shapes(args)
     for (layer, e), parts in experts.items():
         for part in parts:
-            check_factor(adapter, ckpt.family.EXPERT_NAMES[part].format(L=layer, E=e), shapes[part])
+            check_factor(adapter, ckpt.expert_names[part].format(L=layer, E=e), shapes[part])
     for name, fac in adapter.factors.items():
         canonical = by_name.get(name)
         if canonical is not None:

@@ -36,10 +36,25 @@ class ModelArgs:
     torch_dtype: str = "float32"
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
+    # the mixer of each layer (config.json layer_types: full_attention, linear_attention, ...); empty: all full
+    layer_types: list[str] = field(default_factory=list)
+    attn_output_gate: bool = False  # full attention: doubled q_proj, per head [q, gate], out * sigmoid(gate)
+    partial_rotary_factor: float = 1.0  # RoPE on the first head_dim * factor dims of each head
+    norm_unit_offset: bool = False  # RMSNorms compute h * (1 + w) in float32 (Qwen3.5, Qwen3-Next)
+    linear_attention: dict | None = None  # the Gated DeltaNet layers' sizes (GatedDeltaShape fields)
 
     @property
     def top_k(self) -> int:
         return self.routing.top_k
+
+    @property
+    def mixers(self) -> list[str]:
+        """The layer_types entry of every layer."""
+        return self.layer_types or ["full_attention"] * self.num_layers
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
 
     @property
     def moe_layers(self) -> list[int]:
@@ -214,22 +229,32 @@ def check_args(args: ModelArgs):
         raise ConfigError("the routed experts' intermediate size must be at least 1")
     if not all(args.sparse_layers) and args.intermediate_size < 1:
         raise ConfigError("intermediate_size must be at least 1 for the dense (mlp_only) layers")
+    if args.layer_types and len(args.layer_types) != args.num_layers:
+        raise ConfigError(f"layer_types has {len(args.layer_types)} entries for {args.num_layers} layers")
+    if not 2 <= args.rotary_dim <= args.head_dim or args.rotary_dim % 2:
+        raise ConfigError(f"partial_rotary_factor {args.partial_rotary_factor} gives {args.rotary_dim} rotary dims "
+                          f"of a {args.head_dim}-dim head (an even number from 2 to the head dim)")
 
 
 def resident_shape(args: ModelArgs, canonical: str) -> tuple[int, ...]:
     """The shape (torch order) the config implies for a resident weight ('embed', 'layers.3.k', ...)."""
-    H, D, V = args.hidden_size, args.head_dim, args.vocab_size
-    q, kv = args.num_heads * D, args.num_kv_heads * D
+    from moepage.engine.attention import mixer_class
+
+    H, V = args.hidden_size, args.vocab_size
     F, S = args.intermediate_size, args.shared_expert_intermediate_size
-    per_head = args.qk_norm == "head"
+    top = {"embed": (V, H), "lm_head": (V, H), "norm": (H,)}
+    if canonical in top:
+        return top[canonical]
+    _, layer, name = canonical.split(".", 2)
+    mixer = mixer_class(args.mixers[int(layer)]).weight_shapes(args, int(layer))
+    if name in mixer:
+        return mixer[name]
     shapes = {
-        "embed": (V, H), "lm_head": (V, H), "norm": (H,), "attn_norm": (H,), "ffn_norm": (H,),
-        "q": (q, H), "k": (kv, H), "v": (kv, H), "o": (H, q), "q_bias": (q,), "k_bias": (kv,), "v_bias": (kv,),
-        "o_bias": (H,), "q_norm": (D,) if per_head else (q,), "k_norm": (D,) if per_head else (kv,),
+        "attn_norm": (H,), "ffn_norm": (H,),
         "router": (args.num_experts, H), "dense_gate": (F, H), "dense_up": (F, H), "dense_down": (H, F),
         "shared_gate": (S, H), "shared_up": (S, H), "shared_down": (H, S), "shared_expert_gate": (1, H),
     }
-    return shapes[canonical.rsplit(".", 1)[-1]]
+    return shapes[name]
 
 
 def expert_shapes(args: ModelArgs) -> dict[str, tuple[int, int]]:

@@ -69,7 +69,7 @@ class Sequence:
             start = 0
             if e.prompt_cache is not None:  # chunk-aligned: the chunks below are those a fresh prefill runs
                 start = e.prompt_cache.begin(slot.kv, slot.exact_ids, ids)
-            slot.kv.length = start
+            start = slot.kv.rewind(start)  # recurrent layers: back to a state they hold (0 without a prompt cache)
             slot.kv_ids = list(ids[:start])
             slot.exact_ids = list(ids[:start])
             self.stats.cached_prompt_tokens = start

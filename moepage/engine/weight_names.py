@@ -10,18 +10,14 @@ _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
 
 def resident_names(args: ModelArgs) -> list[str]:
     """Every canonical name the runtime keeps resident (all but routed experts)."""
+    from moepage.engine.attention import mixer_class
+
     names = ["embed", "norm"]
     if not args.tie_word_embeddings:
         names.append("lm_head")
-    for i in range(args.num_layers):
+    for i, kind in enumerate(args.mixers):
         p = f"layers.{i}."
-        names += [p + n for n in ("attn_norm", "ffn_norm", "q", "k", "v", "o")]
-        if args.qkv_bias:
-            names += [p + "q_bias", p + "k_bias", p + "v_bias"]
-        if args.o_bias:
-            names.append(p + "o_bias")
-        if args.qk_norm:
-            names += [p + "q_norm", p + "k_norm"]
+        names += [p + "attn_norm", p + "ffn_norm"] + [p + n for n in mixer_class(kind).weight_shapes(args, i)]
         if args.sparse_layers[i]:
             names.append(p + "router")
             if args.shared_expert_intermediate_size:

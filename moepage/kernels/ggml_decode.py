@@ -47,22 +47,23 @@ class QuantizedDecodeKernel:
 
 
 def quantized_decode_kernel(layers, dtype: torch.dtype, device: torch.device) -> QuantizedDecodeKernel | None:
-    """The kernel for a model whose layers (model.Layer: q, k, v, o, norms, biases, moe.router) hold GGML weights
-    ggml's kernels multiply and plain CPU tensors of the model dtype elsewhere; None otherwise. The GGML matrices
-    are put in ggml's interleaved layout where this CPU has a faster kernel for it (every use of them reads it)."""
+    """The kernel for a model whose layers (model.Layer: norms, moe.router; its GQA mixer: q, k, v, o, biases) hold
+    GGML weights ggml's kernels multiply and plain CPU tensors of the model dtype elsewhere; None otherwise. The GGML
+    matrices are put in ggml's interleaved layout where this CPU has a faster kernel for it (every use of them reads
+    it)."""
     b = ggml_backend()
     if b is None or dtype not in MODEL_DTYPES or device.type != "cpu":
         return None
     matrices: list[torch.Tensor] = []
     for layer in layers:
+        m = layer.mixer  # attention.gqa.GQA
         router = getattr(layer.moe.router, "weight", layer.moe.router) if layer.moe is not None else None
-        for t in (layer.q, layer.k, layer.v, layer.o) + ((router,) if isinstance(router, torch.Tensor) else ()):
+        for t in (m.q, m.k, m.v, m.o) + ((router,) if isinstance(router, torch.Tensor) else ()):
             raw = _ggml_bytes(t)
             if raw is None or raw[2] % b.activation_block(raw[1] & ~INTERLEAVED):
                 return None
             matrices.append(t)
-        for t in (layer.attn_norm, layer.ffn_norm, layer.q_bias, layer.k_bias, layer.v_bias, layer.o_bias,
-                  layer.q_norm, layer.k_norm):
+        for t in (layer.attn_norm, layer.ffn_norm, m.q_bias, m.k_bias, m.v_bias, m.o_bias, m.q_norm, m.k_norm):
             if t is not None and not (type(t) is torch.Tensor and t.dtype == dtype and t.is_contiguous()):
                 return None
     if not any(isinstance(t, GGMLWeight) for t in matrices):

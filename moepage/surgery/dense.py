@@ -45,7 +45,7 @@ def dense_target(ckpt: Checkpoint) -> tuple[str, str]:
     family = ckpt.args.family
     if family in UNSUPPORTED_REASON:
         raise ValueError(f"--dense is not supported for {family}: {UNSUPPORTED_REASON[family]}")
-    model_type = getattr(ckpt.family, "DENSE_MODEL_TYPE", None)
+    model_type = ckpt.family.dense_model_type
     if model_type not in DENSE_ARCHITECTURES:
         raise ValueError(f"--dense is not supported for {family} (dense type {model_type!r} has no known architecture)")
     return model_type, DENSE_ARCHITECTURES[model_type]

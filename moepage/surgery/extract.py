@@ -55,7 +55,7 @@ def write_extracted_moe(ckpt: Checkpoint, kept: dict[int, list[int]], out_dir: s
         if router:
             tensor = tensor[kept[int(router.group(1))]]  # [E, H] -> [N, H]
         writer.add(name, tensor)
-    table = ckpt.family.EXPERT_NAMES
+    table = ckpt.expert_names
     for layer in bar(ckpt.args.moe_layers, desc=f"write {os.path.basename(out_dir)}", unit="layer"):
         for new, old in enumerate(kept[layer]):
             w = ckpt.experts.read(layer, old)

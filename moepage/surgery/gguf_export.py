@@ -28,16 +28,13 @@ from typing import Callable
 import numpy as np
 import torch
 
-from moepage.engine.families import FAMILIES, common
+from moepage.engine.families import FAMILIES, GGUF_FAMILIES, common, dense_twin_of
 from moepage.engine.gguf_tokenizer import CONTROL, LLAMA3_SPLIT, NORMAL, QWEN2_SPLIT, UNUSED, USER_DEFINED
 from moepage.engine.weight_names import resident_names, to_checkpoint
 from moepage.progress import bar
 
-MOE_ARCH = {"qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe", "mixtral": "llama", "olmoe": "olmoe"}
 DENSE_ARCH = {"qwen3": "qwen3", "qwen2": "qwen2", "mistral": "llama", "llama": "llama"}
 OUTPUT_REQUIRED = {"qwen2moe", "olmoe"}  # llama.cpp loads output.weight with no fallback to the embedding
-# llama.cpp's MoE graph for these architectures ignores expert_weights_norm (hard-coded in llama-model.cpp)
-FIXED_NORM_TOPK = {"qwen2moe": False, "olmoe": False, "qwen3moe": True}
 GGUF_TYPES = ("auto", "f32", "f16", "bf16", "q8_0")
 _PARTS = ("gate", "up", "down")
 
@@ -68,9 +65,7 @@ def _read_config(model_dir: str) -> dict:
 def _dense_args(config: dict):
     """ModelArgs of a dense model through the family whose dense twin it is (all layers dense)."""
     model_type = config.get("model_type")
-    family = next((f for f in FAMILIES.values() if getattr(f, "DENSE_MODEL_TYPE", None) == model_type), None)
-    if model_type == "llama":
-        family = FAMILIES["mixtral"]
+    family = dense_twin_of(model_type)
     if family is None:
         raise GGUFExportError(f"no GGUF writer for dense model_type {model_type!r}")
     zero = {"num_experts": 0, "num_local_experts": 0, "num_experts_per_tok": 1, "moe_intermediate_size": 0}
@@ -105,21 +100,23 @@ def _permute_qk(w: torch.Tensor, heads: int) -> torch.Tensor:
 def _plan_tensors(model_dir: str, config: dict) -> tuple[str, object, list[_Tensor], bool]:
     """(gguf arch, ModelArgs, tensors in file order, is_moe)."""
     model_type = config.get("model_type")
-    if model_type in MOE_ARCH:
+    spec = FAMILIES.get(model_type)
+    if spec is not None and spec.gguf_arch:
         from moepage.engine.checkpoint import open_checkpoint
 
         ckpt = open_checkpoint(model_dir)
-        args, arch = ckpt.args, MOE_ARCH[model_type]
+        args, arch = ckpt.args, spec.gguf_arch
         read = ckpt.read_tensor
         names = ckpt.resident_checkpoint_names()
     elif model_type in DENSE_ARCH:
         family, args = _dense_args(config)
         arch, ckpt = DENSE_ARCH[model_type], None
         read = _SafetensorsReader(model_dir)
-        names = {c: to_checkpoint({**family.NAMES, **common.QWEN_MLP}, c) for c in resident_names(args)}
+        names = {c: to_checkpoint({**family.names, **common.QWEN_MLP}, c) for c in resident_names(args)}
     else:
+        known = [t for t, f in FAMILIES.items() if f.gguf_arch] + list(DENSE_ARCH)
         raise GGUFExportError(f"no GGUF architecture for model_type {model_type!r}; supported: "
-                              f"{', '.join(sorted({**MOE_ARCH, **DENSE_ARCH}))}")
+                              f"{', '.join(sorted(known))}")
     llama = arch == "llama"
     plan: list[_Tensor] = []
 
@@ -203,10 +200,12 @@ def _hparams(writer, arch: str, args, config: dict, moe: bool, notes: list[str])
         writer.add_expert_count(args.num_experts)
         writer.add_expert_used_count(args.top_k)
         norm = bool(args.routing.norm_topk_prob)
-        writer.add_expert_weights_norm(norm)  # moepage reads it; llama.cpp may not (FIXED_NORM_TOPK)
-        if arch in FIXED_NORM_TOPK and FIXED_NORM_TOPK[arch] != norm and args.top_k < args.num_experts:
+        writer.add_expert_weights_norm(norm)  # moepage reads it; llama.cpp may not (FamilySpec.gguf_norm_topk_fixed)
+        spec = GGUF_FAMILIES.get(arch)
+        if spec is not None and spec.gguf_norm_topk_fixed and spec.gguf_norm_topk != norm \
+                and args.top_k < args.num_experts:
             notes.append(f"norm_topk_prob={norm} but llama.cpp's {arch} graph always uses "
-                         f"{FIXED_NORM_TOPK[arch]}: llama.cpp will compute a different function from this file "
+                         f"{spec.gguf_norm_topk}: llama.cpp will compute a different function from this file "
                          "(moepage reads expert_weights_norm and stays exact)")
         if arch in ("qwen3moe", "qwen2moe"):
             writer.add_expert_feed_forward_length(args.moe_intermediate_size)

@@ -15,7 +15,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-DENSE_MODEL_TYPES = ("qwen2", "qwen3", "mistral", "llama")
+from moepage.engine.families import SPECS
+
+# the dense twins of the MoE families (llama: Mixtral's GGUF architecture name), scored with transformers
+DENSE_MODEL_TYPES = tuple(s.dense_model_type for s in SPECS if s.dense_model_type) + ("llama",)
 
 
 def _model_type(model_dir: str) -> str | None:

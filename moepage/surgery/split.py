@@ -47,7 +47,7 @@ def split_checkpoint(src: str, out: str, log: Callable[[str], None] = lambda s: 
         raise FileExistsError(f"{out}: already holds a split model ({MANIFEST}); choose an empty directory")
     if lossless and ckpt.args.moe_layers:  # refused before anything is written
         first = ckpt.experts.read(ckpt.args.moe_layers[0], 0)
-        for p, t in ckpt.family.EXPERT_NAMES.items():
+        for p, t in ckpt.expert_names.items():
             check_lossless(t.format(L=ckpt.args.moe_layers[0], E=0), getattr(first, p))
     os.makedirs(out, exist_ok=True)
     files: dict[str, dict] = {}
@@ -66,7 +66,7 @@ def split_checkpoint(src: str, out: str, log: Callable[[str], None] = lambda s: 
     for layer in args.moe_layers:
         for e in range(args.num_experts):
             w = ckpt.experts.read(layer, e)
-            names = {p: t.format(L=layer, E=e) for p, t in ckpt.family.EXPERT_NAMES.items()}
+            names = {p: t.format(L=layer, E=e) for p, t in ckpt.expert_names.items()}
             rel = split_shard_path(layer, e)
             os.makedirs(os.path.dirname(os.path.join(out, rel)), exist_ok=True)
             tensors = {names[p]: getattr(w, p).contiguous() for p in names}

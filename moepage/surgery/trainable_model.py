@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moepage.engine.families import FAMILIES
+from moepage.engine.families import FAMILIES, dense_twin_of
 from moepage.engine.model_args import ModelArgs
 from moepage.engine.router import Router
 from moepage.engine.weight_names import expert_names, resident_names, to_checkpoint
@@ -39,9 +39,9 @@ def family_of(config: dict):
     model_type = config.get("model_type")
     if model_type in FAMILIES and model_type in TRAINABLE_MODEL_TYPES:
         return FAMILIES[model_type], False
-    for family in FAMILIES.values():
-        if getattr(family, "DENSE_MODEL_TYPE", None) == model_type and model_type in TRAINABLE_MODEL_TYPES:
-            return family, True
+    twin = dense_twin_of(model_type)
+    if twin is not None and model_type in TRAINABLE_MODEL_TYPES:
+        return twin, True
     raise ValueError(f"model_type {model_type!r} is not trainable here; supported: {', '.join(TRAINABLE_MODEL_TYPES)}")
 
 
@@ -60,10 +60,10 @@ def canonical_expert(layer: int, expert: int, part: str) -> str:
 def checkpoint_names(config: dict, args: ModelArgs) -> dict[str, str]:
     """canonical -> checkpoint name for every tensor of the model, routed experts included."""
     family, _ = family_of(config)
-    names = {c: to_checkpoint(family.NAMES, c) for c in resident_names(args)}
+    names = {c: to_checkpoint(family.names, c) for c in resident_names(args)}
     for layer in args.moe_layers:
         for e in range(args.num_experts):
-            for part, name in expert_names(family.EXPERT_NAMES, layer, e).items():
+            for part, name in expert_names(family.expert_names, layer, e).items():
                 names[canonical_expert(layer, e, part)] = name
     return names
 

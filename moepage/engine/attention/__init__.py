@@ -1,1 +1,15 @@
-"""Token mixers: one module per attention kind, each with its resident weight names and per-sequence state."""
+"""Token mixers, one class per layer_types kind (attention/base.py has the seam)."""
+from __future__ import annotations
+
+from moepage.engine.model_args import ConfigError
+
+
+def mixer_class(kind: str):
+    """The TokenMixer class for a layer_types entry."""
+    from moepage.engine.attention.gated_delta import GatedDeltaMixer
+    from moepage.engine.attention.gqa import GQA
+
+    mixers = {GQA.kind: GQA, GatedDeltaMixer.kind: GatedDeltaMixer}
+    if kind not in mixers:
+        raise ConfigError(f"layer_types: unsupported layer kind {kind!r}; supported: {', '.join(sorted(mixers))}")
+    return mixers[kind]

@@ -10,10 +10,12 @@ Hv value heads, Dk key head dim, Dv value head dim, r = Hv / Hk.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
+from moepage.engine.attention.base import MixerContext, TokenMixer
 from moepage.kernels.cpu_bf16 import linear
 from moepage.kernels.gated_delta import (causal_conv1d, chunk_gated_delta_rule, gated_rms_norm,
                                          recurrent_gated_delta_rule)
@@ -189,3 +191,45 @@ class GatedDeltaNet:
         if x.shape[0] != 1:
             raise ValueError(f"decode takes one token, got {x.shape[0]}")
         return self(x, state)
+
+
+def shape_of(args) -> tuple[GatedDeltaShape, str]:
+    """(shape, weight layout) of a model's Gated DeltaNet layers, from ModelArgs.linear_attention."""
+    if not args.linear_attention:
+        raise ValueError(f"{args.family}: linear_attention layers without their sizes (ModelArgs.linear_attention)")
+    fields = dict(args.linear_attention)
+    return GatedDeltaShape(**{k: v for k, v in fields.items() if k != "layout"}), fields["layout"]
+
+
+class GatedDeltaMixer(TokenMixer):
+    """The token-mixer seam over GatedDeltaNet: canonical weight names `layers.{L}.linear_attn.<name>`."""
+
+    kind: ClassVar[str] = "linear_attention"
+    positional: ClassVar[bool] = False
+    PREFIX: ClassVar[str] = "linear_attn."
+
+    def __init__(self, net: GatedDeltaNet):
+        self.net = net
+
+    @classmethod
+    def weight_shapes(cls, args, layer: int) -> dict[str, tuple[int, ...]]:
+        shape, layout = shape_of(args)
+        return {cls.PREFIX + n: s for n, s in shape.weight_shapes(layout).items()}
+
+    @classmethod
+    def build(cls, args, layer: int, weights: dict[str, torch.Tensor], ctx: MixerContext) -> "GatedDeltaMixer":
+        shape, layout = shape_of(args)
+        net = GatedDeltaNet(shape, {n[len(cls.PREFIX):]: w for n, w in weights.items()}, layout, f"layer {layer}")
+        return cls(net)
+
+    @classmethod
+    def state_nbytes(cls, args, max_tokens: int, dtype: torch.dtype) -> int:
+        return shape_of(args)[0].state_nbytes(dtype)
+
+    def new_state(self, dtype: torch.dtype, device) -> GatedDeltaState:
+        return GatedDeltaState.zeros(self.net.shape, dtype, device)
+
+    def forward(self, x: torch.Tensor, state: GatedDeltaState, start: int) -> torch.Tensor:
+        if state.tokens != start:
+            raise ValueError(f"a Gated DeltaNet state after {state.tokens} tokens cannot continue at position {start}")
+        return self.net(x, state)

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 from moepage.engine.families import common
+from moepage.engine.families.spec import FamilySpec
 from moepage.engine.model_args import ModelArgs, common_args, experts_field, float_field, int_field
 from moepage.kernels.routing import RoutingConfig
 
 MODEL_TYPES = ("mixtral",)
-GGUF_ARCH = "llama"
-DENSE_MODEL_TYPE = "mistral"
 NAMES = {**common.ATTENTION, "layers.{L}.router": "model.layers.{L}.block_sparse_moe.gate.weight"}
 EXPERT_NAMES = {
     "gate": "model.layers.{L}.block_sparse_moe.experts.{E}.w1.weight",
@@ -27,3 +26,13 @@ def model_args(config: dict) -> ModelArgs:
         ),
         sliding_window=int_field(config, "sliding_window", None),
     )
+
+
+def gguf_config(f) -> dict:
+    return {"num_local_experts": f.experts, "intermediate_size": f.expert_ffn}
+
+
+SPEC = FamilySpec(
+    name="mixtral", model_types=MODEL_TYPES, model_args=model_args, names=NAMES, expert_names=EXPERT_NAMES,
+    dense_model_type="mistral", gguf_arch="llama", gguf_norm_topk=True, gguf_config=gguf_config,
+)

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 from moepage.engine.families import common
+from moepage.engine.families.spec import FamilySpec
 from moepage.engine.model_args import ModelArgs, bool_field, common_args, experts_field, float_field, int_field
 from moepage.kernels.routing import RoutingConfig
 
 MODEL_TYPES = ("olmoe",)
-GGUF_ARCH = "olmoe"
-DENSE_MODEL_TYPE = "olmo2"
 NAMES = {**common.ATTENTION, **common.QWEN_MLP}
 EXPERT_NAMES = common.QWEN_EXPERTS
 
@@ -28,3 +27,16 @@ def model_args(config: dict) -> ModelArgs:
         o_bias=bool_field(config, "attention_bias", False),
         clip_qkv=float_field(config, "clip_qkv", None),
     )
+
+
+def gguf_config(f) -> dict:
+    return {"num_experts": f.experts, "intermediate_size": f.expert_ffn,
+            "clip_qkv": f.number("attention.clamp_kqv", None) if f.get("attention.clamp_kqv") else None,
+            "attention_bias": f.has("blk.0.attn_q.bias")}
+
+
+SPEC = FamilySpec(
+    name="olmoe", model_types=MODEL_TYPES, model_args=model_args, names=NAMES, expert_names=EXPERT_NAMES,
+    dense_model_type="olmo2", gguf_arch="olmoe", gguf_norm_topk=False, gguf_norm_topk_fixed=True,
+    gguf_config=gguf_config,
+)

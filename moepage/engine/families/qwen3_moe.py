@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 from moepage.engine.families import common
+from moepage.engine.families.spec import FamilySpec
 from moepage.engine.model_args import (
     ModelArgs, bool_field, common_args, experts_field, int_field, sparse_layer_flags,
 )
 from moepage.kernels.routing import RoutingConfig
 
 MODEL_TYPES = ("qwen3_moe",)
-GGUF_ARCH = "qwen3moe"
-DENSE_MODEL_TYPE = "qwen3"
 NAMES = {**common.ATTENTION, **common.QWEN_MLP}
 EXPERT_NAMES = common.QWEN_EXPERTS
 
@@ -29,3 +28,15 @@ def model_args(config: dict) -> ModelArgs:
         qkv_bias=bool_field(config, "attention_bias", False),
         o_bias=bool_field(config, "attention_bias", False),
     )
+
+
+def gguf_config(f) -> dict:
+    return {"num_experts": f.experts, "moe_intermediate_size": f.expert_ffn, "intermediate_size": f.ffn,
+            "attention_bias": f.has("blk.0.attn_q.bias")}
+
+
+SPEC = FamilySpec(
+    name="qwen3_moe", model_types=MODEL_TYPES, model_args=model_args, names=NAMES, expert_names=EXPERT_NAMES,
+    dense_model_type="qwen3", gguf_arch="qwen3moe", gguf_norm_topk=True, gguf_norm_topk_fixed=True,
+    gguf_config=gguf_config,
+)

@@ -1,0 +1,157 @@
+"""Qwen3.5/3.6 MoE served from its published multimodal layout (and the text-only layout) against transformers:
+fp32 logits within 1e-4, bf16 greedy tokens equal to transformers.generate, the same tokens at every expert budget
+from split and split --lossless directories, exact prompt re-use through the recurrent layers, one HTTP request.
+
+Shape legend: V vocab, H hidden.
+"""
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+import torch
+
+from conftest import prompt_ids
+from moepage.engine.checkpoint import open_checkpoint
+from moepage.engine.engine import Engine, EngineConfig
+from moepage.engine.model_args import ConfigError
+from moepage.engine.moe import PreparedExpert
+from moepage.engine.sampling import SamplingParams
+from moepage.surgery.split import split_checkpoint
+from qwen35_support import save_qwen35, save_qwen35_text, with_published_extras
+
+
+def reference(path, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory, tokenizer_dir):
+    """{dtype name: the published multimodal layout (mtp shard and config extras included)}, built lazily."""
+    made = {}
+
+    def get(dtype: str):
+        if dtype not in made:
+            d = save_qwen35(tmp_path_factory.mktemp(f"qwen35-{dtype}"), tokenizer_dir, dtype=getattr(torch, dtype))
+            with_published_extras(d)
+            made[dtype] = d
+        return made[dtype]
+
+    return get
+
+
+def greedy(engine, ids, n=32):
+    params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+    return [s.token for s in engine.generate(ids, params)]
+
+
+@pytest.mark.parametrize("layout", ["published", "text"])
+def test_fp32_logits_match_transformers(layout, published, tmp_path):
+    path = published("float32") if layout == "published" else save_qwen35_text(tmp_path, seed=1)
+    engine = Engine.load(EngineConfig(str(path), tokenizer=False))
+    ids = prompt_ids(64, engine.args.vocab_size)
+    ours = engine.logits_all(ids)
+    with torch.no_grad():
+        ref = reference(path)(torch.tensor([ids])).logits[0]
+    diff = (ours.float() - ref.float()).abs().max().item()
+    assert diff < 1e-4, f"{layout}: max abs logit diff {diff}"
+    assert engine.args.mixers.count("linear_attention") == 3
+    engine.close()
+
+
+def test_visual_tower_and_mtp_are_never_read(published):
+    ckpt = open_checkpoint(str(published("float32")))
+    names = set(ckpt.resident_checkpoint_names().values())
+    assert names and all(n.startswith("model.language_model.") or n == "lm_head.weight" for n in names)
+    assert not any("visual" in n or n.startswith("mtp.") for n in names)
+    assert ckpt.expert_names["gate"] == "model.language_model.layers.{L}.mlp.experts.{E}.gate_proj.weight"
+
+
+def test_bf16_greedy_matches_transformers_generate(published):
+    path = published("bfloat16")
+    engine = Engine.load(EngineConfig(str(path)))
+    ids = prompt_ids(24, engine.args.vocab_size, seed=2)
+    ours = greedy(engine, ids)
+    engine.close()
+    out = reference(path, torch.bfloat16).generate(torch.tensor([ids]), max_new_tokens=32, min_new_tokens=32,
+                                                   do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert ours == out[0, len(ids):].tolist()
+
+
+def test_budgets_give_identical_tokens_from_split_dirs(published, tmp_path):
+    src = published("bfloat16")
+    ids = prompt_ids(40, 400, seed=3)
+    full = Engine.load(EngineConfig(str(src), tokenizer=False))
+    want = greedy(full, ids)
+    a = full.args
+    each = PreparedExpert.nbytes_for(a.hidden_size, a.moe_intermediate_size, torch.bfloat16)
+    total = each * len(a.moe_layers) * a.num_experts
+    full.close()
+    for lossless in (False, True):
+        out = tmp_path / f"split-{lossless}"
+        split_checkpoint(str(src), str(out), lossless=lossless)
+        for label, budget in (("100%", total), ("25%", total // 4), ("minimum", a.top_k * each)):
+            engine = Engine.load(EngineConfig(str(out), expert_cache_bytes=budget, preload=False, tokenizer=False))
+            assert greedy(engine, ids) == want, f"lossless={lossless} {label}"
+            stats = engine.cache.stats.snapshot()
+            assert stats["misses"] > 0 and (label == "100%" or stats["evictions"] > 0), (label, stats)
+            engine.close()
+
+
+def test_memory_plan_counts_the_recurrent_state(published):
+    engine = Engine.load(EngineConfig(str(published("bfloat16")), ctx_size=256, tokenizer=False))
+    a, la = engine.args, engine.args.linear_attention
+    conv = (la["conv_kernel"] - 1) * (2 * la["num_k_heads"] * la["k_head_dim"] + la["num_v_heads"] * la["v_head_dim"])
+    recurrent = la["num_v_heads"] * la["k_head_dim"] * la["v_head_dim"] * 4  # float32
+    kv = 2 * a.num_kv_heads * a.head_dim * 256 * 2  # one full-attention layer, bf16
+    assert engine.plan.kv_bytes == 3 * (conv * 2 + recurrent) + kv
+    assert engine.kv.nbytes == engine.plan.kv_bytes
+    engine.close()
+
+
+def test_prompt_reuse_through_recurrent_layers_is_exact(published):
+    """A second prompt sharing a prefix re-uses the state marked at a whole prefill chunk and gives the fresh
+    prefill's tokens."""
+    path = str(published("bfloat16"))
+    first, second = prompt_ids(40, 400, seed=4), None
+    second = first[:36] + prompt_ids(10, 400, seed=5)
+    fresh = Engine.load(EngineConfig(path, prefill_chunk=16, tokenizer=False))
+    want = greedy(fresh, second, 12)
+    fresh.close()
+    cached = Engine.load(EngineConfig(path, prefill_chunk=16, prefix_cache=True, tokenizer=False))
+    greedy(cached, first, 12)
+    got = greedy(cached, second, 12)
+    assert cached.last_stats.cached_prompt_tokens == 32  # two whole chunks of the shared 36 tokens
+    assert got == want
+    cached.close()
+
+
+def test_layer_types_of_the_wrong_length_are_refused(published, tmp_path):
+    config = json.loads((published("float32") / "config.json").read_text())
+    config["text_config"]["layer_types"] = ["linear_attention"] * 3
+    d = tmp_path / "bad"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(config))
+    for f in published("float32").glob("*.safetensors*"):
+        (d / f.name).symlink_to(f)
+    with pytest.raises(ConfigError, match="layer_types"):
+        open_checkpoint(str(d))
+
+
+def test_serve_answers_over_http(published):
+    from server_support import load_engine, serving
+
+    engine = load_engine(str(published("bfloat16")))
+    ids = prompt_ids(12, 400, seed=6)
+    want = greedy(engine, ids, 8)
+    with serving(engine) as (url, _):
+        r = httpx.post(f"{url}/v1/completions", json={"model": "hardening-test", "prompt": ids, "max_tokens": 8,
+                                                         "temperature": 0}, timeout=120)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["usage"]["completion_tokens"] == 8
+    assert body["choices"][0]["text"] == engine.tokenizer.decode(want)
+    engine.close()
