@@ -30,7 +30,7 @@ def gpt_oss_config(vocab: int, eos: list[int], pad: int, **over):
                   tie_word_embeddings=False)
     fields.update(over)
     cfg = GptOssConfig(**fields)
-    cfg.rope_parameters["original_max_position_embeddings"] = 64  # yarn, truncate false, as published (scaled)
+    cfg.rope_parameters.update(original_max_position_embeddings=64, factor=8.0)  # yarn, truncate false, scaled
     return cfg
 
 
@@ -47,6 +47,8 @@ def random_model(cfg, seed: int):
                 p.uniform_(0.5, 1.5)  # off their init, so a wrong norm convention shows
             else:  # biases and sinks: non-zero
                 p.normal_(0.0, 0.3)
+        # rows of very different norms: decisive greedy choices (bf16 near-ties are rare), as trained models have
+        model.lm_head.weight.mul_(torch.randn(cfg.vocab_size, 1).mul(0.7).exp())
     return model.eval()
 
 
