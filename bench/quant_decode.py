@@ -6,10 +6,10 @@ cgroup memory caps, and beside CPU-burning neighbours.
 
 Each run is a fresh process on the same prompt ids; the systems alternate (order reversed every other repeat) so
 drift in a shared machine's memory bandwidth and load hits them alike. Per cap (a fraction of the GGUF file's
-bytes; 1 = none; capped rows need root and cgroup v1, page cache dropped before each run, moepage given
---memory-budget = cap - --overhead) it prints every run's decode tok/s, each system's median and range, the process
-CPU time per decoded token (user + system, all threads: what the step costs, whatever the machine's load), the
-ratio of the medians and the run-by-run ratios, and whether the greedy tokens agree (up to the first difference: a
+bytes, plus --cap-base; 1 = none; capped rows need root and cgroup v1, page cache dropped before each run, moepage
+given --memory-budget = cap - --overhead) it prints every run's decode tok/s, each system's median and range, the
+process CPU time per decoded token (user + system, all threads: what the step costs, whatever the machine's load),
+the ratio of the medians and the run-by-run ratios, and whether the greedy tokens agree (up to the first difference: a
 router near-tie flips a random model's tokens, see tests/test_gguf.py). --burn N keeps N CPU-burning processes
 running beside every run (a busy laptop). Systems: moepage (its defaults), llamacpp (its defaults: OpenMP
 spin-waiting, Q4_K repacked into anonymous memory at load), llamacpp-passive (OMP_WAIT_POLICY=PASSIVE),
@@ -150,6 +150,8 @@ def main():
     ap.add_argument("--time-limit", type=float, default=60.0, help="seconds of decoding per run at most")
     ap.add_argument("--vocab", type=int, default=4096, help="prompt ids are drawn below this (seed 0)")
     ap.add_argument("--caps", default="1", help="memory caps as fractions of the GGUF file's bytes (1 = none)")
+    ap.add_argument("--cap-base", type=int, default=0,
+                    help="bytes added to every cap (e.g. a process baseline, so both systems can start at low caps)")
     ap.add_argument("--overhead", type=int, default=330 << 20,
                     help="bytes of a cap left outside moepage's --memory-budget (Python, torch, buffers)")
     ap.add_argument("--burn", type=int, default=0, help="CPU-burning neighbour processes during the runs")
@@ -167,7 +169,7 @@ def main():
     burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(a.burn)]
     try:
         for cap in (float(c) for c in a.caps.split(",")):
-            limit = None if cap >= 1 else int(cap * size)
+            limit = None if cap >= 1 else int(cap * size) + a.cap_base
             if limit and not can_cap():
                 print(f"skipping the {cap:.0%} cap: needs root and cgroup v1 memory", file=sys.stderr)
                 continue
@@ -180,7 +182,9 @@ def main():
                         f"{r['decode_tps']:.2f} tok/s decode, {r.get('prefill_tps', 0):.1f} tok/s prefill, "
                         f"{r.get('cpu_ms_per_token') or 0:.1f} CPU ms/token" if r.get("decode_tps")
                         else r.get("error", "?")[:300]), file=sys.stderr, flush=True)
-            label = os.path.basename(a.gguf) + (f", cap {cap:.0%} = {limit / 2**20:.0f} MiB" if limit else ", no cap")
+            label = os.path.basename(a.gguf) + (f", cap {cap:.0%}" + (f" + {a.cap_base / 2**20:.0f} MiB" if a.cap_base
+                                                                       else "") + f" = {limit / 2**20:.0f} MiB"
+                                                 if limit else ", no cap")
             report(label, systems, runs, a)
     finally:
         for p in burners:
