@@ -10,13 +10,14 @@ from typing import Callable
 
 import torch
 
-from moepage.engine.gpt_oss_expert import ClampedSwiGLU, fused_expert_loader
+from moepage.engine.gpt_oss_expert import ClampedSwiGLU, fused_expert_loader, gguf_expert_loader
 from moepage.engine.model_args import ModelArgs
 from moepage.engine.moe import PreparedExpert, prepare_expert
 from moepage.kernels.ggml import QuantizedTensor, interleaved_for_matvec
 from moepage.kernels.ggml_experts import swiglu_quantized
 from moepage.paging.pread import aligned_bytes
 from moepage.paging.fused_experts import FusedExpertSource
+from moepage.paging.gguf_biased_experts import BiasedGGUFExpertSource
 from moepage.paging.sources import ExpertSource
 
 
@@ -61,6 +62,8 @@ def expert_loader(source: ExpertSource, args: ModelArgs, dtype: torch.dtype, dev
     if isinstance(source, FusedExpertSource):
         return fused_expert_loader(source, args.moe_layers, ClampedSwiGLU(args.swiglu_alpha, args.swiglu_limit),
                                    dtype, device)
+    if isinstance(source, BiasedGGUFExpertSource):
+        return gguf_expert_loader(source, args.moe_layers, ClampedSwiGLU(args.swiglu_alpha, args.swiglu_limit))
     if getattr(source, "quantized", False):
         if hasattr(source, "slot_nbytes"):  # one slot size for every layer: parts read into it, slots recycled
             slot = source.slot_nbytes()

@@ -10,6 +10,7 @@ from moepage.engine.families.spec import FamilySpec
 from moepage.engine.model_args import ConfigError, ModelArgs, common_args, experts_field, float_field, int_field
 from moepage.kernels.routing import RoutingConfig
 from moepage.paging.fused_experts import FusedExpertSource
+from moepage.paging.gguf_biased_experts import BiasedGGUFExpertSource
 
 MODEL_TYPES = ("gpt_oss",)
 KINDS = ("sliding_attention", "full_attention")
@@ -21,6 +22,12 @@ NAMES = {
 }
 EXPERT_NAMES = {"fused": "model.layers.{L}.mlp.experts."}  # the prefix of each layer's fused expert tensors
 QUANT_METHODS = (None, "mxfp4")
+GGUF_NAMES = {
+    **{k: v for k, v in common.GGUF.items() if not k.endswith(("q_norm", "k_norm"))},
+    "layers.{L}.ffn_norm": "blk.{L}.post_attention_norm.weight",
+    "layers.{L}.sinks": "blk.{L}.attn_sinks.weight",
+    "layers.{L}.router_bias": "blk.{L}.ffn_gate_inp.bias",
+}
 
 
 def layer_types(config: dict, layers: int) -> list[str]:
@@ -60,7 +67,18 @@ def model_args(config: dict) -> ModelArgs:
     return args
 
 
+def gguf_config(f) -> dict:
+    """llama.cpp's gpt-oss graph: sliding-window layers first, then alternating (its SWA pattern 2), q/k/v/o biases,
+    the clamped SwiGLU's constants fixed (1.702, 7.0); YaRN's correction range rounded outwards (ggml's
+    rope_yarn_corr_dims floors and ceils it, where transformers' gpt-oss config says truncate false)."""
+    layers = f.count("block_count", limit="num_hidden_layers")
+    return {"num_local_experts": f.experts, "intermediate_size": f.expert_ffn,
+            "sliding_window": f.count("attention.sliding_window", 128, limit="sliding_window"),
+            "layer_types": [KINDS[i % 2] for i in range(layers)], "attention_bias": True}
+
+
 SPEC = FamilySpec(
     name="gpt_oss", model_types=MODEL_TYPES, model_args=model_args, names=NAMES, expert_names=EXPERT_NAMES,
     mixers=KINDS, expert_source=lambda index, names: FusedExpertSource(index, names["fused"]),
+    gguf_arch="gpt-oss", gguf_config=gguf_config, gguf_names=GGUF_NAMES, gguf_expert_source=BiasedGGUFExpertSource,
 )

@@ -42,6 +42,8 @@ class FamilySpec:
     # (TensorIndex, expert names) -> the ExpertSource of an HF checkpoint whose experts are not stored one tensor per
     # expert (gpt-oss's fused [E, ...] tensors); None: SafetensorsExpertSource
     expert_source: Callable | None = None
+    # (GGUFFile, expert names, MoE layers) -> the ExpertSource of a .gguf file when it is not GGUFExpertSource
+    gguf_expert_source: Callable | None = None
 
     def layout(self, config: dict) -> Layout:
         return self.layouts.get(config.get("model_type"), Layout())
