@@ -180,3 +180,16 @@ def test_chat_over_http_with_the_harmony_template(checkpoints, stream):
         else:
             assert r.text.rstrip().endswith("data: [DONE]")
     engine.close()
+
+
+def test_split_and_gguf_export_refuse_the_fused_layout_before_writing(tmp_path, checkpoints):
+    from moepage.surgery.gguf_export import GGUFExportError, write_gguf
+    from moepage.surgery.split import split_checkpoint
+
+    src = str(checkpoints("mxfp4"))
+    with pytest.raises(ValueError, match="fused per layer"):
+        split_checkpoint(src, str(tmp_path / "split"))
+    assert not (tmp_path / "split").exists()
+    with pytest.raises(GGUFExportError, match="convert_hf_to_gguf"):
+        write_gguf(src, str(tmp_path / "out.gguf"))
+    assert not (tmp_path / "out.gguf").exists()
