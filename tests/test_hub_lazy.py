@@ -64,7 +64,7 @@ class LazyServe(ServeProcess):
         super().__init__([repo, "--lazy", "--threads", "1", "--ctx-size", "256", *flags])
         self.env = env
 
-    def start(self, timeout: float = 180.0) -> "LazyServe":
+    def start(self, timeout: float = 300.0) -> "LazyServe":
         """Output goes to a file (a pipe nobody reads could fill and stall the server); its tail is in any error."""
         import tempfile
 
@@ -306,6 +306,12 @@ def test_lazy_gguf_and_gguf_split_serve_the_local_gguf_tokens(gguf_models, tmp_p
         header_window = [sp for sp in into_experts if sp not in slices]  # the parser's first window of the file
         assert len(header_window) <= 1 and all(sp[0] < 1 << 20 for sp in header_window)
         assert len([sp for sp in into_experts if sp in slices]) == 3 * fetched  # three slices per expert, no more
+        import shutil
+
+        shutil.rmtree(os.path.join(str(tmp_path), "moepage-lazy", "models--me--demo-gguf", d[0], "experts"))
+        with LazyServe("me/demo-gguf:Q8_0", hub_env(hub, str(tmp_path), HF_HUB_OFFLINE="1")) as p:
+            r = complete(p.url, PROMPTS[0], 2)  # starts without a fetch; the request then needs one
+            assert r.status_code == 503 and r.json()["error"]["code"] == "expert_read_failed"
         with LazyServe("me/demo-gguf-split", hub_env(hub, str(tmp_path))) as p:
             assert complete(p.url, PROMPTS[1], 8).json()["choices"][0]["text"] == ref[PROMPTS[1]]
         assert hub.gets("experts/") and all(r.startswith("bytes=0-") for _, r in hub.gets("experts/"))

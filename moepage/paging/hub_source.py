@@ -255,8 +255,17 @@ class HubGGUFExpertSource(HubTier, GGUFSplitExpertSource):
 
     def __init__(self, root: str, shard_path, hashes: dict[str, str], moe_layers: list[int], drop_page_cache: bool,
                  plan: HubPlan):
+        from moepage.kernels.ggml import ggml_type, is_quantized
+
         self._init_tier(root, shard_path, hashes, drop_page_cache, plan)
-        self.quantized = any(self._read(layer, 0).quantized for layer in moe_layers[:1])  # fetches that one expert
+        first = plan.shard_metadata.get(shard_path(moe_layers[0], 0)) if moe_layers else None
+        if first is not None:  # a GGUF on the Hub: hub.json knows the types (no fetch, so an offline start works)
+            try:
+                self.quantized = any(is_quantized(ggml_type(first[f"{p}.type"], p)) for p in ("gate", "up", "down"))
+            except (KeyError, ValueError):
+                raise CheckpointError(f"{root}/{LAZY_FILE}: shard_metadata lacks the experts' GGML types") from None
+        else:  # a GGUF split upload: the first shard says (fetched now if the tier lacks it)
+            self.quantized = any(self._read(layer, 0).quantized for layer in moe_layers[:1])
 
 
 def hub_expert_source(root: str, manifest: dict, shard_path, hashes: dict[str, str], drop_page_cache: bool,
