@@ -93,6 +93,8 @@ def run(system: str, gguf: str, prompt_file: str, a, limit: int | None) -> dict:
         if system == "llamacpp-passive":  # its OpenMP threads sleep instead of spinning, as moepage's do
             env["OMP_WAIT_POLICY"] = "PASSIVE"
     cgroup = make_cgroup(f"moepage-quant-{limit}", limit) if limit else None
+    if cgroup and system == "moepage":  # kernels built outside the cap: a compiler inside it would be OOM-killed
+        subprocess.run([sys.executable, "-m", "moepage.kernels.native"], capture_output=True, cwd=os.path.dirname(HERE))
 
     def enter():
         if cgroup:
