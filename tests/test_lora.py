@@ -53,9 +53,10 @@ def train_adapter(path, out, steps=4):
     return model
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe"])
-def test_trained_adapter_matches_transformers_peft_paged(checkpoints, tmp_path, family):
-    path = checkpoints(family)
+@pytest.mark.parametrize("family, dtype", [("qwen3_moe", "float32"), ("qwen2_moe", "float32"),
+                                           ("qwen2_moe", "bfloat16")])  # bf16 stored, served and compared in fp32
+def test_trained_adapter_matches_transformers_peft_paged(checkpoints, tmp_path, family, dtype):
+    path = checkpoints(family, dtype)
     model = train_adapter(path, tmp_path)
     tensors = load_file(str(tmp_path / ADAPTER_WEIGHTS))
     expert_b = [t for k, t in tensors.items() if ".mlp.experts." in k and "lora_B" in k]

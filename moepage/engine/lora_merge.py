@@ -64,9 +64,9 @@ class LoraFactor:
         """s * B @ A [O, I] in float32."""
         return (self.b @ self.a) * self.scale
 
-    def merged(self, w: torch.Tensor) -> torch.Tensor:
-        """W + delta, computed in float32 and returned in W's dtype and device."""
-        return (w.float() + self.delta().to(w.device)).to(w.dtype).contiguous()
+    def merged(self, w: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """W + delta, computed in float32 and returned in `dtype` (default W's) on W's device."""
+        return (w.float() + self.delta().to(w.device)).to(dtype or w.dtype).contiguous()
 
     @property
     def nbytes(self) -> int:
@@ -169,8 +169,8 @@ def expert_factor_table(ckpt, adapter: Adapter, layers: list[int], num_experts: 
 
 
 class LoraExpertSource(ExpertSource):
-    """An ExpertSource whose experts come out with their adapter merged (W + s * B @ A, in float32, then cast back
-    to the stored dtype); experts the adapter does not touch pass through unchanged."""
+    """An ExpertSource whose experts come out with their adapter merged (W + s * B @ A, in float32, left in float32
+    for the loader to cast to the serving dtype); experts the adapter does not touch pass through unchanged."""
 
     reads_into = False  # the merged weights are new tensors
 
@@ -194,7 +194,10 @@ class LoraExpertSource(ExpertSource):
         parts = self.factors.get((layer, expert))
         if not parts:
             return w
-        merged = {p: parts[p].merged(getattr(w, p)) if p in parts else getattr(w, p) for p in ("gate", "up", "down")}
+        # float32 out: the loader casts once to the serving dtype (a bf16 checkpoint served in fp32 keeps the exact
+        # sum; rounding the merged expert back to the stored bf16 first would cost ~1e-3 in the logits)
+        merged = {p: parts[p].merged(getattr(w, p), torch.float32) if p in parts else getattr(w, p)
+                  for p in ("gate", "up", "down")}
         return ExpertWeights(**merged, read_nbytes=w.nbytes)
 
     def stored_nbytes(self, layer: int) -> int:
