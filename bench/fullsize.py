@@ -66,19 +66,20 @@ def child_moepage(a, prompt: list[int]) -> dict:
     engine = Engine.load(EngineConfig(a.gguf, memory_budget=a.budget, ctx_size=a.ctx, threads=a.threads,
                                       io_threads=a.io_threads, trace=a.trace, tokenizer=False, pregate=a.pregate))
     startup = time.perf_counter() - t0
-    rec = next(cb for cb in engine.cache.on_access if isinstance(cb, TraceRecorder))
-    stamps, tokens, before = [], [], None
+    rec = next((cb for cb in engine.cache.on_access if isinstance(cb, TraceRecorder)), None)
+    stamps, tokens, before, skip = [], [], None, 0
     t1 = time.perf_counter()
     params = SamplingParams(max_tokens=a.decode, ignore_eos=True, **SAMPLING)
     for step in engine.generate(prompt, params):
         stamps.append(time.perf_counter())
         tokens.append(step.token)
         if before is None:  # the prompt is done: decode counters start here
-            before, skip = engine.cache.stats.snapshot(), rec.accesses
+            before, skip = engine.cache.stats.snapshot(), rec.accesses if rec else 0
         if stamps[-1] - t1 > a.time_limit:
             break
     after = engine.cache.stats.snapshot()
-    rec.close()
+    if rec:
+        rec.close()
     out = {"startup_s": startup, "ttft_s": stamps[0] - t1, "tokens": tokens, "n_decoded": len(tokens),
            "decode_tps": (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else None,
            "plan": engine.plan.summary(), "cache": after,
