@@ -39,6 +39,7 @@ class FamilySpec:
     gguf_config: Callable[..., dict] | None = None  # (GGUFFields) -> this family's config.json keys
     gguf_names: Mapping[str, str] = field(default_factory=lambda: MappingProxyType(common.GGUF))
     gguf_expert_names: Mapping[str, str] = field(default_factory=lambda: MappingProxyType(common.GGUF_EXPERTS))
+    gguf_tensor: Callable | None = None  # (GGUF name, tensor) -> tensor as the family's math takes it
 
     def layout(self, config: dict) -> Layout:
         return self.layouts.get(config.get("model_type"), Layout())
