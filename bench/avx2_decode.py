@@ -23,8 +23,25 @@ import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-from quant_decode import LLAMA_CPP, agreement  # noqa: E402
+
+# llama.cpp in a process that never imports moepage (whose import sets OMP_WAIT_POLICY): greedy decode after the
+# prompt, decode tok/s from token arrival times
+LLAMA_CPP = """
+import json, sys, time
+from llama_cpp import Llama
+gguf, prompt_file, decode, threads, ctx, limit = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6]), float(sys.argv[6])
+prompt = json.load(open(prompt_file))
+llm = Llama(model_path=gguf, n_ctx=ctx, n_threads=threads, n_threads_batch=threads, verbose=False, n_batch=512)
+stamps, tokens = [], []
+t0 = time.perf_counter()
+for tok in llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):
+    stamps.append(time.perf_counter())
+    tokens.append(int(tok))
+    if len(tokens) >= decode or stamps[-1] - t0 > limit:
+        break
+rate = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else None
+print("RESULT " + json.dumps({"tokens": tokens, "decode_tps": rate}))
+"""
 
 MOEPAGE_CORE = "from moepage.kernels import native; m = native.load('bf16_decode'); print(m.core() if m else 'torch')"
 LLAMA_INFO = "import llama_cpp; print(llama_cpp.__file__); print(llama_cpp.llama_print_system_info().decode())"
@@ -40,6 +57,10 @@ def environment(system: str, a) -> dict:
         if system == "llamacpp-passive":
             env["OMP_WAIT_POLICY"] = "PASSIVE"
     return env
+
+
+def agreement(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def run(system: str, model: str, gguf: str, prompt_file: str, a) -> dict:

@@ -12,7 +12,12 @@ slices measured in the same run / bytes missed per token). TTFT for a --ttft-tok
 --routings patches the file's routers in place between passes (synthetic_gguf.py --patch-routing).
 --systems also takes llamacpp-norepack: llama.cpp with repacking off (its --no-repack), so its weights stay in
 the mmap instead of being copied into anonymous memory at load (which a cap below the file's size OOM-kills).
-Writes OUT/fullsize.json and OUT/fullsize.png. Needs root (cgroup v1 memory controller, drop_caches).
+Writes OUT/fullsize.json and OUT/fullsize.png.
+
+    python bench/fullsize.py --combine OUT_DIR A.json B.json ...   # passes merged: OUT_DIR/fullsize.json + .png
+    python bench/fullsize.py --serve-startup FILE OUT.json [CAP_GIB ...]   # `moepage serve` to its first /health
+        200 (cap 0: no cgroup, --memory-budget 12 GiB: all 17.5 GiB of experts would need more than this machine
+        gives one process) Needs root (cgroup v1 memory controller, drop_caches).
 """
 from __future__ import annotations
 
@@ -172,7 +177,7 @@ def read_rate(path: str, seconds: float = 4.0, threads: int = 2, each: int = 3 <
 
 
 def run_child(a, system: str, prompt_file: str, cap: int | None, decode: int, ctx: int, trace: str | None,
-              time_limit: float) -> dict:
+              time_limit: float, timeout: float | None = None) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", system, "--gguf", a.gguf, "--prompt", prompt_file,
            "--ctx", str(ctx), "--decode", str(decode), "--threads", str(a.threads), "--time-limit", str(time_limit)]
     if system == "moepage":
@@ -191,9 +196,10 @@ def run_child(a, system: str, prompt_file: str, cap: int | None, decode: int, ct
     caps.drop_caches()
     t0 = time.time()
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=enter, timeout=time_limit * 2 + 900)
+        p = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=enter,
+                           timeout=timeout or time_limit * 2 + 900)
     except subprocess.TimeoutExpired:
-        return {"system": system, "error": "timed out", "wall_s": time.time() - t0}
+        return {"system": system, "error": f"timed out after {time.time() - t0:.0f} s", "wall_s": time.time() - t0}
     line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if line is None:
         killed = p.returncode in (-9, 137)
@@ -205,6 +211,45 @@ def run_child(a, system: str, prompt_file: str, cap: int | None, decode: int, ct
             out["cgroup_peak_bytes"] = int(f.read())
         with open(os.path.join(cg, "memory.failcnt")) as f:
             out["cgroup_failcnt"] = int(f.read())
+    return out
+
+
+def serve_startup(a, cap: int | None, budget: int, port: int = 8765) -> dict:
+    """Seconds from starting `moepage serve FILE --memory-budget B` (inside a cgroup of `cap` bytes, or none) to its
+    first 200 from /health, and the cgroup's peak memory by then."""
+    import urllib.request
+
+    cmd = [sys.executable, "-m", "moepage.cli", "serve", a.gguf, "--port", str(port), "--memory-budget", str(budget),
+           "--log-level", "warning"]
+    cg = caps.make_cgroup(f"moepage-fullsize-serve-{cap // GiB if cap else 0}", cap) if cap else None
+
+    def enter():
+        if cg:
+            with open(os.path.join(cg, "cgroup.procs"), "w") as f:
+                f.write(str(os.getpid()))
+
+    caps.drop_caches()
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=enter)
+    out = {"kind": "serve_startup", "cap_gib": cap / GiB if cap else None, "budget": budget}
+    try:
+        while time.perf_counter() - t0 < 600:
+            if p.poll() is not None:
+                out["error"] = f"exit {p.returncode}: {p.stderr.read()[-400:]}"
+                break
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+                    if r.status == 200:
+                        out["startup_s"] = time.perf_counter() - t0
+                        break
+            except OSError:
+                time.sleep(0.1)
+    finally:
+        p.terminate()
+        p.wait(30)
+    if cg:
+        with open(os.path.join(cg, "memory.max_usage_in_bytes")) as f:
+            out["cgroup_peak_bytes"] = int(f.read())
     return out
 
 
@@ -221,6 +266,26 @@ def summarize(r: dict, rate: float) -> dict:
 def main():
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         return child(sys.argv[2:])
+    if len(sys.argv) > 1 and sys.argv[1] == "--combine":  # --combine OUT_DIR A.json B.json ...: one table + PNG
+        out, parts = sys.argv[2], [json.load(open(p)) for p in sys.argv[3:]]
+        result = {**parts[0], "rows": [r for p in parts for r in p["rows"]],
+                  "read_rate": {k: v for p in parts for k, v in p.get("read_rate", {}).items()}}
+        with open(os.path.join(out, "fullsize.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        print(table(result))
+        plot(result, os.path.join(out, "fullsize.png"))
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "--serve-startup":  # --serve-startup FILE OUT.json [CAP_GIB ...]
+        a = argparse.Namespace(gguf=sys.argv[2])
+        rows = []
+        for c in sys.argv[4:] or ["0", "8"]:
+            cap = int(float(c) * GiB) if float(c) else None
+            budget = (cap - (700 << 20)) if cap else 12 * GiB
+            rows.append(serve_startup(a, cap, budget))
+            print(rows[-1], file=sys.stderr)
+        with open(sys.argv[3], "w") as f:
+            json.dump(rows, f, indent=1)
+        return
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--gguf", required=True)
     ap.add_argument("--caps", default="12,8,6", help="cgroup memory caps in GiB")
@@ -230,6 +295,7 @@ def main():
     ap.add_argument("--prompt-tokens", type=int, default=16)
     ap.add_argument("--ttft-cap", type=float, default=8, help="GiB cap of the TTFT rows (0: none)")
     ap.add_argument("--ttft-tokens", type=int, default=2048)
+    ap.add_argument("--ttft-timeout", type=float, default=900, help="seconds a TTFT row may take in all")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--io-threads", type=int, default=4, help="moepage page-in threads (and the read-rate probe's)")
     ap.add_argument("--no-pregate", dest="pregate", action="store_false",
@@ -254,12 +320,12 @@ def main():
               "io_threads": a.io_threads, "pregate": a.pregate, "ttft_tokens": a.ttft_tokens,
               "decode": a.decode, "prompt_tokens": a.prompt_tokens, "overhead": a.overhead, "rows": []}
     partial = os.path.join(a.out, "fullsize.partial.json")
-    for routing in a.routings.split(","):
+    for routing in a.routings.split(",") if a.caps else []:
         synthetic_gguf.patch_routing(a.gguf, synthetic_gguf.Routing(routing))
         rate = read_rate(a.gguf, threads=a.io_threads)
         result.setdefault("read_rate", {})[routing] = rate
         print(f"[{routing}] O_DIRECT read rate, 3 MiB slices x {a.io_threads}: {rate / 1e9:.2f} GB/s", file=sys.stderr)
-        for cap_gib in [float(c) for c in a.caps.split(",")]:
+        for cap_gib in [float(c) for c in a.caps.split(",") if c]:
             cap = int(cap_gib * GiB)
             for system in systems:
                 trace = os.path.join(a.out, f"trace-{routing}-{cap_gib:g}.jsonl") if system == "moepage" else None
@@ -278,8 +344,11 @@ def main():
         synthetic_gguf.patch_routing(a.gguf, synthetic_gguf.Routing(routing))
         cap = int(a.ttft_cap * GiB)
         for system in systems:
+            if any(r["system"] == system and r["cap_gib"] <= a.ttft_cap and "out of memory" in (r.get("error") or "")
+                   for r in result["rows"]):
+                continue  # killed for memory at this cap already: a longer prompt needs more
             print(f"[{routing}] {system} TTFT, {a.ttft_tokens} tokens at {a.ttft_cap:g} GiB ...", file=sys.stderr)
-            r = run_child(a, system, files["long"], cap, 2, a.ttft_tokens + 64, None, a.llama_time * 10)
+            r = run_child(a, system, files["long"], cap, 2, a.ttft_tokens + 64, None, a.llama_time, a.ttft_timeout)
             r.update(routing=routing, cap_gib=a.ttft_cap, kind="ttft")
             result["rows"].append(r)
             print("   ", {k: r.get(k) for k in ("ttft_s", "cgroup_peak_bytes", "error")}, file=sys.stderr)
@@ -292,27 +361,39 @@ def main():
 
 
 def table(result: dict) -> str:
+    """The README table: one line per (routing, cap); llama.cpp as run by default and with --no-repack."""
     rows = [r for r in result["rows"] if r["kind"] == "decode"]
-    lines = ["| routing | cap | moepage tok/s | llama.cpp tok/s | ratio | disk ceiling tok/s | hit rate | distinct/token "
-             "| overlap | moepage peak | llama.cpp peak | start-up s (moepage / llama.cpp) |", "|" + "---|" * 12]
+    f = lambda v, spec=".2f": format(v, spec) if isinstance(v, (int, float)) else "-"  # noqa: E731
+    gb = lambda v: f"{v / GiB:.2f}" if v else "-"  # noqa: E731
+
+    def tps(r):
+        if not r:
+            return "-"
+        if r.get("error"):
+            return "OOM-killed" if "out of memory" in r["error"] else r["error"]
+        return f"{f(r.get('decode_tps'))} ({r.get('n_decoded', 0)} tok)"
+
+    lines = ["| routing | cap GiB | moepage tok/s | llama.cpp tok/s | llama.cpp --no-repack tok/s | moepage / llama.cpp "
+             "| disk ceiling tok/s | hit rate (prefetched incl.) | distinct experts in decode (of all) "
+             "| overlap with previous token | MiB read/token "
+             "| peak GiB moepage / llama.cpp nr | start-up s moepage / llama.cpp nr |", "|" + "---|" * 13]
     for routing in dict.fromkeys(r["routing"] for r in rows):
         for cap in dict.fromkeys(r["cap_gib"] for r in rows):
-            m = next((r for r in rows if r["routing"] == routing and r["cap_gib"] == cap and r["system"] == "moepage"), {})
-            l = next((r for r in rows if r["routing"] == routing and r["cap_gib"] == cap and r["system"] == "llamacpp"), {})
-            f = lambda v, s=".2f": format(v, s) if isinstance(v, (int, float)) else (v or "-")  # noqa: E731
-            gb = lambda v: f"{v / GiB:.2f} GiB" if v else "-"  # noqa: E731
-            ratio = m.get("decode_tps") / l["decode_tps"] if m.get("decode_tps") and l.get("decode_tps") else None
+            pick = lambda s: next((r for r in rows if r["routing"] == routing and r["cap_gib"] == cap  # noqa: E731
+                                   and r["system"] == s), {})
+            m, l, n = pick("moepage"), pick("llamacpp"), pick("llamacpp-norepack")
+            best = max((x.get("decode_tps") or 0 for x in (l, n)), default=0)
+            ratio = f"{m['decode_tps'] / best:.1f}x" if m.get("decode_tps") and best else "-"
             lines.append(
-                f"| {routing} | {cap:g} GiB | {f(m.get('decode_tps')) if not m.get('error') else m['error']} "
-                f"| {f(l.get('decode_tps')) if not l.get('error') else l['error']} ({l.get('n_decoded', 0)} tok) "
-                f"| {f(ratio, '.1f')}x | {f(m.get('disk_ceiling_tps'))} | {f(m.get('decode_hit_rate'), '.1%')} "
-                f"| {f(m.get('distinct_per_token'), '.0f')} | {f(m.get('overlap_consecutive'), '.0%')} "
-                f"| {gb(m.get('cgroup_peak_bytes'))} | {gb(l.get('cgroup_peak_bytes'))} "
-                f"| {f(m.get('startup_s'), '.1f')} / {f(l.get('startup_s'), '.1f')} |")
+                f"| {routing} | {cap:g} | {tps(m)} | {tps(l)} | {tps(n)} | {ratio} | {f(m.get('disk_ceiling_tps'))} "
+                f"| {f(m.get('decode_hit_rate'), '.1%')} | {f(m.get('distinct_total_decode'), '.0f')} "
+                f"| {f(m.get('overlap_consecutive'), '.0%')} | {f((m.get('bytes_missed_per_token') or 0) / 2**20, '.0f')} "
+                f"| {gb(m.get('cgroup_peak_bytes'))} / {gb(n.get('cgroup_peak_bytes'))} "
+                f"| {f(m.get('startup_s'), '.1f')} / {f(n.get('startup_s'), '.1f')} |")
     for r in result["rows"]:
         if r["kind"] == "ttft":
-            lines.append(f"TTFT {result.get('ttft_tokens', '')} {r['system']} at {r['cap_gib']:g} GiB: "
-                         f"{r.get('ttft_s') or r.get('error')}")
+            lines.append(f"TTFT, {result.get('ttft_tokens')}-token prompt, {r['system']} at {r['cap_gib']:g} GiB: "
+                         + (f"{r['ttft_s']:.1f} s" if r.get("ttft_s") else str(r.get("error"))))
     return "\n".join(lines)
 
 
@@ -328,7 +409,8 @@ def plot(result: dict, path: str):
     rows = [r for r in result["rows"] if r["kind"] == "decode"]
     fig, ax = plt.subplots(figsize=(7, 4))
     for (system, routing), style in {("moepage", "uniform"): "o-", ("moepage", "skewed"): "o--",
-                                     ("llamacpp", "uniform"): "s-", ("llamacpp", "skewed"): "s--"}.items():
+                                     ("llamacpp-norepack", "uniform"): "s-", ("llamacpp-norepack", "skewed"): "s--",
+                                     ("llamacpp", "uniform"): "x-", ("llamacpp", "skewed"): "x--"}.items():
         pts = sorted((r["cap_gib"], r.get("decode_tps") or 0) for r in rows
                      if r["system"] == system and r["routing"] == routing)
         if pts:

@@ -28,13 +28,13 @@ def gpt_oss_config(vocab: int, eos: list[int], pad: int, **over):
                   head_dim=16, intermediate_size=64, num_local_experts=8, num_experts_per_tok=2, sliding_window=8,
                   max_position_embeddings=512, eos_token_id=eos, pad_token_id=pad, bos_token_id=None,
                   tie_word_embeddings=False)
-    fields.update(over)
-    cfg = GptOssConfig(**fields)
-    cfg.rope_parameters["original_max_position_embeddings"] = 64  # yarn, truncate false, as published (scaled)
-    return cfg
+    fields["rope_parameters"] = {"rope_type": "yarn", "factor": 8.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                 "truncate": False, "original_max_position_embeddings": 64, "rope_theta": 150000.0}
+    fields.update(over)  # YaRN with truncate false as published, the context scaled down with the model
+    return GptOssConfig(**fields)
 
 
-def random_model(cfg, seed: int):
+def random_model(cfg, seed: int, router_scale: float = 1.0):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
@@ -47,15 +47,20 @@ def random_model(cfg, seed: int):
                 p.uniform_(0.5, 1.5)  # off their init, so a wrong norm convention shows
             else:  # biases and sinks: non-zero
                 p.normal_(0.0, 0.3)
+        # rows of very different norms: decisive greedy choices (bf16 near-ties are rare), as trained models have
+        model.lm_head.weight.mul_(torch.randn(cfg.vocab_size, 1).mul(0.7).exp())
+        for layer in model.model.layers:  # router_scale > 1: decisive routing (rare near-ties between experts)
+            layer.mlp.router.weight.mul_(router_scale)
     return model.eval()
 
 
-def save_gpt_oss(out_dir, seed: int = 0, dtype=torch.float32, mxfp4_experts: bool = False, **over) -> Path:
+def save_gpt_oss(out_dir, seed: int = 0, dtype=torch.float32, mxfp4_experts: bool = False, router_scale: float = 1.0,
+                 **over) -> Path:
     """A tiny gpt-oss checkpoint (Harmony tokenizer and template) in out_dir."""
     out_dir = Path(out_dir)
     info = save_harmony_tokenizer(out_dir)
     cfg = gpt_oss_config(info["vocab_size"], info["eos_token_ids"], info["pad_token_id"], **over)
-    model = random_model(cfg, seed)
+    model = random_model(cfg, seed, router_scale)
     if mxfp4_experts:
         with torch.no_grad():  # the experts on the MXFP4 grid, so the float model is the dequantized reference
             for layer in model.model.layers:

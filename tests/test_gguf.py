@@ -186,11 +186,14 @@ def test_experts_stay_quantized_in_cache_and_budget(qwen3_ggufs):
     for k in sorted(engine.cache.resident_keys):
         engine.cache.release(k)
     per_layer = [engine.ckpt.experts.stored_nbytes(L) * engine.args.num_experts for L in engine.args.moe_layers]
-    assert sum(per_layer) == on_disk  # the cache counts each expert at its quantized size
-    # the plan sizes every expert like the largest (Q4_K_M mixes Q4_K and Q6_K down projections)
-    assert on_disk <= engine.plan.expert_bytes_total <= max(per_layer) * len(per_layer)
+    assert sum(per_layer) == on_disk  # each expert is stored at its quantized size
+    # the cache holds every expert in a slot like the largest layer's (Q4_K_M mixes Q4_K and Q6_K down
+    # projections), its three parts each widened to whole 4 KiB pages for O_DIRECT reads
+    n = engine.args.num_experts * len(per_layer)
+    slack = n * 3 * 2 * 4096
+    assert on_disk <= engine.plan.expert_bytes_total <= max(per_layer) * len(per_layer) + slack
     bf16_bytes = 2 * 3 * 256 * 256 * 8 * 2
-    assert engine.cache.used_bytes <= on_disk < bf16_bytes / 3
+    assert engine.cache.used_bytes <= on_disk + slack and on_disk < bf16_bytes / 3
     engine.close()
 
 

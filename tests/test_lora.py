@@ -97,6 +97,7 @@ def test_cli_train_lora_merge_and_serve_flag(checkpoints, tmp_path):
     config = json.loads((out / ADAPTER_CONFIG).read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 2
     assert set(config["target_modules"]) == {"q_proj", "k_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert "rank 2" in (out / "README.md").read_text() and "merged" in (out / "merged" / "README.md").read_text()
     ids = prompt_ids(16, 390)
     with_lora = Engine.load(EngineConfig(model=str(path), dtype="float32", lora=str(out)))
     merged = Engine.load(EngineConfig(model=str(out / "merged"), dtype="float32"))

@@ -133,3 +133,50 @@ def test_skewed_routing_is_skewed_and_patchable(tmp_path, qwen2_vocab):
     sg.patch_routing(uni, sg.Routing("skewed", ZIPF, seed=1))
     with open(uni, "rb") as a, open(skew, "rb") as b:
         assert a.read() == b.read()
+
+
+def test_gguf_experts_page_into_recycled_slots(tmp_path, qwen2_vocab, monkeypatch):
+    """An expert read into a reused slot has the bytes of a fresh read; under a 3-expert cache every page-in after
+    the first three reuses an evicted expert's slot (no fresh pages to fault in: at the 6 GB cap of the full-shape
+    bench that was most of the page-in threads' system time), and the tokens equal an unlimited run's."""
+    from moepage.engine import quantized_expert
+    from moepage.engine.gguf_checkpoint import open_gguf
+    from moepage.paging.gguf_experts import PARTS
+    from moepage.paging.pread import aligned_bytes
+
+    path = make(tmp_path, qwen2_vocab, "Q4_K_M")
+    ckpt = open_gguf(path)
+    src = ckpt.experts
+    slot = aligned_bytes(src.slot_nbytes())
+    slot.fill_(0xAB)
+    for layer, e in [(0, 3), (1, 5), (1, 0)]:
+        fresh, again = src.read_quantized(layer, e), src.read_quantized(layer, e, into=slot)
+        for p in PARTS:
+            t = getattr(again, p).data
+            assert torch.equal(getattr(fresh, p).data, t)
+            assert slot.data_ptr() <= t.data_ptr() < slot.data_ptr() + slot.numel()
+    ckpt.experts.file.close()
+
+    allocated = []
+    real = quantized_expert.aligned_bytes
+
+    def counted(n):
+        allocated.append(n)
+        return real(n)
+
+    monkeypatch.setattr(quantized_expert, "aligned_bytes", counted)
+    params = SamplingParams(max_tokens=12, temperature=1.0, top_k=40, seed=3, ignore_eos=True)
+    runs = {}
+    for name, cache in (("unlimited", None), ("three", 3 * src.slot_nbytes())):
+        allocated.clear()
+        engine = Engine.load(EngineConfig(path, dtype="float32", expert_cache_bytes=cache))
+        try:
+            ids = engine.tokenizer.encode("The quick brown fox")
+            runs[name] = [s.token for s in engine.generate(ids, params)]
+            stats = engine.cache.stats.snapshot()
+            values = [e.value for e in engine.cache._entries.values()]
+        finally:
+            engine.close()
+        assert all(v.buffer is not None and v.gate.data.data_ptr() >= v.buffer.data_ptr() for v in values)
+    assert stats["evictions"] >= 6 and len(allocated) <= 3
+    assert runs["three"] == runs["unlimited"]

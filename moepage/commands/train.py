@@ -100,12 +100,16 @@ def run(args) -> int:
     teacher = TrainableDecoder.from_pretrained(model_path(args.teacher)) if args.teacher else None
     result = train(model, corpus, cfg, args.out, resume=not args.no_resume, teacher=teacher)
     if args.lora:
-        from moepage.surgery.lora import save_adapter
+        from moepage.surgery.lora import lora_card, save_adapter
 
         save_adapter(model, args.out, base_model=args.model)
+        with open(os.path.join(args.out, "README.md"), "w") as f:
+            f.write(lora_card(model, args.model, result, merged=False))
         if args.merge:
-            model.save_pretrained(os.path.join(args.out, "merged"), dtype=getattr(torch, args.save_dtype),
-                                  tokenizer_from=args.model)
+            merged = os.path.join(args.out, "merged")
+            model.save_pretrained(merged, dtype=getattr(torch, args.save_dtype), tokenizer_from=args.model)
+            with open(os.path.join(merged, "README.md"), "w") as f:
+                f.write(lora_card(model, args.model, result, merged=True))
     else:
         model.save_pretrained(args.out, dtype=getattr(torch, args.save_dtype), tokenizer_from=args.model)
     losses = ", ".join(f"{k} {result[k]:.4f}" for k in ("loss", "lm", "router", "distill", "route_acc") if k in result)

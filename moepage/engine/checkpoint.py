@@ -166,8 +166,8 @@ def _open_hf(root: str, drop_page_cache: bool) -> Checkpoint:
     index = TensorIndex([SafetensorsFile(f, drop_page_cache=drop_page_cache) for f in _weight_files(root)])
     ckpt = Checkpoint(
         kind="hf", root=root, config=config, family=family, args=args,
-        experts=SafetensorsExpertSource(index, expert_names), names=names, expert_names=expert_names,
-        read_tensor=lambda n: index.read(n, "resident weight"),
+        experts=(family.expert_source or SafetensorsExpertSource)(index, expert_names), names=names,
+        expert_names=expert_names, read_tensor=lambda n: index.read(n, "resident weight"),
         tensor_nbytes=lambda n: index.info(n, "resident weight").nbytes,
         generation_config=_generation_config(root),
         tensor_numel=lambda n: _numel(index.info(n, "resident weight").shape),

@@ -11,7 +11,7 @@ import torch
 
 from moepage.engine.checkpoint import Checkpoint, open_checkpoint
 from moepage.engine.kv_cache import ContextOverflow
-from moepage.engine.lora_merge import apply_lora
+from moepage.engine.lora_merge import LoraMerge
 from moepage.engine.model import MoEModel
 from moepage.engine.prompt_cache import PromptCache
 from moepage.engine.sequence_state import SequenceState, state_nbytes
@@ -153,6 +153,7 @@ class Engine:
         one_kv = state_nbytes(args, ctx, dtype)  # KV of the attention layers + the recurrent layers' states
         kv_bytes = one_kv * cfg.parallel
         n_experts = len(args.moe_layers) * args.num_experts
+        lora = LoraMerge.open(cfg.lora, ckpt) if cfg.lora else None  # wraps ckpt.experts: merged at page-in
         load_expert, expert_nbytes, each = expert_loader(ckpt.experts, args, dtype, device)
         buffers = read_buffer_bytes(ckpt, cfg.io_threads)
         if cfg.memory_budget is not None and not cfg.lora:  # the budget checked from the headers, before loading
@@ -163,7 +164,7 @@ class Engine:
                    if not (c == "embed" and embed_rows is not None) and not (c == "lm_head" and head_rows is not None)}
         if head_rows is not None:  # read a block of rows at a time and keep it in the 12-bit form
             weights["lm_head"] = PackedMatrix((head_rows.rows, head_rows.cols), head_rows.block)
-        lora_bytes = apply_lora(cfg.lora, ckpt, weights) if cfg.lora else 0  # engine/lora_merge.py
+        lora_bytes = lora.merge_resident(weights) if lora else 0  # engine/lora_merge.py
         resident_bytes = lora_bytes + sum(t.nbytes if isinstance(t, PackedMatrix) else t.numel() * t.element_size()
                                           for t in weights.values())
         prompt_cache_bytes = 0

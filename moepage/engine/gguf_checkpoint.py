@@ -96,7 +96,7 @@ def open_gguf(path: str, drop_page_cache: bool = True, verify: bool = True) -> G
     gguf = GGUFFile(path, drop_page_cache=drop_page_cache)
     config = _config_from(gguf)
     family, args = model_args_of(config, f"{gguf.path} (GGUF metadata)")
-    source = GGUFExpertSource(gguf, dict(family.gguf_expert_names), args.moe_layers)
+    source = (family.gguf_expert_source or GGUFExpertSource)(gguf, dict(family.gguf_expert_names), args.moe_layers)
     ckpt = GGUFCheckpoint(
         kind="gguf", root=gguf.path, config=config, family=family, args=args, experts=source,
         names=dict(family.gguf_names), expert_names=dict(family.gguf_expert_names),

@@ -14,7 +14,9 @@ from typing import Callable
 import torch
 
 from moepage.kernels import mxfp4
+from moepage.kernels.ggml_linear import ggml_linear
 from moepage.paging.fused_experts import FusedExpertSource, FusedExpertWeights
+from moepage.paging.gguf_biased_experts import BiasedExpertWeights, BiasedGGUFExpertSource
 
 
 @dataclass(frozen=True)
@@ -24,8 +26,12 @@ class ClampedSwiGLU:
 
     def __call__(self, gate_up: torch.Tensor) -> torch.Tensor:
         """gate_up [t, 2I] (interleaved) -> [t, I]."""
-        gate = gate_up[..., ::2].clamp(min=None, max=self.limit)
-        up = gate_up[..., 1::2].clamp(min=-self.limit, max=self.limit)
+        return self.gated(gate_up[..., ::2], gate_up[..., 1::2])
+
+    def gated(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """gate, up [t, I] -> [t, I]."""
+        gate = gate.clamp(min=None, max=self.limit)
+        up = up.clamp(min=-self.limit, max=self.limit)
         return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
 
 
@@ -49,6 +55,33 @@ class GptOssExpert:
             return mxfp4.linear(h, w.down_proj, w.down_bias)
         h = self.act(x @ w.gate_up + w.gate_up_bias)  # [t, H] @ [H, 2I], as transformers multiplies
         return h @ w.down_proj + w.down_bias
+
+
+@dataclass
+class GptOssGGUFExpert:
+    """One expert of a gpt-oss GGUF: gate, up, down GGML-quantized (MXFP4 as llama.cpp's converter writes them,
+    multiplied by ggml's kernels, as llama.cpp does), biases float."""
+
+    w: BiasedExpertWeights
+    act: ClampedSwiGLU
+
+    @property
+    def nbytes(self) -> int:
+        return self.w.nbytes
+
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
+        """x [t, H] -> [t, H] in x's dtype."""
+        q, b = self.w.weights, self.w.biases
+        gate = ggml_linear(x, q.gate) + b["gate"].to(x.dtype)
+        up = ggml_linear(x, q.up) + b["up"].to(x.dtype)
+        return ggml_linear(self.act.gated(gate, up), q.down) + b["down"].to(x.dtype)
+
+
+def gguf_expert_loader(source: BiasedGGUFExpertSource, layers: list[int], act: ClampedSwiGLU
+                       ) -> tuple[Callable, Callable[[int], int], int]:
+    sizes = {layer: source.stored_nbytes(layer) for layer in layers}
+    return (lambda layer, e: GptOssGGUFExpert(source.read_biased(layer, e), act), lambda layer: sizes[layer],
+            max(sizes.values()))
 
 
 def prepare(w: FusedExpertWeights, act: ClampedSwiGLU, dtype: torch.dtype, device) -> GptOssExpert:

@@ -211,37 +211,53 @@ class LoraExpertSource(ExpertSource):
         return f"{self.base.describe()} + LoRA on {len(self.factors)} experts (merged at page-in)"
 
 
-def apply_lora(path: str, ckpt, weights: dict[str, torch.Tensor]) -> int:
-    """Merge the adapter at path into `weights` (canonical name -> resident tensor, changed in place) and wrap
-    ckpt.experts so routed experts are merged as they page in. Returns the bytes of expert factors kept resident.
+class LoraMerge:
+    """An adapter applied to an opened checkpoint in two steps: open() wraps ckpt.experts (before the engine builds its
+    expert loader), merge_resident(weights) merges the resident matrices once they are read."""
 
-    Every factor must land on a weight the model has; embeddings, the lm_head, norms and biases are refused."""
-    adapter = read_adapter(path)
-    if ckpt.kind not in ("hf", "split") or getattr(ckpt.experts, "quantized", False):
-        raise CheckpointError(f"{adapter.path}: --lora merges into safetensors weights; this model is {ckpt.kind} "
-                              "(merge the adapter into the safetensors model with `moepage train --merge`, then convert)")
-    args = ckpt.args
-    by_name = {to_checkpoint(ckpt.names, c): c for c in weights}
-    experts = expert_factor_table(ckpt, adapter, list(args.moe_layers), args.num_experts)
-    expert_names = {t.format(L=layer, E=e) for layer, e in experts for t in ckpt.expert_names.values()}
-    for name in adapter.factors:
-        canonical = by_name.get(name)
-        if canonical is None and name not in expert_names:
-            raise CheckpointError(f"{adapter.path}: the adapter adapts {shown(name)}, which this model does not have "
-                                  "(an adapter for another model?)")
-        if canonical is not None and (canonical in ("embed", "lm_head", "norm") or weights[canonical].dim() != 2):
-            raise CheckpointError(f"{adapter.path}: adapting {shown(name)} is not supported (embeddings, lm_head, "
-                                  "norms and biases stay as they are)")
-    shapes = expert_shapes(args)
-    for (layer, e), parts in experts.items():
-        for part in parts:
-            check_factor(adapter, ckpt.expert_names[part].format(L=layer, E=e), shapes[part])
-    for name, fac in adapter.factors.items():
-        canonical = by_name.get(name)
-        if canonical is not None:
-            check_factor(adapter, name, tuple(weights[canonical].shape))
-            weights[canonical] = fac.merged(weights[canonical])
-    if experts:
-        ckpt.experts = LoraExpertSource(ckpt.experts, experts)
-        return ckpt.experts.nbytes
-    return 0
+    def __init__(self, adapter: Adapter, ckpt, experts: dict[tuple[int, int], dict[str, LoraFactor]]):
+        self.adapter, self.ckpt, self.experts = adapter, ckpt, experts
+
+    @classmethod
+    def open(cls, path: str, ckpt) -> "LoraMerge":
+        adapter = read_adapter(path)
+        if ckpt.kind not in ("hf", "split") or getattr(ckpt.experts, "quantized", False):
+            raise CheckpointError(f"{adapter.path}: --lora merges into safetensors weights; this model is {ckpt.kind} "
+                                  "(merge the adapter into the safetensors model with `moepage train --merge`, then "
+                                  "convert)")
+        args = ckpt.args
+        experts = expert_factor_table(ckpt, adapter, list(args.moe_layers), args.num_experts)
+        shapes = expert_shapes(args)
+        for (layer, e), parts in experts.items():
+            for part in parts:
+                check_factor(adapter, ckpt.expert_names[part].format(L=layer, E=e), shapes[part])
+        if experts:
+            ckpt.experts = LoraExpertSource(ckpt.experts, experts)
+        return cls(adapter, ckpt, experts)
+
+    def merge_resident(self, weights: dict[str, torch.Tensor]) -> int:
+        """Merge into weights (canonical name -> resident tensor, changed in place); returns the bytes of expert
+        factors kept resident. Every factor must land on a weight the model has; embeddings, the lm_head, norms and
+        biases are refused."""
+        adapter, ckpt = self.adapter, self.ckpt
+        by_name = {to_checkpoint(ckpt.names, c): c for c in weights}
+        expert_names = {t.format(L=layer, E=e) for layer, e in self.experts for t in ckpt.expert_names.values()}
+        for name in adapter.factors:
+            canonical = by_name.get(name)
+            if canonical is None and name not in expert_names:
+                raise CheckpointError(f"{adapter.path}: the adapter adapts {shown(name)}, which this model does not "
+                                      "have (an adapter for another model?)")
+            if canonical is not None and (canonical in ("embed", "lm_head", "norm") or weights[canonical].dim() != 2):
+                raise CheckpointError(f"{adapter.path}: adapting {shown(name)} is not supported (embeddings, "
+                                      "lm_head, norms and biases stay as they are)")
+        for name, fac in adapter.factors.items():
+            canonical = by_name.get(name)
+            if canonical is not None:
+                check_factor(adapter, name, tuple(weights[canonical].shape))
+                weights[canonical] = fac.merged(weights[canonical])
+        return sum(f.nbytes for parts in self.experts.values() for f in parts.values())
+
+
+def apply_lora(path: str, ckpt, weights: dict[str, torch.Tensor]) -> int:
+    """Both steps at once, for a caller that builds its expert loader after reading the resident weights."""
+    return LoraMerge.open(path, ckpt).merge_resident(weights)

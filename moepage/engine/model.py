@@ -17,6 +17,7 @@ from moepage.engine.attention.gqa import QK_NORM_MODE, norm_of
 from moepage.engine.kv_cache import ContextOverflow, KVCache
 from moepage.engine.model_args import ModelArgs
 from moepage.engine.moe import SparseMoE
+from moepage.engine.router import Router
 from moepage.engine.sequence_state import SequenceState
 from moepage.kernels import native
 from moepage.kernels.cpu_bf16 import linear
@@ -65,7 +66,8 @@ class MoEModel:
                 shared = None
                 if args.shared_expert_intermediate_size:
                     shared = (weights[p + "shared_gate"], weights[p + "shared_up"], weights[p + "shared_down"])
-                layer.moe = SparseMoE(i, weights[p + "router"], args.routing, cache, shared, opt("shared_expert_gate"))
+                router = Router(weights[p + "router"], args.routing, bias=opt("router_bias"))
+                layer.moe = SparseMoE(i, router, None, cache, shared, opt("shared_expert_gate"))
             else:
                 layer.dense = (weights[p + "dense_gate"], weights[p + "dense_up"], weights[p + "dense_down"])
             self.layers.append(layer)

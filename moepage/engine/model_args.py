@@ -41,7 +41,15 @@ class ModelArgs:
     attn_output_gate: bool = False  # full attention: doubled q_proj, per head [q, gate], out * sigmoid(gate)
     partial_rotary_factor: float = 1.0  # RoPE on the first head_dim * factor dims of each head
     norm_unit_offset: bool = False  # RMSNorms compute h * (1 + w) in float32 (Qwen3.5, Qwen3-Next)
+    norm_float_weight: bool = False  # RMSNorms compute w * h in float32, rounded once (gpt-oss)
     linear_attention: dict | None = None  # the Gated DeltaNet layers' sizes (GatedDeltaShape fields)
+    # gpt-oss: learned per-head attention sinks, the window of its "sliding_attention" layers (sliding_window above
+    # windows every layer, as Mixtral's), a router bias, experts with biases around a clamped SwiGLU
+    attn_sinks: bool = False
+    sliding_attention_window: int | None = None
+    router_bias: bool = False
+    swiglu_limit: float | None = None
+    swiglu_alpha: float = 1.702
 
     @property
     def top_k(self) -> int:
@@ -251,7 +259,7 @@ def resident_shape(args: ModelArgs, canonical: str) -> tuple[int, ...]:
         return mixer[name]
     shapes = {
         "attn_norm": (H,), "ffn_norm": (H,),
-        "router": (args.num_experts, H), "dense_gate": (F, H), "dense_up": (F, H), "dense_down": (H, F),
+        "router": (args.num_experts, H), "router_bias": (args.num_experts,), "dense_gate": (F, H), "dense_up": (F, H), "dense_down": (H, F),
         "shared_gate": (S, H), "shared_up": (S, H), "shared_down": (H, S), "shared_expert_gate": (1, H),
     }
     return shapes[name]

@@ -20,6 +20,8 @@ def resident_names(args: ModelArgs) -> list[str]:
         names += [p + "attn_norm", p + "ffn_norm"] + [p + n for n in mixer_class(kind).weight_shapes(args, i)]
         if args.sparse_layers[i]:
             names.append(p + "router")
+            if args.router_bias:
+                names.append(p + "router_bias")
             if args.shared_expert_intermediate_size:
                 names += [p + "shared_gate", p + "shared_up", p + "shared_down"]
                 if args.shared_expert_gate:

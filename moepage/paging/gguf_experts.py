@@ -13,6 +13,7 @@ import torch
 
 from moepage.kernels.ggml import QuantizedTensor, can_compute, is_quantized, unsupported
 from moepage.paging.gguf_file import GGUFFile
+from moepage.paging.pread import ALIGN, span_bytes
 from moepage.paging.safetensors_file import CheckpointError, SafetensorsFile
 from moepage.paging.sources import (
     ExpertSource, ExpertWeights, ShardFiles, Shapes, check_shape, check_unchanged, paging_in,
@@ -87,13 +88,39 @@ class GGUFExpertSource(QuantizedExpertSource):
                 check_shape(self.file.path, name, self.file.info(name).shape, (num_experts, *shapes[p]),
                             f"layer {layer} experts {p}")
 
-    def read_quantized(self, layer: int, expert: int) -> QuantizedExpertWeights:
+    def read_quantized(self, layer: int, expert: int, into: torch.Tensor | None = None) -> QuantizedExpertWeights:
+        """into: an ALIGN-aligned uint8 slot of at least slot_nbytes() bytes (an evicted expert's, reused: no
+        fresh pages to fault in); the three parts are read into it one after another, each at an aligned offset."""
         with paging_in(layer, expert):
             check_unchanged(self.file, f"layer {layer} expert {expert}")
-            return QuantizedExpertWeights(**{
-                p: self.file.read_slice(self.table[p].format(L=layer), expert, f"layer {layer} expert {expert} {p}")
-                for p in PARTS
-            })
+            if into is not None and into.numel() < self.slot_nbytes():
+                raise ValueError(f"expert slot of {into.numel()} bytes < {self.slot_nbytes()}")
+            parts, at = {}, 0
+            for p in PARTS:
+                name = self.table[p].format(L=layer)
+                view = None
+                if into is not None:
+                    info = self.file.info(name)
+                    each = info.nbytes // info.shape[0]
+                    span = span_bytes(info.start + expert * each, info.start + (expert + 1) * each)
+                    view, at = into[at : at + span], at + span
+                parts[p] = self.file.read_slice(name, expert, f"layer {layer} expert {expert} {p}", into=view)
+            return QuantizedExpertWeights(**parts)
+
+    def slot_nbytes(self) -> int:
+        """Bytes of one expert slot that any layer's expert fits in with its parts read aligned: the same for
+        every layer, so an evicted expert's slot always takes the next read."""
+        if not hasattr(self, "_slot"):
+            worst = 0
+            for layer in self.moe_layers:
+                total = 0
+                for p in PARTS:
+                    info = self.file.info(self.table[p].format(L=layer), "expert")
+                    each = info.nbytes // info.shape[0]
+                    total += -(-each // ALIGN) * ALIGN + ALIGN  # widened to ALIGN at both ends, at worst
+                worst = max(worst, total)
+            self._slot = worst
+        return self._slot
 
     def stored_nbytes(self, layer: int) -> int:
         total = 0

@@ -47,14 +47,16 @@ class GGUFFile(PreadFile):
         raw = self.read_span(info.start, info.end)
         return QuantizedTensor(raw, info.type, info.shape, name)
 
-    def read_slice(self, name: str, index: int, what: str = "tensor") -> QuantizedTensor:
-        """Sub-tensor `index` of the outermost dimension (one expert of a [E, R, C] tensor): one pread."""
+    def read_slice(self, name: str, index: int, what: str = "tensor", into: torch.Tensor | None = None
+                   ) -> QuantizedTensor:
+        """Sub-tensor `index` of the outermost dimension (one expert of a [E, R, C] tensor): one pread (into an
+        aligned buffer of span_bytes when given)."""
         info = self.info(name, what)
         outer, inner = info.shape[0], info.shape[1:]
         if not 0 <= index < outer:
             raise CheckpointError(f"{self.path}: index {index} out of range for tensor {name!r} of shape {info.shape}")
         each = info.nbytes // outer
-        raw = self.read_span(info.start + index * each, info.start + (index + 1) * each)
+        raw = self.read_span(info.start + index * each, info.start + (index + 1) * each, into)
         return QuantizedTensor(raw, info.type, inner, f"{name}[{index}]")
 
     def read(self, name: str, dtype: torch.dtype | None = None, what: str = "tensor") -> torch.Tensor:

@@ -101,6 +101,9 @@ def _plan_tensors(model_dir: str, config: dict) -> tuple[str, object, list[_Tens
     """(gguf arch, ModelArgs, tensors in file order, is_moe)."""
     model_type = config.get("model_type")
     spec = FAMILIES.get(model_type)
+    if spec is not None and spec.expert_source is not None:
+        raise GGUFExportError(f"model_type {model_type!r} keeps its experts fused per layer (with biases): export "
+                              f"it with llama.cpp's convert_hf_to_gguf.py")
     if spec is not None and spec.gguf_arch:
         from moepage.engine.checkpoint import open_checkpoint
 

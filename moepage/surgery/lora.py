@@ -134,3 +134,23 @@ def save_adapter(model: LoraDecoder, out_dir: str, base_model: str):
     with open(os.path.join(out_dir, ADAPTER_CONFIG), "w") as f:
         json.dump(adapter_config(model, base_model), f, indent=2)
         f.write("\n")
+
+
+def lora_card(model: LoraDecoder, base_model: str, result: dict, merged: bool) -> str:
+    """README.md for an adapter directory (or its merged model): what was adapted, how, and the training outcome."""
+    from moepage import __version__
+
+    spec = model.spec
+    what = "the base model with the adapter merged in" if merged else "a LoRA adapter (PEFT format)"
+    loss = ", ".join(f"{k} {result[k]:.4f}" for k in ("loss", "lm", "distill") if k in result)
+    return "\n".join([
+        "---", f"base_model: {base_model}", "tags:", "- moepage", "- lora", *(["- peft"] if not merged else []), "---",
+        "", f"# {os.path.basename(os.path.normpath(base_model))} + LoRA", "",
+        f"Made with moepage {__version__} `train --lora`: {what}.", "",
+        f"- rank {spec.rank}, alpha {spec.alpha if spec.alpha is not None else spec.rank}, targets "
+        f"{', '.join(spec.targets)} ({len(model.targets)} matrices: {', '.join(model.target_modules())})",
+        f"- {result.get('step', 0)} steps" + (f"; last logged {loss}" if loss else ""),
+        "- serve the adapter without merging: `moepage serve BASE --lora ADAPTER` (merged at load and into each "
+        "routed expert as it pages in); transformers + PEFT: `PeftModel.from_pretrained(model, ADAPTER)`",
+        "",
+    ])

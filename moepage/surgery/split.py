@@ -43,6 +43,9 @@ def split_checkpoint(src: str, out: str, log: Callable[[str], None] = lambda s: 
     """lossless: store each bf16 expert in the 12-bit encoding (paging/bf16_12bit.py): a quarter fewer bytes to
     page in, the same bits after decoding. progress(done, total) is called after each expert shard."""
     ckpt = open_checkpoint(src, drop_page_cache=False, verify=True)
+    if ckpt.family.expert_source is not None:  # refused before anything is written
+        raise ValueError(f"{src}: {ckpt.family.name} keeps its experts fused per layer (with biases; MXFP4 as "
+                         f"published), which `moepage split` does not write yet; serve the directory itself")
     if os.path.exists(os.path.join(out, MANIFEST)):
         raise FileExistsError(f"{out}: already holds a split model ({MANIFEST}); choose an empty directory")
     if lossless and ckpt.args.moe_layers:  # refused before anything is written

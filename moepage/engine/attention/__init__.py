@@ -8,8 +8,10 @@ def mixer_class(kind: str):
     """The TokenMixer class for a layer_types entry."""
     from moepage.engine.attention.gated_delta import GatedDeltaMixer
     from moepage.engine.attention.gqa import GQA
+    from moepage.engine.attention.sliding import SlidingWindowAttention
 
-    mixers = {GQA.kind: GQA, GatedDeltaMixer.kind: GatedDeltaMixer}
+    mixers = {GQA.kind: GQA, GatedDeltaMixer.kind: GatedDeltaMixer,
+              SlidingWindowAttention.kind: SlidingWindowAttention}
     if kind not in mixers:
         raise ConfigError(f"layer_types: unsupported layer kind {kind!r}; supported: {', '.join(sorted(mixers))}")
     return mixers[kind]

@@ -1,6 +1,7 @@
 """Grouped-query softmax attention (the "full_attention" layers of every family): q/k RMSNorm per head or over all
-heads, qkv and output biases, qkv clipping, a sliding window, RoPE on all or the first part of each head, and the
-sigmoid output gate of Qwen3.5/3.6 and Qwen3-Next (a doubled q_proj: per head [q, gate]).
+heads, qkv and output biases, qkv clipping, a sliding window, RoPE on all or the first part of each head, the
+sigmoid output gate of Qwen3.5/3.6 and Qwen3-Next (a doubled q_proj: per head [q, gate]), and gpt-oss's learned
+per-head sinks (kernels/sink_attention.py).
 
 Shape legend: T tokens in this step, H hidden, N query heads, G kv heads, D head dim, R rotary dims (<= D),
 S positions attended.
@@ -16,15 +17,18 @@ from moepage.engine.attention.base import KVLayer, MixerContext, TokenMixer
 from moepage.engine.kv_cache import KVCache
 from moepage.engine.model_args import ModelArgs
 from moepage.kernels.cpu_bf16 import linear
-from moepage.kernels.norm import rms_norm, rms_norm_unit_offset
+from moepage.kernels.norm import rms_norm, rms_norm_float_weight, rms_norm_unit_offset
 from moepage.kernels.rope import apply_rope
+from moepage.kernels.sink_attention import attend_with_sinks
 
 QK_NORM_MODE = {None: 0, "head": 1, "full": 2}  # the fused decode kernels' q/k norm argument
-OPTIONAL = ("q_bias", "k_bias", "v_bias", "o_bias", "q_norm", "k_norm")
+OPTIONAL = ("q_bias", "k_bias", "v_bias", "o_bias", "q_norm", "k_norm", "sinks")
 
 
 def norm_of(args: ModelArgs):
     """The RMSNorm of a family's main norms: Llama's (w * h rounded first) or the zero-centred 1 + w."""
+    if args.norm_float_weight:
+        return rms_norm_float_weight
     return rms_norm_unit_offset if args.norm_unit_offset else rms_norm
 
 
@@ -42,7 +46,8 @@ class GQA(TokenMixer):
         self.norm = norm_of(args)
         # the bf16/GGML decode kernels compute exactly this layer: Llama norms, full-width RoPE, no gate, no clip
         self.fused_decode = (not args.attn_output_gate and args.rotary_dim == args.head_dim
-                             and not args.norm_unit_offset and args.clip_qkv is None)
+                             and not args.norm_unit_offset and args.clip_qkv is None and not args.attn_sinks
+                             and not args.norm_float_weight)
 
     @classmethod
     def weight_shapes(cls, args: ModelArgs, layer: int) -> dict[str, tuple[int, ...]]:
@@ -56,6 +61,8 @@ class GQA(TokenMixer):
         if args.qk_norm:
             per_head = args.qk_norm == "head"
             shapes |= {"q_norm": (D,) if per_head else (q,), "k_norm": (D,) if per_head else (kv,)}
+        if args.attn_sinks:
+            shapes["sinks"] = (args.num_heads,)
         return shapes
 
     @classmethod
@@ -98,15 +105,23 @@ class GQA(TokenMixer):
         v = v.view(1, T, G, D).transpose(1, 2)
         cos, sin = self.rope.get(start, T)
         q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
-        keys, values = state.update(k, v, start)  # [1, G, S, D]
-        out = self._attend(q, keys, values, start)  # [1, N, T, D]
+        keys, values, k_start = self._cache(state, k, v, start)  # [1, G, S, D], S positions from k_start
+        out = self._attend(q, keys, values, start, k_start)  # [1, N, T, D]
         out = out.transpose(1, 2).reshape(T, N * D)  # [T, N*D]
         if gate is not None:
             out = out * torch.sigmoid(gate)
         return linear(out, self.o, self.o_bias)
 
-    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int) -> torch.Tensor:
+    def _cache(self, state: KVLayer, k: torch.Tensor, v: torch.Tensor, start: int):
+        """k, v [1, G, T, D] at start.. into the state -> (every key and value so far, the first one's position)."""
+        keys, values = state.update(k, v, start)
+        return keys, values, 0
+
+    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int,
+                k_start: int = 0) -> torch.Tensor:
         a = self.args
+        if self.sinks is not None:
+            return attend_with_sinks(q, keys, values, self.sinks, self.scale, start, k_start, a.sliding_window)
         T, window = q.shape[2], a.sliding_window
         if T == 1 and (window is None or keys.shape[2] <= window):  # one new token sees every cached position
             # The query heads sharing a kv head become rows of one query block: no K/V expansion for GQA

@@ -40,6 +40,11 @@ class FamilySpec:
     gguf_names: Mapping[str, str] = field(default_factory=lambda: MappingProxyType(common.GGUF))
     gguf_expert_names: Mapping[str, str] = field(default_factory=lambda: MappingProxyType(common.GGUF_EXPERTS))
     gguf_tensor: Callable | None = None  # (GGUF name, tensor) -> tensor as the family's math takes it
+    # (TensorIndex, expert names) -> the ExpertSource of an HF checkpoint whose experts are not stored one tensor per
+    # expert (gpt-oss's fused [E, ...] tensors); None: SafetensorsExpertSource
+    expert_source: Callable | None = None
+    # (GGUFFile, expert names, MoE layers) -> the ExpertSource of a .gguf file when it is not GGUFExpertSource
+    gguf_expert_source: Callable | None = None
 
     def layout(self, config: dict) -> Layout:
         return self.layouts.get(config.get("model_type"), Layout())
