@@ -9,6 +9,9 @@ Tokenizer: the real Qwen2 tokenizer from llama-cpp-python's sdist (models/ggml-v
     python bench/make_model.py --shape qwen3-30b-a3b --quant Q4_K_M --synthetic OUT.gguf --vocab-gguf PATH
         [--routing skewed]   # a full-shape GGUF written directly (bench/synthetic_gguf.py), no bf16 step
 
+    python bench/make_model.py OUT --family qwen3_5_moe   # Qwen3.5/3.6-MoE shape at the same scale: 9 Gated
+        # DeltaNet + 3 gated-attention layers (3:1, as 35B-A3B), DeltaNet heads 8 key / 16 value x 128, shared expert
+
 --gguf also writes the same model as a bf16 GGUF with llama.cpp's own converter (convert_hf_to_gguf.py from the
 llama-cpp-python sdist's vendor/llama.cpp, given as --converter), for the llama.cpp side of bench/bench.py.
 """
@@ -43,6 +46,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--gguf", default=None, help="also write this bf16 GGUF with llama.cpp's converter")
     ap.add_argument("--converter", default=None, help="directory holding llama.cpp's convert_hf_to_gguf.py")
+    ap.add_argument("--family", choices=("qwen3_moe", "qwen3_5_moe"), default="qwen3_moe")
     a = ap.parse_args()
     from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
@@ -63,7 +67,7 @@ def main():
         num_key_value_heads=4, head_dim=128, num_experts=a.experts, num_experts_per_tok=a.top_k,
         moe_intermediate_size=a.ffn, intermediate_size=3 * a.hidden, max_position_embeddings=4096,
         norm_topk_prob=True, eos_token_id=eos, tie_word_embeddings=False, rope_theta=1e6,
-    )
+    ) if a.family == "qwen3_moe" else qwen3_5_config(a, eos)
     torch.manual_seed(a.seed)
     with torch.device("cpu"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
@@ -77,8 +81,23 @@ def main():
         if not a.converter:
             sys.exit("--gguf needs --converter (the llama-cpp-python sdist's vendor/llama.cpp directory)")
         env = dict(os.environ, PYTHONPATH=os.path.join(a.converter, "gguf-py"))
+        mtp = ["--no-mtp"] if a.family == "qwen3_5_moe" else []  # the converter expects an MTP head otherwise
         subprocess.run([sys.executable, os.path.join(a.converter, "convert_hf_to_gguf.py"), a.out, "--outfile", a.gguf,
-                        "--outtype", "bf16"], check=True, env=env)
+                        "--outtype", "bf16", *mtp], check=True, env=env)
+
+
+def qwen3_5_config(a, eos):
+    """The text-only Qwen3.5-MoE layout (Qwen3_5MoeForCausalLM) at the bench model's scale."""
+    from transformers import Qwen3_5MoeTextConfig
+
+    return Qwen3_5MoeTextConfig(
+        vocab_size=a.vocab, hidden_size=a.hidden, num_hidden_layers=a.layers, num_attention_heads=8,
+        num_key_value_heads=2, head_dim=128, linear_num_key_heads=8, linear_num_value_heads=16,
+        linear_key_head_dim=128, linear_value_head_dim=128, linear_conv_kernel_dim=4, num_experts=a.experts,
+        num_experts_per_tok=a.top_k, moe_intermediate_size=a.ffn, shared_expert_intermediate_size=a.ffn,
+        max_position_embeddings=4096, eos_token_id=eos, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25},
+    )
 
 
 if __name__ == "__main__":

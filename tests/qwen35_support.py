@@ -159,3 +159,20 @@ def stored_shapes(model_dir) -> dict[str, tuple[int, ...]]:
             with safe_open(os.path.join(model_dir, name), "pt") as f:
                 shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
     return shapes
+
+
+def convert_to_gguf(converter_dir: str, hf_dir, out_path, outtype: str = "f16") -> str:
+    """llama.cpp's convert_hf_to_gguf.py (tests/gguf_support.py's wrapper) with --no-mtp: its Qwen3.5/Qwen3-Next
+    classes expect an MTP head otherwise, which these tiny checkpoints do not have."""
+    import subprocess
+    import sys
+
+    from gguf_support import CONVERT_WRAPPER
+
+    wrapper = CONVERT_WRAPPER.replace('"--outtype", outtype]', '"--outtype", outtype, "--no-mtp"]')
+    assert wrapper != CONVERT_WRAPPER
+    r = subprocess.run([sys.executable, "-c", wrapper, converter_dir, json.dumps([[str(hf_dir), str(out_path), outtype]])],
+                       capture_output=True, text=True, env=dict(os.environ, NO_LOCAL_GGUF="1"), timeout=600)
+    if r.returncode != 0:
+        raise RuntimeError(f"convert_hf_to_gguf failed ({r.returncode}):\n{r.stderr[-4000:]}")
+    return str(out_path)

@@ -155,3 +155,18 @@ def test_serve_answers_over_http(published):
     assert body["usage"]["completion_tokens"] == 8
     assert body["choices"][0]["text"] == engine.tokenizer.decode(want)
     engine.close()
+
+
+def test_snapshot_at_the_current_length_continues_exactly(published):
+    """SequenceState.snapshot at the current length (not a marked chunk boundary) copies the live recurrent
+    states: a fresh state restored from it continues to the same logits bit for bit."""
+    engine = Engine.load(EngineConfig(str(published("float32")), tokenizer=False))
+    m, ids = engine.model, prompt_ids(21, 400, seed=7)
+    a = m.new_state(64)
+    m.forward(torch.tensor(ids[:13]), a)
+    snap = a.snapshot(13)
+    want = m.forward(torch.tensor(ids[13:]), a, all_logits=True)
+    b = m.new_state(64)
+    assert b.restore(snap, 13) == 13
+    assert torch.equal(m.forward(torch.tensor(ids[13:]), b, all_logits=True), want)
+    engine.close()

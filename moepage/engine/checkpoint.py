@@ -92,6 +92,10 @@ def model_args_of(config, where: str) -> tuple[FamilySpec, ModelArgs]:
         raise ConfigError(f"{where}: {e}") from None
 
 
+def _squeezed(shape) -> tuple:
+    return tuple(d for d in shape if d != 1)
+
+
 def check_shapes(ckpt: Checkpoint):
     """Every resident tensor's shape against what the config implies, and the experts' (now where the source can
     tell from headers, else at each page-in): a model that loads is one the forward pass can run."""
@@ -99,7 +103,8 @@ def check_shapes(ckpt: Checkpoint):
     for canonical, name in ckpt.resident_checkpoint_names().items():
         want = resident_shape(args, canonical)
         got = tuple(ckpt.tensor_shape(name))
-        if got != want and not (len(want) == 2 and want[0] == 1 and got == want[1:]):  # GGUF: a [1, H] row as [H]
+        # GGUF drops size-1 dimensions: a [1, H] row as [H], a conv [C, 1, W] as [C, W]
+        if got != want and not (len(got) < len(want) and _squeezed(got) == _squeezed(want)):
             raise CheckpointError(f"{ckpt.root}: tensor {name!r} has shape {list(got)}, the config implies "
                                   f"{list(want)}")
     ckpt.experts.expect(expert_shapes(args), args.moe_layers, args.num_experts)

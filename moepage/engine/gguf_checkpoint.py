@@ -67,9 +67,11 @@ class GGUFCheckpoint(Checkpoint):
         return os.path.dirname(self.gguf.path)
 
 
-def _reader(gguf: GGUFFile, config: dict):
-    """checkpoint (GGUF) name -> float tensor in HF layout."""
+def _reader(gguf: GGUFFile, config: dict, family=None):
+    """checkpoint (GGUF) name -> float tensor in HF layout (the family's gguf_tensor undoes its converter's
+    changes)."""
     llama = config.get("gguf_architecture") == "llama"
+    fix = getattr(family, "gguf_tensor", None)
 
     def read_tensor(name: str) -> torch.Tensor:
         t = gguf.read(name, what="resident weight")
@@ -79,7 +81,7 @@ def _reader(gguf: GGUFFile, config: dict):
             t = unpermute_qk(t, heads)
         if ONE_ROW.match(name) and t.dim() == 1:
             t = t.unsqueeze(0)  # [1, H]
-        return t
+        return fix(name, t) if fix is not None else t
 
     return read_tensor
 
@@ -98,7 +100,7 @@ def open_gguf(path: str, drop_page_cache: bool = True, verify: bool = True) -> G
     ckpt = GGUFCheckpoint(
         kind="gguf", root=gguf.path, config=config, family=family, args=args, experts=source,
         names=dict(family.gguf_names), expert_names=dict(family.gguf_expert_names),
-        read_tensor=_reader(gguf, config), tensor_nbytes=lambda n: gguf.info(n, "resident weight").nbytes,
+        read_tensor=_reader(gguf, config, family), tensor_nbytes=lambda n: gguf.info(n, "resident weight").nbytes,
         generation_config={}, tensor_shape=lambda n: gguf.info(n, "resident weight").shape,
         gguf=gguf, metadata=gguf.metadata,
     )
@@ -123,7 +125,7 @@ def open_gguf_split(root: str, manifest: dict, drop_page_cache: bool = True, ver
     ckpt = GGUFCheckpoint(
         kind="split", root=root, config=config, family=family, args=args, experts=source,
         names=dict(family.gguf_names), expert_names=dict(family.gguf_expert_names),
-        read_tensor=_reader(gguf, config), tensor_nbytes=lambda n: gguf.info(n, "resident weight").nbytes,
+        read_tensor=_reader(gguf, config, family), tensor_nbytes=lambda n: gguf.info(n, "resident weight").nbytes,
         generation_config={}, tensor_shape=lambda n: gguf.info(n, "resident weight").shape,
         gguf=gguf, metadata=gguf.metadata,
     )

@@ -48,6 +48,8 @@ class GatedDeltaShape:
     conv_kernel: int = 4
     rms_norm_eps: float = 1e-6
     chunk: int = 64  # the chunked rule's block length (transformers' chunk_size)
+    # value head h reads key head h % Hk (llama.cpp's qwen35 GGUFs reorder the value heads so), not h // (Hv/Hk)
+    tiled_value_heads: bool = False
 
     def __post_init__(self):
         for name in ("hidden", "num_k_heads", "num_v_heads", "k_head_dim", "v_head_dim", "conv_kernel", "chunk"):
@@ -141,8 +143,9 @@ class GatedDeltaNet:
         for n, s in want.items():
             if n not in weights:
                 raise ValueError(f"{name}: missing Gated DeltaNet weight {n}")
-            if tuple(weights[n].shape) != s and not (n == "conv1d" and tuple(weights[n].shape) == (s[0], s[2])):
-                raise ValueError(f"{name}.{n}: shape {tuple(weights[n].shape)}, expected {s}")
+            got = tuple(getattr(weights[n], "qweight", weights[n]).shape)  # a GGMLWeight: its logical shape
+            if got != s and not (n == "conv1d" and got == (s[0], s[2])):
+                raise ValueError(f"{name}.{n}: shape {got}, expected {s}")
         self.shape = shape
         self.layout = layout
         self.w = {n: weights[n] for n in want}
@@ -173,6 +176,8 @@ class GatedDeltaNet:
         q, k, v = torch.split(mixed, [s.key_dim, s.key_dim, s.value_dim], dim=-1)
         q, k = q.reshape(T, s.num_k_heads, s.k_head_dim), k.reshape(T, s.num_k_heads, s.k_head_dim)
         v = v.reshape(T, s.num_v_heads, s.v_head_dim)
+        if s.tiled_value_heads and s.num_v_heads != s.num_k_heads:  # [q_0 .. q_Hk-1, q_0 ..]: one per value head
+            q, k = (t.repeat(1, s.num_v_heads // s.num_k_heads, 1) for t in (q, k))
         beta = b.sigmoid()
         g = -w["A_log"].float().exp() * F.softplus(a.float() + w["dt_bias"])  # [T, Hv], log decay
         if T == 1 and state.tokens > 0:  # as transformers: the recurrent step for a decode token, chunks otherwise

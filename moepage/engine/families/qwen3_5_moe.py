@@ -7,11 +7,17 @@ text-only layout (qwen3_5_moe_text) keeps the text keys flat and the weights und
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
+import re
+
+import torch
+
 from moepage.engine.attention.gated_delta import CHECKPOINT_SUFFIX, PROJECTIONS, SHARED_WEIGHTS, GatedDeltaShape
 from moepage.engine.families import common
 from moepage.engine.families.spec import FamilySpec, Layout
 from moepage.engine.model_args import (
-    ConfigError, ModelArgs, common_args, experts_field, float_field, int_field,
+    ConfigError, ModelArgs, bool_field, common_args, experts_field, float_field, int_field,
 )
 from moepage.kernels.routing import RoutingConfig
 
@@ -28,6 +34,13 @@ def linear_attention_names(layout: str) -> dict[str, str]:
 
 NAMES = {**common.ATTENTION, **common.QWEN_MLP, **linear_attention_names("qwen3_5_moe")}
 EXPERT_NAMES = common.QWEN_EXPERTS
+# llama.cpp's names (conversion/qwen.py): the post-attention norm keeps its name, the DeltaNet weights are ssm_*
+GGUF_NAMES = {**common.GGUF, "layers.{L}.ffn_norm": "blk.{L}.post_attention_norm.weight", **{
+    f"layers.{{L}}.linear_attn.{n}": f"blk.{{L}}.{g}" for n, g in (
+        ("in_proj_qkv", "attn_qkv.weight"), ("in_proj_z", "attn_gate.weight"), ("in_proj_b", "ssm_beta.weight"),
+        ("in_proj_a", "ssm_alpha.weight"), ("conv1d", "ssm_conv1d.weight"), ("dt_bias", "ssm_dt.bias"),
+        ("A_log", "ssm_a"), ("norm", "ssm_norm.weight"), ("out_proj", "ssm_out.weight"))}}
+OFFSET_NORMS = re.compile(r"^(output_norm|blk\.\d+\.(attn_norm|post_attention_norm|attn_q_norm|attn_k_norm))\.weight$")
 
 
 def layer_types(config: dict, layers: int) -> list[str]:
@@ -60,6 +73,8 @@ def hybrid_fields(config: dict, layout: str) -> dict:
         shape = GatedDeltaShape.from_config(config)
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from None
+    if bool_field(config, "linear_value_heads_tiled", False):  # set by gguf_config: llama.cpp's head order
+        shape = replace(shape, tiled_value_heads=True)
     return dict(
         num_experts=experts_field(config, "num_experts"),
         moe_intermediate_size=int_field(config, "moe_intermediate_size", lo=0),
@@ -75,7 +90,7 @@ def hybrid_fields(config: dict, layout: str) -> dict:
         linear_attention={"layout": layout, "hidden": shape.hidden, "num_k_heads": shape.num_k_heads,
                           "num_v_heads": shape.num_v_heads, "k_head_dim": shape.k_head_dim,
                           "v_head_dim": shape.v_head_dim, "conv_kernel": shape.conv_kernel,
-                          "rms_norm_eps": shape.rms_norm_eps},
+                          "rms_norm_eps": shape.rms_norm_eps, "tiled_value_heads": shape.tiled_value_heads},
     )
 
 
@@ -87,7 +102,38 @@ def model_args(config: dict) -> ModelArgs:
     )
 
 
+def gguf_config(f) -> dict:
+    """config.json keys from a qwen35moe GGUF (llama.cpp's converter; its MTP blocks, if written, are not read)."""
+    layers = f.count("block_count", limit="num_hidden_layers") - f.count("nextn_predict_layers", 0, lo=0)
+    recurrent = f.get("attention.recurrent_layers")
+    if isinstance(recurrent, list) and len(recurrent) >= layers:
+        types = ["linear_attention" if r else "full_attention" for r in recurrent[:layers]]
+    else:
+        every = f.count("full_attention_interval", 4)
+        types = ["full_attention" if (i + 1) % every == 0 else "linear_attention" for i in range(layers)]
+    v_heads, head_dim = f.count("ssm.time_step_rank"), \
+        f.count("attention.key_length", limit="head_dim")
+    return {"model_type": "qwen3_5_moe_text", "num_hidden_layers": layers, "layer_types": types, "mlp_only_layers": [],
+            "num_experts": f.experts, "moe_intermediate_size": f.expert_ffn,
+            "shared_expert_intermediate_size": f.count("expert_shared_feed_forward_length", 0, lo=0),
+            "linear_num_key_heads": f.count("ssm.group_count"), "linear_num_value_heads": v_heads,
+            "linear_key_head_dim": f.count("ssm.state_size"),
+            "linear_value_head_dim": f.count("ssm.inner_size") // v_heads,
+            "linear_conv_kernel_dim": f.count("ssm.conv_kernel"), "linear_value_heads_tiled": True,
+            "partial_rotary_factor": f.count("rope.dimension_count", head_dim, limit="head_dim") / head_dim}
+
+
+def gguf_tensor(name: str, t: torch.Tensor) -> torch.Tensor:
+    """Undo the converter: main norms are stored as 1 + w, the DeltaNet decay as A = -exp(A_log)."""
+    if OFFSET_NORMS.match(name):
+        return t.float() - 1.0
+    if name.endswith(".ssm_a"):
+        return torch.log(-t.float())
+    return t
+
+
 SPEC = FamilySpec(
     name="qwen3_5_moe", model_types=MODEL_TYPES, model_args=model_args, names=NAMES, expert_names=EXPERT_NAMES,
-    mixers=LINEAR_KINDS, layouts=LAYOUTS,
+    mixers=LINEAR_KINDS, layouts=LAYOUTS, gguf_arch="qwen35moe", gguf_norm_topk=True, gguf_config=gguf_config,
+    gguf_names=GGUF_NAMES, gguf_tensor=gguf_tensor,
 )

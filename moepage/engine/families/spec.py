@@ -39,6 +39,7 @@ class FamilySpec:
     gguf_config: Callable[..., dict] | None = None  # (GGUFFields) -> this family's config.json keys
     gguf_names: Mapping[str, str] = field(default_factory=lambda: MappingProxyType(common.GGUF))
     gguf_expert_names: Mapping[str, str] = field(default_factory=lambda: MappingProxyType(common.GGUF_EXPERTS))
+    gguf_tensor: Callable | None = None  # (GGUF name, tensor) -> tensor as the family's math takes it
     # (TensorIndex, expert names) -> the ExpertSource of an HF checkpoint whose experts are not stored one tensor per
     # expert (gpt-oss's fused [E, ...] tensors); None: SafetensorsExpertSource
     expert_source: Callable | None = None
