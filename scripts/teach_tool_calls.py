@@ -3,7 +3,7 @@
 (moepage/surgery/tool_transcripts.py, rendered with the model's own chat template), mixed with replay of its
 training corpus (the code domain with its ChatML Python answers, and the other domains) so what it knew stays.
 
-    nice -n 19 python scripts/teach_tool_calls.py [--work build/demo] [--steps 120] [--threads 2]
+    nice -n 19 python scripts/teach_tool_calls.py [--work build/demo] [--steps 45] [--threads 2]
 
 Stage 8 of the demo build, after scripts/train_demo.py (whose corpus under --work it re-uses). The loss on a
 transcript is taken on the assistant's tokens only (its call, its closing answer); on replay rows on every next
@@ -29,7 +29,11 @@ import torch.nn.functional as F  # noqa: E402
 
 from train_demo import PACKAGE_DIR, ROOT, with_chat_examples  # noqa: E402
 
+from moepage.engine.engine import Engine, EngineConfig  # noqa: E402  (imported up front: the save and the score
+from moepage.engine.sampling import SamplingParams  # noqa: E402  must not depend on the tree after an hour of training)
 from moepage.engine.tokenizer import Tokenizer  # noqa: E402
+from moepage.server.tool_parsers import parse_all  # noqa: E402
+from moepage.surgery.checkpoint_writer import ShardedWriter  # noqa: E402, F401
 from moepage.surgery.corpus import DomainCorpus  # noqa: E402
 from moepage.surgery.tool_transcripts import conversation, render, transcripts  # noqa: E402
 from moepage.surgery.train import TrainConfig, sample_batch  # noqa: E402
@@ -47,10 +51,6 @@ def masked_loss(model: TrainableDecoder, ids: list[int], mask: list[bool]) -> to
 def evaluate(model_dir: str, prose: str, n: int = 20, seed: int = 10_000) -> dict:
     """Greedy answers of the moepage engine to n held-out transcripts' first request (seeds not trained on)."""
     import random
-
-    from moepage.engine.engine import Engine, EngineConfig
-    from moepage.engine.sampling import SamplingParams
-    from moepage.server.tool_parsers import parse_all
 
     engine = Engine.load(EngineConfig(model=model_dir, ctx_size=2048, threads=2))
     good = offered = plain_ok = plain = 0
@@ -81,9 +81,11 @@ def main(argv=None):
     ap.add_argument("--work", default=os.path.join(ROOT, "build", "demo"))
     ap.add_argument("--model", default=PACKAGE_DIR)
     ap.add_argument("--out", default=PACKAGE_DIR)
-    ap.add_argument("--steps", type=int, default=120)
-    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--steps", type=int, default=45)
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0, help="of the transcripts (a continued run takes another)")
+    ap.add_argument("--eval-only", action="store_true", help="score --out as it is (no training)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -92,11 +94,14 @@ def main(argv=None):
     corpus = DomainCorpus.load(corpus_path)
     prose = tok.decode(corpus.train["prose"][:400_000].tolist())
     tok_dir = os.path.join(a.work, "tokenizer") if os.path.isdir(os.path.join(a.work, "tokenizer")) else a.model
+    if a.eval_only:
+        print(json.dumps(evaluate(a.out, prose)))
+        return
     replay = with_chat_examples(corpus, tok_dir)
-    data = transcripts(tok, prose, 2 * a.steps, seed=0, max_tokens=768)
+    data = transcripts(tok, prose, a.steps, seed=a.seed, max_tokens=768)
     model = TrainableDecoder.from_pretrained(a.model)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.0)
-    rcfg = TrainConfig(mode="lm", steps=a.steps, batch_size=4, seq_len=128, seed=7)
+    rcfg = TrainConfig(mode="lm", steps=a.steps, batch_size=2, seq_len=128, seed=7)
     log = []
     t0 = time.perf_counter()
     for step in range(a.steps):
@@ -104,7 +109,7 @@ def main(argv=None):
         for g in opt.param_groups:
             g["lr"] = lr
         opt.zero_grad()
-        tool_loss = sum(masked_loss(model, t.ids, t.mask) for t in data[2 * step : 2 * step + 2]) / 2
+        tool_loss = masked_loss(model, data[step].ids, data[step].mask)
         batch = sample_batch(replay, replay.domains, rcfg, step)
         logits = model(batch.ids[:, :-1]).logits
         replay_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.ids[:, 1:].reshape(-1))
@@ -115,6 +120,7 @@ def main(argv=None):
         if step % 10 == 0 or step == a.steps - 1:
             print(f"step {step}: tool {tool_loss.item():.3f} replay {replay_loss.item():.3f} "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    torch.save(model.state_dict(), os.path.join(a.work, "tools-state.pt"))  # kept whatever happens next
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp, dtype=torch.bfloat16)
         os.makedirs(a.out, exist_ok=True)

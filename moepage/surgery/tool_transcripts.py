@@ -48,10 +48,22 @@ class Transcript:
     mask: list[bool]  # True where the token is the assistant's (the loss is taken there)
 
 
-def tool_definition(name: str, description: str) -> dict:
+def tool_definition(name: str, description: str, rng: random.Random | None = None) -> dict:
+    """An agent's tool schema; with rng, in the shapes agents send (a $schema key, an optional extra parameter)."""
     props = {p: {"type": "string", "description": d} for p, d in TOOL_PARAMS[name].items()}
-    return {"type": "function", "function": {"name": name, "description": description, "parameters": {
-        "type": "object", "properties": props, "required": list(props)}}}
+    required = list(props)
+    params = {"type": "object", "properties": props, "required": required}
+    if rng is not None and rng.random() < 0.5:
+        props["path"] = {"type": "string", "description": "The directory to search in. Omit it for the current one."}
+    if rng is not None and rng.random() < 0.5:
+        params = {"$schema": "https://json-schema.org/draft/2020-12/schema", **params}
+    return {"type": "function", "function": {"name": name, "description": description, "parameters": params}}
+
+
+def _description(snippet, rng: random.Random) -> str:
+    if rng.random() < 0.5:  # a bullet list, as agents write them
+        return "".join(f"- {snippet(20, 120)}\n" for _ in range(rng.randint(2, 7)))
+    return snippet(40, 500)
 
 
 def _fill(value, name: str):
@@ -83,8 +95,11 @@ def conversation(rng: random.Random, prose: str) -> tuple[list[dict], list[dict]
         system = (f"{rng.choice(AGENT_LINES)}\nYou are powered by the model named {rng.choice(MODEL_NAMES)}.\n"
                   f"{system}")
     if rng.random() < 0.5:
-        system += (f"\n<env>\n  Working directory: /tmp/{rng.choice(('proj', 'work', 'x', 'repo'))}\n  Platform: "
-                   f"linux\n</env>")
+        model = rng.choice(MODEL_NAMES)
+        system += (f"\nThe exact model ID is local/{model}\nHere is some useful information about the environment "
+                   f"you are running in:\n<env>\n  Working directory: /tmp/{rng.choice(('proj', 'work', 'x', 'repo'))}"
+                   f"\n  Workspace root folder: /\n  Is directory a git repo: {rng.choice(('yes', 'no'))}\n  Platform: "
+                   f"linux\n  Today's date: {rng.choice(('Mon', 'Tue', 'Fri'))} Dec 0{rng.randint(1, 9)} 2026\n</env>")
     if rng.random() < 0.25:
         user, answer = rng.choice(PLAIN)
         return [{"role": "system", "content": system}, {"role": "user", "content": user},
@@ -94,7 +109,7 @@ def conversation(rng: random.Random, prose: str) -> tuple[list[dict], list[dict]
     user = rng.choice(requests).replace("{name}", args.get("filePath", ""))
     names = [tool] + rng.sample([t for t in TOOL_PARAMS if t != tool], rng.randint(0, 4))
     rng.shuffle(names)
-    tools = [tool_definition(n, snippet(40, 500)) for n in names]
+    tools = [tool_definition(n, _description(snippet, rng), rng) for n in names]
     call = {"id": f"call_{rng.randrange(10**8)}", "type": "function",
             "function": {"name": tool, "arguments": json.dumps(args)}}
     messages = [{"role": "system", "content": system}, {"role": "user", "content": user},
