@@ -170,3 +170,11 @@ def test_snapshot_at_the_current_length_continues_exactly(published):
     assert b.restore(snap, 13) == 13
     assert torch.equal(m.forward(torch.tensor(ids[13:]), b, all_logits=True), want)
     engine.close()
+
+
+def test_moepage_gguf_export_refuses_linear_attention(published, tmp_path):
+    from moepage.surgery.gguf_export import GGUFExportError, write_gguf
+
+    with pytest.raises(GGUFExportError, match="linear-attention"):
+        write_gguf(str(published("float32")), str(tmp_path / "out.gguf"))
+    assert not (tmp_path / "out.gguf").exists()
