@@ -383,6 +383,8 @@ def table(result: dict) -> str:
             pick = lambda s: next((r for r in rows if r["routing"] == routing and r["cap_gib"] == cap  # noqa: E731
                                    and r["system"] == s), {})
             m, l, n = pick("moepage"), pick("llamacpp"), pick("llamacpp-norepack")
+            if not (m or l or n):
+                continue
             best = max((x.get("decode_tps") or 0 for x in (l, n)), default=0)
             ratio = f"{m['decode_tps'] / best:.1f}x" if m.get("decode_tps") and best else "-"
             lines.append(
