@@ -48,6 +48,13 @@ def masked_loss(model: TrainableDecoder, ids: list[int], mask: list[bool]) -> to
     return F.cross_entropy(logits[keep], target[keep])
 
 
+def _json(text: str | None):
+    try:
+        return json.loads(text or "null")
+    except ValueError:  # a malformed call counts as a wrong one
+        return None
+
+
 def evaluate(model_dir: str, prose: str, n: int = 20, seed: int = 10_000) -> dict:
     """Greedy answers of the moepage engine to n held-out transcripts' first request (seeds not trained on)."""
     import random
@@ -69,8 +76,8 @@ def evaluate(model_dir: str, prose: str, n: int = 20, seed: int = 10_000) -> dic
             offered += 1
             want = messages[2]["tool_calls"][0]["function"]
             _, calls = parse_all(text, tools)
-            good += bool(calls) and calls[0].name == want["name"] and \
-                json.loads(calls[0].arguments or "null") == json.loads(want["arguments"])
+            good += bool(calls) and calls[0].name == want["name"] and _json(calls[0].arguments) == \
+                json.loads(want["arguments"])
     finally:
         engine.close()
     return {"tool_requests": offered, "right_calls": good, "plain_requests": plain, "plain_without_call": plain_ok}
