@@ -10,7 +10,20 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
 import torch
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One torch/OpenMP thread for the module (restored after): on a shared 2-core runner two threads that meet at a
+    barrier each kernel call wait on each other's time slices (a test's wall time 5-10x); the answers checked do
+    not depend on the thread count."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 
 QWEN35_TEXT = dict(
     vocab_size=400, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,

@@ -17,6 +17,7 @@ from moepage.engine.moe import PreparedExpert
 from moepage.engine.sampling import SamplingParams
 from moepage.surgery.split import split_checkpoint
 from qwen35_support import save_qwen3_next
+from qwen35_support import one_torch_thread  # noqa: F401 (autouse: one thread here)
 
 
 @pytest.fixture(scope="module")
