@@ -20,6 +20,7 @@ from moepage.engine.moe import PreparedExpert
 from moepage.engine.sampling import SamplingParams
 from moepage.surgery.split import split_checkpoint
 from qwen35_support import save_qwen35, save_qwen35_text, with_published_extras
+from qwen35_support import one_torch_thread  # noqa: F401 (autouse: one thread here)
 
 
 def reference(path, dtype=torch.float32):
