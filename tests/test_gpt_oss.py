@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from gpt_oss_support import reference, save_gpt_oss
+from gpt_oss_support import one_torch_thread  # noqa: F401 (autouse: one thread here)
 from moepage.engine.attention.sliding import WindowState
 from moepage.engine.checkpoint import open_checkpoint
 from moepage.engine.engine import Engine, EngineConfig

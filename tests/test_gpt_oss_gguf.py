@@ -8,6 +8,7 @@ import torch
 
 from gguf_support import LlamaCppGreedy, convert, find_converter
 from gpt_oss_support import reference, save_gpt_oss
+from gpt_oss_support import one_torch_thread  # noqa: F401 (autouse: one thread here)
 from moepage.engine.engine import Engine, EngineConfig
 from moepage.engine.gpt_oss_expert import GptOssGGUFExpert
 from moepage.engine.sampling import SamplingParams

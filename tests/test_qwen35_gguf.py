@@ -13,6 +13,7 @@ from test_gguf_families import first_router_tie
 from moepage.engine.engine import Engine, EngineConfig
 from moepage.engine.sampling import SamplingParams
 from qwen35_support import convert_to_gguf, save_qwen35
+from qwen35_support import one_torch_thread  # noqa: F401 (autouse: one thread here)
 
 # K-quant friendly sizes (rows a multiple of 256), the published multimodal layout with its tiny vision tower
 SHAPE = dict(hidden_size=256, head_dim=64, linear_key_head_dim=64, linear_value_head_dim=64,
