@@ -18,6 +18,8 @@
 #include <thread>
 #include <vector>
 
+#include "thread_pool.h"
+
 namespace {
 
 // ---- the part of ggml.h / ggml-cpu.h (ggml 0.20) used here -------------------------------------------
@@ -72,117 +74,8 @@ void* open_isolated(const std::string& path) {
   return dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
 }
 
-// ---- a small thread pool with passive waiting ---------------------------------------------------------
-inline void cpu_relax() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#elif defined(__aarch64__)
-  asm volatile("yield");
-#endif
-}
-
-class Pool {
- public:
-  // fn(task) for task in [0, tasks), tasks claimed one at a time by `threads` threads (the caller is one).
-  void run(int64_t tasks, int threads, const std::function<void(int64_t)>& fn) {
-    if (threads <= 1 || tasks <= 1) {
-      for (int64_t t = 0; t < tasks; ++t) fn(t);
-      return;
-    }
-    resize(threads - 1);
-    auto job = std::make_shared<Job>();
-    job->fn = &fn;
-    job->tasks = tasks;
-    bool sleeping;
-    {
-      std::lock_guard<std::mutex> g(mu_);
-      job_ = job;
-      epoch_.fetch_add(1);
-      sleeping = sleepers_ > 0;
-    }
-    if (sleeping) wake_.notify_all();
-    work(*job);
-    wait_until([&] { return job->done.load() == tasks; }, done_);
-  }
-
-  ~Pool() { resize(0); }
-
- private:
-  struct Job {  // a late worker holding a finished job finds no task left in it
-    const std::function<void(int64_t)>* fn = nullptr;
-    int64_t tasks = 0;
-    std::atomic<int64_t> next{0}, done{0};
-  };
-  // Spin this long for the next job or the last task (pause instructions, the clock read every 64 of them, no
-  // system calls), then sleep on a condition variable: a decode step's parallel regions follow each other within
-  // microseconds, while a busy neighbour gets the core back after 50 us.
-  static constexpr auto SPIN = std::chrono::microseconds(50);
-
-  void work(Job& j) {
-    int64_t finished = 0;
-    for (int64_t t = j.next.fetch_add(1); t < j.tasks; t = j.next.fetch_add(1), ++finished) (*j.fn)(t);
-    if (finished && j.done.fetch_add(finished) + finished == j.tasks) {
-      std::lock_guard<std::mutex> g(mu_);
-      done_.notify_all();
-    }
-  }
-
-  template <class Ready>
-  void wait_until(Ready ready, std::condition_variable& cv) {
-    const auto until = std::chrono::steady_clock::now() + SPIN;
-    for (;;) {
-      for (int i = 0; i < 64; ++i) {
-        if (ready()) return;
-        cpu_relax();
-      }
-      if (std::chrono::steady_clock::now() > until) break;
-    }
-    std::unique_lock<std::mutex> l(mu_);
-    ++sleepers_;
-    cv.wait(l, ready);
-    --sleepers_;
-  }
-
-  void worker() {
-#if defined(__linux__)
-    pthread_setname_np(pthread_self(), "moepage-ggml");
-#endif
-    uint64_t seen = epoch_.load();
-    for (;;) {
-      wait_until([&] { return epoch_.load() != seen; }, wake_);
-      std::shared_ptr<Job> job;
-      {
-        std::lock_guard<std::mutex> g(mu_);
-        seen = epoch_.load();
-        if (stop_) return;
-        job = job_;
-      }
-      if (job) work(*job);
-    }
-  }
-
-  void resize(size_t n) {
-    if (workers_.size() == n) return;
-    {
-      std::lock_guard<std::mutex> g(mu_);
-      stop_ = true;
-      epoch_.fetch_add(1);
-    }
-    wake_.notify_all();
-    for (auto& t : workers_) t.join();
-    workers_.clear();
-    stop_ = false;
-    for (size_t i = 0; i < n; ++i) workers_.emplace_back([this] { worker(); });
-  }
-
-  std::vector<std::thread> workers_;
-  std::mutex mu_;
-  std::condition_variable wake_, done_;
-  std::atomic<uint64_t> epoch_{0};
-  std::shared_ptr<Job> job_;
-  int sleepers_ = 0;
-  bool stop_ = false;
-};
+// ---- the thread pool (thread_pool.h) -------------------------------------------------------------
+using moepage_pool::Pool;
 
 Pool pool;
 std::mutex pool_mu;  // one parallel region at a time (the pool has one job slot)
