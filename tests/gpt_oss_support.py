@@ -10,23 +10,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from harmony_support import save_harmony_tokenizer
+from qwen35_support import one_torch_thread  # noqa: F401  (the modules importing it from here run on one thread)
 from moepage.kernels import mxfp4
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One torch/OpenMP thread for the module (restored after): on a shared 2-core runner two threads that meet at a
-    barrier each kernel call wait on each other's time slices (a test's wall time 5-10x); the answers checked do
-    not depend on the thread count."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 EXPERT_PARTS = ("gate_up_proj", "down_proj")
