@@ -183,13 +183,41 @@ def test_chat_over_http_with_the_harmony_template(checkpoints, stream):
     engine.close()
 
 
-def test_split_and_gguf_export_refuse_the_fused_layout_before_writing(tmp_path, checkpoints):
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_split_directory_gives_the_same_tokens_and_bytes(tmp_path, checkpoints, kind):
+    from moepage.surgery.split import split_checkpoint, verify_split
+
+    path = checkpoints(kind, torch.bfloat16)
+    out = tmp_path / "split"
+    split_checkpoint(str(path), str(out))
+    assert verify_split(str(out)) == []
+    src, split = open_checkpoint(str(path)).experts, open_checkpoint(str(out)).experts
+    assert split.stored_nbytes(0) == src.stored_nbytes(0) and split.is_mxfp4(0) == (kind == "mxfp4")
+    ids = prompt(40, seed=5)
+    engine = Engine.load(EngineConfig(str(path), threads=1, preload=False))
+    want, each = greedy(engine, ids), engine.plan.expert_bytes_each
+    engine.close()
+    for budget in (None, engine.args.top_k * each):
+        e = Engine.load(EngineConfig(str(out), threads=1, preload=False, expert_cache_bytes=budget))
+        assert e.plan.expert_bytes_each == each and greedy(e, ids) == want
+        e.close()
+    shard = out / "experts" / "L001" / "E0002.safetensors"
+    raw = bytearray(shard.read_bytes())
+    raw[-1] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    e = Engine.load(EngineConfig(str(out), threads=1, preload=False))
+    with pytest.raises(Exception, match="sha256 mismatch for layer 1 expert 2"):
+        e.cache.acquire((1, 2))
+    e.close()
+
+
+def test_lossless_split_and_gguf_export_refuse_the_fused_layout_before_writing(tmp_path, checkpoints):
     from moepage.surgery.gguf_export import GGUFExportError, write_gguf
     from moepage.surgery.split import split_checkpoint
 
     src = str(checkpoints("mxfp4"))
     with pytest.raises(ValueError, match="fused per layer"):
-        split_checkpoint(src, str(tmp_path / "split"))
+        split_checkpoint(src, str(tmp_path / "split"), lossless=True)
     assert not (tmp_path / "split").exists()
     with pytest.raises(GGUFExportError, match="convert_hf_to_gguf"):
         write_gguf(src, str(tmp_path / "out.gguf"))

@@ -17,7 +17,7 @@ from moepage.engine.weight_names import resident_names, to_checkpoint
 from moepage.paging.model_paths import read_model_json, resolve_model_file
 from moepage.paging.safetensors_file import CheckpointError, SafetensorsFile, shown
 from moepage.paging.sources import (
-    ExpertSource, SafetensorsExpertSource, SplitExpertSource, TensorIndex, TensorRows,
+    ExpertSource, SafetensorsExpertSource, ShardFiles, SplitExpertSource, TensorIndex, TensorRows,
 )
 
 MANIFEST = "moepage.json"
@@ -229,6 +229,9 @@ def _open_split(root: str, drop_page_cache: bool, verify: bool) -> Checkpoint:
         from moepage.paging.hub_source import hub_expert_source
 
         source = hub_expert_source(root, manifest, split_shard_path, hashes, drop_page_cache, expert_names)
+    elif family.expert_source is not None:  # fused per layer in the checkpoint: each shard holds [1, ...] slices
+        shards = ShardFiles(root, split_shard_path, hashes, drop_page_cache, verify)
+        source = family.expert_source(TensorIndex([]), expert_names).in_shards(shards, args.moe_layers)
     else:
         source = SplitExpertSource(root, split_shard_path, expert_names, hashes, drop_page_cache, verify,
                                    encoding=manifest.get("expert_encoding"))

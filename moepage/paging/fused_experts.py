@@ -19,7 +19,7 @@ import torch
 from moepage.kernels.mxfp4 import BLOCK, Mxfp4Tensor
 from moepage.paging.safetensors_file import CheckpointError
 from moepage.paging.sources import (
-    ExpertSource, ExpertWeights, Shapes, TensorIndex, check_shape, check_unchanged, paging_in,
+    ExpertSource, ExpertWeights, Shapes, ShardFiles, TensorIndex, check_shape, check_unchanged, paging_in,
 )
 
 PREFIX = "model.layers.{L}.mlp.experts."
@@ -61,6 +61,15 @@ class FusedExpertSource(ExpertSource):
         self.prefix = prefix
         self._mxfp4: dict[int, bool] = {}
         self._num_experts: int | None = None
+        self.shards: ShardFiles | None = None  # a `moepage split` directory: expert e of layer L is its own file
+
+    def in_shards(self, shards: ShardFiles, layers: list[int]) -> FusedExpertSource:
+        """The same experts from a split directory, whose shards hold each fused tensor's slice as [1, ...]: index
+        becomes the layers' expert-0 shards (names, kinds, per-expert bytes) and each read opens its expert's file."""
+        self.shards = shards
+        self.index = TensorIndex([shards.open(layer, 0) for layer in layers])
+        self._mxfp4.clear()
+        return self
 
     def name(self, layer: int, part: str) -> str:
         return self.prefix.format(L=layer) + part
@@ -83,7 +92,7 @@ class FusedExpertSource(ExpertSource):
         """Every fused tensor's header entry checked now: present, of the implied shape and kind."""
         super().expect(shapes, layers, num_experts)
         self._num_experts = num_experts
-        (I, H), E = shapes["gate"], num_experts
+        (I, H), E = shapes["gate"], (1 if self.shards is not None else num_experts)
         if H % BLOCK or I % BLOCK:
             mx = [layer for layer in layers if self.is_mxfp4(layer)]
             if mx:
@@ -103,9 +112,9 @@ class FusedExpertSource(ExpertSource):
                     raise CheckpointError(f"{f.path}: tensor {n!r} is {info.dtype}, not "
                                           f"{'uint8 MXFP4 bytes' if packed else 'floating point'}")
 
-    def _slice(self, name: str, expert: int, what: str) -> torch.Tensor:
+    def _slice(self, index: TensorIndex, name: str, expert: int, what: str) -> torch.Tensor:
         """Slice `expert` of a fused [E, ...] tensor, one read."""
-        f = self.index.file_of(name, what)
+        f = index.file_of(name, what)
         info = f.tensors[name]
         E = info.shape[0]
         if not 0 <= expert < E:
@@ -118,9 +127,15 @@ class FusedExpertSource(ExpertSource):
         with paging_in(layer, expert):
             what = f"layer {layer} expert {expert}"
             parts = self.parts(layer)
-            for f in {id(f): f for f in (self.index.file_of(n, what) for n in parts.values())}.values():
-                check_unchanged(f, what)
-            t = {p: self._slice(n, expert, f"{what} {p}") for p, n in parts.items()}
+            shard = None if self.shards is None else self.shards.open(layer, expert)
+            index, at = (self.index, expert) if shard is None else (TensorIndex([shard]), 0)
+            try:
+                for f in {id(f): f for f in (index.file_of(n, what) for n in parts.values())}.values():
+                    check_unchanged(f, what)
+                t = {p: self._slice(index, n, at, f"{what} {p}") for p, n in parts.items()}
+            finally:
+                if shard is not None:
+                    shard.close()
             if self.is_mxfp4(layer):
                 two_i, g = t["gate_up_proj_scales"].shape
                 h, gi = t["down_proj_scales"].shape
@@ -144,5 +159,14 @@ class FusedExpertSource(ExpertSource):
             total += info.nbytes // info.shape[0]
         return total
 
+    def slices(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
+        """Every stored part of one expert as [1, ...] under its fused tensor's name (what `moepage split` writes)."""
+        with paging_in(layer, expert):
+            what = f"layer {layer} expert {expert}"
+            return {n: self._slice(self.index, n, expert, f"{what} {p}").unsqueeze(0)
+                    for p, n in self.parts(layer).items()}
+
     def describe(self) -> str:
+        if self.shards is not None:
+            return f"split shards in {self.shards.root}, fused experts"
         return f"safetensors, fused experts ({len(self.index.files)} files)"

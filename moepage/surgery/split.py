@@ -43,9 +43,10 @@ def split_checkpoint(src: str, out: str, log: Callable[[str], None] = lambda s: 
     """lossless: store each bf16 expert in the 12-bit encoding (paging/bf16_12bit.py): a quarter fewer bytes to
     page in, the same bits after decoding. progress(done, total) is called after each expert shard."""
     ckpt = open_checkpoint(src, drop_page_cache=False, verify=True)
-    if ckpt.family.expert_source is not None:  # refused before anything is written
-        raise ValueError(f"{src}: {ckpt.family.name} keeps its experts fused per layer (with biases; MXFP4 as "
-                         f"published), which `moepage split` does not write yet; serve the directory itself")
+    fused = ckpt.family.expert_source is not None  # one tensor per layer: each shard holds its expert's slices
+    if fused and lossless:  # refused before anything is written
+        raise ValueError(f"{src}: --lossless encodes bf16 per-expert tensors; {ckpt.family.name} keeps its experts "
+                         f"fused per layer (with biases; MXFP4 as published): split without --lossless")
     if os.path.exists(os.path.join(out, MANIFEST)):
         raise FileExistsError(f"{out}: already holds a split model ({MANIFEST}); choose an empty directory")
     if lossless and ckpt.args.moe_layers:  # refused before anything is written
@@ -68,11 +69,14 @@ def split_checkpoint(src: str, out: str, log: Callable[[str], None] = lambda s: 
     done, total = 0, len(args.moe_layers) * args.num_experts
     for layer in args.moe_layers:
         for e in range(args.num_experts):
-            w = ckpt.experts.read(layer, e)
-            names = {p: t.format(L=layer, E=e) for p, t in ckpt.expert_names.items()}
             rel = split_shard_path(layer, e)
             os.makedirs(os.path.dirname(os.path.join(out, rel)), exist_ok=True)
-            tensors = {names[p]: getattr(w, p).contiguous() for p in names}
+            if fused:
+                tensors = {n: t.contiguous() for n, t in ckpt.experts.slices(layer, e).items()}
+            else:
+                w = ckpt.experts.read(layer, e)
+                names = {p: t.format(L=layer, E=e) for p, t in ckpt.expert_names.items()}
+                tensors = {names[p]: getattr(w, p).contiguous() for p in names}
             if lossless:
                 entries, metadata = encoded_shard(tensors)
                 save_file(entries, os.path.join(out, rel), metadata=metadata)
