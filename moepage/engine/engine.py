@@ -19,6 +19,7 @@ from moepage.engine.quantized_expert import expert_loader
 from moepage.engine.sampling import SamplingParams
 from moepage.engine.sequence import Sequence, Slot
 from moepage.engine.tokenizer import Tokenizer
+from moepage.engine.weight_names import resident_dtype
 from moepage.kernels import native
 from moepage.kernels.ggml import ggml_backend
 from moepage.paging.allocator import return_freed_memory
@@ -160,7 +161,7 @@ class Engine:
             planned = planned_resident_bytes(ckpt, names, dtype, embed_rows is not None, head_rows is not None)
             plan_memory(cfg.memory_budget, planned, kv_bytes, each, n_experts, args.top_k, cfg.expert_cache_bytes,
                         buffers, (cfg.prompt_cache_bytes or 0) if cfg.prefix_cache else 0)
-        weights = {c: ckpt.resident_tensor(n, dtype, device) for c, n in names.items()
+        weights = {c: ckpt.resident_tensor(n, resident_dtype(args, c, dtype), device) for c, n in names.items()
                    if not (c == "embed" and embed_rows is not None) and not (c == "lm_head" and head_rows is not None)}
         if head_rows is not None:  # read a block of rows at a time and keep it in the 12-bit form
             weights["lm_head"] = PackedMatrix((head_rows.rows, head_rows.cols), head_rows.block)

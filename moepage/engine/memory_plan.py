@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from moepage.engine.checkpoint import Checkpoint
+from moepage.engine.weight_names import resident_dtype
 
 
 def _numel(shape) -> int:
@@ -50,5 +51,5 @@ def planned_resident_bytes(ckpt: Checkpoint, names: dict[str, str], dtype: torch
             shape = ckpt.tensor_shape(name) if ckpt.tensor_shape else (ckpt.args.vocab_size, ckpt.args.hidden_size)
             total += packed_nbytes(shape[0], _numel(shape[1:]))
             continue
-        total += resident_nbytes(ckpt, name, dtype)
+        total += resident_nbytes(ckpt, name, resident_dtype(ckpt.args, canonical, dtype))
     return total

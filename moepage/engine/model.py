@@ -66,7 +66,8 @@ class MoEModel:
                 shared = None
                 if args.shared_expert_intermediate_size:
                     shared = (weights[p + "shared_gate"], weights[p + "shared_up"], weights[p + "shared_down"])
-                router = Router(weights[p + "router"], args.routing, bias=opt("router_bias"))
+                router = Router(weights[p + "router"], args.routing, bias=opt("router_bias"),
+                                correction_bias=opt("router_correction_bias"))
                 layer.moe = SparseMoE(i, router, None, cache, shared, opt("shared_expert_gate"))
             else:
                 layer.dense = (weights[p + "dense_gate"], weights[p + "dense_up"], weights[p + "dense_down"])

@@ -48,6 +48,7 @@ class ModelArgs:
     attn_sinks: bool = False
     sliding_attention_window: int | None = None
     router_bias: bool = False
+    router_correction_bias: bool = False  # e_score_correction_bias [E] per MoE layer (sigmoid routers)
     swiglu_limit: float | None = None
     swiglu_alpha: float = 1.702
 
@@ -259,7 +260,8 @@ def resident_shape(args: ModelArgs, canonical: str) -> tuple[int, ...]:
         return mixer[name]
     shapes = {
         "attn_norm": (H,), "ffn_norm": (H,),
-        "router": (args.num_experts, H), "router_bias": (args.num_experts,), "dense_gate": (F, H), "dense_up": (F, H), "dense_down": (H, F),
+        "router": (args.num_experts, H), "router_bias": (args.num_experts,),
+        "router_correction_bias": (args.num_experts,), "dense_gate": (F, H), "dense_up": (F, H), "dense_down": (H, F),
         "shared_gate": (S, H), "shared_up": (S, H), "shared_down": (H, S), "shared_expert_gate": (1, H),
     }
     return shapes[name]

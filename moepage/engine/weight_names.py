@@ -22,6 +22,8 @@ def resident_names(args: ModelArgs) -> list[str]:
             names.append(p + "router")
             if args.router_bias:
                 names.append(p + "router_bias")
+            if args.router_correction_bias:
+                names.append(p + "router_correction_bias")
             if args.shared_expert_intermediate_size:
                 names += [p + "shared_gate", p + "shared_up", p + "shared_down"]
                 if args.shared_expert_gate:
@@ -29,6 +31,16 @@ def resident_names(args: ModelArgs) -> list[str]:
         else:
             names += [p + "dense_gate", p + "dense_up", p + "dense_down"]
     return names
+
+
+def resident_dtype(args: ModelArgs, canonical: str, dtype):
+    """The dtype the engine holds resident tensor `canonical` in: `dtype`, except a float32-logits router's weight
+    and correction bias (DeepSeek-V3, GLM-4.5: transformers keeps them float32 and the published bias is float32)."""
+    import torch
+
+    if args.routing.logits_in_float32 and canonical.rsplit(".", 1)[-1] in ("router", "router_correction_bias"):
+        return torch.float32
+    return dtype
 
 
 def to_checkpoint(table: dict[str, str], canonical: str) -> str:
