@@ -75,3 +75,55 @@ def stored_dtypes(model_dir) -> dict[str, str]:
 
 def config_of(model_dir) -> dict:
     return json.loads((model_dir / "config.json").read_text())
+
+
+GLM_SPECIALS = ["<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
+                "<|assistant|>", "<|observation|>"]  # GLM-4.5's added tokens (151329...), in their order
+CHAT_TEMPLATE = __import__("pathlib").Path(__file__).parent / "data" / "glm4_moe" / "chat_template.jinja"
+
+
+def glm_tokenizer(tokenizer_dir, out_dir) -> int:
+    """The test tokenizer with GLM-4.5's special tokens added and GLM-4.6's chat template (llama.cpp's copy,
+    models/templates/GLM-4.6.jinja), written to out_dir; returns the vocabulary size. llama.cpp's converter reads
+    [gMASK], <|user|>, <|endoftext|> and <|observation|> by name."""
+    from tokenizers import AddedToken, Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in GLM_SPECIALS
+                            if tok.token_to_id(t) is None])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out_dir / "tokenizer.json"))
+    config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+    config.update(eos_token="<|user|>", pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE.read_text())
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return tok.get_vocab_size(with_added_tokens=True)
+
+
+SIGMOID_TIE = 1e-3  # choice-score margin (sigmoid + bias) under which f16 rounding may pick another expert
+
+
+def first_sigmoid_router_tie(hf_dir, ids: list[int], config: dict) -> int:
+    """The first position where a sigmoid group-limited router (transformers, float32) is near a tie: its
+    topk_group-th and next group scores, or its k-th and (k+1)-th allowed choice scores, within SIGMOID_TIE;
+    len(ids) when none is."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    biases = [b for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")]
+    with torch.no_grad():
+        logits = model(torch.tensor([ids]), output_router_logits=True).router_logits
+    G, g, K = config.get("n_group", 1), config.get("topk_group", 1), config["num_experts_per_tok"]
+    near = torch.zeros(len(ids), dtype=torch.bool)
+    for r, b in zip(logits, biases):
+        choice = r.reshape(len(ids), -1).sigmoid() + b  # [T, E]
+        T, E = choice.shape
+        groups = choice.view(T, G, E // G).topk(2, dim=-1).values.sum(-1)  # [T, G]
+        if g < G:
+            top = groups.topk(g + 1, dim=-1).values
+            near |= (top[:, g - 1] - top[:, g]) < SIGMOID_TIE
+        keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, groups.topk(g, dim=-1).indices, True)
+        allowed = choice.masked_fill(~keep.repeat_interleave(E // G, dim=1), float("-inf"))
+        top = allowed.topk(K + 1, dim=-1).values
+        near |= (top[:, K - 1] - top[:, K]) < SIGMOID_TIE
+    tied = near.nonzero()
+    return int(tied[0]) if len(tied) else len(ids)

@@ -41,7 +41,27 @@ def model_args(config: dict) -> ModelArgs:
     )
 
 
+SIGMOID_GATING = 2  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID ({arch}.expert_gating_func)
+# llama.cpp names the post-attention norm attn_post_norm for this architecture and the correction bias exp_probs_b
+GGUF_NAMES = {**common.GGUF, **GGUF_SHARED, "layers.{L}.ffn_norm": "blk.{L}.post_attention_norm.weight"}
+
+
+def gguf_config(f) -> dict:
+    head_dim = f.count("attention.key_length", 0, limit="head_dim", lo=0) or f.count("embedding_length") // f.count(
+        "attention.head_count")
+    gating = f.get("expert_gating_func", SIGMOID_GATING)
+    if gating != SIGMOID_GATING:
+        raise ConfigError(f"{f.path}: glm4moe.expert_gating_func is not {SIGMOID_GATING} (sigmoid), GLM-4.5's routing")
+    return {"n_routed_experts": f.experts, "moe_intermediate_size": f.expert_ffn, "intermediate_size": f.ffn,
+            "n_shared_experts": f.count("expert_shared_count", 0, lo=0),
+            "first_k_dense_replace": f.count("leading_dense_block_count", 0, lo=0),
+            "n_group": f.count("expert_group_count", 1), "topk_group": f.count("expert_group_used_count", 1),
+            "routed_scaling_factor": f.number("expert_weights_scale", 1.0),
+            "use_qk_norm": f.has("blk.0.attn_q_norm.weight"), "attention_bias": f.has("blk.0.attn_q.bias"),
+            "partial_rotary_factor": f.count("rope.dimension_count", head_dim, limit="head_dim") / head_dim}
+
+
 SPEC = FamilySpec(
     name="glm4_moe", model_types=MODEL_TYPES, model_args=model_args, names=NAMES, expert_names=EXPERT_NAMES,
-    gguf_arch="glm4moe",
+    gguf_arch="glm4moe", gguf_norm_topk=True, gguf_config=gguf_config, gguf_names=GGUF_NAMES,
 )
