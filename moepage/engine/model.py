@@ -15,6 +15,7 @@ from moepage.engine.attention import mixer_class
 from moepage.engine.attention.base import KVLayer, MixerContext, TokenMixer
 from moepage.engine.attention.gqa import QK_NORM_MODE, norm_of
 from moepage.engine.kv_cache import ContextOverflow, KVCache
+from moepage.engine.layer_blocks import block_class
 from moepage.engine.model_args import ModelArgs
 from moepage.engine.moe import SparseMoE
 from moepage.engine.router import Router
@@ -35,6 +36,7 @@ class Layer:
     mixer: TokenMixer
     moe: SparseMoE | None = None
     dense: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    block: Callable[[torch.Tensor], torch.Tensor] | None = None  # a family's FFN half (engine/layer_blocks.py)
 
 
 class MoEModel:
@@ -62,7 +64,10 @@ class MoEModel:
             if cls.positional:
                 self.kv_slots[i] = len(self.kv_slots)
             layer = Layer(weights[p + "attn_norm"], weights[p + "ffn_norm"], mixer)
-            if args.sparse_layers[i]:
+            if args.layer_block:
+                layer.block = block_class(args.layer_block).build(args, i, weights, cache)
+                layer.moe = layer.block.moe
+            elif args.sparse_layers[i]:
                 shared = None
                 if args.shared_expert_intermediate_size:
                     shared = (weights[p + "shared_gate"], weights[p + "shared_up"], weights[p + "shared_down"])
@@ -124,7 +129,12 @@ class MoEModel:
     def new_state(self, max_tokens: int) -> SequenceState:
         """A fresh sequence: the attention layers' KV cache for max_tokens positions and each recurrent state."""
         a = self.args
-        kv = KVCache(len(self.kv_slots), a.num_kv_heads, a.head_dim, max_tokens, self.dtype, self.device)
+        shapes = {type(self.layers[i].mixer).cache_shape(a) for i in self.kv_slots} or {(a.num_kv_heads, a.head_dim,
+                                                                                        None)}
+        if len(shapes) > 1:
+            raise ValueError(f"attention layers with different KV cache shapes {sorted(shapes, key=str)}")
+        (G, D, Dv), = shapes
+        kv = KVCache(len(self.kv_slots), G, D, max_tokens, self.dtype, self.device, value_dim=Dv)
         return SequenceState(kv, [KVLayer(kv, self.kv_slots[i]) if i in self.kv_slots
                                   else layer.mixer.new_state(self.dtype, self.device)
                                   for i, layer in enumerate(self.layers)])
@@ -143,6 +153,8 @@ class MoEModel:
             h = self.embed_rows(tokens)  # [T, H]
         else:
             h = F.embedding(tokens.to(self.device), self.embed)  # [T, H]
+        if a.embed_scale is not None:  # Gemma: the multiplier rounded to the weights' dtype first, as transformers
+            h = h * torch.tensor(a.embed_scale).to(h.dtype)  # float32 first, as the buffer is
         window = a.sliding_window
         fused = (self._decode_kernel is not None and tokens.shape[0] == 1 and (window is None or start < window))
         if start + tokens.shape[0] > state.max_tokens:
@@ -155,6 +167,9 @@ class MoEModel:
                 continue
             r = self.rms_norm(h, layer.attn_norm, a.rms_norm_eps)
             h = h + layer.mixer.forward(r, state[i], start)
+            if layer.block is not None:
+                h = layer.block(h)
+                continue
             r = self.rms_norm(h, layer.ffn_norm, a.rms_norm_eps)
             h = h + self._ffn(layer, r)
         state.length = start + tokens.shape[0]
@@ -162,5 +177,10 @@ class MoEModel:
             h = h[-1:]
         h = self.rms_norm(h, self.norm, a.rms_norm_eps)
         if isinstance(self.lm_head, PackedMatrix):
-            return self.lm_head.linear(h, linear)  # [T|1, V], bit for bit the bf16 matrix's product
-        return linear(h, self.lm_head)  # [T|1, V]
+            logits = self.lm_head.linear(h, linear)  # [T|1, V], bit for bit the bf16 matrix's product
+        else:
+            logits = linear(h, self.lm_head)  # [T|1, V]
+        if a.final_logit_softcapping is not None:
+            cap = a.final_logit_softcapping
+            logits = torch.tanh(logits / cap) * cap
+        return logits

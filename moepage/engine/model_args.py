@@ -48,9 +48,19 @@ class ModelArgs:
     attn_sinks: bool = False
     sliding_attention_window: int | None = None
     router_bias: bool = False
+    # multi-head latent attention sizes (attention/mla.py MLAShape fields: kv_lora_rank, q_lora_rank, ...)
+    mla: dict | None = None
     router_correction_bias: bool = False  # e_score_correction_bias [E] per MoE layer (sigmoid routers)
     swiglu_limit: float | None = None
     swiglu_alpha: float = 1.702
+    # Gemma 4: each layer kind's attention shape (attention/gemma4.py), a family's own FFN half of every layer
+    # (engine/layer_blocks.py; None: the shared FFN), the experts' activation ("silu" | "gelu_tanh"), the embedding
+    # multiplier and tanh soft-capping of the logits (None: neither)
+    attention_kinds: dict | None = None
+    layer_block: str | None = None
+    expert_activation: str = "silu"
+    embed_scale: float | None = None
+    final_logit_softcapping: float | None = None
 
     @property
     def top_k(self) -> int:
@@ -258,6 +268,12 @@ def resident_shape(args: ModelArgs, canonical: str) -> tuple[int, ...]:
     mixer = mixer_class(args.mixers[int(layer)]).weight_shapes(args, int(layer))
     if name in mixer:
         return mixer[name]
+    if args.layer_block:
+        from moepage.engine.layer_blocks import block_class
+
+        block = block_class(args.layer_block).weight_shapes(args, int(layer))
+        if name in block:
+            return block[name]
     shapes = {
         "attn_norm": (H,), "ffn_norm": (H,),
         "router": (args.num_experts, H), "router_bias": (args.num_experts,),

@@ -59,6 +59,10 @@ def expert_loader(source: ExpertSource, args: ModelArgs, dtype: torch.dtype, dev
     Quantized sources keep experts quantized (bytes = stored bytes); everything else is converted to `dtype`.
     Fused gpt-oss experts (paging/fused_experts.py) are held as stored (MXFP4 stays MXFP4).
     """
+    if args.expert_activation == "gelu_tanh":  # Gemma 4 (engine/gelu_expert.py)
+        from moepage.engine.gelu_expert import gelu_expert_loader
+
+        return gelu_expert_loader(source, args, dtype, device)
     if isinstance(source, FusedExpertSource):
         return fused_expert_loader(source, args.moe_layers, ClampedSwiGLU(args.swiglu_alpha, args.swiglu_limit),
                                    dtype, device)

@@ -18,6 +18,11 @@ def resident_names(args: ModelArgs) -> list[str]:
     for i, kind in enumerate(args.mixers):
         p = f"layers.{i}."
         names += [p + "attn_norm", p + "ffn_norm"] + [p + n for n in mixer_class(kind).weight_shapes(args, i)]
+        if args.layer_block:  # a family's own FFN half (engine/layer_blocks.py) declares the rest
+            from moepage.engine.layer_blocks import block_class
+
+            names += [p + n for n in block_class(args.layer_block).weight_shapes(args, i)]
+            continue
         if args.sparse_layers[i]:
             names.append(p + "router")
             if args.router_bias:

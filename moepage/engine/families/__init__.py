@@ -2,12 +2,16 @@
 GGUF file's general.architecture."""
 from __future__ import annotations
 
-from moepage.engine.families import glm4_moe, gpt_oss, mixtral, olmoe, qwen2_moe, qwen3_5_moe, qwen3_moe, qwen3_next
+from moepage.engine.families import (
+    deepseek_v2, deepseek_v3, gemma4, glm4_moe, glm4_moe_lite, gpt_oss, kimi_k25, mixtral, olmoe, qwen2_moe,
+    qwen3_5_moe, qwen3_moe, qwen3_next,
+)
 from moepage.engine.families.spec import FamilySpec, Layout  # noqa: F401
 from moepage.engine.model_args import ConfigError
 
 SPECS: tuple[FamilySpec, ...] = tuple(m.SPEC for m in (qwen3_moe, qwen2_moe, mixtral, olmoe, qwen3_5_moe, qwen3_next,
-                                                         gpt_oss, glm4_moe))
+                                                         gpt_oss, glm4_moe, deepseek_v2, deepseek_v3, glm4_moe_lite,
+                                                         kimi_k25, gemma4))
 FAMILIES: dict[str, FamilySpec] = {t: s for s in SPECS for t in s.model_types}
 GGUF_FAMILIES: dict[str, FamilySpec] = {s.gguf_arch: s for s in SPECS if s.gguf_arch}
 

@@ -1,0 +1,89 @@
+"""Tiny Gemma 4 MoE checkpoints made with transformers in the published layout (Gemma4ForConditionalGeneration:
+the text model under model.language_model.*, a tiny vision tower under model.vision_tower.*, stacked experts),
+with every norm, scale and scalar moved off its init so a wrong convention shows."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+# 6 layers, 5:1 sliding/full, a window shorter than the prompts, the full layers wider with fewer kv heads and
+# k = v (the 26B-A4B's attention_k_eq_v), proportional RoPE on a quarter of their pairs
+TEXT = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=16, global_head_dim=32, num_global_key_value_heads=1, attention_k_eq_v=True,
+            enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=32, sliding_window=8,
+            hidden_size_per_layer_input=0, final_logit_softcapping=30.0, max_position_embeddings=512,
+            rms_norm_eps=1e-6, bos_token_id=None, eos_token_id=None)
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+              num_key_value_heads=2, head_dim=16, patch_size=4, position_embedding_size=64)
+
+
+def perturb(model, seed: int = 0):
+    """Norm weights, router scales, per-expert scales and layer scalars away from 1 (Gemma 4 initialises them to 1:
+    a wrong 1 + w or a missing scale would go unseen)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in model.named_parameters():  # larger than the 0.02 init: decisive logits in a tiny model
+            if t.dim() >= 2 and "language_model" in name:
+                t.normal_(0.0, 0.08, generator=g)
+        for name, t in model.named_parameters():
+            if name.endswith(("norm.weight", "layernorm.weight", "layernorm_1.weight", "layernorm_2.weight",
+                              "router.scale", "per_expert_scale")) and "language_model" in name:
+                t.copy_(0.5 + torch.rand(t.shape, generator=g))
+        for name, t in model.named_buffers():
+            if name.endswith("layer_scalar"):
+                t.copy_(0.6 + 0.8 * torch.rand(t.shape, generator=g))
+
+
+def save_gemma4(path, tokenizer_dir=None, dtype=torch.float32, seed: int = 0, vocab_size: int = 512, **text):
+    """A random Gemma4ForConditionalGeneration saved at path (config, safetensors, the tokenizer files of
+    tokenizer_dir when given); returns path."""
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+
+    path = Path(path)
+    cfg = Gemma4Config(text_config={**TEXT, "vocab_size": vocab_size, **text}, vision_config=VISION, audio_config=None)
+    torch.manual_seed(seed)
+    model = Gemma4ForConditionalGeneration(cfg).eval()
+    perturb(model, seed)
+    model.to(dtype).save_pretrained(path)
+    if tokenizer_dir is not None:
+        for f in Path(tokenizer_dir).iterdir():
+            if f.is_file() and f.name != "info.json":
+                shutil.copy(f, path / f.name)
+    return path
+
+
+def load_reference(path, dtype=torch.float32):
+    """transformers' model of the checkpoint, its experts run by the eager loop (the grouped_mm default sums a
+    token's experts in another order: last-bit bf16 differences that are not the model's)."""
+    from transformers import Gemma4ForConditionalGeneration
+
+    return Gemma4ForConditionalGeneration.from_pretrained(path, dtype=dtype, experts_implementation="eager").eval()
+
+
+def config_of(path) -> dict:
+    return json.loads((Path(path) / "config.json").read_text())
+
+
+CHAT_TEMPLATE = Path(__file__).parent / "data" / "gemma4" / "chat_template.jinja"  # llama.cpp's copy of Gemma 4's
+SPECIALS = ["<bos>", "<eos>", "<pad>", "<|turn>", "<turn|>", "<|channel>", "<channel|>", "<|tool>", "<tool|>",
+            "<|tool_call>", "<tool_call|>", "<|tool_response>", "<tool_response|>", '<|"|>', "<|image|>"]
+
+
+def gemma_tokenizer(tokenizer_dir, out_dir) -> int:
+    """The test tokenizer with Gemma 4's turn and channel tokens added and its chat template (the published one, as
+    llama.cpp keeps it in models/templates), written to out_dir; returns the vocabulary size."""
+    from tokenizers import AddedToken, Tokenizer
+
+    tok = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS
+                            if tok.token_to_id(t) is None])
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out_dir / "tokenizer.json"))
+    config = json.loads((Path(tokenizer_dir) / "tokenizer_config.json").read_text())
+    config.update(bos_token="<bos>", eos_token="<turn|>", pad_token="<pad>", chat_template=CHAT_TEMPLATE.read_text())
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return tok.get_vocab_size(with_added_tokens=True)
