@@ -25,8 +25,11 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> tuple[to
         beta_fast = float(scaling.get("beta_fast") or 32)
         beta_slow = float(scaling.get("beta_slow") or 1)
         mscale = scaling.get("attention_factor")
-        if mscale is None:
-            mscale = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+        get_mscale = lambda m=1.0: 0.1 * m * math.log(factor) + 1.0 if factor > 1 else 1.0  # noqa: E731
+        if mscale is None and scaling.get("mscale") and scaling.get("mscale_all_dim"):  # DeepSeek's YaRN
+            mscale = get_mscale(float(scaling["mscale"])) / get_mscale(float(scaling["mscale_all_dim"]))
+        elif mscale is None:
+            mscale = get_mscale()
 
         def correction_dim(rot):
             return (head_dim * math.log(original / (rot * 2 * math.pi))) / (2 * math.log(theta))

@@ -11,7 +11,10 @@ import torch
 # "softmax_topk": softmax over all experts, then top-k (Qwen2/3-MoE, Qwen3.5, Qwen3-Next, OLMoE, Mixtral, Gemma 4).
 # "topk_softmax": top-k over the logits, then softmax over the K (gpt-oss); its weights always sum to 1.
 # "sigmoid_group_topk": sigmoid scores + correction bias, group-limited top-k (DeepSeek-V3, GLM-4.5).
-SCORINGS = ("softmax_topk", "topk_softmax", "sigmoid_group_topk")
+# "softmax_group_greedy": softmax over all experts, the top-k of the topk_group groups with the highest single score
+# (DeepSeek-V2's group_limited_greedy; greedy with n_group 1), never renormalised, times routed_scaling_factor.
+SCORINGS = ("softmax_topk", "topk_softmax", "sigmoid_group_topk", "softmax_group_greedy")
+GROUPED = ("sigmoid_group_topk", "softmax_group_greedy")
 
 
 @dataclass(frozen=True)
@@ -35,8 +38,9 @@ class RoutingConfig:
         if self.n_group < 1 or not 1 <= self.topk_group <= self.n_group:
             raise ValueError(f"routing groups: need 1 <= topk_group <= n_group, got {self.topk_group} of "
                              f"{self.n_group}")
-        if self.n_group > 1 and self.scoring != "sigmoid_group_topk":
-            raise ValueError(f"group-limited top-k (n_group {self.n_group}) is only defined for sigmoid_group_topk")
+        if self.n_group > 1 and self.scoring not in GROUPED:
+            raise ValueError(f"group-limited top-k (n_group {self.n_group}) is only defined for "
+                             f"{' and '.join(GROUPED)}")
 
     def check_experts(self, num_experts: int) -> None:
         """The config fits a router over num_experts experts (one clear line otherwise)."""
@@ -62,6 +66,8 @@ def route(logits: torch.Tensor, cfg: RoutingConfig, bias: torch.Tensor | None = 
     elif cfg.scoring == "topk_softmax":
         top, indices = torch.topk(logits, cfg.top_k, dim=-1)  # [T, K]
         weights = torch.softmax(top, dim=-1, dtype=top.dtype if cfg.weights_in_logits_dtype else torch.float32)
+    elif cfg.scoring == "softmax_group_greedy":
+        weights, indices = _softmax_group_greedy(logits, cfg)
     else:
         weights, indices = _sigmoid_group_topk(logits, cfg, bias)
     if expert_scale is not None:
@@ -86,4 +92,17 @@ def _sigmoid_group_topk(logits: torch.Tensor, cfg: RoutingConfig, bias: torch.Te
     weights = scores.gather(1, indices)
     if cfg.norm_topk_prob:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * cfg.routed_scaling_factor, indices
+
+
+def _softmax_group_greedy(logits: torch.Tensor, cfg: RoutingConfig):
+    """The ops of transformers' DeepseekV2TopkRouter (greedy / group_limited_greedy; ties break the same way)."""
+    scores = torch.softmax(logits.float(), dim=-1, dtype=torch.float32)  # [T, E]
+    T, E = scores.shape
+    if cfg.n_group > 1:
+        group_scores = scores.view(T, cfg.n_group, E // cfg.n_group).max(dim=-1).values  # [T, G]
+        keep = torch.topk(group_scores, cfg.topk_group, dim=-1, sorted=False).indices  # [T, g]
+        mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+        scores = scores.masked_fill(~mask.repeat_interleave(E // cfg.n_group, dim=1), 0.0)
+    weights, indices = torch.topk(scores, cfg.top_k, dim=-1, sorted=False)  # [T, K]
     return weights * cfg.routed_scaling_factor, indices

@@ -79,6 +79,12 @@ class TokenMixer(ABC):
     def state_nbytes(cls, args: ModelArgs, max_tokens: int, dtype: torch.dtype) -> int:
         """Bytes one sequence's state of one such layer takes at max_tokens (no allocation)."""
 
+    @classmethod
+    def cache_shape(cls, args: ModelArgs) -> tuple[int, int, int | None]:
+        """A positional mixer's slot of the shared KV cache: (kv heads, key width, value width; None: the key
+        width, 0: keys only). Every positional layer of a model must agree."""
+        return args.num_kv_heads, args.head_dim, None
+
     def new_state(self, dtype: torch.dtype, device) -> object:
         """A recurrent mixer's fresh state (positional mixers use a KVLayer of the shared cache instead)."""
         raise TypeError(f"{self.kind} layers keep their state in the shared KV cache")
