@@ -189,3 +189,45 @@ def convert_to_gguf(converter_dir: str, hf_dir, out_path, outtype: str = "f16") 
     if r.returncode != 0:
         raise RuntimeError(f"convert_hf_to_gguf failed ({r.returncode}):\n{r.stderr[-4000:]}")
     return str(out_path)
+
+
+def check_gguf_against_llama_cpp(hf_dir, gguf_path, prompt: str = "import os\nimport sys\n\ndef main():\n",
+                                 min_tokens: int = 8) -> int:
+    """A llama.cpp-converted hybrid GGUF served by moepage (fp32, experts paged from the file): 32 greedy tokens equal
+    to llama.cpp's with every logit within 0.05 of its own, or, where they are not, equal up to the first router
+    near-tie (tests/test_gguf_families.py; there an f16 rounding may pick another expert and the two continuations
+    part for a reason that is not a bug) and within 0.05 before it; then the same tokens at 25% of the experts and
+    the minimum. Returns the number of tokens compared."""
+    from gguf_support import LlamaCppGreedy
+    from test_gguf_families import first_router_tie
+    from moepage.engine.engine import Engine, EngineConfig
+    from moepage.engine.sampling import SamplingParams
+
+    engine = Engine.load(EngineConfig(str(gguf_path), dtype="float32"))
+    ids = engine.tokenizer.encode(prompt)
+    params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
+    ours = [s.token for s in engine.generate(ids, params)]
+    llm = LlamaCppGreedy(str(gguf_path))
+    try:
+        theirs, rows = llm.generate(ids, 32)
+    finally:
+        llm.close()
+    logits = engine.logits_all(ids + theirs)[len(ids) - 1 : len(ids) - 1 + 32]
+    gaps = (logits - torch.stack([torch.from_numpy(r) for r in rows])).abs().amax(dim=-1)  # [32]
+    n = 32
+    if ours != theirs or gaps.max() >= 0.05:  # a difference only after a router near-tie, and small before it
+        n = min(32, first_router_tie(str(hf_dir), ids + theirs, engine.args.top_k) - len(ids) + 1)
+        assert n >= min_tokens, f"a router near-tie after {n} tokens and a difference: {ours} vs {theirs}"
+        gap = gaps[:n].max().item()
+        assert gap < 0.05, f"logits differ from llama.cpp's by {gap} within {n} tokens"
+        i = next((k for k, (x, y) in enumerate(zip(ours[:n], theirs[:n])) if x != y), None)
+        if i is not None:  # only where llama.cpp's own top two are within the logit gap
+            assert float(rows[i][theirs[i]] - rows[i][ours[i]]) < 3 * gap, (i, ours, theirs)
+    a, each = engine.args, engine.plan.expert_bytes_each
+    engine.close()
+    for budget in (each * len(a.moe_layers) * a.num_experts // 4, a.top_k * each):  # 25% and the minimum
+        paged = Engine.load(EngineConfig(str(gguf_path), dtype="float32", expert_cache_bytes=budget, preload=False))
+        assert [s.token for s in paged.generate(ids, params)] == ours
+        assert paged.cache.stats.snapshot()["evictions"] > 0
+        paged.close()
+    return n

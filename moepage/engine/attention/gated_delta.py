@@ -1,8 +1,9 @@
 """The Gated DeltaNet token mixer (the `linear_attention` layers of Qwen3.5/3.6 MoE and Qwen3-Next) and its
 per-sequence state: a causal conv state and a recurrent state instead of a KV cache.
 
-Two published weight layouts: qwen3_5_moe projects q|k|v, z, b, a with four matrices; qwen3_next fuses them into
-in_proj_qkvz and in_proj_ba with each key head's q, k, v, z (and b, a) rows side by side.
+Three weight layouts: qwen3_5_moe projects q|k|v, z, b, a with four matrices; qwen3_next fuses them into
+in_proj_qkvz and in_proj_ba with each key head's q, k, v, z (and b, a) rows side by side; qwen3_next_gguf (llama.cpp's
+qwen3next converter) splits in_proj_qkvz into q|k|v and z as qwen3_5_moe has them but keeps in_proj_ba fused.
 
 Shape legend: T tokens, H hidden, C conv channels (2 Hk Dk + Hv Dv), W conv kernel width, Hk key heads,
 Hv value heads, Dk key head dim, Dv value head dim, r = Hv / Hk.
@@ -20,9 +21,10 @@ from moepage.kernels.cpu_bf16 import linear
 from moepage.kernels.gated_delta import (causal_conv1d, chunk_gated_delta_rule, gated_rms_norm,
                                          recurrent_gated_delta_rule)
 
-LAYOUTS = ("qwen3_5_moe", "qwen3_next")
+LAYOUTS = ("qwen3_5_moe", "qwen3_next", "qwen3_next_gguf")
 PROJECTIONS = {"qwen3_5_moe": ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a"),
-               "qwen3_next": ("in_proj_qkvz", "in_proj_ba")}
+               "qwen3_next": ("in_proj_qkvz", "in_proj_ba"),
+               "qwen3_next_gguf": ("in_proj_qkv", "in_proj_z", "in_proj_ba")}
 SHARED_WEIGHTS = ("conv1d", "dt_bias", "A_log", "norm", "out_proj")
 # A weight's name in the checkpoint, after the decoder layer's prefix (model.layers.{L}. or
 # model.language_model.layers.{L}.).
@@ -93,6 +95,8 @@ class GatedDeltaShape:
             return {"in_proj_qkv": (C, H), "in_proj_z": (self.value_dim, H), "in_proj_b": (Hv, H),
                     "in_proj_a": (Hv, H), **shared}
         resident_weight_names(layout)
+        if layout == "qwen3_next_gguf":
+            return {"in_proj_qkv": (C, H), "in_proj_z": (self.value_dim, H), "in_proj_ba": (2 * Hv, H), **shared}
         return {"in_proj_qkvz": (C + self.value_dim, H), "in_proj_ba": (2 * Hv, H), **shared}
 
     def state_nbytes(self, conv_dtype: torch.dtype) -> int:
@@ -162,6 +166,10 @@ class GatedDeltaNet:
             return (linear(x, w["in_proj_qkv"]), linear(x, w["in_proj_z"]).view(T, s.num_v_heads, s.v_head_dim),
                     linear(x, w["in_proj_b"]), linear(x, w["in_proj_a"]))
         r = s.num_v_heads // s.num_k_heads
+        if self.layout == "qwen3_next_gguf":
+            b, a = torch.split(linear(x, w["in_proj_ba"]).view(T, s.num_k_heads, 2 * r), [r, r], dim=-1)
+            return (linear(x, w["in_proj_qkv"]), linear(x, w["in_proj_z"]).view(T, s.num_v_heads, s.v_head_dim),
+                    b.reshape(T, -1), a.reshape(T, -1))
         qkvz = linear(x, w["in_proj_qkvz"]).view(T, s.num_k_heads, 2 * s.k_head_dim + 2 * r * s.v_head_dim)
         q, k, v, z = torch.split(qkvz, [s.k_head_dim, s.k_head_dim, r * s.v_head_dim, r * s.v_head_dim], dim=-1)
         b, a = torch.split(linear(x, w["in_proj_ba"]).view(T, s.num_k_heads, 2 * r), [r, r], dim=-1)

@@ -102,8 +102,9 @@ def model_args(config: dict) -> ModelArgs:
     )
 
 
-def gguf_config(f) -> dict:
-    """config.json keys from a qwen35moe GGUF (llama.cpp's converter; its MTP blocks, if written, are not read)."""
+def hybrid_gguf_config(f, model_type: str, tiled: bool) -> dict:
+    """config.json keys from a qwen35moe / qwen3next GGUF (llama.cpp's converter; its MTP blocks, if written, are
+    not read). tiled: the converter reordered the value heads (qwen35moe) so value head h reads key head h % Hk."""
     layers = f.count("block_count", limit="num_hidden_layers") - f.count("nextn_predict_layers", 0, lo=0)
     recurrent = f.get("attention.recurrent_layers")
     if isinstance(recurrent, list) and len(recurrent) >= layers:
@@ -113,14 +114,18 @@ def gguf_config(f) -> dict:
         types = ["full_attention" if (i + 1) % every == 0 else "linear_attention" for i in range(layers)]
     v_heads, head_dim = f.count("ssm.time_step_rank"), \
         f.count("attention.key_length", limit="head_dim")
-    return {"model_type": "qwen3_5_moe_text", "num_hidden_layers": layers, "layer_types": types, "mlp_only_layers": [],
+    return {"model_type": model_type, "num_hidden_layers": layers, "layer_types": types,
             "num_experts": f.experts, "moe_intermediate_size": f.expert_ffn,
             "shared_expert_intermediate_size": f.count("expert_shared_feed_forward_length", 0, lo=0),
             "linear_num_key_heads": f.count("ssm.group_count"), "linear_num_value_heads": v_heads,
             "linear_key_head_dim": f.count("ssm.state_size"),
             "linear_value_head_dim": f.count("ssm.inner_size") // v_heads,
-            "linear_conv_kernel_dim": f.count("ssm.conv_kernel"), "linear_value_heads_tiled": True,
+            "linear_conv_kernel_dim": f.count("ssm.conv_kernel"), "linear_value_heads_tiled": tiled,
             "partial_rotary_factor": f.count("rope.dimension_count", head_dim, limit="head_dim") / head_dim}
+
+
+def gguf_config(f) -> dict:
+    return {**hybrid_gguf_config(f, "qwen3_5_moe_text", tiled=True), "mlp_only_layers": []}
 
 
 def gguf_tensor(name: str, t: torch.Tensor) -> torch.Tensor:
