@@ -41,12 +41,16 @@ def randomize_glm(model: torch.nn.Module, seed: int) -> None:
                 b.copy_(0.15 * torch.randn(b.shape, generator=g))
 
 
-def save_glm4_moe(out_dir, tokenizer_dir=None, seed: int = 0, dtype=torch.float32, **over):
+def save_glm4_moe(out_dir, tokenizer_dir=None, seed: int = 0, dtype=torch.float32, zero_head: bool = False, **over):
+    """zero_head: an all-zero lm_head (logits exactly 0), for server tests that force the output with logit_bias."""
     from transformers import Glm4MoeForCausalLM
 
     torch.manual_seed(seed)
     model = Glm4MoeForCausalLM(glm4_moe_config(**over))
     randomize_glm(model, seed)
+    if zero_head:
+        with torch.no_grad():
+            model.lm_head.weight.zero_()
     model.to(dtype)
     for layer in model.model.layers:  # the published checkpoints keep the correction bias in float32
         gate = getattr(layer.mlp, "gate", None)
@@ -78,7 +82,9 @@ def config_of(model_dir) -> dict:
 
 
 GLM_SPECIALS = ["<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
-                "<|assistant|>", "<|observation|>"]  # GLM-4.5's added tokens (151329...), in their order
+                "<|assistant|>", "<|observation|>"]  # GLM-4.5's added special tokens (151329...), in their order
+GLM_TAGS = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<arg_key>",
+            "</arg_key>", "<arg_value>", "</arg_value>"]  # added as one token each, decoded as text
 CHAT_TEMPLATE = __import__("pathlib").Path(__file__).parent / "data" / "glm4_moe" / "chat_template.jinja"
 
 
@@ -91,6 +97,7 @@ def glm_tokenizer(tokenizer_dir, out_dir) -> int:
     tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in GLM_SPECIALS
                             if tok.token_to_id(t) is None])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in GLM_TAGS if tok.token_to_id(t) is None])
     out_dir.mkdir(parents=True, exist_ok=True)
     tok.save(str(out_dir / "tokenizer.json"))
     config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())

@@ -35,7 +35,7 @@ def register(sub):
     p.add_argument("--parallel", type=int, default=4, metavar="N",
                    help="requests generated at once, decoded together one token each a step (default 4); each "
                         "holds a KV cache of --ctx-size tokens inside --memory-budget")
-    p.add_argument("--tool-parser", default="auto", choices=["auto", "hermes", "qwen3_coder", "mistral"],
+    p.add_argument("--tool-parser", default="auto", choices=["auto", "hermes", "qwen3_coder", "mistral", "glm"],
                    help="tool-call format in the model's output (auto: all of them)")
     p.add_argument("--sse-ping", type=float, default=10.0, help="seconds between SSE comment pings on a silent stream")
     p.add_argument("--max-request-bytes", type=parse_size, default=None, metavar="SIZE",
@@ -83,7 +83,8 @@ def prompt_cache_line(engine) -> str:
     if pc is None:
         return "prompt cache: off (--no-prompt-cache)"
     return (f"prompt cache: {human(pc.capacity)} (--prompt-cache-bytes) for earlier conversations; prompts re-use "
-            f"their longest cached prefix in whole chunks of {pc.chunk} tokens (the same tokens as without it)")
+            f"their longest cached prefix, cut where a prefill chunk ends (every {pc.schedule.chunk} tokens and after "
+            f"each end-of-turn token; the same tokens as without it)")
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

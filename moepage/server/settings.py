@@ -23,7 +23,7 @@ class ServerSettings:
     max_queue: int = 16  # requests waiting behind the running one; more get 429
     retry_after_seconds: int = 2
     sse_ping_seconds: float = 10.0  # SSE comment pings while a stream is silent (queue wait, long prefill)
-    tool_parser: str = "auto"  # auto | hermes | qwen3_coder | mistral
+    tool_parser: str = "auto"  # auto | hermes | qwen3_coder | mistral | glm
     max_n: int = 8
     log_requests: bool = True
     # "exact", or the description of the approximate (elastic) routing mode the engine was started with

@@ -11,7 +11,8 @@
   whatever the model writes.
 - {"type": "function", "function": {"name": X}}: the prefix goes on to name X, so the first call is to X:
   Hermes/Qwen `<tool_call>\\n{"name": "X", "arguments": `, Qwen3-Coder `<tool_call>\\n<function=X>\\n`,
-  Mistral `[TOOL_CALLS]X[ARGS]` (templates with [ARGS]) or `[TOOL_CALLS][{"name": "X", "arguments": `.
+  Mistral `[TOOL_CALLS]X[ARGS]` (templates with [ARGS]) or `[TOOL_CALLS][{"name": "X", "arguments": `,
+  GLM-4.5 `<tool_call>X\n` (its templates show `<arg_key>`; without a name, `<tool_call>`).
 
 The prefix tokens count as prompt tokens in `usage`.
 """
@@ -26,6 +27,8 @@ from moepage.server.tool_parsers import HERMES_OPEN, MISTRAL_OPEN
 # Harmony (gpt-oss) `<|channel|>commentary to=functions.NAME <|constrain|>json<|message|>`.
 HERMES_JSON, QWEN3_CODER_XML, MISTRAL_JSON, MISTRAL_ARGS = "hermes", "qwen3_coder", "mistral", "mistral_args"
 HARMONY = "harmony"
+GLM_XML = "glm"
+GLM_ARG_KEY = "<arg_key>"
 
 
 def template_tool_format(template: str | None, configured: str = "auto") -> str | None:
@@ -37,6 +40,8 @@ def template_tool_format(template: str | None, configured: str = "auto") -> str 
     t = template or ""
     if configured == "auto" and is_harmony(t):
         return HARMONY
+    if configured == "glm" or (configured == "auto" and GLM_ARG_KEY in t):
+        return GLM_XML
     if configured == "qwen3_coder" or (configured in ("auto", "hermes") and "<function=" in t):
         return QWEN3_CODER_XML
     if configured == "hermes" or (configured == "auto" and HERMES_OPEN in t):
@@ -50,6 +55,8 @@ def forced_prefix(fmt: str, name: str | None) -> str:
     """Text the generation is made to start with: the call opening, and with a name, the call's name."""
     if fmt == QWEN3_CODER_XML:
         return HERMES_OPEN + "\n" + (f"<function={name}>\n" if name else "")
+    if fmt == GLM_XML:
+        return HERMES_OPEN + (f"{name}\n" if name else "")
     if fmt == HERMES_JSON:
         return HERMES_OPEN + "\n" + ('{"name": ' + json.dumps(name, ensure_ascii=False) + ', "arguments": '
                                     if name else "")

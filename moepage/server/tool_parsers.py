@@ -3,7 +3,8 @@
 Formats: Hermes/Qwen JSON `<tool_call>{"name", "arguments"}</tool_call>`, Qwen3-Coder XML
 `<tool_call><function=NAME><parameter=P>V</parameter></function></tool_call>` (also without the `<tool_call>`
 wrapper or a parameter's closing tag; values converted by the tool's JSON schema), and Mistral
-`[TOOL_CALLS][{"name", "arguments"}, ...]` or `[TOOL_CALLS]NAME[ARGS]{...}`.
+`[TOOL_CALLS][{"name", "arguments"}, ...]` or `[TOOL_CALLS]NAME[ARGS]{...}`, and GLM-4.5's
+`<tool_call>NAME<arg_key>K</arg_key><arg_value>V</arg_value>...</tool_call>` (server/glm_tool_calls.py).
 Text that may be the start of a tag is held back, so no tag text reaches content. Feeding the whole
 text at once (non-streamed) and feeding it token by token (streamed) give the same calls.
 """
@@ -15,12 +16,13 @@ import secrets
 import string
 from dataclasses import dataclass, field
 
+from moepage.server.glm_tool_calls import GlmCallBody, looks_like_glm
 from moepage.server.tool_values import param_types, xml_value
 
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
 FUNCTION_OPEN, FUNCTION_CLOSE = "<function=", "</function>"
 MISTRAL_OPEN = "[TOOL_CALLS]"
-FORMATS = ("hermes", "qwen3_coder", "mistral")
+FORMATS = ("hermes", "qwen3_coder", "mistral", "glm")
 
 _NAME_FIRST = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*')
 _FUNCTION = re.compile(r"\s*<function=([^>\n]+)>")
@@ -111,8 +113,11 @@ class _TaggedBlock(_Block):
     """`<tool_call>` ... `</tool_call>` holding either Hermes JSON or Qwen3-Coder XML; or, opened by a bare
     `<function=`, Qwen3-Coder XML up to `</function>`."""
 
-    def __init__(self, parser: "ToolCallParser", allow_json: bool, allow_xml: bool, bare: bool = False):
+    def __init__(self, parser: "ToolCallParser", allow_json: bool, allow_xml: bool, bare: bool = False,
+                 allow_glm: bool = False):
         self.p = parser
+        self.glm = GlmCallBody(parser.start_call, parser.arguments, parser.param_types) if allow_glm and not bare \
+            else None
         self.bare = bare
         self.close = FUNCTION_CLOSE if bare else HERMES_CLOSE
         self.body = FUNCTION_OPEN if bare else ""
@@ -150,12 +155,19 @@ class _TaggedBlock(_Block):
                 self.kind = "json"
             elif stripped[0] == "<" and self.allow_xml:
                 self.kind = "xml"
+            elif self.glm is not None and looks_like_glm(stripped):
+                self.kind = "glm"
             else:
                 self.kind = "raw"
         if self.kind == "json":
             return self._json(body, final)
         if self.kind == "xml":
             return self._xml(body, final)
+        if self.kind == "glm":
+            events = self.glm.progress(body, final)
+            if events is not None:
+                return events
+            self.kind = "raw"
         return self._raw() if final else []
 
     def _json(self, body: str, final: bool) -> list:
@@ -313,7 +325,7 @@ class ToolCallParser:
             raise ValueError(f"unknown tool-call format(s) {sorted(unknown)}; choose from {', '.join(FORMATS)}")
         self.param_types = param_types(self.tools)
         tags = []
-        if "hermes" in self.formats or "qwen3_coder" in self.formats:
+        if "hermes" in self.formats or "qwen3_coder" in self.formats or "glm" in self.formats:
             tags.append(HERMES_OPEN)
         if "qwen3_coder" in self.formats:
             tags.append(FUNCTION_OPEN)
@@ -337,7 +349,8 @@ class ToolCallParser:
     def _open(self, tag: str) -> _Block:
         if tag == MISTRAL_OPEN:
             return _MistralBlock(self)
-        return _TaggedBlock(self, "hermes" in self.formats, "qwen3_coder" in self.formats, bare=tag == FUNCTION_OPEN)
+        return _TaggedBlock(self, "hermes" in self.formats, "qwen3_coder" in self.formats, bare=tag == FUNCTION_OPEN,
+                            allow_glm="glm" in self.formats)
 
     def _content(self, text: str, final: bool = False) -> list:
         if not text:
