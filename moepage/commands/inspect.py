@@ -64,7 +64,7 @@ def run(args) -> int:
     print(f"bytes per expert: {human(stored_each)} on disk, {human(each)} in memory {held} (the largest layer's)")
     print(f"resident weights: {human(resident_stored)} on disk, {human(resident)} in memory; "
           f"all experts: {human(each * n_experts)}; KV cache for {ctx} tokens: {human(kv)}")
-    if "linear_attention" in a.mixers:
+    if "linear_attention" in a.mixers or "mla" in a.mixers:
         print(state_line(a, dtype))
     if how:
         print(f"under a memory budget: {human(budgeted)} resident ({', '.join(how)})")
@@ -92,6 +92,12 @@ def state_line(a, dtype) -> str:
     from moepage.commands.inspect_sizes import kv_nbytes_per_1k, recurrent_state_nbytes
     from moepage.paging.budget import human
 
+    if "mla" in a.mixers:
+        from moepage.engine.attention.mla import MLAShape
+
+        latent = MLAShape(**a.mla).latent_dim
+        return (f"per sequence: latent KV {human(kv_nbytes_per_1k(a, dtype))} per 1k tokens ({a.mixers.count('mla')} "
+                f"MLA layers x {latent} values a token: the compressed latent and the rope key, not per-head K/V)")
     return (f"per sequence: recurrent state {human(recurrent_state_nbytes(a, dtype))} "
             f"({a.mixers.count('linear_attention')} linear-attention layers, any length) + KV "
             f"{human(kv_nbytes_per_1k(a, dtype))} per 1k tokens ({a.mixers.count('full_attention')} attention layers)")

@@ -18,6 +18,7 @@ from moepage.engine.weight_names import resident_names
 
 Q4_K, Q6_K = 144 / 256, 210 / 256  # bytes per weight
 BUDGETS_GIB = (8, 10, 12)
+BIG_BUDGETS_GIB = (16, 32, 64)  # for models whose routed experts alone pass 256 GiB in bf16 (DeepSeek-V3, Kimi K2)
 
 
 def _numel(shape) -> int:
@@ -80,12 +81,17 @@ def fraction_that_fits(budget: int, resident: int, state: int, expert_each: int,
     return max(0.0, min(1.0, (budget - resident - state) // max(1, expert_each) / experts))
 
 
+def budgets_for(sizes: ConfigSizes) -> tuple[int, ...]:
+    """The budgets the table shows: laptop sizes, or 16/32/64 GiB for the models far bigger than any laptop."""
+    return BIG_BUDGETS_GIB if sizes.experts * sizes.expert_bf16 > 256 << 30 else BUDGETS_GIB
+
+
 def budget_table(args: ModelArgs, sizes: ConfigSizes, ctx: int) -> list[str]:
-    """Lines of the table: fraction of experts resident at 8, 10 and 12 GiB, bf16 and Q4_K_M, with one sequence's
-    recurrent state and ctx tokens of KV counted."""
+    """Lines of the table: fraction of experts resident at each of budgets_for(sizes) GiB, bf16 and Q4_K_M, with
+    one sequence's recurrent state and ctx tokens of KV (MLA: the latent cache) counted."""
     state = state_nbytes(args, ctx, torch.bfloat16)
     rows = [f"  {'budget':>8}  {'bf16':>6}  {'Q4_K_M':>6}   (one sequence's state for {ctx} tokens counted)"]
-    for gib in BUDGETS_GIB:
+    for gib in budgets_for(sizes):
         b = gib << 30
         cells = [fraction_that_fits(b, sizes.resident_bf16, state, sizes.expert_bf16, sizes.experts),
                  fraction_that_fits(b, sizes.resident_q4km, state, sizes.expert_q4km, sizes.experts)]
