@@ -9,7 +9,7 @@ from conftest import prompt_ids
 from moepage.engine.attention.gated_delta import GatedDeltaNet, GatedDeltaShape
 from moepage.engine.engine import Engine, EngineConfig
 from moepage.engine.kv_cache import KVCache
-from moepage.engine.prompt_cache import LayerStates, PromptCache
+from moepage.engine.prompt_cache import ChunkSchedule, LayerStates, PromptCache
 from moepage.engine.sampling import SamplingParams
 from server_support import small_demo
 
@@ -49,12 +49,13 @@ def test_reused_prefixes_give_the_fresh_prefills_tokens_and_logprobs(demo_path, 
             got = greedy(cached, turn)
             assert got == greedy(plain, turn)
             # the title request in between evicted nothing; generated tokens are not an exact state
-            assert cached.last_stats.cached_prompt_tokens == previous // CHUNK * CHUNK
+            assert cached.last_stats.cached_prompt_tokens == cached.chunks.exact_end(turn, previous)
+            assert cached.last_stats.cached_prompt_tokens >= previous // CHUNK * CHUNK
             turn = turn + got[0][:3]
         for cut in (CHUNK * 3 + 5, 1, CHUNK * 5 - 1):  # a prompt branching off inside a chunk
             branch = turn[:cut] + prompt_ids(20, vocab, seed=cut)
             assert greedy(cached, branch) == greedy(plain, branch)
-            assert cached.last_stats.cached_prompt_tokens == cut // CHUNK * CHUNK
+            assert cached.last_stats.cached_prompt_tokens == cached.chunks.exact_end(branch, cut)
         assert plain.last_stats.cached_prompt_tokens == 0
     finally:
         plain.close()
@@ -73,13 +74,44 @@ def prefill(cache: PromptCache, kv: KVCache, live: list[int], ids: list[int]) ->
         kv.k[:, :, :, p] = ids[p]
         kv.v[:, :, :, p] = -ids[p]
     kv.length = len(ids)
-    return start, list(ids[: len(ids) // cache.chunk * cache.chunk])
+    return start, list(ids[: cache.schedule.exact_end(ids, len(ids))])
+
+
+def test_chunks_end_after_c_tokens_or_an_end_of_turn_token_and_only_the_tokens_before_fix_them():
+    schedule = ChunkSchedule(4, frozenset({9}))
+    ids = [1, 2, 9, 3, 4, 5, 6, 7, 9, 9, 8]
+    ends, s = [], 0
+    while s < len(ids):
+        s, fixed = schedule.end(ids, s)
+        ends.append((s, fixed))
+    assert ends == [(3, True), (7, True), (9, True), (10, True), (11, False)]  # the last is cut by the prompt's end
+    assert [schedule.exact_end(ids, n) for n in (2, 3, 8, 11)] == [0, 3, 7, 10]
+    for cut in range(len(ids)):  # a prompt sharing a prefix is cut the same way inside it
+        longer = ids[:cut] + [5, 9, 1, 2, 3, 4]
+        assert schedule.exact_end(longer, cut) == schedule.exact_end(ids, cut)
+    assert ChunkSchedule(4).exact_end(ids, 11) == 8  # no end tokens: every 4 tokens
+
+
+def test_a_conversations_next_turn_reuses_its_prompt_up_to_the_generation_prompt():
+    """ChatML turns: each message ends with <|im_end|>, so the next turn re-uses all but the generation prompt."""
+    kv = kv_state(128)
+    end, start_msg = 2, 1
+    cache = PromptCache(capacity_bytes=1 << 20, chunks=ChunkSchedule(16, frozenset({end})))
+
+    def message(n, seed):
+        return [start_msg] + [10 + (seed * 7 + i) % 50 for i in range(n)] + [end, 3]
+
+    turn1 = message(37, 1) + message(5, 2) + [start_msg, 4, 3]  # system, user, the generation prompt
+    start, live = prefill(cache, kv, [], turn1)
+    turn2 = turn1 + [20, 21, end, 3] + message(6, 3) + [start_msg, 4, 3]  # the reply, the next user message
+    start, live = prefill(cache, kv, live, turn2)
+    assert start == len(turn1) - 4  # up to the user message's <|im_end|>; 16-token chunks alone give 32
 
 
 def test_conversations_alternate_without_evicting_each_other_and_lru_goes_first():
     kv = kv_state()
     entry = 2 * 2 * 1 * 16 * 4 * 4  # k and v of 16 positions
-    cache = PromptCache(capacity_bytes=2 * entry, chunk=4)
+    cache = PromptCache(capacity_bytes=2 * entry, chunks=4)
     a, b, c = [1] * 16 + [2], [3] * 16 + [4], [5] * 16 + [6]
     live: list[int] = []
     for ids in (a, b):
@@ -100,7 +132,7 @@ def test_conversations_alternate_without_evicting_each_other_and_lru_goes_first(
 
 def test_a_prompt_extending_the_live_state_copies_nothing():
     kv = kv_state()
-    cache = PromptCache(capacity_bytes=1 << 20, chunk=4)
+    cache = PromptCache(capacity_bytes=1 << 20, chunks=4)
     start, live = prefill(cache, kv, [], list(range(10)))
     start, live = prefill(cache, kv, live, list(range(30)))
     assert start == 8 and cache.stats.stored == 0
@@ -144,7 +176,7 @@ def test_recurrent_layer_states_plug_in_and_restore_exactly():
         return out, list(ids[: len(ids) // 16 * 16])
 
     new = lambda: LayerStates([kv_state(128), mixer.new_state()])  # noqa: E731
-    cached, cache = new(), PromptCache(1 << 20, chunk=16)
+    cached, cache = new(), PromptCache(1 << 20, chunks=16)
     first, second, other = list(range(40)), list(range(40)) + [60, 61, 62], list(range(50, 99))
     live = run(cached, cache, [], first)[1]
     live = run(cached, cache, live, other)[1]

@@ -13,7 +13,7 @@ from moepage.engine.checkpoint import Checkpoint, open_checkpoint
 from moepage.engine.kv_cache import ContextOverflow
 from moepage.engine.lora_merge import LoraMerge
 from moepage.engine.model import MoEModel
-from moepage.engine.prompt_cache import PromptCache
+from moepage.engine.prompt_cache import ChunkSchedule, PromptCache
 from moepage.engine.sequence_state import SequenceState, state_nbytes
 from moepage.engine.quantized_expert import expert_loader
 from moepage.engine.sampling import SamplingParams
@@ -49,7 +49,7 @@ class EngineConfig:
     parallel: int = 1  # sequences that can be generated at once, each with a KV cache of ctx_size (all budgeted)
     verify_shards: bool = True
     drop_page_cache: bool = True
-    # Prompt cache: re-use the longest chunk-aligned cached prefix of each prompt (exact: engine/prompt_cache.py).
+    # Prompt cache: re-use the longest cached prefix of each prompt, to a fixed chunk end (engine/prompt_cache.py).
     prefix_cache: bool = False
     prompt_cache_bytes: int | None = None  # snapshots kept; None: default_prompt_cache_bytes
     # Read the token embedding table row by row from disk instead of holding it (a large vocabulary's table is big).
@@ -121,6 +121,8 @@ class Engine:
         if tokenizer is not None and tokenizer.eos_id is not None:
             eos.add(tokenizer.eos_id)
         self.eos_ids = eos
+        # prefill chunks end after cfg.prefill_chunk tokens or after an end-of-turn token (exact prompt re-use)
+        self.chunks = ChunkSchedule(max(1, cfg.prefill_chunk), frozenset(eos))
         self.last_stats = GenerationStats()
         # slot 0 holds self.kv; the others get a KV cache of the same size (--parallel), counted in the plan
         self.slots = [Slot(kv)] + [Slot(model.new_kv_cache(kv.max_tokens)) for _ in range(max(1, cfg.parallel) - 1)]
@@ -204,7 +206,7 @@ class Engine:
                 cache.wait_idle()
         engine = cls(ckpt, tokenizer, model, cache, model.new_kv_cache(ctx), plan, cfg)
         if cfg.prefix_cache:
-            engine.prompt_cache = PromptCache(prompt_cache_bytes, cfg.prefill_chunk)
+            engine.prompt_cache = PromptCache(prompt_cache_bytes, engine.chunks)
         if cfg.secretary:
             from moepage.paging.secretary import Secretary
 

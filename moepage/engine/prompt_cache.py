@@ -1,11 +1,16 @@
 """Prompt cache: the states of recent sequences, so that a request re-uses the longest cached prefix of its tokens.
 
-Re-use is exact. A prefill runs its prompt in chunks of C tokens from position 0, and the rounding of a chunk
-depends on its shape and on every token in it (matmul blocking by row count, the batch each expert gathers, the
-attention path). A state is therefore re-used only up to a multiple of C that its own prefill computed as a whole
-chunk: the continued prefill then runs exactly the chunks a fresh prefill of the new prompt would, and the same
-greedy tokens follow. What a re-used prefix cannot give: positions after the last whole chunk of a prompt and
-generated tokens (decoded one at a time) are computed again.
+Re-use is exact. A prefill runs its prompt in chunks, and the rounding of a chunk depends on its shape and on every
+token in it (matmul blocking by row count, the batch each expert gathers, the attention path). Where the chunks
+end is therefore fixed by the tokens alone (ChunkSchedule): a chunk ends after C tokens or right after a token
+that closes a message (the model's end-of-turn ids, ChatML's <|im_end|>), whichever comes first, so each end
+depends only on the tokens before it and two prompts with a common prefix are cut the same way inside it. A state
+is re-used up to the last such end in the common prefix: the continued prefill then runs exactly the chunks a
+fresh prefill of the new prompt would, and the same greedy tokens follow. An agent's next turn repeats its
+previous prompt and adds messages, so it re-uses that prompt up to its last closed message (all but the few
+tokens of the generation prompt). What a re-used prefix cannot give: a prompt's tail after its last chunk end
+(a chunk cut short by the prompt's end is not what a longer prompt computes there) and generated tokens (decoded
+one at a time) are computed again.
 
 A sequence's state (SequenceState: KVCache today; per-layer states such as Gated DeltaNet's conv + recurrent state
 through LayerStates) offers nbytes, mark(length), snapshot(length), restore(snapshot, length) and rewind(length);
@@ -40,6 +45,38 @@ class SequenceState(Protocol):
         """The state after its own first `length` tokens, or as many as it can give; returns that count."""
 
 
+@dataclass(frozen=True)
+class ChunkSchedule:
+    """Where a prefill's chunks end: after `chunk` tokens or right after a token in `ends`, whichever is first."""
+
+    chunk: int
+    ends: frozenset[int] = frozenset()
+
+    def __post_init__(self):
+        if self.chunk < 1:
+            raise ValueError(f"prefill chunk must be >= 1 token, got {self.chunk}")
+
+    def end(self, ids: Sequence[int], start: int) -> tuple[int, bool]:
+        """(where the chunk from start ends, whether that end is fixed by the tokens before it: False for a chunk
+        cut short by the end of ids, which a longer prompt with the same prefix would continue)."""
+        stop = min(start + self.chunk, len(ids))
+        if self.ends:
+            for p in range(start, stop):
+                if ids[p] in self.ends:
+                    return p + 1, True
+        return stop, stop == start + self.chunk
+
+    def exact_end(self, ids: Sequence[int], limit: int) -> int:
+        """The last fixed chunk end of ids at or before limit (0 if none)."""
+        s = 0
+        while s < len(ids):
+            e, fixed = self.end(ids, s)
+            if e > limit or not fixed:
+                break
+            s = e
+        return s
+
+
 @dataclass
 class PromptCacheStats:
     lookups: int = 0
@@ -61,11 +98,11 @@ class PromptCache:
     (its state object: re-used in place, stashed here only when another prompt is about to overwrite it).
     Used by the engine's thread only; snapshot_stats reads counters (no lock: /metrics never waits on a copy)."""
 
-    def __init__(self, capacity_bytes: int, chunk: int):
+    def __init__(self, capacity_bytes: int, chunks: ChunkSchedule | int):
         if capacity_bytes < 0:
             raise ValueError(f"prompt cache bytes must be >= 0, got {capacity_bytes}")
         self.capacity = int(capacity_bytes)
-        self.chunk = max(1, int(chunk))
+        self.schedule = chunks if isinstance(chunks, ChunkSchedule) else ChunkSchedule(int(chunks))
         self.entries: OrderedDict[int, CachedPrompt] = OrderedDict()  # key: id(entry); oldest first
         self.stats = PromptCacheStats()
         self.nbytes = 0  # of the snapshots held
@@ -79,17 +116,14 @@ class PromptCache:
         self.nbytes -= entry.snapshot.nbytes
         return entry
 
-    def aligned(self, n: int) -> int:
-        return n // self.chunk * self.chunk
-
     def reusable(self, cached: Sequence[int], ids: Sequence[int]) -> int:
-        """Tokens of ids a state after `cached` serves exactly: their common prefix, down to a chunk boundary, and
-        at least one token left to prefill (the last position's logits)."""
+        """Tokens of ids a state after `cached` (which ends at a fixed chunk end) serves exactly: their common
+        prefix, down to a fixed chunk end of ids, and at least one token left to prefill (the last logits)."""
         n = min(len(cached), len(ids) - 1)
         i = 0
         while i < n and cached[i] == ids[i]:
             i += 1
-        return self.aligned(i)
+        return self.schedule.exact_end(ids, i)
 
     def begin(self, state: SequenceState, live: Sequence[int], ids: Sequence[int]) -> int:
         """Before prefilling ids: put the best state into `state` (live holds the tokens whose exact state it has
@@ -112,7 +146,7 @@ class PromptCache:
 
     def _kept(self, live: Sequence[int], ids: Sequence[int]) -> bool:
         """Whether the live state is still exact for `live` after ids is prefilled into it."""
-        return len(live) <= self.aligned(len(ids)) and tuple(ids[: len(live)]) == tuple(live)
+        return tuple(ids[: len(live)]) == tuple(live) and len(live) <= self.schedule.exact_end(ids, len(ids))
 
     def _stash(self, state: SequenceState, live: Sequence[int]):
         ids = tuple(live)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from moepage.engine.kv_cache import KVCache
+from moepage.engine.layered_prefill import prefill_span
 from moepage.engine.sampling import Sampler, SamplingParams, StopMatcher
 from moepage.engine.tokenizer import IncrementalDetokenizer
 
@@ -67,21 +68,25 @@ class Sequence:
         e, slot, ids = self.engine, self.slot, self.prompt_ids
         if self.pos is None:
             start = 0
-            if e.prompt_cache is not None:  # chunk-aligned: the chunks below are those a fresh prefill runs
+            if e.prompt_cache is not None:  # at a fixed chunk end: the chunks below are those a fresh prefill runs
                 start = e.prompt_cache.begin(slot.kv, slot.exact_ids, ids)
             start = slot.kv.rewind(start)  # recurrent layers: back to a state they hold (0 without a prompt cache)
             slot.kv_ids = list(ids[:start])
             slot.exact_ids = list(ids[:start])
             self.stats.cached_prompt_tokens = start
             self.pos = start
-        chunk = max(1, e.cfg.prefill_chunk)
         s = self.pos
-        logits = e.model.forward(torch.tensor(ids[s : s + chunk]), slot.kv, start=s)
-        slot.kv_ids = list(ids[: s + chunk])
-        if s + chunk <= len(ids):  # a whole chunk: exactly what a longer prompt's prefill computes here
-            slot.exact_ids = list(slot.kv_ids)
-            slot.kv.mark(s + chunk)
-        self.pos = s + chunk
+        span = prefill_span(e, slot, ids, s)  # under a budget: chunks layer by layer (engine/layered_prefill.py)
+        if span is not None:
+            end, logits = span
+        else:
+            end, fixed = e.chunks.end(ids, s)  # engine/prompt_cache.py ChunkSchedule
+            logits = e.model.forward(torch.tensor(ids[s:end]), slot.kv, start=s)
+            slot.kv_ids = list(ids[:end])
+            if fixed:  # exactly what a longer prompt's prefill computes here
+                slot.exact_ids = list(slot.kv_ids)
+                slot.kv.mark(end)
+        self.pos = end
         if self.pos < len(ids):
             return False
         self.logits = logits[-1]
