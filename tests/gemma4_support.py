@@ -20,24 +20,30 @@ VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_att
               num_key_value_heads=2, head_dim=16, patch_size=4, position_embedding_size=64)
 
 
-def perturb(model, seed: int = 0):
+ROUTER_STD = 1.0  # router weights: logits of about unit size, so a top-k choice is decisive (not a near-tie)
+
+
+def perturb(model, seed: int = 0, router_std: float = ROUTER_STD, qk_norm: float = 1.0):
     """Norm weights, router scales, per-expert scales and layer scalars away from 1 (Gemma 4 initialises them to 1:
     a wrong 1 + w or a missing scale would go unseen)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, t in model.named_parameters():  # larger than the 0.02 init: decisive logits in a tiny model
             if t.dim() >= 2 and "language_model" in name:
-                t.normal_(0.0, 0.08, generator=g)
+                t.normal_(0.0, router_std if name.endswith("router.proj.weight") else 0.08, generator=g)
         for name, t in model.named_parameters():
             if name.endswith(("norm.weight", "layernorm.weight", "layernorm_1.weight", "layernorm_2.weight",
                               "router.scale", "per_expert_scale")) and "language_model" in name:
                 t.copy_(0.5 + torch.rand(t.shape, generator=g))
+                if name.endswith(("q_norm.weight", "k_norm.weight")):
+                    t.mul_(qk_norm)  # attention scale 1: these set how sharp the softmax is
         for name, t in model.named_buffers():
             if name.endswith("layer_scalar"):
                 t.copy_(0.6 + 0.8 * torch.rand(t.shape, generator=g))
 
 
-def save_gemma4(path, tokenizer_dir=None, dtype=torch.float32, seed: int = 0, vocab_size: int = 512, **text):
+def save_gemma4(path, tokenizer_dir=None, dtype=torch.float32, seed: int = 0, vocab_size: int = 512,
+                router_std: float = ROUTER_STD, qk_norm: float = 1.0, **text):
     """A random Gemma4ForConditionalGeneration saved at path (config, safetensors, the tokenizer files of
     tokenizer_dir when given); returns path."""
     from transformers import Gemma4Config, Gemma4ForConditionalGeneration
@@ -46,7 +52,7 @@ def save_gemma4(path, tokenizer_dir=None, dtype=torch.float32, seed: int = 0, vo
     cfg = Gemma4Config(text_config={**TEXT, "vocab_size": vocab_size, **text}, vision_config=VISION, audio_config=None)
     torch.manual_seed(seed)
     model = Gemma4ForConditionalGeneration(cfg).eval()
-    perturb(model, seed)
+    perturb(model, seed, router_std, qk_norm)
     model.to(dtype).save_pretrained(path)
     if tokenizer_dir is not None:
         for f in Path(tokenizer_dir).iterdir():
@@ -87,3 +93,36 @@ def gemma_tokenizer(tokenizer_dir, out_dir) -> int:
     config.update(bos_token="<bos>", eos_token="<turn|>", pad_token="<pad>", chat_template=CHAT_TEMPLATE.read_text())
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     return tok.get_vocab_size(with_added_tokens=True)
+
+
+def spm_tokenizer(out_dir, vocab_size: int = 700) -> int:
+    """A small Llama-style (SentencePiece) BPE tokenizer.json with byte fallback, Gemma 4's specials first and its
+    chat template, trained on the local corpus: the kind llama.cpp's Gemma 4 converter takes (gguf.LlamaHfVocab
+    refuses byte-level BPE). Returns the vocabulary size."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+
+    from conftest import local_corpus
+
+    tok = Tokenizer(models.BPE(byte_fallback=True))
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    text = local_corpus(200_000)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS + [f"<0x{i:02X}>" for i in range(256)])
+    tok.train_from_iterator([text[i : i + 1000] for i in range(0, len(text), 1000)], trainer)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out_dir / "tokenizer.json"))
+    (out_dir / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<bos>", "eos_token": "<turn|>",
+        "pad_token": "<pad>", "chat_template": CHAT_TEMPLATE.read_text()}))
+    return tok.get_vocab_size()
+
+
+def router_margins(model, ids: list[int]) -> torch.Tensor:
+    """[T] per position, the smallest gap over layers between the k-th and (k+1)-th router log-probabilities
+    (transformers, its dtype): where it is tiny a last-bit difference may pick another expert."""
+    k = model.config.text_config.top_k_experts
+    with torch.no_grad():
+        probs = model(input_ids=torch.tensor([ids]), output_router_logits=True).router_logits
+    top = torch.stack([p.reshape(len(ids), -1).float().log().topk(k + 1, dim=-1).values for p in probs])
+    return (top[..., k - 1] - top[..., k]).min(0).values

@@ -63,6 +63,8 @@ class Gemma4Attention(TokenMixer):
         self.q_norm, self.k_norm, self.out_norm = weights["q_norm"], weights["k_norm"], weights["out_norm"]
         self.dtype, self.device = ctx.dtype, ctx.device
         self.inv_freq = inverse_frequencies(self.shape).to(ctx.device)  # [D/2]
+        if "rope_freqs" in weights:  # a GGUF's factors (1: turns, 1e30: does not), llama.cpp's proportional RoPE
+            self.inv_freq = self.inv_freq / weights["rope_freqs"].to(device=ctx.device, dtype=torch.float32)
 
     @classmethod
     def kind_shape(cls, args: ModelArgs) -> dict:
@@ -78,6 +80,8 @@ class Gemma4Attention(TokenMixer):
                   "out_norm": (H,)}
         if s["k_eq_v"]:
             del shapes["v"]
+        if s.get("freq_factors"):
+            shapes["rope_freqs"] = (D // 2,)
         return shapes
 
     @classmethod

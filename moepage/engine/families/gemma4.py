@@ -18,6 +18,7 @@ from moepage.engine.model_args import (
     ConfigError, ModelArgs, bool_field, common_args, experts_field, float_field, int_field,
 )
 from moepage.kernels.routing import RoutingConfig
+from moepage.paging.gguf_stacked_experts import GGUFStackedExpertSource
 from moepage.paging.stacked_experts import StackedExpertSource
 
 MODEL_TYPES = ("gemma4", "gemma4_text")
@@ -128,6 +129,8 @@ def model_args(config: dict) -> ModelArgs:
     kinds = {SLIDING: {"head_dim": head_dim, "kv_heads": kv, "k_eq_v": False, "window": window,
                        **rope_of(config, "sliding_attention")},
              FULL: {"head_dim": full_dim, "kv_heads": full_kv, "k_eq_v": k_eq_v, **rope_of(config, "full_attention")}}
+    if bool_field(config, "rope_freq_factors", False):  # a GGUF's rope_freqs tensor (gguf_config)
+        kinds[FULL]["freq_factors"] = True
     softcap = config.get("final_logit_softcapping")
     return common_args(
         config, "gemma4",
@@ -148,8 +151,61 @@ def model_args(config: dict) -> ModelArgs:
     )
 
 
+B = "blk.{L}."
+GGUF_NAMES = {
+    **{k: v for k, v in common.GGUF.items() if "bias" not in k and "shared" not in k and k != "layers.{L}.router"},
+    "layers.{L}.out_norm": B + "post_attention_norm.weight",
+    "layers.{L}.rope_freqs": "rope_freqs.weight",  # one tensor, read by each full layer
+    "layers.{L}.router": B + "ffn_gate_inp.weight",
+    "layers.{L}.router_scale": B + "ffn_gate_inp.scale",
+    "layers.{L}.expert_scale": B + "ffn_down_exps.scale",
+    "layers.{L}.post_dense_norm": B + "post_ffw_norm_1.weight",
+    "layers.{L}.pre_experts_norm": B + "pre_ffw_norm_2.weight",
+    "layers.{L}.post_experts_norm": B + "post_ffw_norm_2.weight",
+    "layers.{L}.post_ffn_norm": B + "post_ffw_norm.weight",
+    "layers.{L}.layer_scalar": B + "layer_output_scale.weight",
+}
+GGUF_EXPERT_NAMES = {"gate_up": B + "ffn_gate_up_exps.weight", "down": B + "ffn_down_exps.weight"}
+
+
+def gguf_config(f) -> dict:
+    """A gemma4 GGUF (llama.cpp's converter: norms stored as they are, the full layers' proportional RoPE as
+    rope_freqs factors of 1 and 1e30, which the full layers divide their frequencies by, as llama.cpp does)."""
+    layers = f.count("block_count", limit="num_hidden_layers")
+    swa = f.get("attention.sliding_window_pattern")
+    if not isinstance(swa, list) or len(swa) != layers or not all(isinstance(x, bool) for x in swa):
+        raise ConfigError(f"{f.arch}.attention.sliding_window_pattern must list {layers} true/false entries")
+    kv = f.get("attention.head_count_kv")
+    kv = kv if isinstance(kv, list) and len(kv) == layers else [f.count("attention.head_count_kv")] * layers
+    full = [i for i, s in enumerate(swa) if not s]
+    if not full:
+        raise ConfigError(f"{f.arch}.attention.sliding_window_pattern has no full-attention layer")
+    softcap = f.number("final_logit_softcapping", None)
+    return {
+        "model_type": "gemma4_text", "enable_moe_block": True, "num_experts": f.experts,
+        "top_k_experts": f.count("expert_used_count", limit="num_experts"),
+        "moe_intermediate_size": f.expert_ffn, "intermediate_size": f.ffn,
+        "layer_types": ["sliding_attention" if s else "full_attention" for s in swa],
+        "sliding_window": f.count("attention.sliding_window", limit="sliding_window", lo=2),
+        "head_dim": f.count("attention.key_length_swa", limit="head_dim"), "num_key_value_heads": kv[0],
+        "global_head_dim": f.count("attention.key_length", limit="head_dim"),
+        "num_global_key_value_heads": kv[full[0]],
+        "attention_k_eq_v": not f.has(f"blk.{full[0]}.attn_v.weight"),
+        "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": f.number("rope.freq_base_swa",
+                                                                                               10_000.0)},
+                            "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 1.0,
+                                               "rope_theta": f.number("rope.freq_base", 1e6)}},
+        "rope_freq_factors": f.has("rope_freqs.weight"),
+        "final_logit_softcapping": softcap,
+        "hidden_size_per_layer_input": f.count("embedding_length_per_layer_input", 0, lo=0),
+        "num_kv_shared_layers": f.count("attention.shared_kv_layers", 0, lo=0),
+    }
+
+
 SPEC = FamilySpec(
     name="gemma4", model_types=MODEL_TYPES, model_args=model_args, names=NAMES, expert_names=EXPERT_NAMES,
     mixers=(SLIDING, FULL), layouts=LAYOUTS,
     expert_source=lambda index, names: StackedExpertSource(index, names["stacked"]),
+    gguf_arch="gemma4", gguf_norm_topk=True, gguf_config=gguf_config,
+    gguf_names=GGUF_NAMES, gguf_expert_names=GGUF_EXPERT_NAMES, gguf_expert_source=GGUFStackedExpertSource,
 )
