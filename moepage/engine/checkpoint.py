@@ -14,6 +14,7 @@ import torch
 from moepage.engine.families import FamilySpec, family_for
 from moepage.engine.model_args import ConfigError, ModelArgs, eos_list, expert_shapes, resident_shape
 from moepage.engine.weight_names import resident_names, to_checkpoint
+from moepage.paging.fp8_experts import Fp8ExpertSource, fp8_quantization, read_resident
 from moepage.paging.model_paths import read_model_json, resolve_model_file
 from moepage.paging.safetensors_file import CheckpointError, SafetensorsFile, shown
 from moepage.paging.sources import (
@@ -164,10 +165,16 @@ def _open_hf(root: str, drop_page_cache: bool) -> Checkpoint:
     family, args = model_args_of(config, os.path.join(root, "config.json"))
     names, expert_names = family.checkpoint_names(config)
     index = TensorIndex([SafetensorsFile(f, drop_page_cache=drop_page_cache) for f in _weight_files(root)])
+    fp8 = fp8_quantization(config, os.path.join(root, "config.json"))
+    if fp8 is not None and family.expert_source is not None:
+        raise CheckpointError(f"{root}: FP8 checkpoints of {family.name} (fused expert tensors) are not read")
+    experts = (Fp8ExpertSource(index, expert_names, fp8) if fp8 is not None
+               else (family.expert_source or SafetensorsExpertSource)(index, expert_names))
     ckpt = Checkpoint(
         kind="hf", root=root, config=config, family=family, args=args,
-        experts=(family.expert_source or SafetensorsExpertSource)(index, expert_names), names=names,
-        expert_names=expert_names, read_tensor=lambda n: index.read(n, "resident weight"),
+        experts=experts, names=names, expert_names=expert_names,
+        read_tensor=(lambda n: read_resident(index, n, fp8)) if fp8 is not None
+        else (lambda n: index.read(n, "resident weight")),
         tensor_nbytes=lambda n: index.info(n, "resident weight").nbytes,
         generation_config=_generation_config(root),
         tensor_numel=lambda n: _numel(index.info(n, "resident weight").shape),

@@ -29,6 +29,7 @@ MODULES = {
                                                                          "-mpopcnt"]),
     "ggml_cpu": (set(), []),  # portable: the SIMD is in the libggml-cpu it opens at run time
     "mxfp4": (set(), []),  # portable: its dot vectorises for the build target
+    "fp8": (set(), []),  # portable: plain loops (fp8_core.h) vectorised for the build target
 }
 VERSION = "v18"
 STALE_LOCK_SECONDS = 600  # a build lock older than this was left by a killed build (torch would wait on it forever)

@@ -16,7 +16,7 @@ __all__ = ["CheckpointError", "SafetensorsFile", "TensorInfo", "DTYPES", "DTYPE_
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,  # F8_E4M3: FP8 checkpoints (paging/fp8_experts.py)
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER = 100_000_000  # the safetensors library's own limit
