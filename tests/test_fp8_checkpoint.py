@@ -124,3 +124,24 @@ def test_bad_expert_tensors_refused_at_load(fp8_checkpoint, tmp_path, name, fn, 
     bad = copy_with(__import__("pathlib").Path(fp8_checkpoint("float32")), tmp_path / "bad", tensor_change=(name, fn))
     with pytest.raises(CheckpointError, match=match):
         open_checkpoint(bad)
+
+
+def test_deepseek_v3_fp8_reads_the_same_way(tmp_path, tokenizer_dir):
+    """Family-agnostic: an FP8 DeepSeek-V3 (MLA projections FP8 too; 8 x 8 blocks divide every one of its tiny
+    matrices, as transformers' loader needs) against transformers' dequantized model, paged at the minimum."""
+    from mla_support import save_mla
+
+    hf = save_mla("deepseek_v3", tmp_path / "hf", tokenizer_dir)
+    path = write_fp8_checkpoint(hf, tmp_path / "fp8", (8, 8))
+    assert stored_dtypes(path)["model.layers.0.self_attn.kv_b_proj.weight"] == "F8_E4M3"
+    engine = Engine.load(EngineConfig(path, tokenizer=False))
+    ids = prompt_ids(32, engine.args.vocab_size)
+    ours = engine.logits_all(ids)
+    a, each = engine.args, engine.plan.expert_bytes_each
+    engine.close()
+    with torch.no_grad():
+        ref = dequantized_reference(path)(torch.tensor([ids])).logits[0]
+    assert (ours.float() - ref.float()).abs().max().item() < 1e-4
+    paged = Engine.load(EngineConfig(path, expert_cache_bytes=a.top_k * each, preload=False, tokenizer=False))
+    assert torch.equal(paged.logits_all(ids), ours)
+    paged.close()
