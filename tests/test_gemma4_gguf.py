@@ -4,6 +4,7 @@ inside llama-cpp-python 0.3.36 runs it): served with experts paged from the file
 the source checkpoint, greedy tokens equal to llama.cpp's up to the first router near-tie, at every expert budget."""
 from __future__ import annotations
 
+import httpx
 import pytest
 import torch
 
@@ -13,6 +14,7 @@ from qwen35_support import one_torch_thread  # noqa: F401 (autouse: one thread h
 from moepage.engine.engine import Engine, EngineConfig
 from moepage.engine.sampling import SamplingParams
 from moepage.paging.gguf_stacked_experts import GGUFStackedExpertSource
+from server_support import MODEL_ID, serving
 
 # rows a multiple of 256 (K-quant friendly), the 5:1 layers with k = v full layers; router weights large enough that
 # no top-k choice of this prompt and its continuation is a near-tie (tests/gemma4_support.py router_margins), q/k norm
@@ -60,7 +62,9 @@ def test_f16_logits_near_transformers(converted):
     assert gap < 0.15, f"f16 GGUF logits differ from transformers' fp32 by {gap}"
 
 
-def test_f16_greedy_equals_llama_cpp_at_every_budget(converted):
+def test_f16_greedy_equals_llama_cpp_at_every_budget(tmp_path, converted):
+    from moepage.surgery.split_gguf import split_gguf
+
     hf, path = converted
     params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
     engine = Engine.load(EngineConfig(path, dtype="float32", tokenizer=False))
@@ -82,9 +86,36 @@ def test_f16_greedy_equals_llama_cpp_at_every_budget(converted):
         assert float(rows[i][theirs[i]] - rows[i][ours[i]]) < 3 * gap, (i, ours, theirs)
     a, each = engine.args, engine.plan.expert_bytes_each
     engine.close()
-    for budget in (each * len(a.moe_layers) * a.num_experts // 4, a.top_k * each):  # 25% and the minimum
-        paged = Engine.load(EngineConfig(path, dtype="float32", tokenizer=False, expert_cache_bytes=budget,
-                                         preload=False))
-        assert [s.token for s in paged.generate(PROMPT, params)] == ours
-        assert paged.cache.stats.snapshot()["evictions"] > 0
-        paged.close()
+    split_gguf(path, str(tmp_path / "split"))
+    for where in (path, str(tmp_path / "split")):
+        for budget in (each * len(a.moe_layers) * a.num_experts // 4, a.top_k * each):  # 25% and the minimum
+            paged = Engine.load(EngineConfig(where, dtype="float32", tokenizer=False, expert_cache_bytes=budget,
+                                             preload=False))
+            assert [s.token for s in paged.generate(PROMPT, params)] == ours, (where, budget)
+            assert paged.cache.stats.snapshot()["evictions"] > 0
+            paged.close()
+
+
+def test_gguf_tokenizer_and_template_match_llama_cpp_over_http(converted):
+    """The GGUF's own tokenizer ("gemma4": SentencePiece-style BPE with byte fallback) encodes as llama.cpp does, and
+    its chat template (tokenizer.chat_template, Gemma 4's) is what the server renders."""
+    _, path = converted
+    llama_cpp = llama_cpp_module()
+    llm = llama_cpp.Llama(model_path=path, vocab_only=True, verbose=False)
+    engine = Engine.load(EngineConfig(path, dtype="float32", ctx_size=256))
+    tok = engine.tokenizer
+    for text in ["import os\nimport sys\n\ndef main():\n", "  Hello   w\u00f6rld \u2014 \u4f60\u597d \U0001f389",
+                 "<turn|>\n<|channel>thought\n<channel|>"]:
+        ids = tok.encode(text, add_special_tokens=False)
+        assert ids == llm.tokenize(text.encode(), add_bos=False, special=True), text
+    assert tok.decode(tok.encode("  Hello   w\u00f6rld \U0001f389", add_special_tokens=False)) == \
+        "  Hello   w\u00f6rld \U0001f389"  # bytes outside the vocabulary come back through <0xNN>
+    messages = [{"role": "user", "content": "Hello"}]
+    rendered = tok.render_chat(messages)
+    assert rendered.endswith("<|turn>model\n<|channel>thought\n<channel|>")
+    with serving(engine) as (url, _):
+        r = httpx.post(url + "/v1/chat/completions", json={"model": MODEL_ID, "messages": messages, "max_tokens": 4,
+                                                           "temperature": 0}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["prompt_tokens"] == len(tok.encode(rendered, add_special_tokens=False))
+    engine.close()

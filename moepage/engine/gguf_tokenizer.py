@@ -1,11 +1,12 @@
 """A `tokenizers.Tokenizer` (and moepage Tokenizer) built from GGUF tokenizer metadata, without transformers.
 
 Supported: `tokenizer.ggml.model == "gpt2"` (byte-level BPE: GPT-2, Qwen2/Qwen3, Llama 3, OLMo vocabularies)
-with the pre-tokenizer named by `tokenizer.ggml.pre`, as llama.cpp's llama-vocab.cpp defines them.
+with the pre-tokenizer named by `tokenizer.ggml.pre`, as llama.cpp's llama-vocab.cpp defines them; "gemma4"
+(SentencePiece-style BPE: spaces as U+2581, bytes outside the vocabulary as <0xNN> tokens).
 """
 from __future__ import annotations
 
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from moepage.engine.tokenizer import Tokenizer
@@ -50,10 +51,10 @@ def _strings(meta: dict, key: str, path: str) -> list[str]:
 
 def build_hf_tokenizer(meta: dict, path: str = "?") -> HFTokenizer:
     model = meta.get("tokenizer.ggml.model")
-    if model != "gpt2":
+    if model not in ("gpt2", "gemma4"):
         raise CheckpointError(
             f"{path}: GGUF tokenizer model {shown(model)} is not supported yet (moepage builds 'gpt2' byte-level BPE "
-            f"tokenizers from GGUF); serve the original Hugging Face directory instead"
+            f"and 'gemma4' tokenizers from GGUF); serve the original Hugging Face directory instead"
         )
     tokens = _strings(meta, "tokenizer.ggml.tokens", path)
     merges = _strings(meta, "tokenizer.ggml.merges", path)
@@ -70,14 +71,19 @@ def build_hf_tokenizer(meta: dict, path: str = "?") -> HFTokenizer:
     if any(len(p) != 2 for p in pairs):
         raise CheckpointError(f"{path}: GGUF metadata tokenizer.ggml.merges: every merge must be two tokens")
     try:
-        tk = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, ignore_merges=pre in IGNORE_MERGES))
+        tk = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=model == "gemma4",
+                                    ignore_merges=pre in IGNORE_MERGES))
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException:  # tokenizers raises Exception, or pyo3's PanicException (a BaseException), on odd input
         raise CheckpointError(f"{path}: the GGUF tokenizer metadata does not make a BPE tokenizer "
                               f"(merges name tokens outside tokenizer.ggml.tokens?)") from None
-    tk.pre_tokenizer = _pre_tokenizer(pre, path)
-    tk.decoder = decoders.ByteLevel()
+    if model == "gemma4":
+        tk.normalizer = normalizers.Replace(" ", "\u2581")
+        tk.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    else:
+        tk.pre_tokenizer = _pre_tokenizer(pre, path)
+        tk.decoder = decoders.ByteLevel()
     special = [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == CONTROL]
     user = [AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == USER_DEFINED]
     if special:

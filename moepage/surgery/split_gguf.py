@@ -16,7 +16,6 @@ import os
 from safetensors.torch import save_file
 
 from moepage.engine.checkpoint import MANIFEST, split_shard_path
-from moepage.engine.families import common
 from moepage.engine.gguf_checkpoint import open_gguf
 from moepage.paging.gguf_experts import PARTS, shard_metadata
 from moepage.paging.gguf_file import GGUFFile
@@ -27,8 +26,9 @@ from moepage.paging.sources import sha256_of
 RESIDENT = "resident.gguf"
 
 
-def _expert_tensor_names(args) -> set[str]:
-    return {common.GGUF_EXPERTS[p].format(L=layer) for layer in args.moe_layers for p in PARTS}
+def _expert_tensor_names(args, table: dict[str, str]) -> set[str]:
+    """The routed-expert tensors (the family's gguf_expert_names: gate/up/down, or Gemma 4's fused gate_up/down)."""
+    return {t.format(L=layer) for layer in args.moe_layers for t in table.values()}
 
 
 def split_gguf(path: str, out_dir: str, progress=None) -> dict:
@@ -39,7 +39,7 @@ def split_gguf(path: str, out_dir: str, progress=None) -> dict:
     if os.path.exists(os.path.join(out_dir, MANIFEST)):
         raise CheckpointError(f"{out_dir}: already holds a split model ({MANIFEST}); choose an empty directory")
     os.makedirs(out_dir, exist_ok=True)
-    write_resident_gguf(src, os.path.join(out_dir, RESIDENT), _expert_tensor_names(args))
+    write_resident_gguf(src, os.path.join(out_dir, RESIDENT), _expert_tensor_names(args, ckpt.expert_names))
     files = {RESIDENT: {"sha256": sha256_of(os.path.join(out_dir, RESIDENT)),
                         "bytes": os.path.getsize(os.path.join(out_dir, RESIDENT))}}
     total = len(args.moe_layers) * args.num_experts
