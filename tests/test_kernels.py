@@ -59,11 +59,11 @@ def test_rope_is_bit_exact_and_rms_norm_nearly():
 
 @needs_kernels
 def test_the_build_runs_the_core_its_target_has():
-    """vdpbf16ps where the build target has AVX512-BF16, the portable core everywhere else; OpenMP where the build
-    links it, moepage's pool otherwise."""
+    """vdpbf16ps where the build target has AVX512-BF16, the portable core everywhere else; moepage's pool (tasks
+    claimed dynamically, passive waiting) whether or not the build links OpenMP."""
     core, threads = bf16.core().split("/")
     assert core == ("avx512bf16" if "avx512_bf16" in native.target_flags() else "portable")
-    assert threads == ("openmp" if native.cpu.build_target().openmp else "pool")
+    assert threads == "pool"
 
 
 def test_stale_build_lock_is_removed(tmp_path, monkeypatch):

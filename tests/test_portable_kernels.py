@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from moepage.kernels.rope import RotaryTable, rotate_half
+from moepage.paging.bf16_12bit import PackedMatrix, pack
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIN = os.path.join(ROOT, "tests", "csrc", "portable_kernels_main.cpp")
@@ -27,6 +28,8 @@ G = torch.Generator().manual_seed(0)
 GEMV = [(1, 1024, 96), (3, 1000, 17), (2, 77, 9), (1, 16, 5), (1, 5, 3)]  # M, K, N: every tail of dot()
 ATTEND = [(4, 300, 128), (2, 7, 80), (1, 1, 64), (3, 33, 16), (2, 5, 72)]  # R, P, D
 RMS, ROPE = [(4, 1024), (2, 80)], [128, 64, 80]
+UNPACK = [1, 63, 64, 65, 200, 4096 + 17]  # values: every block position, a partial last block
+GEMV12 = [(40, 1024, 16), (7, 128, 3), (5, 64, 8)]  # N, K, rows per table
 
 
 def rand(*shape, scale=1.0):
@@ -62,6 +65,24 @@ def make_input():
         x = rand(D)
         blob += header(4, D) + u16(x) + u16(cos[0]) + u16(sin[0])
         cases.append(("rope", (x, cos[0], sin[0]), D * 2))
+    for n in UNPACK:  # arbitrary bit patterns: many escapes
+        t = torch.randint(-(2**15), 2**15, (n,), generator=G, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+        p = pack(t)
+        blob += header(6, n, p.exc.numel()) + b"".join(getattr(p, k).numpy().tobytes() for k in ("lo", "codes", "exc", "lut"))
+        cases.append(("unpack12", (t, p.exc.numel()), 8 + n * 2))
+    for N, K, T in GEMV12:  # normal weights with odd bit patterns mixed in (finite)
+        w = rand(N, K, scale=0.02)
+        odd = torch.randint(-(2**15), 2**15, w.shape, generator=G, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+        w = torch.where((torch.rand(w.shape, generator=G) < 0.05) & odd.float().abs().lt(1e3), odd, w)
+        x = rand(1, K)
+        PackedMatrix.ROWS, rows = T, PackedMatrix.ROWS
+        m = PackedMatrix.of(w)
+        PackedMatrix.ROWS = rows
+        blob += header(1, 1, K, N) + u16(x) + u16(w)  # the bf16 matvec on the same matrix, to compare with
+        cases.append(("gemv", (x, w), N * 4))
+        blob += (header(7, N, K, T, m.exc.numel()) + u16(x) + m.lo.numpy().tobytes() + m.codes.numpy().tobytes()
+                 + m.exc.numpy().tobytes() + m.row_exc.numpy().tobytes() + m.luts.numpy().tobytes())
+        cases.append(("gemv12", (x, w, m.exc.numel()), N * 4))
     x = torch.cat([-torch.rand(1000, generator=G) * 90, torch.tensor([0.0, -80.0, -80.5, -1e-8, -float("inf")])])
     blob += header(5, x.numel()) + x.numpy().tobytes()
     cases.append(("exp", (x,), x.numel() * 4))
@@ -112,15 +133,26 @@ def split(result: bytes, cases):
     for kind, inputs, n in cases:
         raw = bytearray(result[at : at + n])
         at += n
-        got = torch.frombuffer(raw, dtype=torch.float32 if kind in ("gemv", "exp") else torch.bfloat16)
+        if kind == "unpack12":
+            got = (struct.unpack("<q", raw[:8])[0], torch.frombuffer(raw[8:], dtype=torch.bfloat16))
+        else:
+            got = torch.frombuffer(raw, dtype=torch.float32 if kind in ("gemv", "gemv12", "exp") else torch.bfloat16)
         yield kind, inputs, got
 
 
 def test_the_portable_core_computes_the_torch_ops(outputs):
     """Not only the same everywhere, but right: the torch ops up to the order of fp32 additions."""
     result, cases = outputs
+    previous = None
     for kind, inputs, got in split(result["haswell"], cases):
-        if kind == "gemv":
+        if kind == "unpack12":
+            t, escapes = inputs
+            used, values = got
+            assert (escapes > 0 or t.numel() <= 15) and used == escapes
+            assert torch.equal(values.view(torch.int16), t.view(torch.int16))
+        elif kind == "gemv12":  # bit for bit the bf16 matvec on the decoded matrix (the record before it)
+            assert inputs[2] > 0 and torch.equal(got.view(torch.int32), previous.view(torch.int32))
+        elif kind == "gemv":
             x, w = inputs
             want = x.double() @ w.double().T
             assert (got.view(want.shape).double() - want).abs().max() <= 1e-5 * want.abs().max()
@@ -143,6 +175,7 @@ def test_the_portable_core_computes_the_torch_ops(outputs):
             live = x >= -80
             assert torch.all(got[~live] == 0) and torch.all(got[live] > 0)
             assert ((got[live].double() - want[live]).abs() / want[live]).max() < 4e-7  # ~2 ulp
+        previous = got
 
 
 def test_the_avx2_build_without_openmp_passes_the_kernel_tests():

@@ -8,10 +8,10 @@ is found, or MOEPAGE_KERNELS=torch is set; callers then use plain torch.
 """
 from __future__ import annotations
 
-import glob
 import hashlib
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -21,14 +21,15 @@ from moepage.kernels import cpu
 
 log = logging.getLogger("moepage.kernels")
 CSRC = os.path.join(os.path.dirname(__file__), "csrc")
+INCLUDE = re.compile(r'\s*#\s*include\s+"([^"]+)"')
 # module -> (CPU and build-target features it needs, extra compiler flags); bump the version suffix when a source
-# changes. bf16_decode is portable: bf16_backend.h picks its AVX512-BF16 or its portable core from the target.
+# changes. bf16_decode and bf16_unpack are portable: each picks its AVX-512 or its portable core from the target.
 MODULES = {
     "bf16_decode": (set(), []),
-    "bf16_unpack": ({"avx512f", "avx512bw", "avx512_vbmi2", "popcnt"}, ["-mavx512f", "-mavx512bw", "-mavx512vbmi2",
-                                                                         "-mpopcnt"]),
+    "bf16_unpack": (set(), []),  # portable: AVX512-VBMI2 where the target has it, bf16_12bit.h's decoder elsewhere
     "ggml_cpu": (set(), []),  # portable: the SIMD is in the libggml-cpu it opens at run time
     "mxfp4": (set(), []),  # portable: its dot vectorises for the build target
+    "gated_delta": (set(), []),  # portable: plain loops (gated_delta_core.h) vectorised for the build target
     "fp8": (set(), []),  # portable: plain loops (fp8_core.h) vectorised for the build target
 }
 VERSION = "v18"
@@ -77,10 +78,27 @@ def build_lock(name: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def local_includes(path: str, seen: set[str] | None = None) -> list[str]:
+    """path and the csrc headers it includes with `#include "..."`, transitively, each once, in include order."""
+    seen = set() if seen is None else seen
+    if path in seen or not os.path.exists(path):
+        return []
+    seen.add(path)
+    out = [path]
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            match = INCLUDE.match(line)
+            if match:
+                out += local_includes(os.path.join(os.path.dirname(path), match.group(1)), seen)
+    return out
+
+
 def source_digest(name: str) -> str:
-    """sha256 of the module's source and the shared headers it may include."""
+    """sha256 of the module's source and the csrc headers it includes (another module's header changing does not
+    rebuild this one)."""
     h = hashlib.sha256()
-    for path in [os.path.join(CSRC, f"{name}.cpp"), *sorted(glob.glob(os.path.join(CSRC, "*.h")))]:
+    for path in local_includes(os.path.join(CSRC, f"{name}.cpp")):
+        h.update(os.path.basename(path).encode() + b"\0")
         with open(path, "rb") as f:
             h.update(f.read())
     return h.hexdigest()

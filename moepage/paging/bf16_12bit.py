@@ -4,8 +4,8 @@ The high byte of a bf16 weight is its sign and seven exponent bits. Trained and 
 binades, so a tensor's 15 most frequent high bytes cover almost every value: each value keeps its low byte (8 bits)
 and a 4-bit code for the high byte; the rare others (code 15) are stored whole in an escape list. 12 bits a value
 instead of 16 means 25% fewer bytes to read per page-in when a model does not fit in memory (the paged case is
-disk-bound); decoding runs in the page-in threads at memory speed (csrc/bf16_unpack.cpp; plain torch elsewhere,
-6-8 ms an expert).
+disk-bound); decoding runs in the page-in threads at memory speed (csrc/bf16_unpack.cpp: AVX512-VBMI2, or the portable
+decoder of csrc/bf16_12bit.h on AVX2, NEON and the rest; plain torch without a compiler, 6-8 ms an expert).
 
 Layout of a tensor of N values (B = ceil(N / 64) blocks of 64), each part a uint8 tensor:
   lo [N]      the low bytes
@@ -178,5 +178,7 @@ class PackedMatrix:
 
 @functools.cache
 def fused_kernel():
-    """The C++ module with linear_12bit where the CPU runs it (AVX512-BF16 besides the decoder's VBMI2), else None."""
-    return native.load("bf16_unpack") if "avx512_bf16" in native.cpu_flags() else None
+    """The C++ module with linear_12bit (bit for bit bf16_decode's linear of the same build: every target but one with
+    AVX512-BF16 and no VBMI2), else None."""
+    module = native.load("bf16_unpack")
+    return module if hasattr(module, "linear_12bit") else None

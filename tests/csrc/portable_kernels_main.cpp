@@ -6,9 +6,14 @@
 //   3 rms     R D, eps fp32, x [R, D], w [D]       -> bf16 [R, D]
 //   4 rope    D, x [D], cos [D], sin [D]          -> bf16 [D]
 //   5 exp     n, x fp32 [n] (<= 0)                -> fp32 [n]
+//   6 unpack12  n X, lo [n], codes uint8 [ceil(n / 64) * 32], exc uint8 [X], lut uint8 [16]
+//                                                 -> int64 escape bytes used (-1: too few), bf16 [n]
+//   7 gemv12  N K T X, x [K], lo [N*K], codes [N*K/2], exc [X], row_exc int64 [N+1], luts [ceil(N/T) * 16]
+//                                                 -> fp32 [N] (bf16_12bit.h's matvec; T rows per table)
 #include <cstdio>
 #include <vector>
 
+#include "bf16_12bit.h"
 #include "bf16_portable.h"
 
 namespace {
@@ -77,6 +82,26 @@ int main() {
         const bf16p::f32x8 e = bf16p::exp_nonpositive(bf16p::load_f32x8(t));
         for (int64_t j = 0; j < 8 && i + j < n; ++j) out[i + j] = e[j];
       }
+      write(out);
+    } else if (op == 6) {
+      const int64_t n = read1(), X = read1();
+      const auto lo = read<uint8_t>(n), codes = read<uint8_t>((n + 63) / 64 * 32), exc = read<uint8_t>(X);
+      const auto lut = read<uint8_t>(16);
+      std::vector<uint16_t> out(n);
+      const std::vector<int64_t> used = {bf16x12::unpack(lo.data(), codes.data(), exc.data(), X, lut.data(), n,
+                                                         out.data())};
+      write(used);
+      write(out);
+    } else if (op == 7) {
+      const int64_t N = read1(), K = read1(), T = read1(), X = read1();
+      const auto x = read<uint16_t>(K);
+      const auto lo = read<uint8_t>(N * K), codes = read<uint8_t>(N * K / 2);
+      const auto exc = read<uint8_t>(X);
+      const auto row_exc = read<int64_t>(N + 1);
+      const auto luts = read<uint8_t>((N + T - 1) / T * 16);
+      std::vector<float> out(N);
+      bf16x12::gemv_rows(widened(x, 1, K).data(), lo.data(), codes.data(), exc.data(), row_exc.data(), luts.data(), T,
+                         K, 0, N, out.data());
       write(out);
     } else {
       std::fprintf(stderr, "unknown op %lld\n", static_cast<long long>(op));

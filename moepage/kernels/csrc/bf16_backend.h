@@ -1,7 +1,7 @@
 // Which core bf16_decode.cpp runs on, chosen when the module is compiled for the machine (native.py picks -march):
 // the AVX512-BF16 specialisation (bf16_avx512.h) where the build's target has it, the portable core (bf16_portable.h:
-// AVX2 + FMA, NEON, anything else) everywhere else; and the threads they run on: OpenMP through at::parallel_for
-// where the compiler has it, moepage's passive-waiting pool (thread_pool.h) where it has not (Apple clang).
+// AVX2 + FMA, NEON, anything else) everywhere else; and the threads they run on: moepage's passive-waiting pool
+// (thread_pool.h), with or without OpenMP in the build (Apple clang has none).
 //
 // Shape legend: M activation rows, K input features, N output rows, R query heads sharing one kv head,
 // P cached positions, D head dim.
@@ -9,6 +9,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "bf16_portable.h"
@@ -34,28 +35,37 @@ const char* core_name() {
 #endif
 }
 
-const char* threads_name() {
-#ifdef _OPENMP
-  return "openmp";
-#else
-  return "pool";
-#endif
-}
+const char* threads_name() { return "pool"; }
 
+// Weights per task of a parallel region: enough tasks for the threads to balance dynamically (a thread descheduled on
+// a busy machine leaves its share to the others), few enough that claiming one (an atomic add) costs nothing.
+constexpr int64_t TASK_BYTES = 64 * 1024;
+// A region that reads less than this runs on the calling thread: waking a sleeping worker costs more than it saves.
+constexpr int64_t INLINE_BYTES = 96 * 1024;
+
+// Rows of K bf16 weights per task: about TASK_BYTES, a multiple of 4.
+inline int64_t rows_per_task(int64_t K) { return std::max<int64_t>(4, (TASK_BYTES / std::max<int64_t>(1, 2 * K)) & ~3); }
+
+// fn(task) for task in [0, tasks) on moepage's pool (thread_pool.h: tasks claimed one at a time, workers spin 50 us
+// and then sleep), with at::get_num_threads() threads; on the calling thread alone when the region reads under
+// INLINE_BYTES. OpenMP's static split would leave a region waiting for a descheduled thread's half.
 template <class F>
-void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& fn) {
-#ifdef _OPENMP
-  at::parallel_for(begin, end, grain, fn);
-#else
-  moepage_pool::parallel_for(begin, end, grain, at::get_num_threads(), fn);
-#endif
+void parallel_tasks(int64_t tasks, int64_t bytes, const F& fn) {
+  if (bytes < INLINE_BYTES || tasks <= 1) {
+    for (int64_t t = 0; t < tasks; ++t) fn(t);
+    return;
+  }
+  moepage_pool::parallel_tasks(tasks, at::get_num_threads(), fn);
 }
 
-// Activation rows x [M, K] as the core reads them: bf16 as they are (AVX512-BF16), widened to fp32 once (portable).
+// Activation rows x [M, K] as the core reads them, a copy of their own (the caller may reuse x): bf16 as they are
+// (AVX512-BF16), widened to fp32 once (portable).
 class Rows {
  public:
-  Rows(const bf16* x, int64_t M, int64_t K) : x_(x), M_(M), K_(K) {
-#ifndef MOEPAGE_BF16_AVX512
+  Rows(const bf16* x, int64_t M, int64_t K) : M_(M), K_(K) {
+#ifdef MOEPAGE_BF16_AVX512
+    xb_.assign(x, x + M * K);
+#else
     const int64_t Kp = bf16p::padded(K);
     xf_.resize(M * Kp);
     for (int64_t m = 0; m < M; ++m) bf16p::widen_permuted(bits(x) + m * K, K, xf_.data() + m * Kp);
@@ -65,15 +75,15 @@ class Rows {
   // out[m * ldo + n] = sum_k x[m, k] * w[n, k] for n in [n0, n1); w bf16 [N, K].
   void gemv(const bf16* w, int64_t n0, int64_t n1, float* out, int64_t ldo) const {
 #ifdef MOEPAGE_BF16_AVX512
-    avx512bf16::gemv_rows(x_, M_, w, K_, n0, n1, out, ldo);
+    avx512bf16::gemv_rows(xb_.data(), M_, w, K_, n0, n1, out, ldo);
 #else
     bf16p::gemv_rows(xf_.data(), M_, bits(w), K_, n0, n1, out, ldo);
 #endif
   }
 
  private:
-  const bf16* x_;
   int64_t M_, K_;
+  std::vector<bf16> xb_;
   std::vector<float> xf_;
 };
 

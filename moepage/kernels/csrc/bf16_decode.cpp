@@ -32,7 +32,8 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tens
   const Rows xr(x.data_ptr<bf16>(), M, K);
   const bf16* wp = w.data_ptr<bf16>();
   float* ap = acc.data_ptr<float>();
-  parallel_for(0, (N + 3) / 4, 16, [&](int64_t b0, int64_t b1) { xr.gemv(wp, b0 * 4, std::min(N, b1 * 4), ap, N); });
+  const int64_t per = rows_per_task(K);
+  parallel_tasks((N + per - 1) / per, N * K * 2, [&](int64_t t) { xr.gemv(wp, t * per, std::min(N, (t + 1) * per), ap, N); });
   if (bias.has_value() && bias->defined()) {
     // torch adds the bias in the matmul's fp32 epilogue for bf16 linear
     acc.add_(bias->to(at::kFloat));
@@ -56,24 +57,44 @@ torch::Tensor experts_one_token(torch::Tensor x, std::vector<torch::Tensor> w13,
     check_bf16_2d(w2[e], "w2");
     TORCH_CHECK(w13[e].size(1) == H && w2[e].size(0) == H && w13[e].size(0) == 2 * w2[e].size(1), "expert shapes");
   }
-  std::vector<float> contrib(E * H);
+  // Two parallel regions of row tasks: every gate and up row of the E experts from the one widened x, then (the
+  // activations computed and widened once per expert) every down row; tasks are claimed dynamically.
+  std::vector<int64_t> I(E), first(E + 1, 0), per(E);
+  for (int64_t e = 0; e < E; ++e) I[e] = w2[e].size(1);
+  std::vector<std::vector<float>> gu(E);
   const Rows xr(x.data_ptr<bf16>(), 1, H);
-  parallel_for(0, E, 1, [&](int64_t e0, int64_t e1) {
-    for (int64_t e = e0; e < e1; ++e) {
-      const int64_t I = w2[e].size(1);
-      std::vector<float> gu(2 * I), h(H);
-      std::vector<bf16> act(I);
-      xr.gemv(w13[e].data_ptr<bf16>(), 0, 2 * I, gu.data(), 2 * I);
-      for (int64_t i = 0; i < I; ++i) {
-        const float g = round_bf16(gu[i]), u = round_bf16(gu[I + i]);
-        const float s = round_bf16(g / (1.0f + std::exp(-g)));
-        act[i] = bf16(s * u);
-      }
-      Rows(act.data(), 1, I).gemv(w2[e].data_ptr<bf16>(), 0, H, h.data(), H);
-      float* c = contrib.data() + e * H;
-      for (int64_t j = 0; j < H; ++j) c[j] = round_bf16(round_bf16(h[j]) * wv[e]);
-    }
+  const int64_t per13 = rows_per_task(H);
+  for (int64_t e = 0; e < E; ++e) {
+    gu[e].resize(2 * I[e]);
+    first[e + 1] = first[e] + (2 * I[e] + per13 - 1) / per13;
+  }
+  int64_t bytes = 0;
+  for (int64_t e = 0; e < E; ++e) bytes += 4 * I[e] * H;
+  parallel_tasks(first[E], bytes, [&](int64_t t) {
+    const int64_t e = std::upper_bound(first.begin(), first.end(), t) - first.begin() - 1, n0 = (t - first[e]) * per13;
+    xr.gemv(w13[e].data_ptr<bf16>(), n0, std::min(2 * I[e], n0 + per13), gu[e].data(), 2 * I[e]);
   });
+  std::vector<Rows> acts;
+  std::vector<bf16> act;
+  acts.reserve(E);
+  for (int64_t e = 0; e < E; ++e) {
+    act.resize(I[e]);
+    for (int64_t i = 0; i < I[e]; ++i) {
+      const float g = round_bf16(gu[e][i]), u = round_bf16(gu[e][I[e] + i]);
+      const float s = round_bf16(g / (1.0f + std::exp(-g)));
+      act[i] = bf16(s * u);
+    }
+    acts.emplace_back(act.data(), 1, I[e]);  // widened (portable) or copied (AVX512-BF16): act is reused
+    per[e] = rows_per_task(I[e]);
+    first[e + 1] = first[e] + (H + per[e] - 1) / per[e];
+  }
+  std::vector<float> h(E * H), contrib(E * H);
+  parallel_tasks(first[E], bytes / 2, [&](int64_t t) {
+    const int64_t e = std::upper_bound(first.begin(), first.end(), t) - first.begin() - 1, n0 = (t - first[e]) * per[e];
+    acts[e].gemv(w2[e].data_ptr<bf16>(), n0, std::min(H, n0 + per[e]), h.data() + e * H, H);
+  });
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t j = 0; j < H; ++j) contrib[e * H + j] = round_bf16(round_bf16(h[e * H + j]) * wv[e]);
   const bf16* res = nullptr;
   if (residual.has_value() && residual->defined()) {
     check_bf16_2d(*residual, "residual");
@@ -133,20 +154,13 @@ struct Segment {
 
 void gemv_segments(const bf16* x, int64_t K, const std::vector<Segment>& segs) {
   const Rows xr(x, 1, K);
-  int64_t blocks = 0;
-  std::vector<int64_t> first(segs.size() + 1, 0);
-  for (size_t s = 0; s < segs.size(); ++s) {
-    first[s] = blocks;
-    blocks += (segs[s].rows + 3) / 4;
-  }
-  first[segs.size()] = blocks;
-  parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
-    for (size_t s = 0; s < segs.size(); ++s) {
-      const int64_t lo = std::max(b0, first[s]), hi = std::min(b1, first[s + 1]);
-      if (lo >= hi) continue;
-      const int64_t n0 = (lo - first[s]) * 4, n1 = std::min(segs[s].rows, (hi - first[s]) * 4);
-      xr.gemv(segs[s].w, n0, n1, segs[s].out, segs[s].rows);
-    }
+  const int64_t per = rows_per_task(K);
+  std::vector<int64_t> first(segs.size() + 1, 0);  // each segment's first task
+  for (size_t s = 0; s < segs.size(); ++s) first[s + 1] = first[s] + (segs[s].rows + per - 1) / per;
+  parallel_tasks(first.back(), (first.back() * per) * K * 2, [&](int64_t t) {
+    const size_t s = std::upper_bound(first.begin(), first.end(), t) - first.begin() - 1;
+    const int64_t n0 = (t - first[s]) * per;
+    xr.gemv(segs[s].w, n0, std::min(segs[s].rows, n0 + per), segs[s].out, segs[s].rows);
   });
 }
 
@@ -238,12 +252,10 @@ DecodeOut attention_decode(
   }
 
   const int64_t P = pos + 1, per_kv = N / G;
-  parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
+  parallel_tasks(G, G * P * D * 4, [&](int64_t g) {
     AttendScratch scratch(per_kv, P, D);
-    for (int64_t g = g0; g < g1; ++g) {
-      attend_kv_head(q.data() + g * per_kv * D, per_kv, kc + g * S * D, vc + g * S * D, P, D, (float)scale, scratch,
-                     attn.data() + g * per_kv * D);
-    }
+    attend_kv_head(q.data() + g * per_kv * D, per_kv, kc + g * S * D, vc + g * S * D, P, D, (float)scale, scratch,
+                   attn.data() + g * per_kv * D);
   });
 
   std::vector<float> oacc(H);

@@ -48,10 +48,12 @@ struct Pair {
   f32x8 even, odd;
 };
 
+inline Pair split(u32x8 v) { return {reinterpret_cast<f32x8>(v << 16), reinterpret_cast<f32x8>(v & 0xFFFF0000u)}; }
+
 inline Pair load_bf16x16(const uint16_t* p) {
   u32x8 v;
   std::memcpy(&v, p, sizeof v);
-  return {reinterpret_cast<f32x8>(v << 16), reinterpret_cast<f32x8>(v & 0xFFFF0000u)};
+  return split(v);
 }
 
 inline f32x8 load_f32x8(const float* p) {

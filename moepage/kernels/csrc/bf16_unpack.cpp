@@ -6,18 +6,38 @@
 //                         nibble; code c < 15 means high byte lut[c], code 15 means "the next byte of exc"
 //   exc   uint8 [X]       the high bytes of the escaped values, in order
 //   lut   uint8 [16]
-// A block decodes with one shuffle (the table lookup), one masked expand-load (the escapes) and two unpacks.
+// Two builds of one module, chosen by the build target's macros (kernels/native.py compiles it for the machine):
+// with AVX512-VBMI2 and AVX512-BF16 a block decodes with one shuffle (the table lookup), one masked expand-load (the
+// escapes) and two unpacks, and the matvec is vdpbf16ps (bf16_decode's AVX512-BF16 sums); everywhere else
+// bf16_12bit.h's portable decoder (pshufb on AVX2, tbl on NEON) and bf16_portable.h's sums. Either way the matvec is
+// bit for bit the bf16_decode module's linear() of the same build on the decoded matrix. (A target with AVX512-BF16
+// but no VBMI2 gets the decoder only: no decoder here matches its vdpbf16ps sums' order.)
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 
+#include "bf16_12bit.h"
+#include "thread_pool.h"
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VBMI2__) && defined(__AVX512BF16__)
+#define MOEPAGE_12BIT_AVX512 1
+#include <immintrin.h>
+#endif
+#if defined(MOEPAGE_12BIT_AVX512) || !defined(__AVX512BF16__)
+#define MOEPAGE_12BIT_LINEAR 1  // the matvec's sums are bf16_decode's on this target
+#endif
+
 namespace {
+
+// Rows per task of the matvec: about 64 KB of packed weights (as bf16_decode sizes its tasks), a multiple of 4.
+inline int64_t rows_per_task(int64_t K) { return std::max<int64_t>(4, (64 * 1024 / std::max<int64_t>(1, K + K / 2)) & ~3); }
 
 constexpr uint8_t ESCAPE = 15;
 
+#ifdef MOEPAGE_12BIT_AVX512
 // Values [from, n) of the last, partial block, one at a time; returns the escapes used.
 int64_t unpack_tail(const uint8_t* lo, const uint8_t* codes, const uint8_t* exc, int64_t exc_left, const uint8_t* lut,
                     int64_t from, int64_t n, uint16_t* out) {
@@ -41,7 +61,7 @@ int64_t unpack_tail(const uint8_t* lo, const uint8_t* codes, const uint8_t* exc,
 // The 64 values of one block: w0 = values 0..31, w1 = values 32..63 (bf16 bits); e advances past the block's
 // escape bytes. Returns false, decoding nothing, when the block has more escapes than `left` bytes (a corrupt shard;
 // a matrix packed in this process passes the int64 maximum).
-__attribute__((target("avx512f,avx512bw,avx512vbmi2"))) inline bool decode_block(
+inline bool decode_block(
     const uint8_t* lo, const uint8_t* codes, const uint8_t*& e, int64_t left, __m512i table, __m512i& w0, __m512i& w1) {
   const __m256i nibble = _mm256_set1_epi8(0x0F);
   const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes));
@@ -62,6 +82,7 @@ __attribute__((target("avx512f,avx512bw,avx512vbmi2"))) inline bool decode_block
   w1 = _mm512_permutex2var_epi64(a, _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4), d);
   return true;
 }
+#endif
 
 }  // namespace
 
@@ -84,6 +105,7 @@ void unpack_bf16(const torch::Tensor& lo, const torch::Tensor& codes, const torc
   const uint8_t* t = lut.data_ptr<uint8_t>();
   uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
   const int64_t exc_n = exc.numel();
+#ifdef MOEPAGE_12BIT_AVX512
   const int64_t full = n / 64;
   const __m512i table = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t)));
   const uint8_t* next = e;
@@ -96,9 +118,14 @@ void unpack_bf16(const torch::Tensor& lo, const torch::Tensor& codes, const torc
   }
   int64_t used = next - e;
   used += unpack_tail(l, c, e + used, exc_n - used, t, full * 64, n, o);
+#else
+  const int64_t used = bf16x12::unpack(l, c, e, exc_n, t, n, o);
+  TORCH_CHECK(used >= 0, "bf16-12bit: more escaped values than escape bytes (corrupt expert shard)");
+#endif
   TORCH_CHECK(used == exc_n, "bf16-12bit: ", exc_n, " escape bytes for ", used, " escaped values (corrupt expert shard)");
 }
 
+#ifdef MOEPAGE_12BIT_AVX512
 namespace {
 
 constexpr int64_t PREFETCH_AHEAD = 4096;  // bytes of low bytes ahead (codes: half of it), as gemv_one_row reads bf16
@@ -106,7 +133,7 @@ constexpr int64_t PREFETCH_AHEAD = 4096;  // bytes of low bytes ahead (codes: ha
 // out[n] = sum_k x[k] * W[n, k] for rows [n0, n1) of a matrix in the 12-bit form (K a multiple of 64, each row's
 // escapes starting at row_exc[n], row n's table luts[n / rows_per_table]). The fp32 additions are bf16_decode.cpp's
 // gemv_one_row's, in its order, so the result is bit for bit that of the bf16 matrix.
-__attribute__((target("avx512f,avx512bw,avx512vbmi2,avx512bf16"))) void gemv_12bit_rows(
+void gemv_12bit_rows(
     const c10::BFloat16* x, const uint8_t* lo, const uint8_t* codes, const uint8_t* exc, const int64_t* row_exc,
     const uint8_t* luts, int64_t rows_per_table, int64_t K, int64_t n0, int64_t n1, float* out) {
   for (int64_t n = n0; n < n1; ++n) {
@@ -129,7 +156,9 @@ __attribute__((target("avx512f,avx512bw,avx512vbmi2,avx512bf16"))) void gemv_12b
 }
 
 }  // namespace
+#endif
 
+#ifdef MOEPAGE_12BIT_LINEAR
 // x [1, K] @ W^T -> [1, N] bf16 for W [N, K] in the 12-bit form: lo [N*K], codes [N*K/2], exc, row_exc [N+1] int64
 // (row n's escapes start at exc[row_exc[n]]), luts [ceil(N / rows_per_table), 16] (one table per block of rows).
 torch::Tensor linear_12bit(const torch::Tensor& x, const torch::Tensor& lo, const torch::Tensor& codes,
@@ -148,15 +177,32 @@ torch::Tensor linear_12bit(const torch::Tensor& x, const torch::Tensor& lo, cons
   const int64_t* r = row_exc.data_ptr<int64_t>();
   const uint8_t* t = luts.data_ptr<uint8_t>();
   float* ap = acc.data_ptr<float>();
-  at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t b0, int64_t b1) {
-    gemv_12bit_rows(xp, l, c, e, r, t, rows_per_table, K, b0 * 4, std::min(N, b1 * 4), ap);
-  });
+  const int64_t per = rows_per_task(K);
+#ifdef MOEPAGE_12BIT_AVX512
+  const auto rows = [&](int64_t n0, int64_t n1) { gemv_12bit_rows(xp, l, c, e, r, t, rows_per_table, K, n0, n1, ap); };
+#else
+  std::vector<float> xf(bf16p::padded(K));
+  bf16p::widen_permuted(reinterpret_cast<const uint16_t*>(xp), K, xf.data());
+  const auto rows = [&](int64_t n0, int64_t n1) {
+    bf16x12::gemv_rows(xf.data(), l, c, e, r, t, rows_per_table, K, n0, n1, ap);
+  };
+#endif
+  moepage_pool::parallel_tasks((N + per - 1) / per, at::get_num_threads(),
+                               [&](int64_t task) { rows(task * per, std::min(N, (task + 1) * per)); });
   return acc.to(at::kBFloat16);
 }
+#endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("linear_12bit", &linear_12bit, "x [1, K] @ W^T for W in the 12-bit form; needs AVX512-BF16",
+#ifdef MOEPAGE_12BIT_LINEAR
+  m.def("linear_12bit", &linear_12bit, "x [1, K] @ W^T for W in the 12-bit form (bf16_decode's linear, bit for bit)",
         py::call_guard<py::gil_scoped_release>());
+#endif
   m.def("unpack_bf16", &unpack_bf16, "lossless 12-bit bf16 encoding -> bf16 (releases the GIL: page-in threads)",
         py::call_guard<py::gil_scoped_release>());
+#ifdef MOEPAGE_12BIT_AVX512
+  m.def("core", [] { return std::string("avx512"); }, "the decoder this build runs: avx512 (VBMI2) or portable");
+#else
+  m.def("core", [] { return std::string("portable"); }, "the decoder this build runs: avx512 (VBMI2) or portable");
+#endif
 }

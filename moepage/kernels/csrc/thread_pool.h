@@ -130,25 +130,51 @@ class Pool {
 };
 
 
+// The process's pool for parallel_for and parallel_tasks, and the lock that keeps one region in it at a time (the
+// pool has one job slot).
+inline Pool& shared_pool() {
+  static Pool pool;
+  return pool;
+}
+inline std::mutex& shared_pool_mutex() {
+  static std::mutex mu;
+  return mu;
+}
+inline thread_local bool inside_region = false;  // a region started inside a region runs serially (as at::parallel_for)
+
+// fn(task) for task in [0, tasks), claimed one at a time by up to `threads` threads (the caller is one): dynamic
+// balancing, so a thread the OS deschedules on a busy machine leaves its share to the others instead of holding up the
+// region. For work cut into tasks of tens of KB.
+inline void parallel_tasks(int64_t tasks, int threads, const std::function<void(int64_t)>& fn) {
+  if (tasks <= 0) return;
+  if (tasks == 1 || threads <= 1 || inside_region) {
+    for (int64_t t = 0; t < tasks; ++t) fn(t);
+    return;
+  }
+  std::lock_guard<std::mutex> g(shared_pool_mutex());
+  shared_pool().run(tasks, threads, [&](int64_t t) {  // the pool keeps `threads`: no resize per region
+    inside_region = true;
+    fn(t);
+    inside_region = false;
+  });
+}
+
 // fn(lo, hi) over [begin, end) split into at most `threads` contiguous ranges of at least `grain` items (the split
 // at::parallel_for makes); one parallel region at a time per process.
 inline void parallel_for(int64_t begin, int64_t end, int64_t grain, int threads,
                          const std::function<void(int64_t, int64_t)>& fn) {
-  static Pool pool;
-  static std::mutex mu;
   const int64_t n = end - begin;
   if (n <= 0) return;
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(threads, (n + std::max<int64_t>(grain, 1) - 1) /
                                                                              std::max<int64_t>(grain, 1)));
   const int64_t chunk = (n + parts - 1) / parts;
-  static thread_local bool inside = false;  // a region started inside a region runs serially (as at::parallel_for)
-  if (parts == 1 || inside) return fn(begin, end);
-  std::lock_guard<std::mutex> g(mu);
-  pool.run(parts, static_cast<int>(parts), [&](int64_t t) {
+  if (parts == 1 || inside_region) return fn(begin, end);
+  std::lock_guard<std::mutex> g(shared_pool_mutex());
+  shared_pool().run(parts, threads, [&](int64_t t) {
     const int64_t lo = begin + t * chunk, hi = std::min(end, lo + chunk);
-    inside = true;
+    inside_region = true;
     if (lo < hi) fn(lo, hi);
-    inside = false;
+    inside_region = false;
   });
 }
 
