@@ -18,6 +18,7 @@ from moepage.engine.engine import Engine, EngineConfig
 from moepage.engine.fp8_expert import Fp8Expert
 from moepage.engine.sampling import SamplingParams
 from moepage.paging.safetensors_file import CheckpointError
+from moepage.surgery.split import split_checkpoint
 from qwen35_support import one_torch_thread  # noqa: F401 (autouse: one thread here)
 
 BLOCK = (32, 32)  # several blocks per tiny matrix (the published 128 x 128 would be one)
@@ -65,7 +66,7 @@ def test_fp32_logits_match_transformers_dequantized(fp8_checkpoint):
     engine.close()
 
 
-def test_bf16_greedy_at_every_budget(fp8_checkpoint):
+def test_bf16_greedy_at_every_budget_and_from_a_split(fp8_checkpoint, tmp_path):
     path = fp8_checkpoint("bfloat16")
     ids = prompt_ids(24, 400, seed=2)
     full = Engine.load(EngineConfig(path, tokenizer=False))
@@ -77,11 +78,20 @@ def test_bf16_greedy_at_every_budget(fp8_checkpoint):
         torch.tensor([ids]), max_new_tokens=32, min_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert want == out[0, len(ids):].tolist()
     total = each * len(a.moe_layers) * a.num_experts
-    for label, budget in (("25%", total // 4), ("minimum", a.top_k * each)):
-        engine = Engine.load(EngineConfig(path, expert_cache_bytes=budget, preload=False, tokenizer=False))
-        assert greedy(engine, ids) == want, label
-        assert engine.cache.stats.snapshot()["evictions"] > 0
-        engine.close()
+    split = str(tmp_path / "split")
+    split_checkpoint(path, split)
+    shard = stored_dtypes(tmp_path / "split" / "experts" / "L001")  # E0000..E0007.safetensors: FP8 as stored
+    assert shard["model.layers.1.mlp.experts.0.up_proj.weight"] == "F8_E4M3"
+    assert shard["model.layers.1.mlp.experts.0.up_proj.weight_scale_inv"] == "F32"
+    for where in (path, split):
+        for label, budget in (("25%", total // 4), ("minimum", a.top_k * each)):
+            engine = Engine.load(EngineConfig(where, expert_cache_bytes=budget, preload=False, tokenizer=False))
+            assert greedy(engine, ids) == want, (where, label)
+            assert engine.cache.stats.snapshot()["evictions"] > 0
+            assert isinstance(engine.cache.load(2, 1), Fp8Expert)
+            engine.close()
+    with pytest.raises(ValueError, match="FP8"):
+        split_checkpoint(path, str(tmp_path / "lossless"), lossless=True)
 
 
 def copy_with(src, dst, config_change=None, tensor_change=None):

@@ -14,7 +14,7 @@ import torch
 from moepage.engine.families import FamilySpec, family_for
 from moepage.engine.model_args import ConfigError, ModelArgs, eos_list, expert_shapes, resident_shape
 from moepage.engine.weight_names import resident_names, to_checkpoint
-from moepage.paging.fp8_experts import Fp8ExpertSource, fp8_quantization, read_resident
+from moepage.paging.fp8_experts import Fp8ExpertSource, Fp8SplitExpertSource, fp8_quantization, read_resident
 from moepage.paging.model_paths import read_model_json, resolve_model_file
 from moepage.paging.safetensors_file import CheckpointError, SafetensorsFile, shown
 from moepage.paging.sources import (
@@ -239,6 +239,8 @@ def _open_split(root: str, drop_page_cache: bool, verify: bool) -> Checkpoint:
     elif family.expert_source is not None:  # fused per layer in the checkpoint: each shard holds [1, ...] slices
         shards = ShardFiles(root, split_shard_path, hashes, drop_page_cache, verify)
         source = family.expert_source(TensorIndex([]), expert_names).in_shards(shards, args.moe_layers)
+    elif (fp8 := fp8_quantization(config, f"{where} (config)")) is not None:
+        source = Fp8SplitExpertSource(root, split_shard_path, expert_names, hashes, fp8, drop_page_cache, verify)
     else:
         source = SplitExpertSource(root, split_shard_path, expert_names, hashes, drop_page_cache, verify,
                                    encoding=manifest.get("expert_encoding"))

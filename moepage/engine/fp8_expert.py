@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from moepage.kernels import fp8
-from moepage.paging.fp8_experts import Fp8ExpertSource, Fp8ExpertWeights
+from moepage.paging.fp8_experts import Fp8ExpertWeights
 
 
 @dataclass
@@ -31,8 +31,9 @@ class Fp8Expert:
         return fp8.linear(h, self.w.down)
 
 
-def fp8_expert_loader(source: Fp8ExpertSource, layers: list[int], device):
-    """(load(layer, expert), nbytes_of(layer), largest expert's bytes) for the ExpertCache."""
+def fp8_expert_loader(source, layers: list[int], device):
+    """(load(layer, expert), nbytes_of(layer), largest expert's bytes) for the ExpertCache; source: one of
+    paging.fp8_experts.FP8_SOURCES (an FP8 checkpoint or its split)."""
     sizes = {layer: source.stored_nbytes(layer) for layer in layers}
 
     def load(layer: int, e: int, buffer=None) -> Fp8Expert:

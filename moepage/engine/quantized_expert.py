@@ -17,7 +17,7 @@ from moepage.kernels.ggml import QuantizedTensor, interleaved_for_matvec
 from moepage.kernels.ggml_experts import swiglu_quantized
 from moepage.paging.pread import aligned_bytes
 from moepage.engine.fp8_expert import fp8_expert_loader
-from moepage.paging.fp8_experts import Fp8ExpertSource
+from moepage.paging.fp8_experts import FP8_SOURCES
 from moepage.paging.fused_experts import FusedExpertSource
 from moepage.paging.gguf_biased_experts import BiasedGGUFExpertSource
 from moepage.paging.sources import ExpertSource
@@ -65,7 +65,7 @@ def expert_loader(source: ExpertSource, args: ModelArgs, dtype: torch.dtype, dev
         from moepage.engine.gelu_expert import gelu_expert_loader
 
         return gelu_expert_loader(source, args, dtype, device)
-    if isinstance(source, Fp8ExpertSource):  # FP8 checkpoints: held as their FP8 bytes (engine/fp8_expert.py)
+    if isinstance(source, FP8_SOURCES):  # FP8 checkpoints: held as their FP8 bytes (engine/fp8_expert.py)
         return fp8_expert_loader(source, args.moe_layers, device)
     if isinstance(source, FusedExpertSource):
         return fused_expert_loader(source, args.moe_layers, ClampedSwiGLU(args.swiglu_alpha, args.swiglu_limit),

@@ -17,7 +17,8 @@ import torch
 from moepage.kernels.fp8 import MAX_BLOCK, Fp8Tensor, dequantize_reference, scale_grid
 from moepage.paging.safetensors_file import CheckpointError
 from moepage.paging.sources import (
-    SafetensorsExpertSource, Shapes, TensorIndex, check_shape, check_unchanged, paging_in, read_parts,
+    SafetensorsExpertSource, Shapes, SplitExpertSource, TensorIndex, check_shape, check_unchanged, paging_in,
+    read_parts,
 )
 
 SCALE_SUFFIX = "_scale_inv"
@@ -56,13 +57,31 @@ def is_fp8(index: TensorIndex, name: str) -> bool:
 
 def _scales_of(index: TensorIndex, name: str, shape, block: tuple[int, int], what: str):
     """The scale_inv tensor info of FP8 weight `name`, checked: present, float32, the block grid of `shape`."""
+    f = index.file_of(name + SCALE_SUFFIX, f"{what} scales")
+    return _check_scales(f, name, shape, block, what)
+
+
+def _check_scales(f, name: str, shape, block: tuple[int, int], what: str):
     scale = name + SCALE_SUFFIX
-    f = index.file_of(scale, f"{what} scales")
-    info = f.tensors[scale]
+    info = f.tensors.get(scale)
+    if info is None:
+        raise CheckpointError(f"{f.path}: tensor {scale!r} ({what} scales) is missing")
     if info.dtype != torch.float32:
         raise CheckpointError(f"{f.path}: tensor {scale!r} is {info.dtype}, not float32")
     check_shape(f.path, scale, info.shape, scale_grid(tuple(shape), block), f"{what} scales")
     return info
+
+
+def _check_part(f, name: str, want, what: str):
+    """An expert part in file f: F8_E4M3 of the shape the config implies (when known)."""
+    info = f.tensors.get(name)
+    if info is None:
+        raise CheckpointError(f"{f.path}: tensor {name!r} ({what}) is missing")
+    if want is not None:
+        check_shape(f.path, name, info.shape, want, what)
+    if info.dtype != torch.float8_e4m3fn:
+        raise CheckpointError(f"{f.path}: tensor {name!r} is {info.dtype}; an FP8 checkpoint's routed experts must "
+                              f"be float8_e4m3fn")
 
 
 def read_resident(index: TensorIndex, name: str, fp8: Fp8Quantization) -> torch.Tensor:
@@ -112,12 +131,8 @@ class Fp8ExpertSource(SafetensorsExpertSource):
                 for p, n in self.names(layer, e).items():
                     what = f"layer {layer} expert {e} {p}"
                     f = self.index.file_of(n, what)
-                    info = f.tensors[n]
-                    check_shape(f.path, n, info.shape, shapes[p], what)
-                    if info.dtype != torch.float8_e4m3fn:
-                        raise CheckpointError(f"{f.path}: tensor {n!r} is {info.dtype}; an FP8 checkpoint's "
-                                              f"routed experts must be float8_e4m3fn")
-                    _scales_of(self.index, n, info.shape, self.fp8.block, what)
+                    _check_part(f, n, shapes[p], what)
+                    _scales_of(self.index, n, f.tensors[n].shape, self.fp8.block, what)
 
     def read(self, layer: int, expert: int, into: torch.Tensor | None = None) -> Fp8ExpertWeights:
         with paging_in(layer, expert):
@@ -134,3 +149,47 @@ class Fp8ExpertSource(SafetensorsExpertSource):
 
     def describe(self) -> str:
         return f"safetensors FP8 {self.fp8.block[0]}x{self.fp8.block[1]} blocks ({len(self.index.files)} files)"
+
+
+class Fp8SplitExpertSource(SplitExpertSource):
+    """The experts of a `moepage split` of an FP8 checkpoint: each shard holds gate, up, down as F8_E4M3 and their
+    `_scale_inv` tensors (sha256-checked at first open, as every split shard)."""
+
+    reads_into = False
+
+    def __init__(self, root: str, shard_path, expert_table: dict[str, str], hashes: dict[str, str],
+                 fp8: Fp8Quantization, drop_page_cache: bool = True, verify: bool = True):
+        super().__init__(root, shard_path, expert_table, hashes, drop_page_cache, verify)
+        self.fp8 = fp8
+
+    def read(self, layer: int, expert: int, into: torch.Tensor | None = None) -> Fp8ExpertWeights:
+        with paging_in(layer, expert):
+            f = self._open(layer, expert)
+            try:
+                names = {p: t.format(L=layer, E=expert) for p, t in self.table.items()}
+                for p in PARTS:
+                    what = f"layer {layer} expert {expert} {p}"
+                    _check_part(f, names[p], None if self.expected is None else self.expected[p], what)
+                    _check_scales(f, names[p], f.tensors[names[p]].shape, self.fp8.block, what)
+                names |= {p + "_scale": names[p] + SCALE_SUFFIX for p in PARTS}
+                t = read_parts({p: f for p in names}, names)
+                return Fp8ExpertWeights(*(Fp8Tensor(t[p], t[p + "_scale"], tuple(t[p].shape), self.fp8.block,
+                                                    names[p]) for p in PARTS))
+            finally:
+                f.close()
+
+    def describe(self) -> str:
+        return f"split FP8 shards in {self.root}"
+
+
+FP8_SOURCES = (Fp8ExpertSource, Fp8SplitExpertSource)
+
+
+def split_tensors(w: Fp8ExpertWeights, names: dict[str, str]) -> dict[str, torch.Tensor]:
+    """One expert's shard tensors for `moepage split`: each part's F8_E4M3 values and float32 scales as stored."""
+    out = {}
+    for p in PARTS:
+        part = getattr(w, p)
+        out[names[p]] = part.data.view(part.shape).view(torch.float8_e4m3fn).contiguous()
+        out[names[p] + SCALE_SUFFIX] = part.scales.contiguous()
+    return out

@@ -16,6 +16,8 @@ from moepage.engine.checkpoint import (
     MANIFEST, TOKENIZER_FILES, manifest_size, model_args_of, open_checkpoint, split_shard_path,
 )
 from moepage.paging.bf16_12bit import ENCODING, pack
+from moepage.paging.fp8_experts import Fp8ExpertSource
+from moepage.paging.fp8_experts import split_tensors as fp8_split_tensors
 from moepage.paging.model_paths import read_model_json, resolve_model_file
 from moepage.paging.safetensors_file import CheckpointError, shown
 from moepage.paging.sources import sha256_of
@@ -47,6 +49,9 @@ def split_checkpoint(src: str, out: str, log: Callable[[str], None] = lambda s: 
     if fused and lossless:  # refused before anything is written
         raise ValueError(f"{src}: --lossless encodes bf16 per-expert tensors; {ckpt.family.name} keeps its experts "
                          f"fused per layer (with biases; MXFP4 as published): split without --lossless")
+    fp8 = isinstance(ckpt.experts, Fp8ExpertSource)
+    if fp8 and lossless:  # refused before anything is written
+        raise ValueError(f"{src}: --lossless encodes bf16 experts; an FP8 checkpoint's experts are split as stored")
     if os.path.exists(os.path.join(out, MANIFEST)):
         raise FileExistsError(f"{out}: already holds a split model ({MANIFEST}); choose an empty directory")
     if lossless and ckpt.args.moe_layers:  # refused before anything is written
@@ -61,6 +66,10 @@ def split_checkpoint(src: str, out: str, log: Callable[[str], None] = lambda s: 
         files[rel] = {"size": os.path.getsize(path), "sha256": sha256_of(path)}
 
     resident = {name: ckpt.read_tensor(name).contiguous() for name in ckpt.resident_checkpoint_names().values()}
+    if fp8:  # FP8 resident weights come dequantized (float32): stored in the checkpoint's dtype, as they are served
+        dtype = getattr(torch, ckpt.args.torch_dtype, torch.float32)
+        resident = {n: t.to(dtype) if ckpt.index.info(n, "resident weight").dtype == torch.float8_e4m3fn else t
+                    for n, t in resident.items()}
     save_file(resident, os.path.join(out, RESIDENT_FILE), metadata={"format": "pt"})
     record(RESIDENT_FILE)
     log(f"resident weights: {len(resident)} tensors")
@@ -76,7 +85,7 @@ def split_checkpoint(src: str, out: str, log: Callable[[str], None] = lambda s: 
             else:
                 w = ckpt.experts.read(layer, e)
                 names = {p: t.format(L=layer, E=e) for p, t in ckpt.expert_names.items()}
-                tensors = {names[p]: getattr(w, p).contiguous() for p in names}
+                tensors = fp8_split_tensors(w, names) if fp8 else {names[p]: getattr(w, p).contiguous() for p in names}
             if lossless:
                 entries, metadata = encoded_shard(tensors)
                 save_file(entries, os.path.join(out, rel), metadata=metadata)
