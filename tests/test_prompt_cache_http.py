@@ -75,3 +75,50 @@ def test_agent_turns_reuse_the_previous_prompt_and_start_sooner(engine):
         cached = sum(u.prompt_tokens_details.cached_tokens for u in (u2, u3, usage[0], *titles))
         assert reused == cached
         assert computed > 0 and metric(url, "moepage_prompt_cache_capacity_bytes") == engine.prompt_cache.capacity
+
+
+def test_a_hybrid_qwen35_conversation_reuses_each_turn_and_answers_as_without_reuse(tmp_path, tokenizer_dir):
+    """Qwen3.5-MoE (Gated DeltaNet + attention layers) over HTTP: 3 turns with a title request between them; each
+    turn re-uses >= 90% of the previous turn's prompt (the recurrent state restored at the last chunk end, after
+    the user's <|im_end|>), and every answer's tokens and log-probabilities equal a server without re-use."""
+    from qwen35_support import save_qwen35_text
+
+    torch = pytest.importorskip("torch")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    path = str(save_qwen35_text(tmp_path / "qwen35", tokenizer_dir, seed=3))
+    engines = [Engine.load(EngineConfig(model=path, ctx_size=512, threads=1, prefill_chunk=16, prefix_cache=reuse))
+               for reuse in (True, False)]
+    try:
+        with serving(engines[0]) as (cached_url, _), serving(engines[1]) as (plain_url, _):
+            clients = [openai.OpenAI(base_url=u + "/v1", api_key="unused", max_retries=0, timeout=60)
+                       for u in (cached_url, plain_url)]
+
+            def ask(messages):
+                got = [c.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=6, temperature=0,
+                                                 logprobs=True) for c in clients]
+                answers = [(r.choices[0].message.content, [t.logprob for t in r.choices[0].logprobs.content])
+                           for r in got]
+                assert answers[0] == answers[1]
+                assert got[1].usage.prompt_tokens_details.cached_tokens == 0
+                return got[0]
+
+            messages = [{"role": "system", "content": system_prompt(50)},
+                        {"role": "user", "content": "List the files in src."}]
+            usages = []
+            for turn in range(3):
+                r = ask(messages)
+                usages.append(r.usage)
+                ask([{"role": "system", "content": "Write a short title for the conversation."},
+                     {"role": "user", "content": messages[1]["content"]}])
+                messages += [{"role": "assistant", "content": r.choices[0].message.content or "ok"},
+                             {"role": "user", "content": f"Now open file number {turn}."}]
+        print("prompt tokens", [u.prompt_tokens for u in usages], "cached",
+              [u.prompt_tokens_details.cached_tokens for u in usages])
+        assert usages[0].prompt_tokens > 150 and usages[0].prompt_tokens_details.cached_tokens == 0
+        for before, now in zip(usages, usages[1:]):
+            assert now.prompt_tokens_details.cached_tokens >= 0.9 * before.prompt_tokens
+    finally:
+        for e in engines:
+            e.close()
+        torch.set_num_threads(threads)
