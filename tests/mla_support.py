@@ -107,3 +107,20 @@ def save_kimi_k25(out_dir, tokenizer_dir=None, seed: int = 0, dtype=torch.float3
     publish_kimi_names(out_dir)
     copy_tokenizer(out_dir, tokenizer_dir)
     return out_dir
+
+
+def convert_mla_to_gguf(converter_dir: str, hf_dir, out_path, outtype: str = "f16") -> str:
+    """llama.cpp's convert_hf_to_gguf.py (tests/gguf_support.py's wrapper; its deepseek2 class skips MTP itself)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from gguf_support import CONVERT_WRAPPER
+
+    r = subprocess.run([sys.executable, "-c", CONVERT_WRAPPER, converter_dir,
+                        json.dumps([[str(hf_dir), str(out_path), outtype]])],
+                       capture_output=True, text=True, env=dict(os.environ, NO_LOCAL_GGUF="1"), timeout=600)
+    if r.returncode != 0:
+        raise RuntimeError(f"convert_hf_to_gguf failed ({r.returncode}):\n{r.stderr[-4000:]}")
+    return str(out_path)

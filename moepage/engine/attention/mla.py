@@ -45,6 +45,10 @@ CHECKPOINT_SUFFIX = {
     "kv_a_norm": "self_attn.kv_a_layernorm.weight", "kv_b": "self_attn.kv_b_proj.weight",
     "o": "self_attn.o_proj.weight", "o_bias": "self_attn.o_proj.bias",
 }
+# llama.cpp's names (conversion/deepseek.py, arch deepseek2); kv_b_proj is written split as k_b and v_b
+GGUF_SUFFIX = {"q": "attn_q.weight", "q_a": "attn_q_a.weight", "q_a_norm": "attn_q_a_norm.weight",
+               "q_b": "attn_q_b.weight", "kv_a": "attn_kv_a_mqa.weight", "kv_a_norm": "attn_kv_a_norm.weight",
+               "k_b": "attn_k_b.weight", "v_b": "attn_v_b.weight", "o": "attn_output.weight"}
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -62,6 +66,9 @@ class MLAShape:
     softmax_scale: float
     rope_layout: str = "interleave"
     attention_bias: bool = False
+    # kv_b_proj stored as llama.cpp's converter writes it for the absorbed form: k_b [N, C, Dn] (the key half,
+    # transposed) and v_b [N, Dv, C]
+    split_kv_b: bool = False
 
     def __post_init__(self):
         if self.rope_layout not in ROPE_LAYOUTS:
@@ -86,7 +93,8 @@ class MLAShape:
                 scale = scale * m * m
         return cls(num_heads=heads, q_lora_rank=q_rank, kv_lora_rank=int_field(config, "kv_lora_rank", hi=1 << 16),
                    softmax_scale=scale, rope_layout=rope_layout,
-                   attention_bias=bool_field(config, "attention_bias", False), **dims)
+                   attention_bias=bool_field(config, "attention_bias", False),
+                   split_kv_b=bool_field(config, "mla_split_kv_b", False), **dims)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -110,16 +118,20 @@ class MLAShape:
                 shapes["q_a_bias"] = (self.q_lora_rank,)
         else:
             shapes["q"] = (N * self.qk_head_dim, H)
-        shapes |= {"kv_a": (C + Dr, H), "kv_a_norm": (C,), "kv_b": (N * (self.qk_nope_head_dim + self.v_head_dim), C),
-                   "o": (H, N * self.v_head_dim)}
+        shapes |= {"kv_a": (C + Dr, H), "kv_a_norm": (C,), "o": (H, N * self.v_head_dim)}
+        if self.split_kv_b:
+            shapes |= {"k_b": (N, C, self.qk_nope_head_dim), "v_b": (N, self.v_head_dim, C)}
+        else:
+            shapes["kv_b"] = (N * (self.qk_nope_head_dim + self.v_head_dim), C)
         if self.attention_bias:
             shapes |= {"kv_a_bias": (C + Dr,), "o_bias": (H,)}
         return shapes
 
 
-def checkpoint_names(prefix: str = "model.layers.{L}.") -> dict[str, str]:
-    """The MLA weights' canonical names (layers.{L}.<name>) -> checkpoint names, as transformers writes them."""
-    return {f"layers.{{L}}.{n}": prefix + s for n, s in CHECKPOINT_SUFFIX.items()}
+def checkpoint_names(prefix: str = "model.layers.{L}.", suffixes: dict | None = None) -> dict[str, str]:
+    """The MLA weights' canonical names (layers.{L}.<name>) -> checkpoint names, as transformers writes them (or
+    llama.cpp: checkpoint_names("blk.{L}.", GGUF_SUFFIX))."""
+    return {f"layers.{{L}}.{n}": prefix + s for n, s in (suffixes or CHECKPOINT_SUFFIX).items()}
 
 
 class MultiLatentAttention(TokenMixer):
@@ -134,9 +146,13 @@ class MultiLatentAttention(TokenMixer):
         if s.rope_layout == "complex":  # DeepSeek-V2 multiplies in float32
             self.rope = RotaryTable(args.rotary_dim, args.rope_theta, args.rope_scaling, torch.float32, ctx.device)
         N, Dn, Dv, C = s.num_heads, s.qk_nope_head_dim, s.v_head_dim, s.kv_lora_rank
-        kv_b = weights["kv_b"].view(N, Dn + Dv, C)
-        self.w_uk = kv_b[:, :Dn]  # [N, Dn, C]: q_nope [1, Dn] @ it -> the query in latent space
-        self.w_uv_t = kv_b[:, Dn:].transpose(1, 2)  # [N, C, Dv]: a latent output [1, C] @ it -> v space
+        if s.split_kv_b:
+            self.w_uk = weights["k_b"].transpose(1, 2)  # [N, Dn, C]
+            self.w_uv_t = weights["v_b"].transpose(1, 2)  # [N, C, Dv]
+        else:
+            kv_b = weights["kv_b"].view(N, Dn + Dv, C)
+            self.w_uk = kv_b[:, :Dn]  # [N, Dn, C]: q_nope [1, Dn] @ it -> the query in latent space
+            self.w_uv_t = kv_b[:, Dn:].transpose(1, 2)  # [N, C, Dv]: a latent output [1, C] @ it -> v space
 
     @classmethod
     def weight_shapes(cls, args: ModelArgs, layer: int) -> dict[str, tuple[int, ...]]:
@@ -207,8 +223,13 @@ class MultiLatentAttention(TokenMixer):
         """A chunk of T tokens at start..: the cache's latents expanded into per-head keys and values -> [T, N*Dv]."""
         s, N, T, S = self.s, self.s.num_heads, q_nope.shape[1], cached.shape[0]
         Dn = s.qk_nope_head_dim
-        kv = linear(cached[:, :s.kv_lora_rank], self.w["kv_b"]).view(S, N, Dn + s.v_head_dim).transpose(0, 1)
-        k_nope, v = torch.split(kv, [Dn, s.v_head_dim], dim=-1)  # [N, S, Dn], [N, S, Dv]
+        c = cached[:, :s.kv_lora_rank]  # [S, C]
+        if s.split_kv_b:
+            k_nope = torch.matmul(c, self.w_uk.transpose(1, 2).to(c.dtype))  # [N, S, Dn]
+            v = torch.matmul(c, self.w_uv_t.to(c.dtype))  # [N, S, Dv]
+        else:  # one matmul, as transformers' kv_b_proj (bit-identical in bf16)
+            kv = linear(c, self.w["kv_b"]).view(S, N, Dn + s.v_head_dim).transpose(0, 1)
+            k_nope, v = torch.split(kv, [Dn, s.v_head_dim], dim=-1)  # [N, S, Dn], [N, S, Dv]
         keys = torch.cat([k_nope, cached[:, s.kv_lora_rank:].expand(N, S, s.qk_rope_head_dim)], dim=-1)  # [N, S, Dq]
         query = torch.cat([q_nope, q_pe], dim=-1)  # [N, T, Dq]
         if start == 0:

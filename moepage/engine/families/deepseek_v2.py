@@ -4,7 +4,7 @@ groups' single best score picks topk_group groups), never renormalised (transfor
 norm_topk_prob), times routed_scaling_factor; shared experts, dense first layers (first_k_dense_replace)."""
 from __future__ import annotations
 
-from moepage.engine.families.deepseek_v3 import EXPERT_NAMES, check_scoring, mla_family_fields
+from moepage.engine.families.deepseek_v3 import EXPERT_NAMES, GGUF_NAMES, check_scoring, mla_family_fields
 from moepage.engine.families.deepseek_v3 import NAMES as V3_NAMES
 from moepage.engine.families.spec import FamilySpec
 from moepage.engine.model_args import ConfigError, ModelArgs, bool_field, common_args, float_field, int_field
@@ -43,5 +43,5 @@ def model_args(config: dict) -> ModelArgs:
 
 SPEC = FamilySpec(
     name="deepseek_v2", model_types=MODEL_TYPES, model_args=model_args, names=NAMES, expert_names=EXPERT_NAMES,
-    mixers=("mla",),
+    mixers=("mla",), gguf_names={n: v for n, v in GGUF_NAMES.items() if not n.endswith("router_correction_bias")},
 )

@@ -4,10 +4,10 @@ layers (first_k_dense_replace). The checkpoints' MTP layer (model.layers.{num_hi
 never read. `mla_family_fields` is what every MLA family (deepseek_v2, glm4_moe_lite, kimi_k25) reads the same way."""
 from __future__ import annotations
 
-from moepage.engine.attention.mla import MLAShape, checkpoint_names
+from moepage.engine.attention.mla import GGUF_SUFFIX, MLAShape, checkpoint_names
 from moepage.engine.families import common
 from moepage.engine.families.sigmoid_moe import (
-    SHARED_EXPERTS, dense_first_layers, shared_expert_size, sigmoid_routing,
+    GGUF_SHARED, SHARED_EXPERTS, dense_first_layers, shared_expert_size, sigmoid_routing,
 )
 from moepage.engine.families.spec import FamilySpec
 from moepage.engine.model_args import (
@@ -21,6 +21,12 @@ NAMES = {**{n: common.ATTENTION[n] for n in ("embed", "norm", "lm_head", "layers
                                                                   "layers.{L}.dense_up", "layers.{L}.dense_down")},
          **SHARED_EXPERTS}
 EXPERT_NAMES = common.QWEN_EXPERTS
+GGUF_NAMES = {**{n: common.GGUF[n] for n in ("embed", "norm", "lm_head", "layers.{L}.attn_norm", "layers.{L}.ffn_norm",
+                                            "layers.{L}.router", "layers.{L}.dense_gate", "layers.{L}.dense_up",
+                                            "layers.{L}.dense_down", "layers.{L}.shared_gate", "layers.{L}.shared_up",
+                                            "layers.{L}.shared_down")},
+              **checkpoint_names("blk.{L}.", GGUF_SUFFIX), **GGUF_SHARED}
+SIGMOID_GATING = 2  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID; absent or 1: softmax (DeepSeek-V2)
 
 
 def mla_family_fields(config: dict, rope_layout: str) -> dict:
@@ -66,7 +72,39 @@ def model_args(config: dict, family: str = "deepseek_v3") -> ModelArgs:
                        router_correction_bias=fields["num_experts"] > 0, **fields)
 
 
+def gguf_config(f) -> dict:
+    """config.json keys from a deepseek2 GGUF (llama.cpp's converter, for DeepSeek-V2/V2-Lite/V3 and Kimi K2 alike:
+    the sigmoid gating function tells V3's router from V2's softmax one). kv_b_proj comes split as k_b / v_b, the
+    rope pairs adjacent (llama.cpp's NORM rope: the checkpoints' interleaved layout), YaRN's mscale_all_dim from
+    the log multiplier the converter writes as 0.1 * mscale_all_dim."""
+    sigmoid = f.count("expert_gating_func", 1, lo=0) == SIGMOID_GATING
+    rope = f.count("rope.dimension_count", limit="head_dim")
+    groups = f.count("expert_group_count", 1)
+    config = {
+        "model_type": "deepseek_v3" if sigmoid else "deepseek_v2", "mla_split_kv_b": True,
+        "kv_lora_rank": f.count("attention.kv_lora_rank"), "q_lora_rank": f.count("attention.q_lora_rank", 0, lo=0),
+        "qk_rope_head_dim": rope, "qk_nope_head_dim": f.count("attention.key_length_mla", limit="head_dim") - rope,
+        "v_head_dim": f.count("attention.value_length_mla", limit="head_dim"),
+        "n_routed_experts": f.experts, "moe_intermediate_size": f.expert_ffn, "intermediate_size": f.ffn,
+        "n_shared_experts": f.count("expert_shared_count", 0, lo=0),
+        "first_k_dense_replace": f.count("leading_dense_block_count", 0, lo=0),
+        "routed_scaling_factor": f.number("expert_weights_scale", 1.0), "n_group": groups,
+        "topk_group": f.count("expert_group_used_count", 1), "rope_interleave": True,
+        "topk_method": "group_limited_greedy" if groups > 1 else "greedy",
+    }
+    if f.get("rope.scaling.type") == "yarn":
+        log_mul = f.number("rope.scaling.yarn_log_multiplier", 0.0)
+        config["rope_scaling"] = {
+            "rope_type": "yarn", "factor": f.number("rope.scaling.factor", 1.0),
+            "original_max_position_embeddings": f.count("rope.scaling.original_context_length", 0, lo=0,
+                                                        limit="max_position_embeddings"),
+            "beta_fast": f.number("rope.scaling.yarn_beta_fast", 32.0),
+            "beta_slow": f.number("rope.scaling.yarn_beta_slow", 1.0),
+            "mscale": round(log_mul / 0.1, 6), "mscale_all_dim": round(log_mul / 0.1, 6)}
+    return config
+
+
 SPEC = FamilySpec(
     name="deepseek_v3", model_types=MODEL_TYPES, model_args=model_args, names=NAMES, expert_names=EXPERT_NAMES,
-    mixers=("mla",),
+    mixers=("mla",), gguf_arch="deepseek2", gguf_norm_topk=False, gguf_config=gguf_config, gguf_names=GGUF_NAMES,
 )
