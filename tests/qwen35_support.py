@@ -231,3 +231,31 @@ def check_gguf_against_llama_cpp(hf_dir, gguf_path, prompt: str = "import os\nim
         assert paged.cache.stats.snapshot()["evictions"] > 0
         paged.close()
     return n
+
+
+def greedy(engine, ids, n: int = 32) -> list[int]:
+    from moepage.engine.sampling import SamplingParams
+
+    return [s.token for s in engine.generate(ids, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))]
+
+
+def check_budgets_from_split_dirs(src, ids, want: list[int], out_root) -> None:
+    """`split` and `split --lossless` directories of src give the greedy tokens want (src's, resident) at expert
+    budgets of 100%, 25% and the minimum (top-k experts), each paging (misses; evictions below 100%)."""
+    from moepage.engine.checkpoint import open_checkpoint
+    from moepage.engine.engine import Engine, EngineConfig
+    from moepage.engine.moe import PreparedExpert
+    from moepage.surgery.split import split_checkpoint
+
+    a = open_checkpoint(str(src)).args
+    each = PreparedExpert.nbytes_for(a.hidden_size, a.moe_intermediate_size, torch.bfloat16)
+    total = each * len(a.moe_layers) * a.num_experts
+    for lossless in (False, True):
+        out = out_root / f"split-{lossless}"
+        split_checkpoint(str(src), str(out), lossless=lossless)
+        for label, budget in (("100%", total), ("25%", total // 4), ("minimum", a.top_k * each)):
+            engine = Engine.load(EngineConfig(str(out), expert_cache_bytes=budget, preload=False, tokenizer=False))
+            assert greedy(engine, ids) == want, f"lossless={lossless} {label}"
+            stats = engine.cache.stats.snapshot()
+            assert stats["misses"] > 0 and (label == "100%" or stats["evictions"] > 0), (label, stats)
+            engine.close()

@@ -16,10 +16,7 @@ from conftest import prompt_ids
 from moepage.engine.checkpoint import open_checkpoint
 from moepage.engine.engine import Engine, EngineConfig
 from moepage.engine.model_args import ConfigError
-from moepage.engine.moe import PreparedExpert
-from moepage.engine.sampling import SamplingParams
-from moepage.surgery.split import split_checkpoint
-from qwen35_support import save_qwen35, save_qwen35_text, with_published_extras
+from qwen35_support import check_budgets_from_split_dirs, greedy, save_qwen35, save_qwen35_text, with_published_extras
 from qwen35_support import one_torch_thread  # noqa: F401 (autouse: one thread here)
 
 
@@ -42,11 +39,6 @@ def published(tmp_path_factory, tokenizer_dir):
         return made[dtype]
 
     return get
-
-
-def greedy(engine, ids, n=32):
-    params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
-    return [s.token for s in engine.generate(ids, params)]
 
 
 @pytest.mark.parametrize("layout", ["published", "text"])
@@ -87,19 +79,8 @@ def test_budgets_give_identical_tokens_from_split_dirs(published, tmp_path):
     ids = prompt_ids(40, 400, seed=3)
     full = Engine.load(EngineConfig(str(src), tokenizer=False))
     want = greedy(full, ids)
-    a = full.args
-    each = PreparedExpert.nbytes_for(a.hidden_size, a.moe_intermediate_size, torch.bfloat16)
-    total = each * len(a.moe_layers) * a.num_experts
     full.close()
-    for lossless in (False, True):
-        out = tmp_path / f"split-{lossless}"
-        split_checkpoint(str(src), str(out), lossless=lossless)
-        for label, budget in (("100%", total), ("25%", total // 4), ("minimum", a.top_k * each)):
-            engine = Engine.load(EngineConfig(str(out), expert_cache_bytes=budget, preload=False, tokenizer=False))
-            assert greedy(engine, ids) == want, f"lossless={lossless} {label}"
-            stats = engine.cache.stats.snapshot()
-            assert stats["misses"] > 0 and (label == "100%" or stats["evictions"] > 0), (label, stats)
-            engine.close()
+    check_budgets_from_split_dirs(src, ids, want, tmp_path)
 
 
 def test_memory_plan_counts_the_recurrent_state(published):

@@ -13,10 +13,7 @@ from conftest import prompt_ids
 from moepage.engine.checkpoint import open_checkpoint
 from moepage.engine.engine import Engine, EngineConfig
 from moepage.engine.model_args import ConfigError
-from moepage.engine.moe import PreparedExpert
-from moepage.engine.sampling import SamplingParams
-from moepage.surgery.split import split_checkpoint
-from qwen35_support import save_qwen3_next
+from qwen35_support import check_budgets_from_split_dirs, greedy, save_qwen3_next
 from qwen35_support import one_torch_thread  # noqa: F401 (autouse: one thread here)
 
 
@@ -39,10 +36,6 @@ def reference(path, dtype=torch.float32):
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
 
 
-def greedy(engine, ids, n=32):
-    return [s.token for s in engine.generate(ids, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))]
-
-
 def test_fp32_logits_match_transformers(checkpoint):
     path = checkpoint("float32")
     engine = Engine.load(EngineConfig(str(path), tokenizer=False))
@@ -60,20 +53,11 @@ def test_bf16_greedy_and_budgets_from_split_dirs(checkpoint, tmp_path):
     ids = prompt_ids(24, 400, seed=2)
     full = Engine.load(EngineConfig(str(src), tokenizer=False))
     want = greedy(full, ids)
-    a = full.args
     full.close()
     out = reference(src, torch.bfloat16).generate(torch.tensor([ids]), max_new_tokens=32, min_new_tokens=32,
                                                   do_sample=False, eos_token_id=None, pad_token_id=0)
     assert want == out[0, len(ids):].tolist()
-    each = PreparedExpert.nbytes_for(a.hidden_size, a.moe_intermediate_size, torch.bfloat16)
-    total = each * len(a.moe_layers) * a.num_experts
-    for lossless in (False, True):
-        d = tmp_path / f"split-{lossless}"
-        split_checkpoint(str(src), str(d), lossless=lossless)
-        for label, budget in (("100%", total), ("25%", total // 4), ("minimum", a.top_k * each)):
-            engine = Engine.load(EngineConfig(str(d), expert_cache_bytes=budget, preload=False, tokenizer=False))
-            assert greedy(engine, ids) == want, f"lossless={lossless} {label}"
-            engine.close()
+    check_budgets_from_split_dirs(src, ids, want, tmp_path)
 
 
 def test_serve_answers_over_http(checkpoint):

@@ -90,6 +90,23 @@ def recurrent_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     return out.transpose(0, 1).contiguous().to(out_dtype), s
 
 
+def recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                   state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decode token (T = 1): recurrent_gated_delta_rule's arguments and results, the update in C++
+    (csrc/gated_delta_core.h, the same operations in the same order) where the module runs, on `state` in place when
+    it is a contiguous float32 tensor; the torch step otherwise."""
+    from moepage.kernels import native
+
+    module = native.load("gated_delta") if q.shape[0] == 1 else None
+    if module is None or state.dtype != torch.float32 or not state.is_contiguous() or state.device.type != "cpu":
+        return recurrent_gated_delta_rule(q, k, v, g, beta, state)
+    out_dtype = q.dtype
+    q, k, v, g, beta = _heads_first(q, k, v, g, beta)  # [Hv, 1, D], g and beta [Hv, 1]
+    out = torch.empty(v.shape[0], v.shape[2], dtype=torch.float32)
+    module.step(state, q[:, 0], k[:, 0], v[:, 0], g[:, 0].exp(), beta[:, 0].contiguous(), out)
+    return out.unsqueeze(0).to(out_dtype), state
+
+
 def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x, gate [..., Dv] -> w * rmsnorm(x) * silu(gate) (plain w, not 1 + w), in x's dtype."""
     dtype = x.dtype

@@ -18,8 +18,7 @@ import torch.nn.functional as F
 
 from moepage.engine.attention.base import MixerContext, TokenMixer
 from moepage.kernels.cpu_bf16 import linear
-from moepage.kernels.gated_delta import (causal_conv1d, chunk_gated_delta_rule, gated_rms_norm,
-                                         recurrent_gated_delta_rule)
+from moepage.kernels.gated_delta import causal_conv1d, chunk_gated_delta_rule, gated_rms_norm, recurrent_step
 
 LAYOUTS = ("qwen3_5_moe", "qwen3_next", "qwen3_next_gguf")
 PROJECTIONS = {"qwen3_5_moe": ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a"),
@@ -138,7 +137,9 @@ class GatedDeltaNet:
     """One linear_attention layer's mixer: x [T, H] (after the layer's input norm) -> [T, H], updating a state."""
 
     kind = "gated_delta"
-    fused_decode = False  # no C++ one-token path yet: decode runs these torch ops
+    # Decode's recurrent update runs in C++ (kernels/gated_delta.py recurrent_step) where that module builds; the
+    # projections, conv and norm stay torch ops, so the layer is not one of model.py's fused decode layers.
+    fused_decode = False
 
     def __init__(self, shape: GatedDeltaShape, weights: dict[str, torch.Tensor], layout: str = "qwen3_5_moe",
                  name: str = "linear_attn"):
@@ -189,7 +190,7 @@ class GatedDeltaNet:
         beta = b.sigmoid()
         g = -w["A_log"].float().exp() * F.softplus(a.float() + w["dt_bias"])  # [T, Hv], log decay
         if T == 1 and state.tokens > 0:  # as transformers: the recurrent step for a decode token, chunks otherwise
-            out, state.recurrent = recurrent_gated_delta_rule(q, k, v, g, beta, state.recurrent)
+            out, state.recurrent = recurrent_step(q, k, v, g, beta, state.recurrent)
         else:
             out, state.recurrent = chunk_gated_delta_rule(q, k, v, g, beta, state.recurrent, s.chunk)
         state.tokens += T
