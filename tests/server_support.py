@@ -133,3 +133,39 @@ def assert_stream_protocol(events, calls):
             assert e.index in started
     for i, call in enumerate(calls):
         assert "".join(e.delta for e in events if isinstance(e, ToolCallArguments) and e.index == i) == call.arguments
+
+
+def forced_sampling(engine: Engine, pieces: list[str]) -> dict:
+    """Sampling that makes the small-logit demo model write exactly these pieces (each one token), then EOS."""
+    ids = [engine.tokenizer.token_to_id(p) for p in pieces]
+    assert None not in ids, pieces
+    ids.append(engine.tokenizer.eos_id)
+    step = 3.0 / max(1, len(ids) - 1)
+    return dict(temperature=0, presence_penalty=2, frequency_penalty=2, max_tokens=len(ids) + 3,
+                logit_bias={str(t): 100.0 - i * step for i, t in enumerate(ids)})
+
+
+def ask_forced(url: str, engine: Engine, pieces: list[str], stream: bool, messages: list[dict], **kw):
+    """(reasoning_content, content, [(name, arguments)] of the tool calls, finish_reason) of a chat request over the
+    openai client whose output is forced to `pieces`; streamed, the deltas are joined (calls by their index)."""
+    import openai
+
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    body = dict(model=MODEL_ID, messages=messages, **forced_sampling(engine, pieces), **kw)
+    if not stream:
+        r = client.chat.completions.create(**body)
+        m = r.choices[0].message
+        calls = [(c.function.name, c.function.arguments) for c in (m.tool_calls or [])]
+        return getattr(m, "reasoning_content", None), m.content, calls, r.choices[0].finish_reason
+    chunks = list(client.chat.completions.create(**body, stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    reasoning = "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) or None
+    content = "".join(d.content or "" for d in deltas) or None
+    joined: dict[int, list[str]] = {}
+    for d in deltas:
+        for t in d.tool_calls or []:
+            entry = joined.setdefault(t.index, ["", ""])
+            entry[0] += t.function.name or ""
+            entry[1] += t.function.arguments or ""
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    return reasoning, content, [tuple(joined[i]) for i in sorted(joined)], finish[-1]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import openai
 import pytest
 from hypothesis import given, settings as hsettings, strategies as st
 
@@ -19,7 +18,7 @@ from moepage.server.reasoning import ReasoningDelta
 from moepage.server.tool_choice import HARMONY, forced_prefix, template_tool_format
 from moepage.server.tool_parsers import ContentDelta, ToolCallArguments
 from harmony_support import SPECIAL, TEMPLATE, save_harmony_tokenizer
-from server_support import MODEL_ID, assert_stream_protocol, serving
+from server_support import MODEL_ID, ask_forced, assert_stream_protocol, serving
 
 THOUGHT, ANSWER = "The user asks about the weather.", "It is sunny in Paris."
 ARGS = '{"city":"Paris"}'
@@ -171,37 +170,8 @@ def server(tmp_path_factory):
     engine.close()
 
 
-def forced(engine, pieces: list[str]) -> dict:
-    """Sampling that makes the small-logit demo model write exactly these pieces (each one token), then EOS."""
-    ids = [engine.tokenizer.token_to_id(p) for p in pieces]
-    assert None not in ids, pieces
-    ids.append(engine.tokenizer.eos_id)
-    step = 3.0 / max(1, len(ids) - 1)
-    return dict(temperature=0, presence_penalty=2, frequency_penalty=2, max_tokens=len(ids) + 3,
-                logit_bias={str(t): 100.0 - i * step for i, t in enumerate(ids)})
-
-
 def ask(url, engine, pieces, stream: bool, **kw):
-    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
-    body = dict(model=MODEL_ID, messages=[{"role": "user", "content": "Weather in Paris?"}], **forced(engine, pieces),
-                **kw)
-    if not stream:
-        r = client.chat.completions.create(**body)
-        m = r.choices[0].message
-        calls = [(c.function.name, c.function.arguments) for c in (m.tool_calls or [])]
-        return getattr(m, "reasoning_content", None), m.content, calls, r.choices[0].finish_reason
-    chunks = list(client.chat.completions.create(**body, stream=True))
-    deltas = [c.choices[0].delta for c in chunks if c.choices]
-    reasoning = "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) or None
-    content = "".join(d.content or "" for d in deltas) or None
-    calls: dict[int, list[str]] = {}
-    for d in deltas:
-        for t in d.tool_calls or []:
-            entry = calls.setdefault(t.index, ["", ""])
-            entry[0] += t.function.name or ""
-            entry[1] += t.function.arguments or ""
-    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
-    return reasoning, content, [tuple(calls[i]) for i in sorted(calls)], finish[-1]
+    return ask_forced(url, engine, pieces, stream, [{"role": "user", "content": "Weather in Paris?"}], **kw)
 
 
 @pytest.mark.parametrize("stream", [False, True])

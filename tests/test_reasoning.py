@@ -15,7 +15,7 @@ from hypothesis import given, settings as hsettings, strategies as st
 from moepage.demo import DemoSpec, build_demo_model
 from moepage.engine.engine import Engine, EngineConfig
 from moepage.server.reasoning import ReasoningDelta, ReasoningSplitter, TextDelta
-from server_support import MODEL_ID, serving
+from server_support import MODEL_ID, ask_forced, serving
 
 THOUGHT, ANSWER = "Thinking it over.", "It is sunny."
 CALL = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
@@ -95,30 +95,8 @@ def servers(tmp_path_factory):
         e.close()
 
 
-def forced(engine, pieces: list[str]) -> dict:
-    """Sampling that makes the small-logit demo model write exactly these pieces (each one token), then EOS."""
-    ids = [engine.tokenizer.token_to_id(p) for p in pieces]
-    assert None not in ids, pieces
-    ids.append(engine.tokenizer.eos_id)
-    step = 3.0 / max(1, len(ids) - 1)
-    return dict(temperature=0, presence_penalty=2, frequency_penalty=2, max_tokens=len(ids) + 3,
-                logit_bias={str(t): 100.0 - i * step for i, t in enumerate(ids)})
-
-
 def ask(url, engine, pieces, stream: bool, **kw):
-    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30)
-    body = dict(model=MODEL_ID, messages=USER, **forced(engine, pieces), **kw)
-    if not stream:
-        r = client.chat.completions.create(**body)
-        m = r.choices[0].message
-        return getattr(m, "reasoning_content", None), m.content, m.tool_calls, r.choices[0].finish_reason
-    chunks = list(client.chat.completions.create(**body, stream=True))
-    deltas = [c.choices[0].delta for c in chunks if c.choices]
-    reasoning = "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) or None
-    content = "".join(d.content or "" for d in deltas) or None
-    calls = [t for d in deltas for t in (d.tool_calls or [])]
-    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
-    return reasoning, content, calls, finish[-1]
+    return ask_forced(url, engine, pieces, stream, USER, **kw)
 
 
 STYLES = {"model_opens": ["<think>", THOUGHT, "</think>"], "prompt_opens": [THOUGHT, "</think>"]}
@@ -141,8 +119,7 @@ def test_tool_calls_inside_and_after_reasoning_parse(servers, style, stream, ins
     reasoning, content, calls, finish = ask(url, engine, thinking + ["<tool_call>", CALL, "</tool_call>"], stream,
                                             tools=TOOLS)
     assert reasoning == THOUGHT and not content and finish == "tool_calls"
-    assert len([c for c in calls if c.function.name]) == 1 and calls[0].function.name == "get_weather"
-    assert json.loads("".join(c.function.arguments or "" for c in calls)) == {"city": "Paris"}
+    assert len(calls) == 1 and calls[0][0] == "get_weather" and json.loads(calls[0][1]) == {"city": "Paris"}
 
 
 @pytest.mark.parametrize("style", ["model_opens", "prompt_opens", "always_opens"])
