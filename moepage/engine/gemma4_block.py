@@ -12,6 +12,7 @@ Shape legend: T tokens, H hidden, F dense intermediate size, E experts.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -28,6 +29,20 @@ from moepage.paging.cache import ExpertCache
 NORMS = ("post_dense_norm", "pre_experts_norm", "post_experts_norm", "post_ffn_norm")
 
 
+@dataclass(frozen=True, eq=False)
+class Gemma4Router(Router):
+    """Gemma 4's router takes the residual: unscaled norm, x router.scale, x hidden^-0.5, then the projection (so
+    pre-gating, which hands the previous layer's expert input to this router, gets the same normalisation)."""
+
+    input_scale: torch.Tensor | None = None  # router.scale [H]
+    eps: float = 1e-6
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, H] (the residual) -> router logits [T, E]."""
+        r = unscaled_rms_norm(x, self.eps) * self.input_scale * self.input_scale.shape[0] ** -0.5
+        return super().logits(r)
+
+
 def gelu_mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """x [T, H] -> down(gelu_tanh(gate x) * up x) [T, H]."""
     return linear(F.gelu(linear(x, gate), approximate="tanh") * linear(x, up), down)
@@ -42,10 +57,9 @@ class Gemma4Block:
         self.ffn_norm = weights[p + "ffn_norm"]
         self.dense = tuple(weights[p + n] for n in ("dense_gate", "dense_up", "dense_down"))
         self.norms = {n: weights[p + n] for n in NORMS}
-        self.router_scale = weights[p + "router_scale"]
-        self.root = args.hidden_size ** -0.5
         self.layer_scalar = weights[p + "layer_scalar"]
-        router = Router(weights[p + "router"], args.routing, expert_scale=weights[p + "expert_scale"])
+        router = Gemma4Router(weights[p + "router"], args.routing, expert_scale=weights[p + "expert_scale"],
+                              input_scale=weights[p + "router_scale"], eps=self.eps)
         self.moe = SparseMoE(layer, router, None, cache)
 
     @classmethod
@@ -63,7 +77,6 @@ class Gemma4Block:
         """h [T, H] (the residual after attention) -> the next layer's input [T, H]."""
         norm, n = rms_norm_float_weight, self.norms
         dense = norm(gelu_mlp(norm(h, self.ffn_norm, self.eps), *self.dense), n["post_dense_norm"], self.eps)
-        r = unscaled_rms_norm(h, self.eps) * self.router_scale * self.root
-        experts = self.moe(norm(h, n["pre_experts_norm"], self.eps), logits=self.moe.gate.logits(r))
+        experts = self.moe(norm(h, n["pre_experts_norm"], self.eps), logits=self.moe.gate.logits(h))
         experts = norm(experts, n["post_experts_norm"], self.eps)
         return (h + norm(dense + experts, n["post_ffn_norm"], self.eps)) * self.layer_scalar
