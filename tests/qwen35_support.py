@@ -86,15 +86,44 @@ def save(model, out_dir, tokenizer_dir=None, dtype=torch.float32, shard_size: st
     return out_dir
 
 
-def save_qwen35(out_dir, tokenizer_dir=None, seed: int = 0, dtype=torch.float32, **text_over):
+def save_qwen35(out_dir, tokenizer_dir=None, seed: int = 0, dtype=torch.float32, zero_head: bool = False,
+                **text_over):
     """The published layout: Qwen3_5MoeForConditionalGeneration (config under text_config, weights under
-    model.language_model.*, model.visual.*, lm_head.weight at the top)."""
+    model.language_model.*, model.visual.*, lm_head.weight at the top). zero_head: an all-zero lm_head (logits
+    exactly 0), for server tests that force the output with logit_bias."""
     from transformers import Qwen3_5MoeForConditionalGeneration
 
     torch.manual_seed(seed)
     model = Qwen3_5MoeForConditionalGeneration(qwen35_config(**text_over))
     randomize(model, seed)
+    if zero_head:
+        with torch.no_grad():
+            model.lm_head.weight.zero_()
     return save(model, out_dir, tokenizer_dir, dtype, shard_size="200KB")
+
+
+CHAT_TEMPLATE = __import__("pathlib").Path(__file__).parent / "data" / "qwen3_5_moe" / "chat_template.jinja"
+QWEN_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]
+QWEN_TAGS = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<function=", "</function>", "<parameter=",
+             "</parameter>", "<tool_response>", "</tool_response>"]
+
+
+def qwen35_tokenizer(tokenizer_dir, out_dir) -> int:
+    """The test tokenizer with Qwen's chat tokens and tool-call tags added and Qwen3.5's chat template (llama.cpp's
+    copy, models/templates/Qwen3.5-4B.jinja: thinking on by default, Qwen3-Coder XML tool calls), written to
+    out_dir; returns the vocabulary size."""
+    from tokenizers import AddedToken, Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIALS
+                            if tok.token_to_id(t) is None])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in QWEN_TAGS if tok.token_to_id(t) is None])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out_dir / "tokenizer.json"))
+    config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+    config.update(eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE.read_text())
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return tok.get_vocab_size(with_added_tokens=True)
 
 
 def save_qwen35_text(out_dir, tokenizer_dir=None, seed: int = 0, dtype=torch.float32, **text_over):

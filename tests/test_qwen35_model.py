@@ -160,3 +160,32 @@ def test_moepage_gguf_export_refuses_linear_attention(published, tmp_path):
     with pytest.raises(GGUFExportError, match="linear-attention"):
         write_gguf(str(published("float32")), str(tmp_path / "out.gguf"))
     assert not (tmp_path / "out.gguf").exists()
+
+
+def test_extract_from_the_published_layout(published, tmp_path):
+    """`extract` on the multimodal layout: the expert count changes inside text_config, the result keeps only text
+    weights (model.language_model.*, lm_head) and transformers and moepage agree on it; every expert kept gives the
+    source's logits bit for bit."""
+    from safetensors import safe_open
+
+    from moepage.surgery.extract import write_extracted_moe
+
+    src = open_checkpoint(str(published("float32")))
+    ids = prompt_ids(20, 400, seed=8)
+    for kept in ([0, 2, 5, 7], list(range(8))):
+        out = tmp_path / f"extract-{len(kept)}"
+        out.mkdir()
+        write_extracted_moe(src, {layer: kept for layer in src.args.moe_layers}, str(out))
+        config = json.loads((out / "config.json").read_text())
+        assert config["text_config"]["num_experts"] == len(kept) and "num_experts" not in config
+        with safe_open(str(out / "model.safetensors"), "pt") as f:
+            assert all(n.startswith("model.language_model.") or n == "lm_head.weight" for n in f.keys())
+        engine = Engine.load(EngineConfig(str(out), tokenizer=False))
+        ours = engine.logits_all(ids)
+        engine.close()
+        with torch.no_grad():
+            ref = reference(out)(torch.tensor([ids])).logits[0]
+        assert (ours - ref).abs().max().item() < 1e-4
+    full = Engine.load(EngineConfig(str(published("float32")), tokenizer=False))
+    assert torch.equal(full.logits_all(ids), ours)
+    full.close()

@@ -37,10 +37,13 @@ def check_kept(ckpt: Checkpoint, kept: dict[int, list[int]]) -> int:
     return n
 
 
-def extracted_config(config: dict, n: int) -> dict:
+def extracted_config(config: dict, n: int, family=None) -> dict:
+    """config with N experts per layer; a multimodal wrapper's counts live in its text config (FamilySpec.layout)."""
     out = copy.deepcopy(config)
-    out[experts_config_key(config)] = n
-    out["num_experts_per_tok"] = min(int(config["num_experts_per_tok"]), n)
+    key = family.layout(config).text_config if family is not None else None
+    text = out[key] if key else out
+    text[experts_config_key(text)] = n
+    text["num_experts_per_tok"] = min(int(text["num_experts_per_tok"]), n)
     return out
 
 
@@ -63,7 +66,7 @@ def write_extracted_moe(ckpt: Checkpoint, kept: dict[int, list[int]], out_dir: s
             for part in ("gate", "up", "down"):
                 writer.add(names[part], getattr(w, part))
     files = writer.close()
-    write_json(os.path.join(out_dir, "config.json"), extracted_config(ckpt.config, n))
+    write_json(os.path.join(out_dir, "config.json"), extracted_config(ckpt.config, n, ckpt.family))
     copy_tokenizer(ckpt.root, out_dir)
     return {"kind": "moe", "experts_per_layer": n, "top_k": min(ckpt.args.top_k, n), "files": files,
             "bytes": writer.total_bytes, "kept": {str(k): v for k, v in sorted(kept.items())}}

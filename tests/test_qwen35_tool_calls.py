@@ -1,0 +1,66 @@
+"""Qwen3.5's chat template from the checkpoint (llama.cpp's copy of it) through the server: thinking on by default,
+and the Qwen3-Coder XML tool-call format (`<tool_call>\\n<function=NAME>\\n<parameter=P>V</parameter>...`) the
+template teaches, picked from the template and parsed into OpenAI tool calls, streamed and not, by a qwen3_5_moe
+model in the published layout (a named tool_choice forcing the call's opening, the rest forced by logit_bias)."""
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from moepage.server.tool_choice import QWEN3_CODER_XML, forced_prefix, template_tool_format
+from qwen35_support import CHAT_TEMPLATE, qwen35_tokenizer, save_qwen35
+from qwen35_support import one_torch_thread  # noqa: F401 (autouse: one thread here)
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {
+    "city": {"type": "string"}, "days": {"type": "integer"}}}}}]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tokenizer_dir):
+    from server_support import load_engine, serving
+
+    root = tmp_path_factory.mktemp("qwen35-tools")
+    vocab = qwen35_tokenizer(tokenizer_dir, root / "tok")
+    path = save_qwen35(root / "hf", root / "tok", vocab_size=vocab, zero_head=True, max_position_embeddings=4096)
+    engine = load_engine(str(path), ctx=4096)
+    with serving(engine) as (url, _):
+        yield engine, url
+    engine.close()
+
+
+def test_the_template_picks_the_xml_format():
+    assert template_tool_format(CHAT_TEMPLATE.read_text()) == QWEN3_CODER_XML
+    assert forced_prefix(QWEN3_CODER_XML, "get_weather") == "<tool_call>\n<function=get_weather>\n"
+
+
+def test_thinking_is_on_by_default(server):
+    engine, url = server
+    r = httpx.post(f"{url}/tokenize", json={"model": "hardening-test", "messages": [{"role": "user", "content": "hi"}]},
+                   timeout=60)
+    assert r.status_code == 200, r.text
+    ids = r.json()["tokens"]
+    tail = engine.tokenizer.encode("<|im_start|>assistant\n<think>\n")
+    assert ids[-len(tail):] == tail and engine.tokenizer.decode(ids).endswith("assistant\n<think>\n")
+
+
+def test_xml_tool_call_served_over_http_streamed_and_not(server):
+    from test_server import forced
+
+    engine, url = server
+    rest = "<parameter=city>Paris</parameter></function></tool_call>"
+    body = {"model": "hardening-test", "messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": TOOLS,
+            "tool_choice": {"type": "function", "function": {"name": "get_weather"}}, **forced(engine, rest)}
+    r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and not choice["message"]["content"]
+    [call] = choice["message"]["tool_calls"]
+    assert call["function"]["name"] == "get_weather" and json.loads(call["function"]["arguments"]) == {"city": "Paris"}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json={**body, "stream": True}, timeout=120) as s:
+        chunks = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+    deltas = [d for c in chunks if c["choices"] for d in c["choices"][0]["delta"].get("tool_calls") or []]
+    assert deltas[0]["function"]["name"] == "get_weather"
+    assert "".join(d["function"].get("arguments") or "" for d in deltas) == call["function"]["arguments"]
+    assert not "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
