@@ -64,6 +64,38 @@ def together(engine, ps, n, stagger: int) -> list[list[int]]:
     return out
 
 
+@pytest.mark.parametrize("paged", [False, True])
+def test_batched_steps_count_each_rows_expert_accesses_once(model_dir, paged):
+    """Cache stats under batching: hits + misses = rows x top-k per MoE layer per step (the group's pin is not an
+    access of its own), and misses are the experts read."""
+    over = {"expert_cache_bytes": 3 * 3 * 128 * 64 * 2 + 4 * 4096, "preload": False} if paged else {}
+    engine = load(model_dir, **over)
+    try:
+        ps = prompts(engine, 4)
+        seqs = []
+        with engine.lock:
+            for p in ps:
+                seqs.append(engine.start(p, SamplingParams(max_tokens=8, **GREEDY)))
+                while not seqs[-1].prefill_chunk():
+                    pass
+                seqs[-1].sample()
+            stats = engine.cache.stats
+            for _ in range(4):
+                hits, misses, reads = stats.hits, stats.misses, stats.bytes_read
+                for s, logits in zip(seqs, decode_step(engine.model, [s.pending for s in seqs],
+                                                       [s.slot.kv for s in seqs])):
+                    s.feed(logits)
+                    s.sample()
+                accesses = len(seqs) * len(engine.args.moe_layers) * SPEC.top_k
+                assert stats.hits - hits + stats.misses - misses == accesses
+                assert (stats.misses - misses > 0) == (stats.bytes_read > reads)
+                assert paged or stats.misses == misses
+            for s in seqs:
+                s.finish()
+    finally:
+        engine.close()
+
+
 @pytest.mark.parametrize("which", ["routed_in_kernel", "shared_expert"])
 @pytest.mark.parametrize("paged", [False, True])
 def test_batched_decode_equals_each_sequence_alone(model_dir, which, paged):

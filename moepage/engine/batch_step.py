@@ -91,6 +91,7 @@ def _fused_rows(model: MoEModel, tokens: list[int], kvs: list[KVCache]) -> list[
             finally:
                 if held:
                     moe.cache.release_many(keys)
+                    _uncount_pins(moe.cache, len(keys))
     for kv, s in zip(kvs, starts):
         kv.length = s + 1
     logits = []
@@ -99,6 +100,15 @@ def _fused_rows(model: MoEModel, tokens: list[int], kvs: list[KVCache]) -> list[
         head = model.lm_head
         logits.append((head.linear(h, linear) if isinstance(head, PackedMatrix) else linear(h, head))[-1])
     return logits
+
+
+def _uncount_pins(cache, n: int):
+    """The group's acquire_many pinned n experts for its rows and counted each as a hit or a miss; every row then
+    acquired its own experts again (each a hit: they are held). The rows' acquisitions are the accesses, as a
+    sequence decoded alone counts them, and the reads are the misses: take the group's n out of the hits, so that
+    hits + misses = rows x top-k per layer."""
+    with cache.stats.lock:
+        cache.stats.hits -= n
 
 
 def _prefetched(moe, keys: list[tuple[int, int]]) -> list[tuple[int, int]]:
