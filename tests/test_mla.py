@@ -2,7 +2,7 @@
 values a token and layer, what the budget counts), a snapshot of it restores to the same continuation, Kimi K2.5's
 published wrapper layout loads its text model (fp32 logits against transformers' Kimi_K25ForConditionalGeneration,
 the same greedy tokens from a split directory at the minimum budget), DeepSeek-V3 answers over HTTP, hostile MLA
-configs are refused with the key named."""
+configs are refused with the key named, the GGUF exporter refuses MLA (llama.cpp's converter writes it)."""
 from __future__ import annotations
 
 import json
@@ -115,3 +115,11 @@ def test_hostile_config_is_refused_naming_the_key(v3, tmp_path, key, value):
         (d / f.name).symlink_to(f)
     with pytest.raises(ConfigError, match=key if key != "n_group" else "n_group"):
         open_checkpoint(str(d))
+
+
+def test_gguf_export_refuses_latent_attention(v3, tmp_path):
+    from moepage.surgery.gguf_export import GGUFExportError, write_gguf
+
+    with pytest.raises(GGUFExportError, match="multi-head latent attention"):
+        write_gguf(str(v3), str(tmp_path / "out.gguf"))
+    assert not (tmp_path / "out.gguf").exists()

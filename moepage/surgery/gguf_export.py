@@ -107,6 +107,9 @@ def _plan_tensors(model_dir: str, config: dict) -> tuple[str, object, list[_Tens
     if spec is not None and "linear_attention" in spec.mixers:
         raise GGUFExportError(f"model_type {model_type!r}: moepage's GGUF writer has no tables for linear-attention "
                               "(Gated DeltaNet) layers; convert with llama.cpp's convert_hf_to_gguf.py --no-mtp")
+    if spec is not None and "mla" in spec.mixers:
+        raise GGUFExportError(f"model_type {model_type!r}: moepage's GGUF writer has no tables for multi-head latent "
+                              "attention layers; convert with llama.cpp's convert_hf_to_gguf.py (arch deepseek2)")
     if spec is not None and spec.gguf_arch:
         from moepage.engine.checkpoint import open_checkpoint
 
