@@ -214,3 +214,75 @@ def test_lru_eviction_cost_does_not_grow_with_the_cache():
         p.insert((1000 + i, 0))
     assert time.perf_counter() - t0 < 0.5
     assert next(p.victims()) == (2_000 // 128, 2_000 % 128)  # still least recently used first
+
+
+# ---- layer-major prefill under a budget (engine/layered_prefill.py) ---------------------------------------
+def _prefill_reads(path, monkeypatch, layer_major: bool, **kw):
+    """(logits after prefill, greedy tokens, reads per (layer, expert) during the prefill) of a 40-token prompt in
+    8-token chunks."""
+    import moepage.engine.sequence as sequence
+
+    if not layer_major:
+        monkeypatch.setattr(sequence, "prefill_span", lambda *a: None)
+    engine = Engine.load(EngineConfig(str(path), prefill_chunk=8, preload=False, threads=1, **kw))
+    reads: dict = {}
+    load = engine.cache.load
+
+    def counted(layer, e, *rest):
+        reads[(layer, e)] = reads.get((layer, e), 0) + 1
+        return load(layer, e, *rest)
+
+    engine.cache.load = counted
+    ids = prompt_ids(40, engine.args.vocab_size, seed=5)
+    logits = engine.prefill(ids)
+    engine.cache.wait_idle()
+    during = dict(reads)
+    tokens = [s.token for s in engine.generate(ids, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))]
+    engine.close()
+    monkeypatch.undo()
+    return logits, tokens, during, engine
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe"])
+def test_layer_major_prefill_reads_each_expert_once_and_changes_nothing(family, tmp_path, tokenizer_dir,
+                                                                        monkeypatch):
+    """Under a budget of 2.5 layers' experts a 5-chunk prompt runs layer by layer: no expert is read twice during
+    the prefill (chunk by chunk, the same budget reads some again), and the logits are bit for bit those of the
+    unlimited, chunk-by-chunk run (dense and shared-expert layers included)."""
+    from conftest import make_checkpoint
+
+    torch.set_num_threads(1)
+    path = make_checkpoint(tmp_path / family, family, tokenizer_dir, torch.bfloat16, num_hidden_layers=5)
+    full_logits, full_tokens, _, engine = _prefill_reads(path, monkeypatch, layer_major=True)
+    each = expert_bytes(engine)
+    budget = int(2.5 * engine.args.num_experts * each)
+    logits, tokens, reads, engine = _prefill_reads(path, monkeypatch, True, expert_cache_bytes=budget)
+    assert engine.plan.fraction_resident < 1.0
+    assert torch.equal(logits, full_logits) and tokens == full_tokens
+    assert reads and max(reads.values()) == 1, reads
+    _, chunked_tokens, chunked_reads, _ = _prefill_reads(path, monkeypatch, False, expert_cache_bytes=budget)
+    assert chunked_tokens == full_tokens
+    assert max(chunked_reads.values()) > 1  # the test can fail: chunk by chunk this budget reads experts again
+
+
+def test_layer_major_prefill_leaves_a_prefix_the_prompt_cache_reuses_exactly(tmp_path, tokenizer_dir):
+    """A layer-major prefill marks the same chunk ends as chunk by chunk: the next prompt re-uses its prefix and
+    decodes the tokens a fresh, unlimited engine gives."""
+    from conftest import make_checkpoint
+
+    torch.set_num_threads(1)
+    path = make_checkpoint(tmp_path / "q", "qwen3_moe", tokenizer_dir, torch.bfloat16, num_hidden_layers=5)
+    greedy = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    fresh = Engine.load(EngineConfig(str(path), prefill_chunk=8, threads=1))
+    first = prompt_ids(37, fresh.args.vocab_size, seed=6)
+    second = first + prompt_ids(20, fresh.args.vocab_size, seed=7)
+    want = [s.token for s in fresh.generate(second, greedy)]
+    each = expert_bytes(fresh)
+    fresh.close()
+    paged = Engine.load(EngineConfig(str(path), prefill_chunk=8, threads=1, preload=False, prefix_cache=True,
+                                     expert_cache_bytes=int(2.5 * fresh.args.num_experts * each)))
+    list(paged.generate(first, greedy))
+    got = [s.token for s in paged.generate(second, greedy)]
+    assert paged.last_stats.cached_prompt_tokens == 32  # four whole chunks of the first prompt
+    assert got == want
+    paged.close()

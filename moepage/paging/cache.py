@@ -228,6 +228,14 @@ class ExpertCache:
         finally:
             self.release(key)
 
+    def touch(self, keys):
+        """Count resident keys as just used, so the policy evicts them last (a layer-major prefill keeps the layer it
+        is on while it reads the next one's experts)."""
+        with self._cond:
+            for key in keys:
+                if key in self._entries:
+                    self.policy.touch(key)
+
     def prefetch(self, keys, withdrawable: bool = False) -> int:
         """Start background reads of keys not yet resident; returns how many were issued. withdrawable: guesses
         that cancel_prefetches may take back while they wait in the queue (pre-gating)."""
