@@ -160,13 +160,18 @@ def main():
     ap.add_argument("--llama-passive", action="store_true",
                     help="also run llama.cpp with OMP_WAIT_POLICY=PASSIVE (its threads sleep between jobs, as moepage's do)")
     ap.add_argument("--llama-norepack", action="store_true", help="also run llama.cpp with repacking off")
+    ap.add_argument("--peers", default=None,
+                    help="the llama.cpp variants to run instead, comma-separated: default, passive, norepack")
     a = ap.parse_args()
     rng = random.Random(0)
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump([rng.randrange(a.vocab) for _ in range(a.prompt_tokens)], f)
         prompt_file = f.name
-    systems = (["moepage", "llamacpp"] + (["llamacpp-passive"] if a.llama_passive else [])
-               + (["llamacpp-norepack"] if a.llama_norepack else []))
+    if a.peers:
+        systems = ["moepage"] + [{"default": "llamacpp"}.get(p, f"llamacpp-{p}") for p in a.peers.split(",")]
+    else:
+        systems = (["moepage", "llamacpp"] + (["llamacpp-passive"] if a.llama_passive else [])
+                   + (["llamacpp-norepack"] if a.llama_norepack else []))
     size = os.path.getsize(a.gguf)
     burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(a.burn)]
     try:

@@ -74,3 +74,65 @@ def test_torch_threads_wait_passively_unless_the_user_says_otherwise():
                                    timeout=60).stdout.strip()
     assert run(env) == "PASSIVE"
     assert run({**env, "OMP_WAIT_POLICY": "ACTIVE"}) == "ACTIVE"
+
+
+def _prefilled(engine: Engine, ids: list[int], n: int):
+    kv = engine.model.new_kv_cache(len(ids) + n + 1)
+    engine.model.forward(torch.tensor(ids), kv)
+    return kv
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_one_call_per_token_equals_the_per_layer_calls(q4_k_m, dtype):
+    """kernels/ggml_token.py runs every layer of a resident Q4_K_M in one C++ call: its hidden state and KV writes
+    are bit for bit those of one attention_decode + one experts_one_token call per layer, and its greedy tokens
+    those of the per-layer path (the final norm's summation order may differ by an ulp)."""
+    from moepage.engine.attention.gqa import QK_NORM_MODE
+
+    engine = Engine.load(EngineConfig(q4_k_m["qwen3_moe"], dtype=dtype, tokenizer=False, ctx_size=128))
+    try:
+        m = engine.model
+        ids = list(range(7, 31))
+        a, b = _prefilled(engine, ids, 4), _prefilled(engine, ids, 4)
+        with torch.inference_mode():
+            pos = len(ids)
+            h = torch.nn.functional.embedding(torch.tensor([17]), m.embed)
+            cos, sin = (t[0] for t in m.rope.get(pos, 1))
+            got = m._decode_kernel.token.decode(m, h, a, pos, cos, sin, QK_NORM_MODE[m.args.qk_norm], head=False)
+            assert got is not None and m._decode_kernel.token.plan is not None
+            want = h
+            for i, layer in enumerate(m.layers):
+                want = m._decode_layer(layer, want, b[i], pos, cos, sin)
+        assert got.dtype == want.dtype and torch.equal(got, want)
+        for x, y in zip(a.kv.layer_k + a.kv.layer_v, b.kv.layer_k + b.kv.layer_v):
+            assert torch.equal(x[:, : pos + 1], y[:, : pos + 1])
+        whole_tokens, whole = decode_logits(engine, ids, N_TOKENS)
+        hits = engine.cache.stats.hits
+        m._decode_kernel.decode_token = lambda *a: None  # the per-layer fused path
+        try:
+            layer_tokens, per_layer = decode_logits(engine, ids, N_TOKENS)
+        finally:
+            del m._decode_kernel.decode_token
+    finally:
+        engine.close()
+    assert hits >= N_TOKENS * m.args.top_k * len(m.layers)  # the one-call path counts its cache hits
+    assert whole_tokens == layer_tokens
+    scale = per_layer.abs().max().item()
+    assert (whole - per_layer).abs().max().item() <= (1e-5 if dtype == "float32" else 0.02) * scale
+
+
+def test_one_call_per_token_steps_aside_under_a_cap_and_after_an_eviction(q4_k_m):
+    """Not every expert resident (a memory budget), or an eviction since the plan was built: the per-layer path
+    runs, with the same tokens as the resident one-call path."""
+    path = q4_k_m["qwen3_moe"]
+    ids = list(range(9, 30))
+    full = Engine.load(EngineConfig(path, tokenizer=False, ctx_size=128))
+    try:
+        want, _ = decode_logits(full, ids, 8)
+        token = full.model._decode_kernel.token
+        assert token.plan is not None
+        full.cache.resize(full.cache.used_bytes // 2)  # evicts half the experts
+        again, _ = decode_logits(full, ids, 8)
+        assert token.plan is None and again == want
+    finally:
+        full.close()

@@ -161,6 +161,9 @@ class MoEModel:
             raise ContextOverflow(start + tokens.shape[0], state.max_tokens)
         if fused:
             cos, sin = (t[0] for t in self.rope.get(start, 1))
+            whole = getattr(self._decode_kernel, "decode_token", None)  # resident quantized GGUF: one call a token
+            if whole is not None and (out := whole(self, h, state, start, cos, sin, QK_NORM_MODE[a.qk_norm])) is not None:
+                return out  # logits [1, V]; state.length advanced
         for i, layer in enumerate(self.layers):
             if fused:
                 h = self._decode_layer(layer, h, state[i], start, cos, sin)

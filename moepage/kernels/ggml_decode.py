@@ -10,6 +10,7 @@ import torch
 
 from moepage.kernels.ggml import INTERLEAVED, backend_for, ggml_backend, interleaved_for_matvec
 from moepage.kernels.ggml_linear import GGMLWeight
+from moepage.kernels.ggml_token import TokenKernel
 
 PLAIN_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 30}  # GGML type ids of plain matrices
 MODEL_DTYPES = (torch.float32, torch.bfloat16)
@@ -33,6 +34,12 @@ class QuantizedDecodeKernel:
     def __init__(self, module, weights: dict[int, tuple[torch.Tensor, int]]):
         self.module = module
         self.weights = weights  # id(weight tensor) -> (GGML bytes, type id)
+        self.token = TokenKernel(module, weights)
+
+    def decode_token(self, model, h, state, start, cos, sin, qk_norm_mode):
+        """Every layer, the final norm and the lm_head in one call (kernels/ggml_token.py): logits [1, V], or None
+        where the per-layer path runs."""
+        return self.token.decode(model, h, state, start, cos, sin, qk_norm_mode)
 
     def attention_decode(self, h, attn_norm, ffn_norm, eps, wq, wk, wv, wo, bq, bk, bv, bo, qk_norm_mode, q_norm,
                          k_norm, cos, sin, k_cache, v_cache, pos, scale, router, top_k, norm_topk_prob,

@@ -11,11 +11,11 @@
 // E experts of one token, H hidden, I expert intermediate size.
 #include "ggml_cpu_core.h"
 #include "ggml_cpu_decode.h"
+#include "ggml_cpu_experts.h"
+#include "ggml_cpu_token.h"
 #include "ggml_cpu_interleave.h"
 
 namespace {
-
-float silu(float v) { return v / (1.0f + std::exp(-v)); }
 
 // Q8_K, an activation-only type ggml has no to_float for: float d, int8 q[256], int16 bsums[16] -> d * q
 void q8_k_to_float(const void* src, float* y, int64_t k) {
@@ -154,33 +154,16 @@ torch::Tensor experts_one_token(torch::Tensor x, std::vector<torch::Tensor> gate
     check_weight(downs[e], kd, H, I, "expert down");
   }
   auto xf = x.to(at::kFloat).contiguous();
-  const auto xg = quantize_activations(xf.data_ptr<float>(), 1, H, kg);
-  const auto xu = ku.cpu->vec_dot_type == kg.cpu->vec_dot_type ? xg
-                                                                 : quantize_activations(xf.data_ptr<float>(), 1, H, ku);
-  std::vector<float> gu(E * 2 * I);  // expert e: gate outputs at [2eI, 2eI + I), up outputs after them
-  std::vector<Segment> segs;
+  std::vector<const uint8_t*> g(E), u(E), d(E);
+  std::vector<float> w(E);
   for (int64_t e = 0; e < E; ++e) {
-    segs.push_back({gates[e].data_ptr<uint8_t>(), &kg, I, H, xg.data(), gu.data() + 2 * e * I});
-    segs.push_back({ups[e].data_ptr<uint8_t>(), &ku, I, H, xu.data(), gu.data() + (2 * e + 1) * I});
+    g[e] = gates[e].data_ptr<uint8_t>();
+    u[e] = ups[e].data_ptr<uint8_t>();
+    d[e] = downs[e].data_ptr<uint8_t>();
+    w[e] = static_cast<float>(weights[e]);
   }
-  matvec_segments(segs);
-  std::vector<float> act(E * I);
-  for (int64_t e = 0; e < E; ++e)
-    for (int64_t i = 0; i < I; ++i) act[e * I + i] = silu(gu[2 * e * I + i]) * gu[(2 * e + 1) * I + i];
-  TORCH_CHECK(I % kd.dot->blck_size == 0, "expert width ", I, " is not a multiple of the ", kd.dot->type_name,
-              " block size");
-  const auto aq = quantize_activations(act.data(), E, I, kd);
-  std::vector<float> down(E * H);
-  const int64_t ab = kd.dot_row_bytes(I);
-  segs.clear();
-  for (int64_t e = 0; e < E; ++e) segs.push_back({downs[e].data_ptr<uint8_t>(), &kd, H, I, aq.data() + e * ab, down.data() + e * H});
-  matvec_segments(segs);
-  auto out = torch::zeros({1, H}, x.options().dtype(at::kFloat));
-  float* o = out.data_ptr<float>();
-  for (int64_t e = 0; e < E; ++e) {
-    const float we = static_cast<float>(weights[e]);
-    for (int64_t h = 0; h < H; ++h) o[h] += we * down[e * H + h];
-  }
+  auto out = torch::empty({1, H}, x.options().dtype(at::kFloat));
+  experts_sum(xf.data_ptr<float>(), H, I, E, g.data(), u.data(), d.data(), kg, ku, kd, w.data(), out.data_ptr<float>());
   if (!residual.has_value()) return out.to(x.scalar_type());
   return residual->add(out.to(x.scalar_type()));  // the experts' sum rounded to x's dtype, then the residual added
 }
@@ -224,4 +207,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "x [M, K] @ GGML weight [N, K]^T with ggml's vec_dot", free_gil);
   m.def("experts_one_token", &experts_one_token, "one token through E quantized SwiGLU experts, summed", free_gil);
   m.def("attention_decode", &attention_decode, "one decode token through a layer's attention half", free_gil);
+  py::class_<TokenPlan>(m, "TokenPlan", "one decode token through every layer, the final norm and the lm_head")
+      .def(py::init<const std::string&, double, double>())
+      .def("add_layer", &TokenPlan::add_layer, "a layer's attention weights, router and every expert's bytes")
+      .def("set_head", &TokenPlan::set_head, "the final norm and the lm_head")
+      .def("decode", &TokenPlan::decode, "h [1, H] -> (logits [1, V] or h [1, H], every layer's experts)", free_gil);
 }

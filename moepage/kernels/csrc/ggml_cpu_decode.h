@@ -103,57 +103,71 @@ void finish_linear(float* acc, const T* bias, int64_t n) {
 using DecodeOut = std::tuple<torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>, std::vector<int64_t>,
                              c10::optional<torch::Tensor>>;
 
+// One layer's attention half, checked once: weights, and norms / biases / q-k norms as pointers of the model dtype
+// (biases and q/k norms may be null). The tensors behind the pointers are kept alive by whoever holds this.
+struct AttnLayer {
+  Weight q, k, v, o;
+  const void *attn_norm, *ffn_norm, *bq, *bk, *bv, *bo, *q_norm, *k_norm;
+  int64_t qk_norm_mode;
+  int64_t H, NQ, NK;
+};
+
 template <class T>
-DecodeOut attention_decode_t(const torch::Tensor& h, const torch::Tensor& attn_norm, const torch::Tensor& ffn_norm,
-                             double eps, const Weight& wq, const Weight& wk, const Weight& wv, const Weight& wo,
-                             const c10::optional<torch::Tensor>& bq, const c10::optional<torch::Tensor>& bk,
-                             const c10::optional<torch::Tensor>& bv, const c10::optional<torch::Tensor>& bo,
-                             int64_t qk_norm_mode, const c10::optional<torch::Tensor>& q_norm,
-                             const c10::optional<torch::Tensor>& k_norm, const torch::Tensor& cos,
-                             const torch::Tensor& sin, torch::Tensor& k_cache, torch::Tensor& v_cache, int64_t pos,
-                             double scale, const Weight* router, int64_t top_k, bool norm_topk_prob,
-                             bool weights_in_logits_dtype) {
+AttnLayer attn_layer(const torch::Tensor& attn_norm, const torch::Tensor& ffn_norm, const Weight& wq,
+                     const Weight& wk, const Weight& wv, const Weight& wo, const c10::optional<torch::Tensor>& bq,
+                     const c10::optional<torch::Tensor>& bk, const c10::optional<torch::Tensor>& bv,
+                     const c10::optional<torch::Tensor>& bo, int64_t qk_norm_mode,
+                     const c10::optional<torch::Tensor>& q_norm, const c10::optional<torch::Tensor>& k_norm,
+                     int64_t D) {
+  const int64_t H = wq.cols, NQ = wq.rows, NK = wk.rows;
+  TORCH_CHECK(D > 0 && wk.cols == H && wv.cols == H && wv.rows == NK && NQ % D == 0 && NK % D == 0 &&
+                  (NQ / D) % (NK / D) == 0 && wo.rows == H && wo.cols == NQ, "attention weight shapes");
+  AttnLayer a{wq, wk, wv, wo, opt_data<T>(attn_norm, H, "attn_norm"), opt_data<T>(ffn_norm, H, "ffn_norm"),
+              opt_data<T>(bq, NQ, "q bias"), opt_data<T>(bk, NK, "k bias"), opt_data<T>(bv, NK, "v bias"),
+              opt_data<T>(bo, H, "o bias"), nullptr, nullptr, qk_norm_mode, H, NQ, NK};
+  TORCH_CHECK(a.attn_norm && a.ffn_norm, "norm weights are required");
+  TORCH_CHECK(qk_norm_mode >= 0 && qk_norm_mode <= 2, "qk_norm_mode is 0, 1 or 2");
+  if (qk_norm_mode) {
+    a.q_norm = opt_data<T>(q_norm, qk_norm_mode == 1 ? D : NQ, "q_norm");
+    a.k_norm = opt_data<T>(k_norm, qk_norm_mode == 1 ? D : NK, "k_norm");
+    TORCH_CHECK(a.q_norm && a.k_norm, "qk norm weights missing");
+  }
+  return a;
+}
+
+// The caches of one layer: contiguous [G, S, D] of the model dtype.
+template <class T>
+void check_cache(const torch::Tensor& k_cache, const torch::Tensor& v_cache, const AttnLayer& a, int64_t pos) {
   const auto dtype = c10::CppTypeToScalarType<T>::value;
   TORCH_CHECK(k_cache.dim() == 3 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
                   k_cache.sizes() == v_cache.sizes() && k_cache.scalar_type() == dtype && v_cache.scalar_type() == dtype,
               "k_cache, v_cache: contiguous [G, S, D] of the model dtype");
-  const int64_t H = h.size(1), G = k_cache.size(0), S = k_cache.size(1), D = k_cache.size(2);
-  const int64_t NQ = wq.rows, NK = wk.rows, N = NQ / D;
-  TORCH_CHECK(wq.cols == H && wk.cols == H && wv.cols == H && NK == G * D && wv.rows == NK && NQ % D == 0 &&
-                  N % G == 0 && wo.rows == H && wo.cols == NQ, "attention weight shapes");
-  TORCH_CHECK(pos >= 0 && pos < S, "position ", pos, " outside the KV cache of ", S);
-  const T* an = opt_data<T>(attn_norm, H, "attn_norm");
-  const T* fn = opt_data<T>(ffn_norm, H, "ffn_norm");
-  const T* cp = opt_data<T>(cos, D, "cos");
-  const T* sp = opt_data<T>(sin, D, "sin");
-  TORCH_CHECK(an && fn && cp && sp, "norm weights and RoPE rows are required");
-  const T *pbq = opt_data<T>(bq, NQ, "q bias"), *pbk = opt_data<T>(bk, NK, "k bias");
-  const T *pbv = opt_data<T>(bv, NK, "v bias"), *pbo = opt_data<T>(bo, H, "o bias");
-  const T* qn = qk_norm_mode ? opt_data<T>(q_norm, qk_norm_mode == 1 ? D : NQ, "q_norm") : nullptr;
-  const T* kn = qk_norm_mode ? opt_data<T>(k_norm, qk_norm_mode == 1 ? D : NK, "k_norm") : nullptr;
-  TORCH_CHECK(qk_norm_mode == 0 || (qn && kn), "qk norm weights missing");
-  TORCH_CHECK(router == nullptr || router->cols == H, "router shape");
+  TORCH_CHECK(k_cache.size(0) * k_cache.size(2) == a.NK, "the KV cache's [G, D] do not match the k projection");
+  TORCH_CHECK(pos >= 0 && pos < k_cache.size(1), "position ", pos, " outside the KV cache of ", k_cache.size(1));
+}
 
-  auto hf = h.to(at::kFloat).contiguous();
-  const float* hp = hf.data_ptr<float>();
+// h [H] (values of T, as float) -> h2 = h + attention (values of T) and r2 = ffn_norm(h2) (values of T).
+template <class T>
+void attention_half(const AttnLayer& a, const float* hp, T* kc, T* vc, int64_t G, int64_t S, int64_t D, int64_t pos,
+                    const T* cp, const T* sp, double eps, double scale, float* h2f, float* r2f) {
+  const int64_t H = a.H, NQ = a.NQ, NK = a.NK, N = NQ / D;
+  const T *qn = static_cast<const T*>(a.q_norm), *kn = static_cast<const T*>(a.k_norm);
   std::vector<float> r(H), q(NQ), k(NK), v(NK);
-  rms_norm_row<T>(hp, an, H, eps, r.data());
-  fused_matvec(r.data(), H, {&wq, &wk, &wv}, {q.data(), k.data(), v.data()});
-  finish_linear<T>(q.data(), pbq, NQ);
-  finish_linear<T>(k.data(), pbk, NK);
-  finish_linear<T>(v.data(), pbv, NK);
-  if (qk_norm_mode == 2) {
+  rms_norm_row<T>(hp, static_cast<const T*>(a.attn_norm), H, eps, r.data());
+  fused_matvec(r.data(), H, {&a.q, &a.k, &a.v}, {q.data(), k.data(), v.data()});
+  finish_linear<T>(q.data(), static_cast<const T*>(a.bq), NQ);
+  finish_linear<T>(k.data(), static_cast<const T*>(a.bk), NK);
+  finish_linear<T>(v.data(), static_cast<const T*>(a.bv), NK);
+  if (a.qk_norm_mode == 2) {
     rms_norm_row<T>(q.data(), qn, NQ, eps, q.data());
     rms_norm_row<T>(k.data(), kn, NK, eps, k.data());
   }
   for (int64_t n = 0; n < N; ++n) {
-    if (qk_norm_mode == 1) rms_norm_row<T>(q.data() + n * D, qn, D, eps, q.data() + n * D);
+    if (a.qk_norm_mode == 1) rms_norm_row<T>(q.data() + n * D, qn, D, eps, q.data() + n * D);
     rope_row<T>(q.data() + n * D, cp, sp, D);
   }
-  T* kc = k_cache.data_ptr<T>();
-  T* vc = v_cache.data_ptr<T>();
   for (int64_t g = 0; g < G; ++g) {
-    if (qk_norm_mode == 1) rms_norm_row<T>(k.data() + g * D, kn, D, eps, k.data() + g * D);
+    if (a.qk_norm_mode == 1) rms_norm_row<T>(k.data() + g * D, kn, D, eps, k.data() + g * D);
     rope_row<T>(k.data() + g * D, cp, sp, D);
     for (int64_t d = 0; d < D; ++d) {
       kc[(g * S + pos) * D + d] = static_cast<T>(k[g * D + d]);
@@ -187,17 +201,52 @@ DecodeOut attention_decode_t(const torch::Tensor& h, const torch::Tensor& attn_n
       for (int64_t d = 0; d < D; ++d) attn[(g * per_kv + j) * D + d] = round_to<T>(o[j * D + d] / sum[j]);
   }, 2 * G * P * D * static_cast<int64_t>(sizeof(T)));  // the keys and values read
 
-  std::vector<float> oacc(H), h2f(H), r2f(H);
-  fused_matvec(attn.data(), NQ, {&wo}, {oacc.data()});
-  finish_linear<T>(oacc.data(), pbo, H);
+  std::vector<float> oacc(H);
+  fused_matvec(attn.data(), NQ, {&a.o}, {oacc.data()});
+  finish_linear<T>(oacc.data(), static_cast<const T*>(a.bo), H);
   for (int64_t j = 0; j < H; ++j) h2f[j] = round_to<T>(round_to<T>(hp[j]) + oacc[j]);
-  rms_norm_row<T>(h2f.data(), fn, H, eps, r2f.data());
-  auto h2 = torch::from_blob(h2f.data(), {1, H}, at::kFloat).to(dtype, false, true);
-  auto r2 = torch::from_blob(r2f.data(), {1, H}, at::kFloat).to(dtype, false, true);
+  rms_norm_row<T>(h2f, static_cast<const T*>(a.ffn_norm), H, eps, r2f);
+}
+
+// v [n] -> [1, n] of T, each value rounded as Tensor.to rounds it (on this thread: no parallel region for a copy)
+template <class T>
+torch::Tensor as_model_dtype(const float* v, int64_t n) {
+  auto out = torch::empty({1, n}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+  T* o = static_cast<T*>(out.data_ptr());
+  for (int64_t i = 0; i < n; ++i) o[i] = static_cast<T>(v[i]);
+  return out;
+}
+
+template <class T>
+DecodeOut attention_decode_t(const torch::Tensor& h, const torch::Tensor& attn_norm, const torch::Tensor& ffn_norm,
+                             double eps, const Weight& wq, const Weight& wk, const Weight& wv, const Weight& wo,
+                             const c10::optional<torch::Tensor>& bq, const c10::optional<torch::Tensor>& bk,
+                             const c10::optional<torch::Tensor>& bv, const c10::optional<torch::Tensor>& bo,
+                             int64_t qk_norm_mode, const c10::optional<torch::Tensor>& q_norm,
+                             const c10::optional<torch::Tensor>& k_norm, const torch::Tensor& cos,
+                             const torch::Tensor& sin, torch::Tensor& k_cache, torch::Tensor& v_cache, int64_t pos,
+                             double scale, const Weight* router, int64_t top_k, bool norm_topk_prob,
+                             bool weights_in_logits_dtype) {
+  TORCH_CHECK(k_cache.dim() == 3, "k_cache, v_cache: contiguous [G, S, D] of the model dtype");
+  const int64_t H = h.size(1), G = k_cache.size(0), S = k_cache.size(1), D = k_cache.size(2);
+  TORCH_CHECK(wq.cols == H, "attention weight shapes");
+  const AttnLayer a = attn_layer<T>(attn_norm, ffn_norm, wq, wk, wv, wo, bq, bk, bv, bo, qk_norm_mode, q_norm, k_norm, D);
+  check_cache<T>(k_cache, v_cache, a, pos);
+  const T* cp = opt_data<T>(cos, D, "cos");
+  const T* sp = opt_data<T>(sin, D, "sin");
+  TORCH_CHECK(cp && sp, "RoPE rows are required");
+  TORCH_CHECK(router == nullptr || router->cols == H, "router shape");
+
+  auto hf = h.to(at::kFloat).contiguous();
+  std::vector<float> h2f(H), r2f(H);
+  attention_half<T>(a, hf.data_ptr<float>(), k_cache.data_ptr<T>(), v_cache.data_ptr<T>(), G, S, D, pos, cp, sp, eps,
+                    scale, h2f.data(), r2f.data());
+  auto h2 = as_model_dtype<T>(h2f.data(), H);
+  auto r2 = as_model_dtype<T>(r2f.data(), H);
   if (router == nullptr) return {h2, r2, c10::nullopt, {}, c10::nullopt};
   std::vector<float> lacc(router->rows);
   fused_matvec(r2f.data(), H, {router}, {lacc.data()});
-  auto logits = torch::from_blob(lacc.data(), {1, router->rows}, at::kFloat).to(dtype, false, true);
+  auto logits = as_model_dtype<T>(lacc.data(), router->rows);
   if (top_k <= 0) return {h2, r2, logits, {}, c10::nullopt};
   auto [experts, weights] = route_softmax_topk(logits, top_k, norm_topk_prob, weights_in_logits_dtype);
   return {h2, r2, logits, experts, weights};
