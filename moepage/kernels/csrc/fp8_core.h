@@ -19,30 +19,33 @@ namespace fp8 {
 
 constexpr int LANES = 16;  // partial sums of dot(): lane k sums the products at columns c with c % 16 == k
 
-// E4M3 (fn: no infinities, S.1111.111 is NaN): (-1)^s 2^(e-7) (1 + m/8), subnormals 2^-6 (m/8); exact in fp32
-inline float e4m3_value(uint8_t b) {
-  const int e = (b >> 3) & 15, m = b & 7;
-  float v;
-  if (e == 15 && m == 7)
-    v = NAN;
-  else if (e == 0)
-    v = std::ldexp(static_cast<float>(m), -9);
-  else
-    v = std::ldexp(static_cast<float>(8 + m), e - 10);
-  return (b & 0x80) ? -v : v;
+// E4M3 (fn: no infinities, S.1111.111 is NaN): (-1)^s 2^(e-7) (1 + m/8), subnormals 2^-6 (m/8); built from bits
+// (no table, no fp32 subnormal: flush-to-zero modes cannot change it) so the loops below vectorise; exact in fp32
+typedef uint32_t __attribute__((may_alias)) u32_alias;  // a float's bits, written in place (GCC and clang)
+
+inline float from_bits(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
 }
 
-struct Table {
-  float v[256];
-  Table() {
-    for (int i = 0; i < 256; ++i) v[i] = e4m3_value(static_cast<uint8_t>(i));
-  }
-};
-
-inline const float* table() {
-  static const Table t;
-  return t.v;
+inline uint32_t to_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
 }
+
+inline uint32_t e4m3_bits(uint8_t b) {
+  const uint32_t u = b & 0x7fu;
+  const uint32_t normal = (u << 20) + (120u << 23);  // e > 0: exponent e - 7 + 127, mantissa m
+  // e = 0: (2^-6 + m 2^-9) - 2^-6 = m 2^-9, exact (the operands are within a factor of two)
+  const uint32_t sub = to_bits(from_bits((121u << 23) | ((u & 7u) << 20)) - 0.015625f);
+  uint32_t bits = u >= 8u ? normal : sub;
+  bits = u == 0x7fu ? 0x7fc00000u : bits;  // NaN
+  return bits | (static_cast<uint32_t>(b & 0x80u) << 24);
+}
+
+inline float e4m3_value(uint8_t b) { return from_bits(e4m3_bits(b)); }
 
 // fp32 -> the nearest bf16 (ties to even), widened back: what torch's .to(torch.bfloat16) gives
 inline float round_bf16(float f) {
@@ -56,20 +59,22 @@ inline float round_bf16(float f) {
   return f;
 }
 
-// row r of w [R, C] decoded into out [C]
+// row r of w [R, C] decoded into out [C]: the values, times their block's scale (one fp32 multiply, as
+// transformers' E4M3 -> float32 times scale_inv), then (bf16) rounded
 inline void decode_row(const uint8_t* w, const float* scales, int64_t r, int64_t C, int64_t br, int64_t bc,
                        bool bf16, float* out) {
-  const float* lut = table();
   const int64_t gc = (C + bc - 1) / bc;
   const float* srow = scales + (r / br) * gc;
   const uint8_t* wr = w + r * C;
+  u32_alias* bits = reinterpret_cast<u32_alias*>(out);
+  for (int64_t c = 0; c < C; ++c) bits[c] = e4m3_bits(wr[c]);  // branch-free: vectorised
   for (int64_t c0 = 0, g = 0; c0 < C; c0 += bc, ++g) {
     const float s = srow[g];
     const int64_t c1 = c0 + bc < C ? c0 + bc : C;
-    for (int64_t c = c0; c < c1; ++c) out[c] = lut[wr[c]] * s;
-    if (bf16)
-      for (int64_t c = c0; c < c1; ++c) out[c] = round_bf16(out[c]);
+    for (int64_t c = c0; c < c1; ++c) out[c] *= s;
   }
+  if (bf16)
+    for (int64_t c = 0; c < C; ++c) out[c] = round_bf16(out[c]);
 }
 
 // sum_c w[c] x[c] in a fixed order: 16 lane sums (the tail goes to its lanes), then the lanes in order
