@@ -87,6 +87,22 @@ class _Cursor:
                                   f"limit of {limit} bytes")
         return self.take(n, what).decode("utf-8", errors="replace")
 
+    def strings(self, n: int, what: str, limit: int = MAX_STRING) -> list[str]:
+        """n consecutive strings (u64 length, then the bytes) as string() reads them, without a call per field (a
+        152k-token vocabulary and its merges are 300k strings); a string past the window, too long or past the end
+        of the file goes through string(), which refills the window or raises."""
+        out, unpack_from = [], struct.unpack_from
+        for _ in range(n):
+            buf, off = self._buf, self.pos - self._at
+            if 0 <= off and off + 8 <= len(buf):
+                (k,) = unpack_from("<Q", buf, off)
+                if k <= limit and off + 8 + k <= len(buf):
+                    out.append(buf[off + 8 : off + 8 + k].decode("utf-8", errors="replace"))
+                    self.pos += 8 + k
+                    continue
+            out.append(self.string(what, limit))
+        return out
+
 
 def _count(c: _Cursor, what: str, each: int, limit: int) -> int:
     """A u64 count of items of at least `each` bytes: checked against what is left of the file and `limit`."""
@@ -112,7 +128,7 @@ def _array(c: _Cursor, key: str) -> tuple[list, int]:
     sub = c.unpack("<I", f"array type of {key}")
     if sub == STRING:
         n = _count(c, f"length of array {key}", 8, MAX_ARRAY)
-        return [c.string(f"element of array {key}") for _ in range(n)], sub
+        return c.strings(n, f"element of array {key}"), sub
     if sub not in SCALARS:
         what = "arrays of arrays are not supported" if sub == ARRAY else f"unknown element type {sub}"
         raise CheckpointError(f"{c.f.path}: GGUF key {key}: {what}")
