@@ -26,17 +26,18 @@ constexpr uint8_t ESCAPE = 15;
 
 inline uint8_t code_of(const uint8_t* codes, int j) { return j < 32 ? codes[j] & 0x0F : codes[j - 32] >> 4; }
 
-// The block's escaped values, counted (a block is checked against the escape bytes left before it is decoded).
-inline int escapes_in(const uint8_t* codes) {
-  int n = 0;
-  for (int j = 0; j < 32; ++j) n += ((codes[j] & 0x0F) == ESCAPE) + ((codes[j] >> 4) == ESCAPE);
-  return n;
+// Bit j set for each escaped value j of a block (j < 64).
+inline uint64_t escape_mask(const uint8_t* codes) {
+  uint64_t m = 0;
+  for (int j = 0; j < 32; ++j)
+    m |= (uint64_t((codes[j] & 0x0F) == ESCAPE) << j) | (uint64_t((codes[j] >> 4) == ESCAPE) << (32 + j));
+  return m;
 }
 
 // The 64 values of one block as bf16 bits in natural order, 16 per vector: v[i] holds values 16i..16i+15 (the layout
-// bf16p::load_bf16x16 reads). Returns whether the block has an escaped value (their high bytes are then wrong: see
+// bf16p::load_bf16x16 reads). Returns the block's escape_mask (the escaped values' high bytes are then wrong: see
 // decode).
-inline bool lookup(const uint8_t* lo, const uint8_t* codes, const uint8_t* lut, bf16p::u32x8 v[4]) {
+inline uint64_t lookup(const uint8_t* lo, const uint8_t* codes, const uint8_t* lut, bf16p::u32x8 v[4]) {
 #if defined(__AVX2__)
   const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes));
   const __m256i nibble = _mm256_set1_epi8(0x0F), esc = _mm256_set1_epi8(ESCAPE);
@@ -51,7 +52,8 @@ inline bool lookup(const uint8_t* lo, const uint8_t* codes, const uint8_t* lut, 
     std::memcpy(&v[2 * half], &first, 32);
     std::memcpy(&v[2 * half + 1], &second, 32);
   }
-  return _mm256_movemask_epi8(_mm256_or_si256(_mm256_cmpeq_epi8(c0, esc), _mm256_cmpeq_epi8(c1, esc))) != 0;
+  return static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_cmpeq_epi8(c0, esc))) |
+         (static_cast<uint64_t>(static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_cmpeq_epi8(c1, esc)))) << 32);
 #elif defined(__SSSE3__) || defined(__ARM_NEON)
   uint8_t hi[64];
 #if defined(__SSSE3__)
@@ -92,7 +94,7 @@ inline bool lookup(const uint8_t* lo, const uint8_t* codes, const uint8_t* lut, 
   }
 #endif
   std::memcpy(v, out, sizeof out);
-  return escaped;
+  return escaped ? escape_mask(codes) : 0;
 #else  // any other CPU: one value at a time
   uint16_t out[64];
   bool escaped = false;
@@ -102,17 +104,20 @@ inline bool lookup(const uint8_t* lo, const uint8_t* codes, const uint8_t* lut, 
     out[j] = static_cast<uint16_t>(lo[j] | (lut[c] << 8));
   }
   std::memcpy(v, out, sizeof out);
-  return escaped;
+  return escaped ? escape_mask(codes) : 0;
 #endif
 }
 
 // One block's 64 values into v (as lookup), the escaped ones' high bytes taken from e in order; e advances past them.
 inline void decode(const uint8_t* lo, const uint8_t* codes, const uint8_t* lut, const uint8_t*& e, bf16p::u32x8 v[4]) {
-  if (!lookup(lo, codes, lut, v)) return;
+  uint64_t m = lookup(lo, codes, lut, v);
+  if (!m) return;
   uint16_t out[64];
   std::memcpy(out, v, sizeof out);
-  for (int j = 0; j < 64; ++j)
-    if (code_of(codes, j) == ESCAPE) out[j] = static_cast<uint16_t>(lo[j] | (*e++ << 8));
+  for (; m; m &= m - 1) {  // ascending value order, as the escape bytes are stored
+    const int j = __builtin_ctzll(m);
+    out[j] = static_cast<uint16_t>(lo[j] | (*e++ << 8));
+  }
   std::memcpy(v, out, sizeof out);
 }
 
@@ -124,8 +129,8 @@ inline int64_t unpack(const uint8_t* lo, const uint8_t* codes, const uint8_t* ex
   const int64_t full = n / 64;
   for (int64_t b = 0; b < full; ++b) {
     bf16p::u32x8 v[4];
-    if (lookup(lo + b * 64, codes + b * 32, lut, v)) {
-      if (escapes_in(codes + b * 32) > exc_n - (e - exc)) return -1;
+    if (const uint64_t m = lookup(lo + b * 64, codes + b * 32, lut, v)) {
+      if (__builtin_popcountll(m) > exc_n - (e - exc)) return -1;
       decode(lo + b * 64, codes + b * 32, lut, e, v);
     }
     std::memcpy(out + b * 64, v, sizeof v);
