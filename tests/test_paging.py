@@ -286,3 +286,52 @@ def test_layer_major_prefill_leaves_a_prefix_the_prompt_cache_reuses_exactly(tmp
     assert paged.last_stats.cached_prompt_tokens == 32  # four whole chunks of the first prompt
     assert got == want
     paged.close()
+
+
+def test_lfu_victims_are_the_sorted_order_of_aged_counts():
+    """LFUPolicy's heap gives exactly the order of a brute-force sort of counts that halve every half_life accesses
+    (ties: least recently used first), through inserts, touches, removals and many half-lives."""
+    import random
+
+    from moepage.paging.policy import LFUPolicy
+
+    rng = random.Random(0)
+    p, counts, last, clock = LFUPolicy(half_life=7), {}, {}, 0
+    p.RESCALE = 3  # rescales happen inside the run too
+    for step in range(3_000):
+        key = (rng.randrange(4), rng.randrange(12))
+        op = rng.random()
+        if op < 0.15 and counts:
+            gone = rng.choice(sorted(counts))
+            p.remove(gone)
+            counts.pop(gone), last.pop(gone)
+            continue
+        if op < 0.55 or key in counts:
+            clock += 1
+            if clock % 7 == 0:
+                counts = {k: v * 0.5 for k, v in counts.items()}
+            counts[key] = counts.get(key, 0.0) + 1.0
+            last[key] = clock
+            (p.insert if op < 0.55 else p.touch)(key)
+        if step % 50 == 0:
+            assert list(p.victims()) == sorted(counts, key=lambda k: (counts[k], last[k]))
+
+
+def test_lfu_eviction_cost_does_not_grow_with_the_cache():
+    """50,000 resident experts: 2,000 evictions (first victim, remove it, insert and touch the newcomer) take well
+    under a second (a sort per eviction took minutes)."""
+    import time
+
+    from moepage.paging.policy import LFUPolicy
+
+    p = LFUPolicy()
+    for i in range(50_000):
+        p.insert((i // 128, i % 128))
+    t0 = time.perf_counter()
+    for i in range(2_000):
+        victim = next(p.victims())
+        p.remove(victim)
+        p.insert((1000 + i, 0))
+        p.touch((1000 + i, 0))
+    assert time.perf_counter() - t0 < 1.0
+    assert next(p.victims()) == (2_000 // 128, 2_000 % 128)  # untouched experts in insertion order, oldest first

@@ -7,6 +7,7 @@ then the one before it; the current layer's own experts last), least frequently 
 """
 from __future__ import annotations
 
+import heapq
 from collections import OrderedDict
 from typing import Hashable, Iterator
 
@@ -36,23 +37,45 @@ class LRUPolicy:
 
 
 class LFUPolicy:
-    """Least frequently used with ageing: counts halve every `half_life` accesses."""
+    """Least frequently used with ageing: counts halve every `half_life` accesses.
+
+    The counts are kept scaled by 2^(accesses // half_life): an access adds that power of two instead of halving
+    every other count, so the ranks are those of the halved counts and ageing costs nothing per access (the scale
+    is taken out of every score once every 512 half-lives). A heap of (score, last access, key) gives the victims
+    in order: O(log n) an access, O(k log k) for the first k victims (entries a later access or a removal made
+    stale are skipped, and the heap is rebuilt once they outnumber the live keys), instead of a sort of thousands
+    of keys per eviction."""
 
     name = "lfu"
+    RESCALE = 512  # half-lives between rescales (2^512 is far inside a float's range)
 
     def __init__(self, half_life: int = 4096):
-        self.counts: dict[Hashable, float] = {}
+        self.counts: dict[Hashable, float] = {}  # scaled: count x 2^(half-lives since _base)
         self.last: dict[Hashable, int] = {}
         self.clock = 0
         self.half_life = half_life
+        self._base = 0  # the half-life the scores are scaled from
+        self._heap: list[tuple[float, int, Hashable]] = []
 
     def _bump(self, key):
         self.clock += 1
-        if self.clock % self.half_life == 0:
-            for k in self.counts:
-                self.counts[k] *= 0.5
-        self.counts[key] = self.counts.get(key, 0.0) + 1.0
+        epoch = self.clock // self.half_life - self._base
+        if epoch > self.RESCALE:
+            factor = 2.0**-epoch
+            self.counts = {k: v * factor for k, v in self.counts.items()}
+            self._base += epoch
+            epoch = 0
+            self._rebuild()
+        score = self.counts.get(key, 0.0) + 2.0**epoch
+        self.counts[key] = score
         self.last[key] = self.clock
+        heapq.heappush(self._heap, (score, self.clock, key))
+        if len(self._heap) > 2 * len(self.counts) + 64:
+            self._rebuild()
+
+    def _rebuild(self):
+        self._heap = [(self.counts[k], self.last[k], k) for k in self.counts]
+        heapq.heapify(self._heap)
 
     def insert(self, key):
         self._bump(key)
@@ -65,8 +88,24 @@ class LFUPolicy:
         self.counts.pop(key, None)
         self.last.pop(key, None)
 
-    def victims(self):
-        return iter(sorted(self.counts, key=lambda k: (self.counts[k], self.last[k])))
+    def victims(self) -> Iterator[Hashable]:
+        """Keys least frequently used first (ties: least recently), read lazily from the heap; mutating the policy
+        ends the iteration (take the keys you need first, as `list(victims())`)."""
+        heap, last = self._heap, self.last
+        while heap and last.get(heap[0][2]) != heap[0][1]:  # stale top entries go for good
+            heapq.heappop(heap)
+
+        def walk():
+            frontier = [(heap[0], 0)] if heap else []
+            while frontier:  # the heap's entries in order: a heap of the frontier of its tree
+                (_, at, key), i = heapq.heappop(frontier)
+                if last.get(key) == at:
+                    yield key
+                for j in (2 * i + 1, 2 * i + 2):
+                    if j < len(heap):
+                        heapq.heappush(frontier, (heap[j], j))
+
+        return walk()
 
 
 class StalePolicy:
