@@ -45,22 +45,16 @@ def test_thinking_is_on_by_default(server):
     assert ids[-len(tail):] == tail and engine.tokenizer.decode(ids).endswith("assistant\n<think>\n")
 
 
-def test_xml_tool_call_served_over_http_streamed_and_not(server):
-    from test_server import forced
+@pytest.mark.parametrize("stream", [False, True])
+def test_xml_tool_call_served_over_http(server, stream):
+    from server_support import ask_forced
 
     engine, url = server
     rest = "<parameter=city>Paris</parameter></function></tool_call>"
-    body = {"model": "hardening-test", "messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": TOOLS,
-            "tool_choice": {"type": "function", "function": {"name": "get_weather"}}, **forced(engine, rest)}
-    r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
-    assert r.status_code == 200, r.text
-    choice = r.json()["choices"][0]
-    assert choice["finish_reason"] == "tool_calls" and not choice["message"]["content"]
-    [call] = choice["message"]["tool_calls"]
-    assert call["function"]["name"] == "get_weather" and json.loads(call["function"]["arguments"]) == {"city": "Paris"}
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json={**body, "stream": True}, timeout=120) as s:
-        chunks = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
-    deltas = [d for c in chunks if c["choices"] for d in c["choices"][0]["delta"].get("tool_calls") or []]
-    assert deltas[0]["function"]["name"] == "get_weather"
-    assert "".join(d["function"].get("arguments") or "" for d in deltas) == call["function"]["arguments"]
-    assert not "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    pieces = [engine.tokenizer.id_to_token(i) for i in engine.tokenizer.encode(rest)]
+    reasoning, content, calls, finish = ask_forced(
+        url, engine, pieces, stream, [{"role": "user", "content": "Weather in Paris?"}], tools=TOOLS,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert finish == "tool_calls" and not content and not reasoning
+    [(name, arguments)] = calls
+    assert name == "get_weather" and json.loads(arguments) == {"city": "Paris"}
