@@ -155,3 +155,14 @@ def test_deepseek_v3_fp8_reads_the_same_way(tmp_path, tokenizer_dir):
     paged = Engine.load(EngineConfig(path, expert_cache_bytes=a.top_k * each, preload=False, tokenizer=False))
     assert torch.equal(paged.logits_all(ids), ours)
     paged.close()
+
+
+def test_inspect_counts_experts_as_fp8(fp8_checkpoint):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "moepage.cli", "inspect", fp8_checkpoint("float32")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    line = next(s for s in out.stdout.splitlines() if s.startswith("bytes per expert"))
+    assert "as stored (FP8 + block scales)" in line and "6.0 KiB in memory" in line  # 3 x 32 x 64 + 6 scales x 4

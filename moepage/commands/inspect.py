@@ -24,6 +24,7 @@ def run(args) -> int:
     from moepage.engine.sequence_state import state_nbytes
     from moepage.commands import plural
     from moepage.paging.budget import human
+    from moepage.paging.fp8_experts import FP8_SOURCES
 
     path = model_path(args.model)
     if config_only(path):
@@ -52,6 +53,7 @@ def run(args) -> int:
     n_experts = len(a.moe_layers) * a.num_experts
     _, _, each = expert_loader(ckpt.experts, a, dtype, cpu)  # what the engine's cache holds per expert
     held = "as stored (GGML blocks)" if getattr(ckpt.experts, "quantized", False) else \
+        "as stored (FP8 + block scales)" if isinstance(ckpt.experts, FP8_SOURCES) else \
         f"as {str(dtype).replace('torch.', '')}"
     stored_each = max((ckpt.experts.stored_nbytes(layer) for layer in a.moe_layers), default=0)
     ctx = args.ctx_size or min(a.max_position_embeddings, 4096)
