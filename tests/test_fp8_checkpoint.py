@@ -166,3 +166,19 @@ def test_inspect_counts_experts_as_fp8(fp8_checkpoint):
     assert out.returncode == 0, out.stderr
     line = next(s for s in out.stdout.splitlines() if s.startswith("bytes per expert"))
     assert "as stored (FP8 + block scales)" in line and "6.0 KiB in memory" in line  # 3 x 32 x 64 + 6 scales x 4
+
+
+def test_served_over_http_under_a_memory_budget(fp8_checkpoint):
+    import httpx
+
+    from server_support import load_engine, serving
+
+    engine = load_engine(fp8_checkpoint("bfloat16"), memory_budget=64 << 20)
+    ids = prompt_ids(12, 400, seed=6)
+    want = greedy(engine, ids, 8)
+    with serving(engine) as (url, _):
+        r = httpx.post(f"{url}/v1/completions", json={"model": "hardening-test", "prompt": ids, "max_tokens": 8,
+                                                         "temperature": 0}, timeout=120)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == engine.tokenizer.decode(want)
+    engine.close()
