@@ -204,6 +204,8 @@ class Engine:
             for layer in bar(args.moe_layers, desc="reading experts", unit="layer"):  # a layer at a time: a bar moves
                 cache.prefetch([(layer, e) for e in range(args.num_experts)])
                 cache.wait_idle()
+            if (warm := getattr(model._decode_kernel, "warm", None)) is not None:  # quantized: huge pages
+                warm(model)
         engine = cls(ckpt, tokenizer, model, cache, model.new_kv_cache(ctx), plan, cfg)
         if cfg.prefix_cache:
             engine.prompt_cache = PromptCache(prompt_cache_bytes, engine.chunks)

@@ -36,6 +36,10 @@ class QuantizedDecodeKernel:
         self.weights = weights  # id(weight tensor) -> (GGML bytes, type id)
         self.token = TokenKernel(module, weights)
 
+    def warm(self, model) -> int:
+        """After the experts are read: huge pages under the resident weights (kernels/ggml_token.py)."""
+        return self.token.warm(model)
+
     def decode_token(self, model, h, state, start, cos, sin, qk_norm_mode):
         """Every layer, the final norm and the lm_head in one call (kernels/ggml_token.py): logits [1, V], or None
         where the per-layer path runs."""

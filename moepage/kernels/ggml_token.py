@@ -14,11 +14,17 @@ Shape legend: H hidden, V vocab, L sparse layers, K experts per token.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from moepage.kernels.ggml import QuantizedTensor, ggml_backend
+from moepage.kernels.huge_pages import collapse_all
 from moepage.kernels.ggml_linear import GGMLWeight
 from moepage.kernels.norm import rms_norm
+
+
+log = logging.getLogger("moepage.kernels")
 
 
 class TokenKernel:
@@ -86,6 +92,21 @@ class TokenKernel:
                            [x.up.data for x in experts], [x.down.data for x in experts], *types, g0.shape[0])
         plan.set_head(model.norm, lm.data.view(lm.shape[0], -1), lm.kernel_type)
         return plan
+
+    def warm(self, model) -> int:
+        """Once every expert is resident (after the engine's preload): huge pages under everything a token reads,
+        the lm_head, the attention and router matrices and the expert cache's slots (kernels/huge_pages.py: the
+        same bytes, in place). Returns the bytes now on huge pages; 0 where this path does not apply."""
+        cache = model.cache
+        if self.refused or not self._fits(model) or len(cache._entries) < len(model.layers) * model.args.num_experts:
+            return 0
+        with cache._cond:
+            slots = [getattr(e.value, "buffer", None) for e in cache._entries.values()]
+            held = [model.lm_head.qweight.data] + [t for t, _ in self.weights.values()] + [b for b in slots
+                                                                                           if b is not None]
+            done = collapse_all(held)
+        log.info("huge pages under %d MiB of resident weights", done >> 20)
+        return done
 
     def decode(self, model, h: torch.Tensor, state, start: int, cos: torch.Tensor, sin: torch.Tensor,
                qk_norm_mode: int, head: bool = True) -> torch.Tensor | None:
