@@ -5,6 +5,11 @@ Shape legend: E experts, R rows, C columns, G = C / 32 blocks per row, T tokens.
 """
 from __future__ import annotations
 
+import os
+import shutil
+import struct
+import subprocess
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -17,6 +22,7 @@ convert = pytest.importorskip("transformers.integrations.mxfp4").convert_moe_pac
 gguf_quants = pytest.importorskip("gguf.quants")
 from gguf import GGMLQuantizationType  # noqa: E402
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -175,3 +181,53 @@ def test_quantize_lands_on_the_grid_it_decodes_to(rows, blocks, magnitude, seed)
     assert ((d - w).view(rows, blocks, 32).abs() <= amax / 3).all()
     b2, s2 = mxfp4.quantize(d)
     assert torch.equal(mxfp4.dequantize_reference(b2, s2), d)
+
+
+# The C++ core alone (tests/csrc/mxfp4_main.cpp) built for x86-64 baseline (the portable path, std::fma), haswell
+# and this machine (the AVX2 path), and for aarch64 under qemu: the same bytes for one input, and the torch module's.
+CORE_CASES = [(1, 7, 64), (1, 64, 2880), (3, 9, 96), (8, 33, 256), (5, 2, 32), (9, 5, 160)]  # T, R, C
+
+
+def core_input():
+    g = torch.Generator().manual_seed(3)
+    blob, cases = b"", []
+    for t, r, c in CORE_CASES:
+        blocks = torch.randint(0, 256, (r, c // 32, 16), dtype=torch.uint8, generator=g)
+        scales = torch.randint(100, 140, (r, c // 32), dtype=torch.uint8, generator=g)
+        scales[0, 0] = 0  # a subnormal scale
+        x = torch.randn(t, c, generator=g) * 3
+        blob += struct.pack("<3q", t, r, c) + x.numpy().tobytes() + blocks.numpy().tobytes() + scales.numpy().tobytes()
+        cases.append((x, blocks, scales))
+    return blob, cases
+
+
+def test_the_core_gives_the_same_bits_on_every_isa_and_in_torch(tmp_path):
+    if shutil.which("g++") is None:
+        pytest.skip("no g++")
+    m = kernels()
+    blob, cases = core_input()
+    main = os.path.join(ROOT, "tests", "csrc", "mxfp4_main.cpp")
+    flags = ["-O2", "-ffp-contract=off", "-std=c++17", "-I", os.path.join(ROOT, "moepage", "kernels", "csrc")]
+    builds = {"x86-64": ("g++", ["-march=x86-64"]), "haswell": ("g++", ["-march=haswell"]),
+              "native": ("g++", ["-march=native"])}
+    if shutil.which("aarch64-linux-gnu-g++") and shutil.which("qemu-aarch64"):
+        builds["aarch64"] = ("aarch64-linux-gnu-g++", ["-static"])
+    out = {}
+    for name, (cxx, extra) in builds.items():
+        exe = str(tmp_path / name)
+        run = subprocess.run([cxx, *flags, *extra, main, "-o", exe], capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr[-2000:]
+        cmd = ["qemu-aarch64", exe] if name == "aarch64" else [exe]
+        out[name] = subprocess.run(cmd, input=blob, capture_output=True, timeout=120, check=True).stdout
+    assert out["x86-64"] == out["haswell"] == out["native"]
+    if "aarch64" in out:
+        assert out["aarch64"] == out["haswell"]
+    want = b""
+    for x, blocks, scales in cases:
+        r, c = blocks.shape[0], blocks.shape[1] * 32
+        got = m.linear(x, blocks, scales, r)
+        scale = x.abs().double() @ mxfp4.dequantize_reference(blocks, scales).abs().double().T
+        exact = x.double() @ mxfp4.dequantize_reference(blocks, scales).double().T
+        assert ((got.double() - exact).abs() <= 1e-6 * scale + 1e-30).all()
+        want += got.numpy().tobytes() + m.dequantize(blocks, scales, r, c).numpy().tobytes()
+    assert out["haswell"] == want

@@ -10,7 +10,8 @@ Both give FP4[code] * 2^(e - 127), exactly, for every scale byte e (255, NaN in 
 references compute 2^128 * FP4, which is inf only where it overflows).
 
 `Mxfp4Tensor` holds the safetensors layout of one [R, C] matrix; `linear` multiplies it on those bytes with the C++
-kernel (csrc/mxfp4.cpp: decode a row, fp32 dot), or torch where the kernel is unavailable.
+kernel (csrc/mxfp4_core.h: blocks decoded into fp32 lanes by byte lookups, fp32 FMAs in one fixed order on
+AVX2 and portable builds alike), or torch where the kernel is unavailable.
 
 Shape legend: R rows (output features), C columns (input features), G = C / 32 blocks per row, T tokens,
 N GGML blocks.
