@@ -1,24 +1,19 @@
 """ggml's 8-row interleaved Q4_K layout (csrc/ggml_cpu_interleave.h; llama.cpp's CPU backend repacks Q4_K matrices
 into it on AVX2 and NEON with int8 matmul): the rearrangement is lossless, dequantizes to the same values, and the
 interleaved kernel (ggml_gemv_q4_K_8x8_q8_K) gives the row-by-row vec_dot's products within float32 summation
-order, independent of threads and of which rows a call covers."""
+order (its thread and batch independence and the fused experts over it: test_quant_matvec.py)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
+from ggml_support import GGML, interleaved, interleaves_q4_k, random_weight
 from moepage.kernels.ggml import QuantizedTensor, interleaved_for_matvec
-from moepage.kernels.ggml_experts import experts_one_token, swiglu_quantized
 from moepage.kernels.ggml_linear import ggml_linear
-from test_quant_matvec import GGML, random_weight
 
-pytestmark = pytest.mark.skipif(GGML is None or not GGML.interleaves(12),
+pytestmark = pytest.mark.skipif(not interleaves_q4_k(),
                                 reason="ggml's CPU library has no interleaved Q4_K kernel for this CPU (it needs "
                                        "AVX2, or NEON with int8 matmul)")
-
-
-def interleaved(q: QuantizedTensor) -> QuantizedTensor:
-    return interleaved_for_matvec(QuantizedTensor(q.data.clone(), q.type, q.shape, q.name))
 
 
 def test_layout_round_trip_is_lossless_for_any_bytes():
@@ -44,38 +39,6 @@ def test_interleaved_products_equal_row_by_row_within_summation_order(rows):
     plain, got = ggml_linear(x, w), ggml_linear(x, interleaved(w))
     assert torch.allclose(got, plain, rtol=1e-5, atol=1e-5 * plain.abs().max().item())
     assert not torch.equal(got, plain)  # a different kernel really ran
-
-
-def test_interleaved_rows_do_not_depend_on_threads_or_calls():
-    """Tasks split the 8-row groups differently with 1 or 2 threads; each row's bits stay the same, alone or
-    batched with other activation rows."""
-    w = interleaved(random_weight("Q4_K", 4096, 256, seed=5)[0])  # 4096 rows: many tasks
-    x = torch.randn(4, 256, generator=torch.Generator().manual_seed(6))
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = ggml_linear(x, w)
-        torch.set_num_threads(2)
-        two = ggml_linear(x, w)
-        row = ggml_linear(x[2:3], w)
-    finally:
-        torch.set_num_threads(before)
-    assert torch.equal(one, two) and torch.equal(row, one[2:3])
-
-
-def test_fused_experts_over_interleaved_weights():
-    H, I, E = 256, 512, 4
-    experts = [tuple(interleaved(random_weight(t, r, c, seed=10 * e + k)[0])
-                     for k, (t, r, c) in enumerate(zip(("Q4_K", "Q4_K", "Q4_K"), (I, I, H), (H, H, I))))
-               for e in range(E)]
-    assert all(t.interleaved for ex in experts for t in ex)
-    x = torch.randn(1, H, generator=torch.Generator().manual_seed(7))
-    weights = [0.4, 0.3, 0.2, 0.1]
-    got = experts_one_token(x, experts, weights)
-    want = torch.zeros(1, H)
-    for (g, u, d), wt in zip(experts, weights):
-        want += wt * swiglu_quantized(x, g, u, d)
-    assert got is not None and torch.allclose(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
 def test_only_q4_k_matrices_of_whole_8_row_groups_are_interleaved():

@@ -14,43 +14,16 @@ import numpy as np
 import pytest
 import torch
 
-from moepage.kernels.ggml import BY_NAME, QuantizedTensor
-from moepage.kernels.ggml_cpu import backend
+from ggml_support import GGML, interleaved, interleaves_q4_k, random_weight
 from moepage.kernels.ggml_experts import experts_one_token, swiglu_quantized
 from moepage.kernels.ggml_linear import ggml_linear
 
-gguf = pytest.importorskip("gguf")
-from gguf.quants import dequantize as reference_dequantize  # noqa: E402
-
-GGML = backend()
 pytestmark = pytest.mark.skipif(GGML is None, reason="ggml's CPU library (libggml-python) or the C++ build is "
                                                       "unavailable here; moepage uses torch")
 
 Q8_0_ACTIVATION = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL"]
 Q8_K_ACTIVATION = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"]
 TYPES = Q8_0_ACTIVATION + Q8_K_ACTIVATION + ["F16", "BF16"]
-# Byte offsets of the f16 scales inside one block (random bytes there are NaN/inf 1/32 of the time).
-SCALE_OFFSETS = {"Q4_0": [0], "Q5_0": [0], "Q8_0": [0], "IQ4_NL": [0], "IQ4_XS": [0], "Q4_1": [0, 2],
-                 "Q5_1": [0, 2], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208], "Q2_K": [80, 82], "Q3_K": [108]}
-
-
-def random_weight(qtype: str, rows: int, cols: int, seed: int) -> tuple[QuantizedTensor, np.ndarray]:
-    """(random GGML bytes of [rows, cols] with finite scales, their float64 values by gguf-py)."""
-    t = BY_NAME[qtype]
-    rng = np.random.default_rng(seed)
-    if qtype in ("F16", "BF16"):
-        values = rng.standard_normal((rows, cols)).astype(np.float32) * 0.1
-        raw = (values.astype(np.float16).view(np.uint8) if qtype == "F16"
-               else torch.from_numpy(values).bfloat16().view(torch.int16).numpy().view(np.uint8))
-    else:
-        raw = rng.integers(0, 256, size=(rows * cols // t.block_size, t.type_size), dtype=np.uint8)
-        for o in SCALE_OFFSETS[qtype]:
-            raw[:, o:o + 2] = rng.uniform(-0.05, 0.05, size=(raw.shape[0], 1)).astype(np.float16).view(np.uint8)
-    raw = np.ascontiguousarray(raw).reshape(rows, -1)
-    ref = reference_dequantize(raw, gguf.GGMLQuantizationType[qtype]).reshape(rows, cols).astype(np.float64)
-    return QuantizedTensor(torch.from_numpy(raw.reshape(-1).copy()), t, (rows, cols), qtype), ref
-
-
 def activation_rounding(x: np.ndarray, qtype: str) -> np.ndarray:
     """Per-element bound of |x - the activation ggml multiplies| (see the module docstring)."""
     if qtype == "F16":
@@ -85,11 +58,19 @@ def test_matvec_within_the_activation_rounding(qtype, rows, threads):
     assert np.all(np.abs(got - want) <= bound), f"{qtype}: worst excess {np.max(np.abs(got - want) - bound)}"
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q5_0", "Q4_K", "Q6_K", "IQ4_XS"])
+INTERLEAVED_Q4_K = pytest.param("Q4_K-interleaved", marks=pytest.mark.skipif(
+    not interleaves_q4_k(), reason="ggml has no interleaved Q4_K kernel for this CPU (AVX2, or NEON with int8 matmul)"))
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q5_0", "Q4_K", "Q6_K", "IQ4_XS", INTERLEAVED_Q4_K])
 def test_rows_do_not_depend_on_threads_or_batching(qtype):
-    """Each output is one vec_dot of one weight row: the same bits with 1 or 2 threads, alone or with other rows,
-    and the prefill path (T > 8: dequantize + GEMM on the same rounded activations) is close to it."""
-    w, _ = random_weight(qtype, 45, 256, seed=3)
+    """Each output is one vec_dot of one weight row (or one 8-row pass of the interleaved kernel, split between
+    tasks at 8-row groups): the same bits with 1 or 2 threads, alone or with other rows, and the prefill path (T > 8:
+    dequantize + GEMM on the same rounded activations) is close to it."""
+    layout = qtype.endswith("-interleaved")
+    w, _ = random_weight(qtype.split("-")[0], 4096 if layout else 45, 256, seed=3)  # 4096 rows: many tasks
+    w = interleaved(w) if layout else w
+    assert w.interleaved == layout
     x = torch.randn(8, 256, generator=torch.Generator().manual_seed(4))
     before = torch.get_num_threads()
     try:
@@ -106,13 +87,15 @@ def test_rows_do_not_depend_on_threads_or_batching(qtype):
 
 
 @pytest.mark.parametrize("types", [("Q4_K", "Q4_K", "Q6_K"), ("Q4_K", "Q4_K", "Q5_0"), ("Q4_0", "Q4_0", "Q8_0"),
-                                   ("IQ4_XS", "IQ4_XS", "IQ4_XS")])
+                                   ("IQ4_XS", "IQ4_XS", "IQ4_XS"), pytest.param(
+                                       ("Q4_K", "Q4_K", "Q4_K", "interleaved"), marks=INTERLEAVED_Q4_K.marks)])
 def test_experts_one_token_equals_expert_by_expert(types, threads):
     """The fused call (one activation conversion for every gate/up, one per expert for its down) sums the same
-    per-expert outputs as swiglu_quantized, expert by expert, in list order."""
+    per-expert outputs as swiglu_quantized, expert by expert, in list order (plain or interleaved weights)."""
     H, I, E = 256, 256, 5
-    experts = [tuple(random_weight(t, r, c, seed=100 * e + k)[0]
-                     for k, (t, r, c) in enumerate(zip(types, (I, I, H), (H, H, I)))) for e in range(E)]
+    layout = interleaved if types[3:] == ("interleaved",) else (lambda q: q)
+    experts = [tuple(layout(random_weight(t, r, c, seed=100 * e + k)[0])
+                     for k, (t, r, c) in enumerate(zip(types[:3], (I, I, H), (H, H, I)))) for e in range(E)]
     x = torch.randn(1, H, generator=torch.Generator().manual_seed(9))
     weights = [0.4, 0.25, 0.15, 0.12, 0.08]
     residual = torch.randn(1, H, generator=torch.Generator().manual_seed(10))
