@@ -23,6 +23,8 @@ import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from peers import agreement, run_result  # noqa: E402
 
 # llama.cpp in a process that never imports moepage (whose import sets OMP_WAIT_POLICY): greedy decode after the
 # prompt, decode tok/s from token arrival times
@@ -84,19 +86,11 @@ def environment(system: str, a) -> dict:
     return env
 
 
-def agreement(a: list[int], b: list[int]) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-
-
 def run(system: str, model: str, gguf: str, prompt_file: str, a) -> dict:
     ctx = str(a.prompt_tokens + a.decode + 64)
     cmd = [sys.executable, "-c", MOEPAGE if system == "moepage" else LLAMA_CPP, model if system == "moepage" else gguf,
            prompt_file, str(a.decode), str(a.threads), ctx, str(a.time_limit)]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.time_limit * 3 + 900, env=environment(system, a))
-    line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    if line is None:
-        return {"error": f"exit {p.returncode}: {p.stderr[-400:]}"}
-    return json.loads(line[len("RESULT "):])
+    return run_result(system, cmd, env=environment(system, a), timeout=a.time_limit * 3 + 900)
 
 
 def row(name: str, model: str, gguf: str, prompt_file: str, systems: list[str], a):

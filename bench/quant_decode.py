@@ -13,7 +13,8 @@ the ratio of the medians and the run-by-run ratios, and whether the greedy token
 router near-tie flips a random model's tokens, see tests/test_gguf.py). --burn N keeps N CPU-burning processes
 running beside every run (a busy laptop). Systems: moepage (its defaults), llamacpp (its defaults: OpenMP
 spin-waiting, Q4_K repacked into anonymous memory at load), llamacpp-passive (OMP_WAIT_POLICY=PASSIVE),
-llamacpp-norepack (repacking off: weights stay in the file's mmap, as under a cap they must to start at all).
+llamacpp-norepack (repacking off: weights stay in the file's mmap, as under a cap they must to start at all),
+llamacpp-norepack-passive (both). --json PATH writes every run's result.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from bench import can_cap, drop_caches, make_cgroup  # noqa: E402
+from peers import agreement, run_result  # noqa: E402
 
 # Both children: greedy decode after the prompt; decode tok/s from token arrival times, process CPU seconds between
 # the first and the last token, peak RSS.
@@ -51,12 +53,9 @@ LLAMA_CPP = HEAD + """
 import llama_cpp.llama_cpp as lib
 from llama_cpp import Llama
 if budget < 0:  # llamacpp-norepack: llama.cpp's --no-repack
-    default = lib.llama_model_default_params
-    def no_repack():
-        p = default()
-        p.use_extra_bufts = False
-        return p
-    lib.llama_model_default_params = no_repack
+    sys.path.insert(0, "bench")
+    from peers import llama_no_repack
+    llama_no_repack(lib)
 llm = Llama(model_path=gguf, n_ctx=ctx, n_threads=threads, n_threads_batch=threads, verbose=False, n_batch=512)
 t0 = time.perf_counter()
 for tok in llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):
@@ -84,36 +83,21 @@ engine.close()
 def run(system: str, gguf: str, prompt_file: str, a, limit: int | None) -> dict:
     ctx = str(a.prompt_tokens + a.decode + 64)
     env = dict(os.environ)
-    budget = limit - a.overhead if limit and system == "moepage" else (-1 if system == "llamacpp-norepack" else 0)
+    budget = limit - a.overhead if limit and system == "moepage" else (-1 if "norepack" in system else 0)
     code = MOEPAGE if system == "moepage" else LLAMA_CPP
     cmd = [sys.executable, "-c", code, gguf, prompt_file, str(a.decode), str(a.threads), ctx, str(a.time_limit),
            str(budget)]
     if system.startswith("llamacpp"):
         env.pop("OMP_WAIT_POLICY", None)
-        if system == "llamacpp-passive":  # its OpenMP threads sleep instead of spinning, as moepage's do
+        if system.endswith("passive"):  # its OpenMP threads sleep instead of spinning, as moepage's do
             env["OMP_WAIT_POLICY"] = "PASSIVE"
     cgroup = make_cgroup(f"moepage-quant-{limit}", limit) if limit else None
     if cgroup and system == "moepage":  # kernels built outside the cap: a compiler inside it would be OOM-killed
         subprocess.run([sys.executable, "-m", "moepage.kernels.native"], capture_output=True, cwd=os.path.dirname(HERE))
 
-    def enter():
-        if cgroup:
-            with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
-                f.write(str(os.getpid()))
-
     if cgroup:
         drop_caches()
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.time_limit * 3 + 600, env=env,
-                       preexec_fn=enter, cwd=os.path.dirname(HERE))
-    line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    if line is None:
-        killed = " (killed: out of memory)" if p.returncode in (-9, 137) else ""
-        return {"system": system, "error": f"exit {p.returncode}{killed}: {p.stderr[-300:]}"}
-    return json.loads(line[len("RESULT "):])
-
-
-def agreement(a: list[int], b: list[int]) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return run_result(system, cmd, cgroup, env, a.time_limit * 3 + 600, os.path.dirname(HERE))
 
 
 def report(label: str, systems: list[str], runs: dict[str, list[dict]], a) -> None:
@@ -161,7 +145,9 @@ def main():
                     help="also run llama.cpp with OMP_WAIT_POLICY=PASSIVE (its threads sleep between jobs, as moepage's do)")
     ap.add_argument("--llama-norepack", action="store_true", help="also run llama.cpp with repacking off")
     ap.add_argument("--peers", default=None,
-                    help="the llama.cpp variants to run instead, comma-separated: default, passive, norepack")
+                    help="the llama.cpp variants to run instead, comma-separated: default, passive, norepack, "
+                         "norepack-passive")
+    ap.add_argument("--json", default=None, help="also write every run's result, per cap, to this JSON file")
     a = ap.parse_args()
     rng = random.Random(0)
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
@@ -173,6 +159,7 @@ def main():
         systems = (["moepage", "llamacpp"] + (["llamacpp-passive"] if a.llama_passive else [])
                    + (["llamacpp-norepack"] if a.llama_norepack else []))
     size = os.path.getsize(a.gguf)
+    results: list[dict] = []
     burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(a.burn)]
     try:
         for cap in (float(c) for c in a.caps.split(",")):
@@ -193,6 +180,10 @@ def main():
                                                                        else "") + f" = {limit / 2**20:.0f} MiB"
                                                  if limit else ", no cap")
             report(label, systems, runs, a)
+            results.append({"label": label, "cap": cap, "limit_bytes": limit, "runs": runs})
+            if a.json:
+                with open(a.json, "w") as f:
+                    json.dump({"args": vars(a), "gguf_bytes": size, "caps": results}, f, indent=1)
     finally:
         for p in burners:
             p.kill()
