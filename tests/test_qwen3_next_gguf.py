@@ -1,7 +1,7 @@
 """Qwen3-Next as a GGUF from llama.cpp's own converter (arch qwen3next: in_proj_qkvz split into attn_qkv and
 attn_gate, in_proj_ba kept whole as ssm_ba, value heads in their published order; the llama.cpp inside
 llama-cpp-python 0.3.36 runs it): served with experts paged from the file, greedy tokens equal to llama.cpp's up to
-the first router near-tie, at 25% of the experts and at the minimum."""
+the first router near-tie, at 25% of the experts and at the minimum; a `split` of the file gives the same tokens."""
 from __future__ import annotations
 
 import json
@@ -46,3 +46,22 @@ def test_gguf_reads_the_split_projections(converted):
 
 def test_f16_greedy_equals_llama_cpp_at_every_budget(converted):
     check_gguf_against_llama_cpp(*converted)
+
+
+def test_split_of_the_gguf_gives_the_files_tokens_at_the_minimum(converted, tmp_path):
+    from moepage.engine.sampling import SamplingParams
+    from moepage.surgery.split_gguf import split_gguf
+
+    _, path = converted
+    split_gguf(path, str(tmp_path / "split"))
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    whole = Engine.load(EngineConfig(path, dtype="float32"))
+    ids = whole.tokenizer.encode("import os\n")
+    want = [s.token for s in whole.generate(ids, params)]
+    minimum = whole.args.top_k * whole.plan.expert_bytes_each
+    whole.close()
+    paged = Engine.load(EngineConfig(str(tmp_path / "split"), dtype="float32", expert_cache_bytes=minimum,
+                                     preload=False))
+    assert [s.token for s in paged.generate(ids, params)] == want
+    assert paged.cache.stats.snapshot()["evictions"] > 0
+    paged.close()
