@@ -180,3 +180,49 @@ def test_gguf_experts_page_into_recycled_slots(tmp_path, qwen2_vocab, monkeypatc
         assert all(v.buffer is not None and v.gate.data.data_ptr() >= v.buffer.data_ptr() for v in values)
     assert stats["evictions"] >= 6 and len(allocated) <= 3
     assert runs["three"] == runs["unlimited"]
+
+
+def test_split_of_a_gguf_restarts_where_it_stopped(tmp_path, qwen2_vocab, monkeypatch):
+    """A split killed half-way and run again writes only the shards it lacks (and one whose bytes were damaged
+    since), and ends with the manifest of a split run in one go."""
+    import moepage.surgery.split_gguf as sgg
+
+    path = make(tmp_path, qwen2_vocab, "Q4_K_M")
+    whole = sgg.split_gguf(path, str(tmp_path / "whole"))
+
+    class Stop(Exception):
+        pass
+
+    def stop_at(n):
+        def progress(done, total):
+            if done == n:
+                raise Stop
+
+        return progress
+
+    out = str(tmp_path / "restarted")
+    with pytest.raises(Stop):
+        sgg.split_gguf(path, out, progress=stop_at(6))
+    assert not os.path.exists(os.path.join(out, "moepage.json"))
+    shard = os.path.join(out, "experts", "L000", "E0002.safetensors")
+    with open(shard, "r+b") as f:  # a shard damaged after it was recorded: rewritten, not trusted
+        f.seek(200)
+        f.write(b"\xff")
+    written = []
+    save = sgg.save_file
+    monkeypatch.setattr(sgg, "save_file", lambda t, to, metadata: (written.append(to), save(t, to, metadata=metadata)))
+    again = sgg.split_gguf(path, out)
+    total = len(whole["files"]) - 1  # expert shards
+    assert len(written) == total - 6 + 1
+    assert {k: v["bytes"] for k, v in again["files"].items()} == {k: v["bytes"] for k, v in whole["files"].items()}
+    assert not os.path.exists(os.path.join(out, sgg.JOURNAL))
+    from safetensors import safe_open
+
+    from moepage.surgery.split import verify_split
+
+    assert verify_split(out) == []
+    for rel in whole["files"]:  # the same tensors and metadata (safetensors orders metadata keys at random)
+        if rel.endswith(".safetensors"):
+            a, b = safe_open(os.path.join(tmp_path, "whole", rel), "pt"), safe_open(os.path.join(out, rel), "pt")
+            assert a.metadata() == b.metadata()
+            assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
