@@ -78,6 +78,25 @@ def test_stale_build_lock_is_removed(tmp_path, monkeypatch):
     assert not os.path.exists(os.path.join(native.build_directory("bf16_decode"), "lock"))
 
 
+def test_a_module_is_fingerprinted_by_the_headers_it_includes_only(tmp_path, monkeypatch):
+    """A rebuild (and its 'compiling' notice) follows a change to the module or a header it includes, transitively,
+    not one to another module's header."""
+    (tmp_path / "a.cpp").write_text('#include "b.h"\n#include <vector>\n  # include "c.h"\n')
+    (tmp_path / "b.h").write_text('#pragma once\n#include "c.h"\n#include "b.h"\n')
+    (tmp_path / "c.h").write_text("int c;\n")
+    (tmp_path / "other.h").write_text("int other;\n")
+    monkeypatch.setattr(native, "CSRC", str(tmp_path))
+    assert [os.path.basename(p) for p in native.local_includes(str(tmp_path / "a.cpp"))] == ["a.cpp", "b.h", "c.h"]
+    before = native.source_digest("a")
+    (tmp_path / "other.h").write_text("int other2;\n")
+    assert native.source_digest("a") == before
+    (tmp_path / "c.h").write_text("int c2;\n")
+    assert native.source_digest("a") != before
+    real = [os.path.basename(p) for p in native.local_includes(os.path.join(os.path.dirname(native.__file__), "csrc",
+                                                                            "bf16_decode.cpp"))]
+    assert "bf16_portable.h" in real and not any(name.startswith("ggml") for name in real)
+
+
 @needs_kernels
 @pytest.mark.parametrize("norm,in_dtype", [(True, True), (False, False)])
 def test_kernel_routing_equals_route_even_on_ties(norm, in_dtype):
