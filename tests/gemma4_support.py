@@ -106,7 +106,8 @@ def spm_tokenizer(out_dir, vocab_size: int = 700) -> int:
     tok = Tokenizer(models.BPE(byte_fallback=True))
     tok.normalizer = normalizers.Replace(" ", "\u2581")
     tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
-    text = local_corpus(200_000)
+    text = "\n".join(local_corpus(200_000))  # cut into 1000-character pieces below: with no pre-tokenizer a
+    # whole file would be one "word" to the trainer, whose pair counting is slow on long words
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS + [f"<0x{i:02X}>" for i in range(256)])
     tok.train_from_iterator([text[i : i + 1000] for i in range(0, len(text), 1000)], trainer)
     out_dir = Path(out_dir)
