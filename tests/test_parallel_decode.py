@@ -144,8 +144,25 @@ def test_concurrent_requests_answer_as_sequential_ones(served):
     assert concurrent_ == sequential
 
 
+@pytest.fixture(scope="module")
+def served_paged(model_dir):
+    """Under an expert budget, where a lone long prompt would prefill layer-major in one call."""
+    engine = load(model_dir, prefix_cache=True, expert_cache_bytes=3 * 3 * 128 * 64 * 2 + 4 * 4096, preload=False)
+    assert engine.plan.fraction_resident < 1.0
+    with serving(engine) as (url, app):
+        yield url, app, engine
+    engine.close()
+
+
 def test_a_long_prefill_does_not_stop_the_others_decode(served):
-    url, _, _ = served
+    check_prefill_interleaves(served[0])
+
+
+def test_under_a_budget_a_long_prefill_still_steps_between_the_others_decode(served_paged):
+    check_prefill_interleaves(served_paged[0])
+
+
+def check_prefill_interleaves(url):
     arrivals: list[float] = []
     started = threading.Event()
 

@@ -62,9 +62,10 @@ class Sequence:
         return self.logits is None and self.pending is None and not self.finished
 
     # ---- prefill ------------------------------------------------------------------------------------------------
-    def prefill_chunk(self) -> bool:
+    def prefill_chunk(self, alone: bool = True) -> bool:
         """Run the next prompt chunk (the first call re-uses the longest cached prefix); True once the prompt is in
-        and logits are ready to sample."""
+        and logits are ready to sample. alone: no other sequence is waiting to decode, so under a budget the rest of
+        the prompt may run layer-major in one call (same logits); otherwise one chunk, so the others step between."""
         e, slot, ids = self.engine, self.slot, self.prompt_ids
         if self.pos is None:
             start = 0
@@ -76,7 +77,7 @@ class Sequence:
             self.stats.cached_prompt_tokens = start
             self.pos = start
         s = self.pos
-        span = prefill_span(e, slot, ids, s)  # under a budget: chunks layer by layer (engine/layered_prefill.py)
+        span = prefill_span(e, slot, ids, s) if alone else None  # under a budget: layer by layer (layered_prefill.py)
         if span is not None:
             end, logits = span
         else:

@@ -171,7 +171,8 @@ class EngineWorker:
         prefilling = next((j for j in self._active if j.seq.prefilling), None)
         if prefilling is not None:
             try:
-                if prefilling.seq.prefill_chunk():
+                others = any(j.seq.pending is not None for j in self._active if j is not prefilling)
+                if prefilling.seq.prefill_chunk(alone=not others):
                     self._emit(prefilling)
             except Exception as exc:
                 self._fail([prefilling], exc)
