@@ -62,7 +62,7 @@ def test_weights_take_three_quarters_of_the_bytes():
     assert torch.equal(bits(out), bits(t))
 
 
-@pytest.mark.skipif(not NATIVE, reason="the C++ decoder needs AVX-512 VBMI2 and a compiler")
+@pytest.mark.skipif(not NATIVE, reason="the C++ decoder did not build (no compiler)")
 def test_native_decoder_matches_torch_on_every_block_position():
     for n in (1, 63, 64, 65, 127, 128, 4096 + 17):
         t = torch.randint(-(2**15), 2**15, (n,), dtype=torch.int32).to(torch.int16).view(torch.bfloat16)

@@ -66,7 +66,7 @@ class EngineConfig:
     preload: bool | None = None
     # Hold the lm_head (the largest resident matrix) in the lossless 12-bit form and multiply from it directly: 25%
     # less memory, the same logits bit for bit, a faster decode where memory bandwidth is the limit. None: wherever
-    # the fused kernel runs (bf16, AVX512-BF16 + VBMI2).
+    # the fused kernel runs (bf16; any CPU the kernels build for, bar AVX512-BF16 without VBMI2).
     pack_lm_head: bool | None = None
     lora: str | None = None  # a PEFT LoRA adapter directory, merged at load and into each expert paged in
 
@@ -338,7 +338,7 @@ class Engine:
 
 def packable_lm_head(cfg: EngineConfig, ckpt, names: dict[str, str], dtype: torch.dtype, device):
     """The lm_head's row reader when it is to be held in the lossless 12-bit form (EngineConfig.pack_lm_head;
-    None = wherever the fused kernel runs: a bf16 model on a CPU with AVX512-BF16 and VBMI2), else None."""
+    None = wherever the fused kernel runs: a bf16 model where paging/bf16_12bit.fused_kernel() builds), else None."""
     want = cfg.pack_lm_head
     if want and ckpt.args.tie_word_embeddings:
         raise ValueError("pack_lm_head: this model's lm_head is its embedding table (tied), which stays bf16")
@@ -350,8 +350,8 @@ def packable_lm_head(cfg: EngineConfig, ckpt, names: dict[str, str], dtype: torc
     if rows is not None and rows.info.dtype != torch.bfloat16:
         rows = None  # a float32 checkpoint computed in bf16 keeps the plain path (the packed form is of bf16 bits)
     if want and rows is None:
-        raise ValueError("pack_lm_head needs a bf16 safetensors lm_head, hidden size a multiple of 64, and a CPU "
-                         "with AVX512-BF16 and AVX512-VBMI2")
+        raise ValueError("pack_lm_head needs a bf16 safetensors lm_head, hidden size a multiple of 64, and the "
+                         "12-bit kernel built for this CPU (a C++ compiler; not AVX512-BF16 without VBMI2)")
     return rows
 
 
