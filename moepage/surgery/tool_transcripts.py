@@ -4,8 +4,11 @@ template, with a mask of the tokens the assistant writes.
 A transcript: a system prompt (prose from the corpus, optionally an agent's <env> block), 1-5 tool definitions
 (the tool asked for among decoys, shuffled), a user request, the assistant's call in the template's format,
 the tool's result, and a short closing answer; or, one transcript in four, a conversation without tools whose
-answer is text (so a request that offers no tools is not answered with a call). Everything is drawn from a
-generator seeded per example: the same seed gives the same transcripts.
+answer is text (so a request that offers no tools is not answered with a call). Half the transcripts with tools
+are in the shape OpenCode (opencode-ai 1.18.33, with clients/opencode-demo.json) sends: its system prompt (agent
+line, model name, <env> block), its glob tool verbatim, the request as `opencode run` quotes it, the folder's
+files as absolute paths for the result. Everything is drawn from a generator seeded per example: the same seed
+gives the same transcripts.
 """
 from __future__ import annotations
 
@@ -38,6 +41,25 @@ CLOSINGS = ("Done. The tool returned the result above.", "Here is what the tool 
 AGENT_LINES = ("You are a coding agent. Use the tools to answer.", "You are a helpful assistant with tools.",
                "You help with software tasks.", "Answer the user, calling a tool when one is needed.")
 MODEL_NAMES = ("moepage-demo", "demo", "local-model", "moepage")
+# OpenCode's glob tool as opencode-ai 1.18.33 sends it (recorded from a real `opencode run` against moepage serve)
+OPENCODE_GLOB = {"type": "function", "function": {
+    "name": "glob",
+    "description": "- Fast file pattern matching tool that works with any codebase size\n- Supports glob patterns like "
+                   "\"**/*.js\" or \"src/**/*.ts\"\n- Returns matching file paths\n- Use this tool when you need to "
+                   "find files by name patterns\n- When you are doing an open-ended search that may require multiple "
+                   "rounds of globbing and grepping, use the Task tool instead\n- You have the capability to call "
+                   "multiple tools in a single response. It is always better to speculatively perform multiple "
+                   "searches as a batch that are potentially useful.\n",
+    "parameters": {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object", "properties": {
+        "pattern": {"type": "string", "description": "The glob pattern to match files against"},
+        "path": {"type": "string", "description": "The directory to search in. If not specified, the current "
+                 "working directory will be used. IMPORTANT: Omit this field to use the default directory. DO NOT "
+                 "enter \"undefined\" or \"null\" - simply omit it for the default behavior. Must be a valid "
+                 "directory path if provided."}},
+        "required": ["pattern"]}}}
+FOLDER_WORDS = ("project", "repo", "work", "src", "app", "demo", "test_opencode0", "pytest-3", "tmp8k2x", "code")
+FILE_STEMS = ("alpha", "beta", "gamma", "notes", "main", "tool", "setup", "readme", "data", "config", "util", "todo")
+FILE_EXTS = (".txt", ".py", ".md", ".json", ".cfg", ".sh", ".c", ".h")
 PLAIN = (("Say hello.", "Hello! How can I help you today?"), ("Thanks!", "You are welcome."),
          ("Who are you?", "I am a small demo model served by moepage."))
 
@@ -104,6 +126,8 @@ def conversation(rng: random.Random, prose: str) -> tuple[list[dict], list[dict]
         user, answer = rng.choice(PLAIN)
         return [{"role": "system", "content": system}, {"role": "user", "content": user},
                 {"role": "assistant", "content": answer}], None
+    if rng.random() < 0.5:
+        return opencode_conversation(rng, prose)
     requests, tool, args = rng.choice(REQUESTS)
     args = _fill(args, rng.choice(FILE_NAMES))
     user = rng.choice(requests).replace("{name}", args.get("filePath", ""))
@@ -117,6 +141,46 @@ def conversation(rng: random.Random, prose: str) -> tuple[list[dict], list[dict]
                 {"role": "tool", "tool_call_id": call["id"], "content": _result(tool, args, rng)},
                 {"role": "assistant", "content": rng.choice(CLOSINGS)}]
     return messages, tools
+
+
+def opencode_system(rng: random.Random, folder: str) -> str:
+    """OpenCode's system prompt for an agent whose prompt is one of AGENT_LINES (clients/opencode-demo.json's)."""
+    model = rng.choice(MODEL_NAMES)
+    days = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+    months = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+    return (f"{rng.choice(AGENT_LINES)}\nYou are powered by the model named {model}. The exact model ID is "
+            f"local/{model}\nHere is some useful information about the environment you are running in:\n<env>\n"
+            f"  Working directory: {folder}\n  Workspace root folder: /\n  Is directory a git repo: "
+            f"{rng.choice(('yes', 'no'))}\n  Platform: linux\n  Today's date: {rng.choice(days)} "
+            f"{rng.choice(months)} {rng.randint(1, 28):02d} {rng.randint(2025, 2027)}\n</env>")
+
+
+def opencode_conversation(rng: random.Random, prose: str) -> tuple[list[dict], list[dict]]:
+    """A file-listing request in OpenCode's shape -> a glob call -> the folder's files -> a short answer."""
+    def snippet(lo: int, hi: int) -> str:
+        n = rng.randint(lo, hi)
+        start = rng.randint(0, max(0, len(prose) - n))
+        return prose[start : start + n].strip()
+
+    folder = "/" + "/".join(rng.choice(FOLDER_WORDS) for _ in range(rng.randint(1, 5)))
+    requests, _, args = REQUESTS[rng.choice((0, 0, 0, 1))]  # mostly "list the files", sometimes the .py files
+    user = rng.choice(requests)
+    if rng.random() < 0.5:  # `opencode run "a message"` sends it quoted
+        user = f'"{user}"'
+    tools = [OPENCODE_GLOB]
+    if rng.random() < 0.3:  # a decoy beside it
+        tools.append(tool_definition(rng.choice(("read", "bash", "grep", "write")), _description(snippet, rng), rng))
+        rng.shuffle(tools)
+    files = sorted({rng.choice(FILE_STEMS) + rng.choice(FILE_EXTS) for _ in range(rng.randint(1, 6))})
+    if args["pattern"] != "*":
+        files = [f for f in files if f.endswith(".py")]
+    result = "\n".join(f"{folder}/{f}" for f in files) or "No files found"
+    call = {"id": f"call_{rng.randrange(10**8)}", "type": "function",
+            "function": {"name": "glob", "arguments": json.dumps(args)}}
+    return [{"role": "system", "content": opencode_system(rng, folder)}, {"role": "user", "content": user},
+            {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": call["id"], "content": result},
+            {"role": "assistant", "content": rng.choice(CLOSINGS)}], tools
 
 
 def render(tokenizer, messages: list[dict], tools: list[dict] | None) -> Transcript:
