@@ -22,7 +22,9 @@ CSRC = os.path.join(ROOT, "moepage", "kernels", "csrc")
 CROSS, QEMU = "aarch64-linux-gnu-g++", "qemu-aarch64"
 FLAGS = ["-O2", "-ffp-contract=off", "-std=c++17", "-I", CSRC]  # as kernels/cpu.py builds
 CASES = [(1, 64, 96, (32, 32)), (3, 100, 77, (32, 16)), (2, 5, 3, (128, 128)), (4, 256, 256, (128, 128)),
-         (1, 17, 1000, (16, 64))]  # T, R, C, block: ragged last blocks, tails of the 16-lane dot
+         (1, 17, 1000, (16, 64)), (1, 150, 300, (128, 128)), (2, 40, 70, (8, 24)), (1, 9, 70, (4, 24))]
+# T, R, C, block: ragged last blocks, tails of the 16-lane dot, one-token rows past a 64-row table group and a
+# block row, blocks that are not a multiple of 16 columns
 
 
 def case(T, R, C, block, seed):

@@ -51,7 +51,8 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor w, torch::Tensor scales, int
   const float* sp = scales.data_ptr<float>();
   const float* xp = x.data_ptr<float>();
   float* o = out.data_ptr<float>();
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1));
+  // 64 rows a task at least: one token's bf16 rows share their block row's tables (fp8_core.h)
+  const int64_t grain = std::max<int64_t>(64, 16384 / std::max<int64_t>(C, 1));
   at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
     std::vector<float> row(C);
     fp8::linear_rows(xp, T, C, wp, sp, R, br, bc, bf16, r0, r1, row.data(), o);
