@@ -149,6 +149,8 @@ def main():
     ap.add_argument("--decode", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--time-limit", type=float, default=90.0, help="seconds of decoding per run at most")
+    ap.add_argument("--cap-base", type=int, default=0,
+                    help="bytes added to every cap (a process baseline, so both systems can start at low caps)")
     ap.add_argument("--overhead", type=int, default=330 << 20,
                     help="bytes of a cap left for the moepage process itself (python, torch, tokenizer, kernels)")
     ap.add_argument("--io-threads", type=int, default=2, help="moepage expert read threads")
@@ -171,7 +173,7 @@ def main():
     packed = lossless_copy(a) if a.lossless and "moepage" in systems else None
     rows = []
     for cap in [float(c) for c in a.caps.split(",")]:
-        limit = None if cap >= 1 else int(cap * size)
+        limit = None if cap >= 1 else int(cap * size) + a.cap_base
         if limit and not can_cap():
             print(f"skipping the {cap:.0%} cap: needs root and cgroup v1 memory at {CGROOT}", file=sys.stderr)
             continue
