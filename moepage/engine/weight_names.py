@@ -43,8 +43,12 @@ def resident_dtype(args: ModelArgs, canonical: str, dtype):
     and correction bias (DeepSeek-V3, GLM-4.5: transformers keeps them float32 and the published bias is float32)."""
     import torch
 
-    if args.routing.logits_in_float32 and canonical.rsplit(".", 1)[-1] in ("router", "router_correction_bias"):
+    last = canonical.rsplit(".", 1)[-1]
+    if args.routing.logits_in_float32 and last in ("router", "router_correction_bias"):
         return torch.float32
+    m = _LAYER.match(canonical)
+    if last in ("kv_b", "k_b", "v_b") and m and args.mixers[int(m.group(1))] == "mla":
+        return torch.float32  # the absorbed decode multiplies them in float32 every token (attention/mla.py)
     return dtype
 
 

@@ -146,6 +146,10 @@ class MultiLatentAttention(TokenMixer):
         if s.rope_layout == "complex":  # DeepSeek-V2 multiplies in float32
             self.rope = RotaryTable(args.rotary_dim, args.rope_theta, args.rope_scaling, torch.float32, ctx.device)
         N, Dn, Dv, C = s.num_heads, s.qk_nope_head_dim, s.v_head_dim, s.kv_lora_rank
+        for name in ("kv_b", "k_b", "v_b"):  # held float32 (weight_names.resident_dtype): the model dtype's values
+            t = weights.get(name)
+            if t is not None and t.dtype != ctx.dtype:
+                t.copy_(t.to(ctx.dtype))
         if s.split_kv_b:
             self.w_uk = weights["k_b"].transpose(1, 2)  # [N, Dn, C]
             self.w_uv_t = weights["v_b"].transpose(1, 2)  # [N, C, Dv]
@@ -210,7 +214,8 @@ class MultiLatentAttention(TokenMixer):
     def _absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cached: torch.Tensor) -> torch.Tensor:
         """One token: q_nope [N, 1, Dn], q_pe [N, 1, Dr] over the latent cache [S, C + Dr] -> [1, N*Dv], in float32
         inside (as llama.cpp's f32 activations): the absorbed sums run in another order than the expanded form, and
-        rounding q_lat or the latent output to bf16 moves logits by a few bf16 steps."""
+        rounding q_lat or the latent output to bf16 moves logits by a few bf16 steps. kv_b's halves are float32
+        already (resident so: no upcast per token)."""
         s, N = self.s, self.s.num_heads
         q_lat = torch.bmm(q_nope.float(), self.w_uk.float())  # [N, 1, C]
         query = torch.cat([q_lat, q_pe.float()], dim=-1).view(1, 1, N, s.latent_dim)  # heads as rows of one block
@@ -228,7 +233,7 @@ class MultiLatentAttention(TokenMixer):
             k_nope = torch.matmul(c, self.w_uk.transpose(1, 2).to(c.dtype))  # [N, S, Dn]
             v = torch.matmul(c, self.w_uv_t.to(c.dtype))  # [N, S, Dv]
         else:  # one matmul, as transformers' kv_b_proj (bit-identical in bf16)
-            kv = linear(c, self.w["kv_b"]).view(S, N, Dn + s.v_head_dim).transpose(0, 1)
+            kv = linear(c, self.w["kv_b"].to(c.dtype)).view(S, N, Dn + s.v_head_dim).transpose(0, 1)
             k_nope, v = torch.split(kv, [Dn, s.v_head_dim], dim=-1)  # [N, S, Dn], [N, S, Dv]
         keys = torch.cat([k_nope, cached[:, s.kv_lora_rank:].expand(N, S, s.qk_rope_head_dim)], dim=-1)  # [N, S, Dq]
         query = torch.cat([q_nope, q_pe], dim=-1)  # [N, T, Dq]
