@@ -14,7 +14,7 @@ import torch
 
 from moepage.engine.model_args import ModelArgs, expert_shapes, resident_shape
 from moepage.engine.sequence_state import state_nbytes
-from moepage.engine.weight_names import resident_names
+from moepage.engine.weight_names import resident_dtype, resident_names
 
 Q4_K, Q6_K = 144 / 256, 210 / 256  # bytes per weight
 BUDGETS_GIB = (8, 10, 12)
@@ -51,18 +51,20 @@ class ConfigSizes:
 
 
 def config_sizes(args: ModelArgs) -> ConfigSizes:
-    resident_params = resident_q4 = 0
+    resident_params = resident_bf16 = resident_q4 = 0
     for name in resident_names(args):
         shape = resident_shape(args, name)
         n = _numel(shape)
         resident_params += n
+        held = resident_dtype(args, name, torch.bfloat16).itemsize  # float32 where the engine keeps it so
+        resident_bf16 += n * held
         matrix = len(shape) == 2 and min(shape) > 1 and not name.endswith(".router")  # routers stay F32
-        resident_q4 += n * (Q6_K if name == "lm_head" else Q4_K) if matrix else n * 4
+        resident_q4 += n * (Q6_K if name == "lm_head" else Q4_K) if matrix and held == 2 else n * 4
     parts = expert_shapes(args)
     expert = sum(_numel(s) for s in parts.values())
     q4 = (_numel(parts["gate"]) + _numel(parts["up"])) * Q4_K + _numel(parts["down"]) * Q6_K
     return ConfigSizes(resident_params, expert, len(args.moe_layers) * args.num_experts, args.top_k,
-                       len(args.moe_layers), 2 * resident_params, int(resident_q4), 2 * expert, int(q4))
+                       len(args.moe_layers), resident_bf16, int(resident_q4), 2 * expert, int(q4))
 
 
 def recurrent_state_nbytes(args: ModelArgs, dtype: torch.dtype) -> int:
