@@ -18,9 +18,8 @@ import torch
 
 from moepage.kernels.mxfp4 import BLOCK, Mxfp4Tensor
 from moepage.paging.safetensors_file import CheckpointError
-from moepage.paging.sources import (
-    ExpertSource, ExpertWeights, Shapes, ShardFiles, TensorIndex, check_shape, check_unchanged, paging_in,
-)
+from moepage.paging.sliced_experts import SlicedExpertSource
+from moepage.paging.sources import ExpertWeights, Shapes, ShardFiles, TensorIndex, check_shape, paging_in
 
 PREFIX = "model.layers.{L}.mlp.experts."
 
@@ -52,27 +51,20 @@ class FusedExpertWeights:
         return self.gate_up.float().T, self.down_proj.float().T
 
 
-class FusedExpertSource(ExpertSource):
+class FusedExpertSource(SlicedExpertSource):
     """Experts of an HF checkpoint in the fused layout above; `read_fused` gives the stored form (what the cache
     holds), `read` the canonical gate/up/down as float32 (for tools; the biases are not part of it)."""
 
+    kind = "fused"
+
     def __init__(self, index: TensorIndex, prefix: str = PREFIX):
-        self.index = index
-        self.prefix = prefix
+        super().__init__(index, prefix)
         self._mxfp4: dict[int, bool] = {}
-        self._num_experts: int | None = None
-        self.shards: ShardFiles | None = None  # a `moepage split` directory: expert e of layer L is its own file
 
     def in_shards(self, shards: ShardFiles, layers: list[int]) -> FusedExpertSource:
-        """The same experts from a split directory, whose shards hold each fused tensor's slice as [1, ...]: index
-        becomes the layers' expert-0 shards (names, kinds, per-expert bytes) and each read opens its expert's file."""
-        self.shards = shards
-        self.index = TensorIndex([shards.open(layer, 0) for layer in layers])
+        super().in_shards(shards, layers)
         self._mxfp4.clear()
         return self
-
-    def name(self, layer: int, part: str) -> str:
-        return self.prefix.format(L=layer) + part
 
     def is_mxfp4(self, layer: int) -> bool:
         if layer not in self._mxfp4:
@@ -91,8 +83,7 @@ class FusedExpertSource(ExpertSource):
     def expect(self, shapes: Shapes, layers: list[int], num_experts: int):
         """Every fused tensor's header entry checked now: present, of the implied shape and kind."""
         super().expect(shapes, layers, num_experts)
-        self._num_experts = num_experts
-        (I, H), E = shapes["gate"], (1 if self.shards is not None else num_experts)
+        (I, H), E = shapes["gate"], self.experts_per_tensor(num_experts)
         if H % BLOCK or I % BLOCK:
             mx = [layer for layer in layers if self.is_mxfp4(layer)]
             if mx:
@@ -112,30 +103,10 @@ class FusedExpertSource(ExpertSource):
                     raise CheckpointError(f"{f.path}: tensor {n!r} is {info.dtype}, not "
                                           f"{'uint8 MXFP4 bytes' if packed else 'floating point'}")
 
-    def _slice(self, index: TensorIndex, name: str, expert: int, what: str) -> torch.Tensor:
-        """Slice `expert` of a fused [E, ...] tensor, one read."""
-        f = index.file_of(name, what)
-        info = f.tensors[name]
-        E = info.shape[0]
-        if not 0 <= expert < E:
-            raise CheckpointError(f"{f.path}: {what}: expert {expert} is outside the {E} experts of {name!r}")
-        per = info.nbytes // E
-        span = f.read_span(info.start + expert * per, info.start + (expert + 1) * per)
-        return span.view(info.dtype).view(info.shape[1:])
-
     def read_fused(self, layer: int, expert: int) -> FusedExpertWeights:
         with paging_in(layer, expert):
             what = f"layer {layer} expert {expert}"
-            parts = self.parts(layer)
-            shard = None if self.shards is None else self.shards.open(layer, expert)
-            index, at = (self.index, expert) if shard is None else (TensorIndex([shard]), 0)
-            try:
-                for f in {id(f): f for f in (index.file_of(n, what) for n in parts.values())}.values():
-                    check_unchanged(f, what)
-                t = {p: self._slice(index, n, at, f"{what} {p}") for p, n in parts.items()}
-            finally:
-                if shard is not None:
-                    shard.close()
+            t = self.read_parts(layer, expert)
             if self.is_mxfp4(layer):
                 two_i, g = t["gate_up_proj_scales"].shape
                 h, gi = t["down_proj_scales"].shape
@@ -151,22 +122,3 @@ class FusedExpertSource(ExpertSource):
         gate_up, down = w.matrices()  # [2I, H], [H, I]
         return ExpertWeights(gate_up[0::2].contiguous(), gate_up[1::2].contiguous(), down.contiguous(),
                              read_nbytes=w.nbytes)
-
-    def stored_nbytes(self, layer: int) -> int:
-        total = 0
-        for n in self.parts(layer).values():
-            info = self.index.info(n, f"layer {layer} experts")
-            total += info.nbytes // info.shape[0]
-        return total
-
-    def slices(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
-        """Every stored part of one expert as [1, ...] under its fused tensor's name (what `moepage split` writes)."""
-        with paging_in(layer, expert):
-            what = f"layer {layer} expert {expert}"
-            return {n: self._slice(self.index, n, expert, f"{what} {p}").unsqueeze(0)
-                    for p, n in self.parts(layer).items()}
-
-    def describe(self) -> str:
-        if self.shards is not None:
-            return f"split shards in {self.shards.root}, fused experts"
-        return f"safetensors, fused experts ({len(self.index.files)} files)"
