@@ -63,6 +63,20 @@ class QuantizedExpertSource(ExpertSource):
         raise NotImplementedError
 
 
+def check_expert_types(gguf: GGUFFile, table: dict[str, str], layers: list[int], parts) -> bool:
+    """Every expert tensor's GGML type checked now (one ggml computes, or a CheckpointError naming the tensor);
+    True when any of them is quantized."""
+    quantized = False
+    for layer in layers:
+        for p in parts:
+            name = table[p].format(L=layer)
+            kind = gguf.info(name, f"layer {layer} experts {p}").type
+            if not can_compute(kind):
+                raise CheckpointError(f"{gguf.path}: {unsupported(kind, name)}")
+            quantized = quantized or is_quantized(kind)
+    return quantized
+
+
 class GGUFExpertSource(QuantizedExpertSource):
     """Experts of a .gguf file: expert e of layer L is slice e of the three [E, ., .] tensors (one pread each)."""
 
@@ -70,14 +84,7 @@ class GGUFExpertSource(QuantizedExpertSource):
         self.file = gguf
         self.table = table  # part -> "blk.{L}.ffn_gate_exps.weight"
         self.moe_layers = moe_layers
-        for layer in moe_layers:
-            for p in PARTS:
-                name = table[p].format(L=layer)
-                kind = gguf.info(name, f"layer {layer} experts {p}").type
-                if not can_compute(kind):
-                    raise CheckpointError(f"{gguf.path}: {unsupported(kind, name)}")
-        self.quantized = any(is_quantized(gguf.info(table[p].format(L=L), "expert").type)
-                             for L in moe_layers for p in PARTS)
+        self.quantized = check_expert_types(gguf, table, moe_layers, PARTS)
 
     def expect(self, shapes: Shapes, layers: list[int], num_experts: int):
         """Each [E, ., .] expert tensor checked now: E experts of the implied shape."""

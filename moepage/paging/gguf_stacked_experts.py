@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import os
 
-from moepage.kernels.ggml import QuantizedTensor, can_compute, is_quantized, unsupported
-from moepage.paging.gguf_experts import QuantizedExpertSource, QuantizedExpertWeights
+from moepage.kernels.ggml import QuantizedTensor
+from moepage.paging.gguf_experts import QuantizedExpertSource, QuantizedExpertWeights, check_expert_types
 from moepage.paging.gguf_file import GGUFFile
-from moepage.paging.safetensors_file import CheckpointError
 from moepage.paging.sources import Shapes, check_shape, check_unchanged, paging_in
 
 PARTS = ("gate_up", "down")
@@ -23,14 +22,7 @@ class GGUFStackedExpertSource(QuantizedExpertSource):
         self.file = gguf
         self.table = table  # gate_up | down -> "blk.{L}.ffn_gate_up_exps.weight" ...
         self.moe_layers = moe_layers
-        for layer in moe_layers:
-            for p in PARTS:
-                name = table[p].format(L=layer)
-                kind = gguf.info(name, f"layer {layer} experts {p}").type
-                if not can_compute(kind):
-                    raise CheckpointError(f"{gguf.path}: {unsupported(kind, name)}")
-        self.quantized = any(is_quantized(gguf.info(table[p].format(L=L), "expert").type)
-                             for L in moe_layers for p in PARTS)
+        self.quantized = check_expert_types(gguf, table, moe_layers, PARTS)
 
     def expect(self, shapes: Shapes, layers: list[int], num_experts: int):
         super().expect(shapes, layers, num_experts)
