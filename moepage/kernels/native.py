@@ -26,6 +26,7 @@ INCLUDE = re.compile(r'\s*#\s*include\s+"([^"]+)"')
 # changes. bf16_decode and bf16_unpack are portable: each picks its AVX-512 or its portable core from the target.
 MODULES = {
     "bf16_decode": (set(), []),
+    "bf16_rows": (set(), []),  # portable: the row-invariant multi-row kernels on bf16_decode's one-row dot
     "bf16_unpack": (set(), []),  # portable: AVX512-VBMI2 where the target has it, bf16_12bit.h's decoder elsewhere
     "ggml_cpu": (set(), []),  # portable: the SIMD is in the libggml-cpu it opens at run time
     "mxfp4": (set(), []),  # portable: its dot vectorises for the build target

@@ -27,20 +27,23 @@ inline __m512bh load_bh(const bf16* p, int64_t left) {
 // a time prefetched 8 rows ahead, and 20-25 GB/s without the prefetch.
 constexpr int64_t PREFETCH_AHEAD_BYTES = 4096;
 
-void gemv_one_row(const bf16* x, const bf16* w, int64_t K, int64_t n0, int64_t n1, float* out) {
-  for (int64_t n = n0; n < n1; ++n) {
-    const bf16* r = w + n * K;
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 64 <= K; k += 64) {
-      _mm_prefetch((const char*)(r + k) + PREFETCH_AHEAD_BYTES, _MM_HINT_T1);
-      _mm_prefetch((const char*)(r + k + 32) + PREFETCH_AHEAD_BYTES, _MM_HINT_T1);
-      a0 = _mm512_dpbf16_ps(a0, load_bh(r + k, 32), load_bh(x + k, 32));
-      a1 = _mm512_dpbf16_ps(a1, load_bh(r + k + 32, 32), load_bh(x + k + 32, 32));
-    }
-    for (; k < K; k += 32) a0 = _mm512_dpbf16_ps(a0, load_bh(r + k, K - k), load_bh(x + k, K - k));
-    out[n] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+// sum_k x[k] * r[k] for one weight row r [K]: two interleaved accumulators. The one-row gemv and the row-invariant
+// multi-row kernels (bf16_rows.h) both call this, so a row's sums are the same whatever else is in the step.
+inline float dot_one_row(const bf16* x, const bf16* r, int64_t K) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 64 <= K; k += 64) {
+    _mm_prefetch((const char*)(r + k) + PREFETCH_AHEAD_BYTES, _MM_HINT_T1);
+    _mm_prefetch((const char*)(r + k + 32) + PREFETCH_AHEAD_BYTES, _MM_HINT_T1);
+    a0 = _mm512_dpbf16_ps(a0, load_bh(r + k, 32), load_bh(x + k, 32));
+    a1 = _mm512_dpbf16_ps(a1, load_bh(r + k + 32, 32), load_bh(x + k + 32, 32));
   }
+  for (; k < K; k += 32) a0 = _mm512_dpbf16_ps(a0, load_bh(r + k, K - k), load_bh(x + k, K - k));
+  return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+}
+
+void gemv_one_row(const bf16* x, const bf16* w, int64_t K, int64_t n0, int64_t n1, float* out) {
+  for (int64_t n = n0; n < n1; ++n) out[n] = dot_one_row(x, w + n * K, K);
 }
 
 // out[m, n] = sum_k x[m, k] * w[n, k] for n in [n0, n1); x: [M, K] bf16, w: [N, K] bf16, out fp32 [M, N].
