@@ -1,11 +1,14 @@
 """--parallel: several sequences decode in one step (engine/batch_step.py, server/worker.py) and each one's greedy
-tokens equal the same request run alone: bf16 through the fused decode kernels (routing in the kernel, and a shared
-expert with the router's logits), fully resident and paged under a small expert cache; over HTTP with concurrent
+tokens equal the same request run alone: bf16 through the fused decode kernels (routing in the kernel, with the
+multi-row kernels of csrc/bf16_rows.h for the attention, the routed experts and the lm_head, 12-bit and bf16; and a
+shared expert with the router's logits), fully resident and paged under a small expert cache; over HTTP with concurrent
 requests that join at different times; a newcomer's long prefill does not stop the others' decode; a client that
 does not read its stream does not stall anyone."""
 from __future__ import annotations
 
 import concurrent.futures
+import os
+import shutil
 import socket
 import threading
 import time
@@ -14,9 +17,12 @@ import httpx
 import pytest
 
 from moepage.demo import DemoSpec, build_demo_model, demo_model_path
+from moepage.engine import batch_step
 from moepage.engine.batch_step import decode_step
 from moepage.engine.engine import Engine, EngineConfig
 from moepage.engine.sampling import SamplingParams
+from moepage.kernels import bf16_rows
+from moepage.paging.bf16_12bit import PackedMatrix
 from server_support import MODEL_ID, serving
 
 SPEC = DemoSpec(layers=3, hidden=128, experts=8, top_k=2, vocab=400)
@@ -31,6 +37,20 @@ def load(path, **over) -> Engine:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return build_demo_model(tmp_path_factory.mktemp("parallel"), SPEC)
+
+
+@pytest.fixture(scope="module")
+def bf16_dir(model_dir, tmp_path_factory):
+    """The same model saved in bf16: its lm_head can be held in the 12-bit form (a float32 one stays plain bf16)."""
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path_factory.mktemp("parallel_bf16")
+    for f in os.listdir(model_dir):
+        if f != "model.safetensors" and os.path.isfile(os.path.join(model_dir, f)):
+            shutil.copy(os.path.join(model_dir, f), out / f)
+    tensors = load_file(os.path.join(model_dir, "model.safetensors"))
+    save_file({k: v.bfloat16() for k, v in tensors.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return str(out)
 
 
 def prompts(engine, n: int) -> list[list[int]]:
@@ -96,20 +116,46 @@ def test_batched_steps_count_each_rows_expert_accesses_once(model_dir, paged):
         engine.close()
 
 
-@pytest.mark.parametrize("which", ["routed_in_kernel", "shared_expert"])
+class RowCalls:
+    """Counts the batched step's multi-row kernel calls that ran (returned rows, not None)."""
+
+    def __init__(self, monkeypatch):
+        self.ran: dict[str, int] = {}
+        for name in ("attention_kernel", "experts_rows", "lm_head_rows"):
+            monkeypatch.setattr(batch_step, name, self._counting(name, getattr(batch_step, name)))
+
+    def _counting(self, name, fn):
+        def call(*args, **kw):
+            out = fn(*args, **kw)
+            self.ran[name] = self.ran.get(name, 0) + (out is not None)
+            return out
+        return call
+
+
+@pytest.mark.parametrize("which", ["routed_in_kernel", "bf16_lm_head", "shared_expert"])
 @pytest.mark.parametrize("paged", [False, True])
-def test_batched_decode_equals_each_sequence_alone(model_dir, which, paged):
-    path = model_dir if which == "routed_in_kernel" else demo_model_path()
+def test_batched_decode_equals_each_sequence_alone(model_dir, bf16_dir, which, paged, monkeypatch):
+    """Routed in the kernel: the rows' attention, routed experts and lm_head (12-bit, or bf16) each in one
+    multi-row call (tests/test_bf16_rows.py); a shared expert: the experts row by row."""
+    path = {"routed_in_kernel": bf16_dir, "bf16_lm_head": model_dir}.get(which) or demo_model_path()
     over = {"expert_cache_bytes": 3 * 3 * 128 * 64 * 2 + 4 * 4096, "preload": False} if paged else {}
     if paged and which == "shared_expert":
         over["expert_cache_bytes"] = 3 * 3 * 256 * 384 * 2 + 4 * 4096
+    if which != "shared_expert":
+        over["pack_lm_head"] = which == "routed_in_kernel"  # the 12-bit lm_head, or bf16
     engine = load(path, **over)
     try:
         assert engine.model._decode_kernel is not None  # the fused path, where the rounding could differ
+        if which != "shared_expert":  # (the shipped demo model's lm_head is its embedding table: bf16)
+            assert isinstance(engine.model.lm_head, PackedMatrix) == (which == "routed_in_kernel")
         ps = prompts(engine, 4)
         want = [alone(engine, p, 24) for p in ps]
+        calls = RowCalls(monkeypatch)
         got = together(engine, ps, 24, stagger=3)
         assert got == want
+        if bf16_rows.module() is not None:
+            assert calls.ran["attention_kernel"] > 0 and calls.ran["lm_head_rows"] > 0
+            assert (calls.ran.get("experts_rows", 0) > 0) == (which != "shared_expert")
         if paged:
             assert engine.plan.fraction_resident < 1.0 and engine.cache.stats.misses > 0
     finally:

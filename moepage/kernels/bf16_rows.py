@@ -55,8 +55,7 @@ def experts_rows(x: torch.Tensor, w13: list[torch.Tensor], w2: list[torch.Tensor
 
 def attention_kernel(model):
     """The module whose attention_rows runs B rows through a layer's attention half as model._decode_kernel's
-    attention_decode runs one (that kernel must be bf16_decode's, not the GGML twin), else None."""
+    attention_decode runs one (that attention_decode must be bf16_decode's, not the GGML twin's), else None."""
     m = module()
-    if m is None or model._decode_kernel is None or model._decode_kernel is not native.load("bf16_decode"):
-        return None
-    return m
+    one = getattr(model._decode_kernel, "attention_decode", None)
+    return m if m is not None and one is not None and one is native.load("bf16_decode").attention_decode else None
