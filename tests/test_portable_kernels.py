@@ -179,14 +179,15 @@ def test_the_portable_core_computes_the_torch_ops(outputs):
 
 
 def test_the_avx2_build_without_openmp_passes_the_kernel_tests():
-    """tests/test_kernels.py with bf16_decode built for haswell and moepage's own thread pool (~40 s to compile once
-    per environment; cached after)."""
+    """tests/test_kernels.py and the one-call token step's bits (tests/test_bf16_token.py) with bf16_decode built for
+    haswell and moepage's own thread pool (~40 s to compile once per environment; cached after)."""
     if shutil.which("g++") is None and shutil.which("c++") is None:
         pytest.skip("no C++ compiler")
     env = dict(os.environ, MOEPAGE_KERNEL_ARCH="haswell", MOEPAGE_KERNEL_OPENMP="0")
     env.pop("MOEPAGE_KERNELS", None)
     run = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
-                          os.path.join(ROOT, "tests", "test_kernels.py")], capture_output=True, text=True, env=env,
+                          os.path.join(ROOT, "tests", "test_kernels.py"), os.path.join(ROOT, "tests", "test_bf16_token.py")],
+                         capture_output=True, text=True, env=env,
                          timeout=1200, cwd=ROOT)
     assert run.returncode == 0, run.stdout[-3000:]
     assert " passed" in run.stdout and "skipped" not in run.stdout

@@ -21,6 +21,7 @@ from moepage.engine.moe import SparseMoE
 from moepage.engine.router import Router
 from moepage.engine.sequence_state import SequenceState
 from moepage.kernels import native
+from moepage.kernels.bf16_token import Bf16DecodeKernel
 from moepage.kernels.cpu_bf16 import linear
 from moepage.kernels.experts import swiglu
 from moepage.kernels.ggml_decode import quantized_decode_kernel
@@ -105,7 +106,8 @@ class MoEModel:
             if not all(plain(t) for t in (layer.attn_norm, layer.ffn_norm, m.q, m.k, m.v, m.o, m.q_bias, m.k_bias,
                                           m.v_bias, m.o_bias, m.q_norm, m.k_norm, router)):
                 return None
-        return native.load("bf16_decode")
+        module = native.load("bf16_decode")
+        return Bf16DecodeKernel(module) if module is not None else None
 
     def _decode_layer(self, layer: Layer, h: torch.Tensor, kv: KVLayer, start: int, cos: torch.Tensor,
                       sin: torch.Tensor) -> torch.Tensor:

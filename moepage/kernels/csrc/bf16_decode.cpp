@@ -14,13 +14,11 @@
 #include <vector>
 
 #include "bf16_backend.h"
+#include "bf16_layer.h"
+#include "bf16_token.h"
 #include "route_topk.h"
 
 namespace {
-void check_bf16_2d(const torch::Tensor& t, const char* what) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kBFloat16 && t.dim() == 2 && t.is_contiguous(),
-              what, " must be a contiguous 2-D bfloat16 CPU tensor");
-}
 
 // x [M, K] @ w [N, K]^T (+ bias [N]) -> [M, N] bf16
 torch::Tensor linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
@@ -57,44 +55,9 @@ torch::Tensor experts_one_token(torch::Tensor x, std::vector<torch::Tensor> w13,
     check_bf16_2d(w2[e], "w2");
     TORCH_CHECK(w13[e].size(1) == H && w2[e].size(0) == H && w13[e].size(0) == 2 * w2[e].size(1), "expert shapes");
   }
-  // Two parallel regions of row tasks: every gate and up row of the E experts from the one widened x, then (the
-  // activations computed and widened once per expert) every down row; tasks are claimed dynamically.
-  std::vector<int64_t> I(E), first(E + 1, 0), per(E);
-  for (int64_t e = 0; e < E; ++e) I[e] = w2[e].size(1);
-  std::vector<std::vector<float>> gu(E);
-  const Rows xr(x.data_ptr<bf16>(), 1, H);
-  const int64_t per13 = rows_per_task(H);
-  for (int64_t e = 0; e < E; ++e) {
-    gu[e].resize(2 * I[e]);
-    first[e + 1] = first[e] + (2 * I[e] + per13 - 1) / per13;
-  }
-  int64_t bytes = 0;
-  for (int64_t e = 0; e < E; ++e) bytes += 4 * I[e] * H;
-  parallel_tasks(first[E], bytes, [&](int64_t t) {
-    const int64_t e = std::upper_bound(first.begin(), first.end(), t) - first.begin() - 1, n0 = (t - first[e]) * per13;
-    xr.gemv(w13[e].data_ptr<bf16>(), n0, std::min(2 * I[e], n0 + per13), gu[e].data(), 2 * I[e]);
-  });
-  std::vector<Rows> acts;
-  std::vector<bf16> act;
-  acts.reserve(E);
-  for (int64_t e = 0; e < E; ++e) {
-    act.resize(I[e]);
-    for (int64_t i = 0; i < I[e]; ++i) {
-      const float g = round_bf16(gu[e][i]), u = round_bf16(gu[e][I[e] + i]);
-      const float s = round_bf16(g / (1.0f + std::exp(-g)));
-      act[i] = bf16(s * u);
-    }
-    acts.emplace_back(act.data(), 1, I[e]);  // widened (portable) or copied (AVX512-BF16): act is reused
-    per[e] = rows_per_task(I[e]);
-    first[e + 1] = first[e] + (H + per[e] - 1) / per[e];
-  }
-  std::vector<float> h(E * H), contrib(E * H);
-  parallel_tasks(first[E], bytes / 2, [&](int64_t t) {
-    const int64_t e = std::upper_bound(first.begin(), first.end(), t) - first.begin() - 1, n0 = (t - first[e]) * per[e];
-    acts[e].gemv(w2[e].data_ptr<bf16>(), n0, std::min(H, n0 + per[e]), h.data() + e * H, H);
-  });
-  for (int64_t e = 0; e < E; ++e)
-    for (int64_t j = 0; j < H; ++j) contrib[e * H + j] = round_bf16(round_bf16(h[e * H + j]) * wv[e]);
+  std::vector<const bf16*> p13(E), p2(E);
+  std::vector<int64_t> I(E);
+  for (int64_t e = 0; e < E; ++e) p13[e] = w13[e].data_ptr<bf16>(), p2[e] = w2[e].data_ptr<bf16>(), I[e] = w2[e].size(1);
   const bf16* res = nullptr;
   if (residual.has_value() && residual->defined()) {
     check_bf16_2d(*residual, "residual");
@@ -102,12 +65,7 @@ torch::Tensor experts_one_token(torch::Tensor x, std::vector<torch::Tensor> w13,
     res = residual->data_ptr<bf16>();
   }
   auto out = torch::empty({1, H}, x.options());
-  bf16* op = out.data_ptr<bf16>();
-  for (int64_t j = 0; j < H; ++j) {
-    float s = 0.0f;
-    for (int64_t e = 0; e < E; ++e) s = round_bf16(s + contrib[e * H + j]);
-    op[j] = res ? bf16(static_cast<float>(res[j]) + s) : bf16(s);  // the residual add rounds once, as h + out does
-  }
+  experts_sum(x.data_ptr<bf16>(), H, E, p13.data(), p2.data(), I.data(), wv.data(), res, out.data_ptr<bf16>());
   return out;
 }
 
@@ -144,38 +102,6 @@ torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
   return out;
 }
 
-// Rows [n0, n1) of several matrices that share the input x [1, K], as one parallel loop: segment s has
-// w[s] [rows[s], K] and writes fp32 out[s] [rows[s]]. One fork/join instead of one per matrix.
-struct Segment {
-  const bf16* w;
-  int64_t rows;
-  float* out;
-};
-
-void gemv_segments(const bf16* x, int64_t K, const std::vector<Segment>& segs) {
-  const Rows xr(x, 1, K);
-  const int64_t per = rows_per_task(K);
-  std::vector<int64_t> first(segs.size() + 1, 0);  // each segment's first task
-  for (size_t s = 0; s < segs.size(); ++s) first[s + 1] = first[s] + (segs[s].rows + per - 1) / per;
-  parallel_tasks(first.back(), (first.back() * per) * K * 2, [&](int64_t t) {
-    const size_t s = std::upper_bound(first.begin(), first.end(), t) - first.begin() - 1;
-    const int64_t n0 = (t - first[s]) * per;
-    xr.gemv(segs[s].w, n0, std::min(segs[s].rows, n0 + per), segs[s].out, segs[s].rows);
-  });
-}
-
-const bf16* opt_ptr(const c10::optional<torch::Tensor>& t, int64_t n, const char* what) {
-  if (!t.has_value() || !t->defined()) return nullptr;
-  TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->is_contiguous() && t->numel() == n, what, ": bf16, ", n, " values");
-  return t->data_ptr<bf16>();
-}
-
-// fp32 accumulator (+ bf16 bias in fp32) -> bf16, as linear() rounds.
-void finish_linear(const float* acc, const bf16* bias, int64_t n, bf16* out) {
-  for (int64_t i = 0; i < n; ++i) out[i] = bf16(bias ? acc[i] + static_cast<float>(bias[i]) : acc[i]);
-}
-
-
 using DecodeOut = std::tuple<torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>, std::vector<int64_t>,
                              c10::optional<torch::Tensor>>;
 
@@ -198,79 +124,19 @@ DecodeOut attention_decode(
     bool norm_topk_prob, bool weights_in_logits_dtype) {
   check_bf16_2d(h, "h");
   TORCH_CHECK(h.size(0) == 1, "attention_decode takes one token");
-  for (auto* t : {&wq, &wk, &wv, &wo}) check_bf16_2d(*t, "attention weight");
-  TORCH_CHECK(k_cache.dim() == 3 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
-              k_cache.sizes() == v_cache.sizes() && k_cache.scalar_type() == at::kBFloat16 &&
-              v_cache.scalar_type() == at::kBFloat16, "k_cache, v_cache: contiguous bf16 [G, S, D]");
-  const int64_t H = h.size(1), G = k_cache.size(0), S = k_cache.size(1), D = k_cache.size(2);
-  const int64_t NQ = wq.size(0), NK = wk.size(0), N = NQ / D;
-  TORCH_CHECK(wq.size(1) == H && wk.size(1) == H && wv.size(1) == H && NK == G * D && wv.size(0) == NK &&
-              NQ % D == 0 && N % G == 0 && wo.size(0) == H && wo.size(1) == NQ, "attention weight shapes");
-  TORCH_CHECK(pos >= 0 && pos < S, "position ", pos, " outside the KV cache of ", S);
-  TORCH_CHECK(cos.numel() == D && sin.numel() == D && cos.is_contiguous() && sin.is_contiguous() &&
-              cos.scalar_type() == at::kBFloat16 && sin.scalar_type() == at::kBFloat16, "cos, sin: bf16 [D]");
-  const bf16* an = opt_ptr(attn_norm, H, "attn_norm");
-  const bf16* fn = opt_ptr(ffn_norm, H, "ffn_norm");
-  const bf16 *pbq = opt_ptr(bq, NQ, "q bias"), *pbk = opt_ptr(bk, NK, "k bias"), *pbv = opt_ptr(bv, NK, "v bias");
-  const bf16* pbo = opt_ptr(bo, H, "o bias");
-  const int64_t qn_size = qk_norm_mode == 1 ? D : NQ, kn_size = qk_norm_mode == 1 ? D : NK;
-  const bf16* qn = qk_norm_mode ? opt_ptr(q_norm, qn_size, "q_norm") : nullptr;
-  const bf16* kn = qk_norm_mode ? opt_ptr(k_norm, kn_size, "k_norm") : nullptr;
-  TORCH_CHECK(qk_norm_mode == 0 || (qn && kn), "qk norm weights missing");
-  int64_t E = 0;
-  if (router.has_value() && router->defined()) {
-    check_bf16_2d(*router, "router");
-    TORCH_CHECK(router->size(1) == H, "router shape");
-    E = router->size(0);
-  }
-
-  const bf16* hp = h.data_ptr<bf16>();
-  std::vector<bf16> r(H), q(NQ), k(NK), v(NK), attn(NQ);
-  rms_norm_row(hp, an, H, eps, r.data());
-  std::vector<float> acc(NQ + 2 * NK);
-  gemv_segments(r.data(), H, {{wq.data_ptr<bf16>(), NQ, acc.data()}, {wk.data_ptr<bf16>(), NK, acc.data() + NQ},
-                              {wv.data_ptr<bf16>(), NK, acc.data() + NQ + NK}});
-  finish_linear(acc.data(), pbq, NQ, q.data());
-  finish_linear(acc.data() + NQ, pbk, NK, k.data());
-  finish_linear(acc.data() + NQ + NK, pbv, NK, v.data());
-  if (qk_norm_mode == 2) {
-    rms_norm_row(q.data(), qn, NQ, eps, q.data());
-    rms_norm_row(k.data(), kn, NK, eps, k.data());
-  }
-  const bf16 *cp = cos.data_ptr<bf16>(), *sp = sin.data_ptr<bf16>();
-  for (int64_t n = 0; n < N; ++n) {
-    if (qk_norm_mode == 1) rms_norm_row(q.data() + n * D, qn, D, eps, q.data() + n * D);
-    rope_row(q.data() + n * D, cp, sp, D, q.data() + n * D);
-  }
-  bf16* kc = k_cache.data_ptr<bf16>();
-  bf16* vc = v_cache.data_ptr<bf16>();
-  for (int64_t g = 0; g < G; ++g) {
-    if (qk_norm_mode == 1) rms_norm_row(k.data() + g * D, kn, D, eps, k.data() + g * D);
-    rope_row(k.data() + g * D, cp, sp, D, k.data() + g * D);
-    std::copy(k.data() + g * D, k.data() + (g + 1) * D, kc + (g * S + pos) * D);
-    std::copy(v.data() + g * D, v.data() + (g + 1) * D, vc + (g * S + pos) * D);
-  }
-
-  const int64_t P = pos + 1, per_kv = N / G;
-  parallel_tasks(G, G * P * D * 4, [&](int64_t g) {
-    AttendScratch scratch(per_kv, P, D);
-    attend_kv_head(q.data() + g * per_kv * D, per_kv, kc + g * S * D, vc + g * S * D, P, D, (float)scale, scratch,
-                   attn.data() + g * per_kv * D);
-  });
-
-  std::vector<float> oacc(H);
-  gemv_segments(attn.data(), NQ, {{wo.data_ptr<bf16>(), H, oacc.data()}});
+  TORCH_CHECK(k_cache.dim() == 3, "k_cache, v_cache: contiguous bf16 [G, S, D]");
+  const AttnWeights a = attn_weights(attn_norm, ffn_norm, wq, wk, wv, wo, bq, bk, bv, bo, qk_norm_mode, q_norm,
+                                     k_norm, k_cache.size(2), router);
+  TORCH_CHECK(h.size(1) == a.H, "h and the attention weights disagree on H");
+  const auto [G, S] = check_cache(k_cache, v_cache, a, pos);
+  const auto [cp, sp] = rope_rows(cos, sin, a.D);
+  const int64_t H = a.H, E = a.E;
   auto h2 = torch::empty({1, H}, h.options());
   auto r2 = torch::empty({1, H}, h.options());
-  bf16* h2p = h2.data_ptr<bf16>();
-  for (int64_t j = 0; j < H; ++j) {
-    const bf16 oj(pbo ? oacc[j] + static_cast<float>(pbo[j]) : oacc[j]);
-    h2p[j] = bf16(static_cast<float>(hp[j]) + static_cast<float>(oj));
-  }
-  rms_norm_row(h2p, fn, H, eps, r2.data_ptr<bf16>());
-  if (E == 0) return {h2, r2, c10::nullopt, {}, c10::nullopt};
   std::vector<float> lacc(E);
-  gemv_segments(r2.data_ptr<bf16>(), H, {{router->data_ptr<bf16>(), E, lacc.data()}});
+  attention_half(a, h.data_ptr<bf16>(), k_cache.data_ptr<bf16>(), v_cache.data_ptr<bf16>(), G, S, pos, cp, sp, eps,
+                 scale, h2.data_ptr<bf16>(), r2.data_ptr<bf16>(), lacc.data());
+  if (E == 0) return {h2, r2, c10::nullopt, {}, c10::nullopt};
   auto logits = torch::empty({1, E}, h.options());
   finish_linear(lacc.data(), nullptr, E, logits.data_ptr<bf16>());
   if (top_k <= 0) return {h2, r2, logits, {}, c10::nullopt};
@@ -293,6 +159,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("route_softmax_topk", &route_softmax_topk, "one token's softmax top-k routing, experts ascending", free_gil);
   m.def("attention_decode", &attention_decode,
         "one decode token through a layer's attention half, its FFN norm and router", free_gil);
+  py::class_<Bf16TokenPlan>(m, "TokenPlan", "every layer of one decode token in one call (bf16_token.h)")
+      .def(py::init<double, double>(), py::arg("eps"), py::arg("scale"))
+      .def("add_layer", &Bf16TokenPlan::add_layer)
+      .def("decode", &Bf16TokenPlan::decode, free_gil);
   m.def("core", [] { return std::string(core_name()) + "/" + threads_name(); },
         "which core and threads this build runs: avx512bf16 or portable, openmp or pool");
 }
