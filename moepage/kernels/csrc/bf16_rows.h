@@ -8,10 +8,16 @@
 // Shape legend: B activation rows, J rows picked out of them, K input features, N output rows.
 #pragma once
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "bf16_12bit.h"
 #include "bf16_backend.h"
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VBMI2__)
+#define MOEPAGE_ROWS_12BIT_AVX512 1
+#include "bf16_12bit_avx512.h"
+#endif
 
 namespace bf16rows {
 
@@ -71,6 +77,18 @@ struct Packed12 {
     const uint8_t* c = codes + n * (K / 2);
     const uint8_t* e = exc + row_exc[n];
     const uint8_t* lut = luts + (n / rows_per_table) * 16;
+#ifdef MOEPAGE_ROWS_12BIT_AVX512
+    const __m512i table = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lut)));
+    for (int64_t k = 0; k < K; k += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(l + k) + bf16p::PREFETCH_AHEAD_BYTES, _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(c + k / 2) + bf16p::PREFETCH_AHEAD_BYTES / 2, _MM_HINT_T1);
+      __m512i w0, w1;
+      bf16x12avx512::decode_block(l + k, c + k / 2, e, std::numeric_limits<int64_t>::max(), table, w0, w1);
+      _mm512_storeu_si512(out + k, w0);
+      _mm512_storeu_si512(out + k + 32, w1);
+    }
+    return;
+#endif
     for (int64_t k = 0; k < K; k += 64) {
       __builtin_prefetch(l + k + bf16p::PREFETCH_AHEAD_BYTES, 0, 2);
       __builtin_prefetch(c + k / 2 + bf16p::PREFETCH_AHEAD_BYTES / 2, 0, 2);
