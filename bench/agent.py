@@ -12,6 +12,9 @@ ttft     time to first token of --prompts token prompts (default 2048 and 10240)
 turns    a 3-turn chat with a title request between turns (as OpenCode sends them) over HTTP, the system prompt
          --system-tokens long: usage.prompt_tokens_details.cached_tokens against the previous turn's prompt, and
          each turn's time to first token.
+Under a cap (fraction x the model's bytes + --cap-base) moepage gets --memory-budget = cap - --overhead; the default
+overhead is the process baseline measured first (torch, the server app, the openai client and the model's tokenizer:
+a 152k-token vocabulary's tokenizer alone is ~100 MiB) plus 64 MiB, since the budget counts the model's bytes only.
 Writes OUT/agent.json and prints the table (ratios and medians are computed here, from this run).
 """
 from __future__ import annotations
@@ -97,10 +100,24 @@ WORDS = ("read", "file", "path", "write", "edit", "search", "the", "tool", "retu
          "command", "run", "grep", "pattern", "directory", "list", "json", "argument", "string", "must", "be", "when")
 
 
+def rss_bytes(field: str = "VmRSS") -> int:
+    """This process's resident set (VmRSS) or its peak so far (VmHWM), from /proc/self/status."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) << 10
+    return 0
+
+
 def child_turns(a):
     import openai
+    import torch  # noqa: F401  (the process baseline: what the server imports before it loads a model)
 
+    import moepage.server.app  # noqa: F401
+
+    baseline = rss_bytes()
     engine, server, url = _serve(a, 2, a.ctx)  # two slots: the agent turn and the title request
+    loaded = rss_bytes()
     rng = random.Random(0)
     system = "You are a coding agent. Tools:\n" + " ".join(rng.choice(WORDS) for _ in range(a.system_tokens))
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=900)
@@ -120,7 +137,22 @@ def child_turns(a):
     finally:
         server.stop()
         engine.close()
-    print("RESULT " + json.dumps({"turns": turns}), flush=True)
+    print("RESULT " + json.dumps({"turns": turns, "baseline_rss_bytes": baseline, "loaded_rss_bytes": loaded,
+                                  "peak_rss_bytes": rss_bytes("VmHWM"), "plan": engine.plan.summary()}), flush=True)
+
+
+def child_baseline(a):
+    """What a server process holds before any weight: torch, the app, the openai client, the model's tokenizer."""
+    import openai  # noqa: F401
+    import torch  # noqa: F401
+
+    import moepage.server.app  # noqa: F401
+    from moepage.engine.checkpoint import open_checkpoint
+
+    before = rss_bytes()
+    tokenizer = open_checkpoint(a.model).load_tokenizer()
+    print("RESULT " + json.dumps({"imports_rss_bytes": before, "baseline_rss_bytes": rss_bytes(),
+                                  "vocab": tokenizer.vocab_size}), flush=True)
 
 
 # ---- the parent --------------------------------------------------------------------------------------------------
@@ -136,11 +168,16 @@ def run_child(kind: str, a, cgroup: str | None, budget: int | None) -> dict:
 
     if cgroup:
         core.drop_caches()
+        with open(os.path.join(cgroup, "memory.max_usage_in_bytes"), "w") as f:
+            f.write("0")  # this child's peak, not an earlier one's
     p = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=enter, timeout=a.time_limit * 6 + 600)
     line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    if line is None:
-        return {"error": f"exit {p.returncode}", "stderr": p.stderr[-800:]}
-    return json.loads(line[len("RESULT "):])
+    out = {"error": f"exit {p.returncode}" + (" (killed: out of memory)" if p.returncode in (-9, 137) else ""),
+           "stderr": p.stderr[-800:]} if line is None else json.loads(line[len("RESULT "):])
+    if cgroup:
+        with open(os.path.join(cgroup, "memory.max_usage_in_bytes")) as f:
+            out["cgroup_peak_bytes"] = int(f.read())
+    return out
 
 
 def main():
@@ -156,13 +193,16 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ctx", type=int, default=8192, help="the turns bench's context (2 slots of it)")
     ap.add_argument("--time-limit", type=float, default=120.0)
-    ap.add_argument("--overhead", type=int, default=330 << 20)
+    ap.add_argument("--overhead", type=int, default=None, help="bytes of a cap left out of --memory-budget for the "
+                    "process itself (default: its baseline, measured here: torch, the server, the tokenizer, + 64 MiB)")
+    ap.add_argument("--cap-base", type=int, default=0, help="bytes added to every cap (fraction x model bytes + "
+                    "this), so a cap holds the process baseline as well as the model's share")
     ap.add_argument("--memory-budget", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     a = ap.parse_args()
     if a.child:
-        return {"streams": child_streams, "turns": child_turns}[a.child](a)
+        return {"streams": child_streams, "turns": child_turns, "baseline": child_baseline}[a.child](a)
     os.makedirs(a.out, exist_ok=True)
     size = core.model_bytes(a.model)
     caps = [float(c) for c in a.caps.split(",")]
@@ -177,8 +217,14 @@ def main():
         with open(path, "w") as f:
             json.dump({"model": a.model, "model_bytes": size, "rows": rows}, f, indent=1)
 
+    if a.overhead is None and min(caps) < 1:
+        base = run_child("baseline", a, None, None)
+        if "baseline_rss_bytes" not in base:
+            raise SystemExit(f"measuring the process baseline failed: {base}")
+        a.overhead = base["baseline_rss_bytes"] + (64 << 20)  # + activations, allocator slack
+        save({"part": "baseline", "cap": 1.0, **base, "overhead_bytes": a.overhead})
     for cap in caps:
-        limit = None if cap >= 1 else int(cap * size)
+        limit = None if cap >= 1 else int(cap * size) + a.cap_base
         if limit and not core.can_cap():
             print(f"skipping the {cap:.0%} cap: needs root and cgroup v1 memory", file=sys.stderr)
             continue
@@ -211,6 +257,9 @@ def report(rows):
     for r in rows:
         if r.get("error"):
             print(f"| {r['part']} {r.get('prompt', '')} {r.get('system', '')} | {r['cap']:.0%} | error: {r['error']} | | |")
+        elif r["part"] == "baseline":
+            print(f"| process baseline (torch, server, openai, tokenizer; MiB) | | {r['baseline_rss_bytes'] / 2**20:.0f} | "
+                  f"left out of each cap: {r['overhead_bytes'] / 2**20:.0f} | |")
         elif r["part"] == "streams":
             agg, one = r.get("aggregate_tps"), r.get("one_stream_tps")
             print(f"| decode, {r.get('streams')} streams together vs 1 alone (tok/s; same tokens: "
@@ -219,8 +268,10 @@ def report(rows):
             t = r["turns"]
             ttfts = ", ".join(f"{x['ttft_s']:.2f}" for x in t)
             reuse = f"{t[1]['cached_tokens'] / t[0]['prompt_tokens']:.0%}, {t[2]['cached_tokens'] / t[1]['prompt_tokens']:.0%}"
+            mib = {k: f"{r[k] / 2**20:.0f}" for k in ("baseline_rss_bytes", "peak_rss_bytes", "cgroup_peak_bytes")
+                   if r.get(k)}
             print(f"| 3 turns ({t[0]['prompt_tokens']} tokens): TTFT (s); cached / previous prompt | {r['cap']:.0%} | "
-                  f"{ttfts} | {reuse} | turn 2 / turn 1: {t[1]['ttft_s'] / t[0]['ttft_s']:.3f} |")
+                  f"{ttfts} | {reuse} | turn 2 / turn 1: {t[1]['ttft_s'] / t[0]['ttft_s']:.3f} (MiB: {mib}) |")
     for r in rows:
         if r["part"] == "ttft" and r["system"] == "moepage" and r.get("ttft_s"):
             peer = next((p for p in rows if p["part"] == "ttft" and p["system"] == "llamacpp"

@@ -13,7 +13,7 @@ from moepage.engine.checkpoint import Checkpoint, open_checkpoint
 from moepage.engine.kv_cache import ContextOverflow
 from moepage.engine.lora_merge import LoraMerge
 from moepage.engine.model import MoEModel
-from moepage.engine.prompt_cache import ChunkSchedule, PromptCache
+from moepage.engine.prompt_cache import ChunkSchedule, PromptCache, message_end_ids
 from moepage.engine.sequence_state import SequenceState, state_nbytes
 from moepage.engine.quantized_expert import expert_loader
 from moepage.engine.sampling import SamplingParams
@@ -122,7 +122,7 @@ class Engine:
             eos.add(tokenizer.eos_id)
         self.eos_ids = eos
         # prefill chunks end after cfg.prefill_chunk tokens or after an end-of-turn token (exact prompt re-use)
-        self.chunks = ChunkSchedule(max(1, cfg.prefill_chunk), frozenset(eos))
+        self.chunks = ChunkSchedule(max(1, cfg.prefill_chunk), frozenset(eos) | message_end_ids(tokenizer))
         self.last_stats = GenerationStats()
         # slot 0 holds self.kv; the others get a KV cache of the same size (--parallel), counted in the plan
         self.slots = [Slot(kv)] + [Slot(model.new_kv_cache(kv.max_tokens)) for _ in range(max(1, cfg.parallel) - 1)]

@@ -45,6 +45,18 @@ class SequenceState(Protocol):
         """The state after its own first `length` tokens, or as many as it can give; returns that count."""
 
 
+# Special tokens that close a chat message: ChatML, Harmony (gpt-oss: <|end|>; its replies end with <|return|> or
+# <|call|>, eos ids), Gemma, Gemma 4, Llama 3.
+MESSAGE_ENDS = ("<|im_end|>", "<|end|>", "<end_of_turn>", "<turn|>", "<|eot_id|>")
+
+
+def message_end_ids(tokenizer) -> frozenset[int]:
+    """The ids of MESSAGE_ENDS in this tokenizer's vocabulary (none without a tokenizer)."""
+    if tokenizer is None:
+        return frozenset()
+    return frozenset(i for t in MESSAGE_ENDS if (i := tokenizer.token_to_id(t)) is not None)
+
+
 @dataclass(frozen=True)
 class ChunkSchedule:
     """Where a prefill's chunks end: after `chunk` tokens or right after a token in `ends`, whichever is first."""
@@ -83,6 +95,7 @@ class PromptCacheStats:
     hits: int = 0  # lookups that re-used at least one token
     reused_tokens: int = 0  # prompt tokens whose state came from the cache
     computed_tokens: int = 0  # prompt tokens prefilled
+    settled_tokens: int = 0  # generated tokens prefilled again while idle, so the next turn re-uses them exactly
     stored: int = 0
     evictions: int = 0
 
@@ -166,7 +179,7 @@ class PromptCache:
     def snapshot_stats(self) -> dict:
         s = self.stats
         return {"lookups": s.lookups, "hits": s.hits, "reused_tokens": s.reused_tokens,
-                "computed_tokens": s.computed_tokens, "stored": s.stored, "evictions": s.evictions,
+                "computed_tokens": s.computed_tokens, "settled_tokens": s.settled_tokens, "stored": s.stored, "evictions": s.evictions,
                 "entries": len(self.entries), "bytes": self.nbytes, "capacity_bytes": self.capacity}
 
 

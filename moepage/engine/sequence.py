@@ -33,6 +33,9 @@ class Slot:
     kv_ids: list[int] = field(default_factory=list)
     exact_ids: list[int] = field(default_factory=list)
     last_used: float = 0.0
+    # a finished reply's tokens (prompt + generated, to its last fixed chunk end) that settle() prefills into the
+    # exact state while the engine is idle, so the next turn re-uses the reply too; None: nothing to settle
+    settle_ids: list[int] | None = None
     busy: bool = False  # a Sequence runs in it (a failed step leaves kv_ids and exact_ids true: the model writes
     # positions from len(kv_ids) on, and the ids grow only after a step succeeded)
 
@@ -42,6 +45,7 @@ class Sequence:
         from moepage.engine.engine import GenerationStats
 
         self.engine, self.slot, self.prompt_ids, self.params = engine, slot, list(prompt_ids), params
+        slot.settle_ids = None  # this sequence overwrites what the slot held past its exact prefix
         self.stats: GenerationStats = GenerationStats(prompt_tokens=len(prompt_ids))
         self.t0 = time.perf_counter()
         self.pos: int | None = None  # next prompt position to prefill; None before the prompt cache was asked
@@ -56,6 +60,7 @@ class Sequence:
         self.detok = IncrementalDetokenizer(tk, prompt_ids) if tk else None
         self.sampler: Sampler | None = None
         self.t_decode: float | None = None
+        self.last: int | None = None  # the last sampled token (a stop token is never fed)
 
     @property
     def prefilling(self) -> bool:
@@ -103,6 +108,7 @@ class Sequence:
         stats = self.stats
         choice = self.sampler(self.logits)
         self.logits = None
+        self.last = choice.token
         now = time.perf_counter()
         if self.t_decode is None:
             self.t_decode = now
@@ -142,5 +148,45 @@ class Sequence:
         self.pending = None
         if self.t_decode is not None:
             self.stats.decode_seconds = time.perf_counter() - self.t_decode
+        self._keep_reply()
         self.slot.busy = False
         self.slot.last_used = time.perf_counter()
+
+    def _keep_reply(self):
+        """With a prompt cache: the slot will settle the generated tokens as a prefill of prompt + reply computes
+        them, up to that prompt's last fixed chunk end (an end-of-turn token closing the reply)."""
+        e, slot = self.engine, self.slot
+        if e.prompt_cache is None or self.last is None or self.pos is None or self.pos < len(self.prompt_ids):
+            return
+        ids = slot.kv_ids + [self.last]  # the prompt, the fed tokens, the last (unfed) one
+        end = e.chunks.exact_end(ids, len(ids))
+        if end > len(slot.exact_ids):
+            slot.settle_ids = ids[:end]
+
+
+def settle(engine: "Engine") -> bool:
+    """Idle work: one prefill chunk of some free slot's finished reply (Slot.settle_ids) from its exact prefix on,
+    the chunk a fresh prefill of those tokens runs there, so the state stays exact. False when there is none.
+    The caller holds engine.lock."""
+    slot = next((s for s in engine.slots if s.settle_ids is not None and not s.busy), None)
+    if slot is None:
+        return False
+    ids, s = slot.settle_ids, len(slot.exact_ids)
+    try:
+        if slot.kv.rewind(s) != s:  # the state after the exact prefix is gone (it is marked: not expected)
+            slot.kv_ids, slot.exact_ids, slot.settle_ids = [], [], None
+            return True
+        end, fixed = engine.chunks.end(ids, s)
+        slot.kv_ids = list(ids[:s])  # until the chunk is in: a failed step leaves the slot true
+        engine.model.forward(torch.tensor(ids[s:end]), slot.kv, start=s)
+        slot.kv_ids = list(ids[:end])
+        engine.prompt_cache.stats.settled_tokens += end - s
+        if fixed:
+            slot.exact_ids = list(slot.kv_ids)
+            slot.kv.mark(end)
+    except Exception:
+        slot.settle_ids = None
+        raise
+    if end >= len(ids) or not fixed:
+        slot.settle_ids = None
+    return True

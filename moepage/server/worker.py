@@ -21,7 +21,7 @@ import torch
 from moepage.engine.batch_step import decode_step
 from moepage.engine.engine import Engine, StepOutput
 from moepage.engine.sampling import SamplingParams
-from moepage.engine.sequence import Sequence
+from moepage.engine.sequence import Sequence, settle
 
 log = logging.getLogger("moepage.server")
 
@@ -135,7 +135,7 @@ class EngineWorker:
         while True:
             newcomers = []
             with self._cond:
-                while not self._jobs and not self._active and not self._stop.is_set():
+                while not self._jobs and not self._active and not self._stop.is_set() and not self._settling():
                     self._cond.wait()
                 if self._stop.is_set():
                     break
@@ -148,9 +148,23 @@ class EngineWorker:
             with self.engine.lock:
                 for job in newcomers:
                     self._admit(job)
-                self._iterate()
+                if self._active:
+                    self._iterate()
+                else:
+                    self._settle()
         for job in list(self._active):
             self._finish(job)
+
+    def _settling(self) -> bool:
+        """Idle with a finished reply to prefill into its slot's exact state (engine/sequence.py settle)."""
+        return any(s.settle_ids is not None and not s.busy for s in self.engine.slots)
+
+    def _settle(self):
+        """One chunk of that idle work; a queued request waits at most for this chunk."""
+        try:
+            settle(self.engine)
+        except Exception as exc:  # the slot's exact prefix is still true; its reply is simply not re-used
+            log.warning("settling a finished reply failed: %s: %s", type(exc).__name__, exc)
 
     def _admit(self, job: Job):
         job.timing.started = time.perf_counter()
