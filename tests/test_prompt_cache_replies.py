@@ -101,3 +101,27 @@ def test_the_server_settles_a_reply_while_idle_and_the_next_request_reuses_it(de
             assert usage["prompt_tokens_details"]["cached_tokens"] == len(prompt) + i + 1
     finally:
         engine.close()
+
+
+def test_harmony_prompts_end_a_chunk_at_every_message_end(tmp_path):
+    """gpt-oss's messages close with <|end|> (its replies with <|return|> / <|call|>, the eos ids): a prefill
+    chunk ends after each, so a next turn re-uses its prompt to the last message, not only the C-token grid."""
+    from harmony_support import save_harmony_tokenizer
+    from moepage.engine.prompt_cache import PromptCache, message_end_ids
+    from moepage.engine.tokenizer import Tokenizer
+
+    info = save_harmony_tokenizer(tmp_path)
+    tk = Tokenizer.from_dir(str(tmp_path))
+    ends = message_end_ids(tk)
+    assert info["ids"]["<|end|>"] in ends and info["ids"]["<|message|>"] not in ends
+    C = 4096  # above the prompts' length: only message ends cut them
+    schedule = ChunkSchedule(C, frozenset(info["eos_token_ids"]) | ends)
+    messages = [{"role": "system", "content": "You are a coding agent. " * 40},
+                {"role": "user", "content": "List the files in src."}]
+    turn1 = tk.encode(tk.render_chat(messages, add_generation_prompt=True), add_special_tokens=False)
+    messages += [{"role": "assistant", "content": "Done."}, {"role": "user", "content": "Now open one."}]
+    turn2 = tk.encode(tk.render_chat(messages, add_generation_prompt=True), add_special_tokens=False)
+    reused = PromptCache(1 << 20, schedule).reusable(turn1, turn2)
+    last_end = max(i for i, t in enumerate(turn1) if t == info["ids"]["<|end|>"]) + 1
+    assert len(turn2) < C and reused == last_end > len(turn1) - 10  # all but <|start|>assistant
+    assert PromptCache(1 << 20, ChunkSchedule(C, frozenset(info["eos_token_ids"]))).reusable(turn1, turn2) == 0
