@@ -17,12 +17,12 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from moepage.engine.attention.base import KVLayer, MixerContext, TokenMixer
 from moepage.engine.attention.sliding import WindowState
 from moepage.engine.kv_cache import KVCache
 from moepage.engine.model_args import ModelArgs
+from moepage.kernels.chunk_attention import attend_chunk
 from moepage.kernels.cpu_bf16 import linear
 from moepage.kernels.norm import rms_norm_float_weight
 
@@ -126,15 +126,10 @@ class Gemma4Attention(TokenMixer):
         keys, values = state.update(k, v, start)
         return keys, values, 0
 
-    def _mask(self, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
-        return kpos <= qpos
+    window: int | None = None  # full layers see every earlier position
 
     def _attend(self, q, keys, values, start: int, k_start: int) -> torch.Tensor:
-        T, S = q.shape[2], keys.shape[2]
-        qpos = torch.arange(start, start + T, device=q.device)[:, None]
-        kpos = torch.arange(k_start, k_start + S, device=q.device)[None, :]
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=self._mask(qpos, kpos), scale=1.0,
-                                              enable_gqa=q.shape[1] != keys.shape[1])
+        return attend_chunk(q, keys, values, start, k_start, 1.0, self.window)  # flash, a bool [T, S] mask
 
 
 class Gemma4SlidingAttention(Gemma4Attention):
@@ -166,5 +161,6 @@ class Gemma4SlidingAttention(Gemma4Attention):
         state.tokens = start + k.shape[2]
         return keys, values, first
 
-    def _mask(self, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
-        return (kpos <= qpos) & (kpos > qpos - self.shape["window"])
+    @property
+    def window(self) -> int:
+        return self.shape["window"]

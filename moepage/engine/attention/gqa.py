@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from moepage.engine.attention.base import KVLayer, MixerContext, TokenMixer
 from moepage.engine.kv_cache import KVCache
 from moepage.engine.model_args import ModelArgs
+from moepage.kernels.chunk_attention import attend_chunk
 from moepage.kernels.cpu_bf16 import linear
 from moepage.kernels.norm import rms_norm, rms_norm_float_weight, rms_norm_unit_offset
 from moepage.kernels.rope import apply_rope
@@ -133,11 +134,5 @@ class GQA(TokenMixer):
         gqa = a.num_heads != a.num_kv_heads
         if start == 0 and (window is None or T <= window):
             return F.scaled_dot_product_attention(q, keys, values, is_causal=T > 1, scale=self.scale, enable_gqa=gqa)
-        S = keys.shape[2]
-        qpos = torch.arange(start, start + T, device=q.device)[:, None]
-        kpos = torch.arange(S, device=q.device)[None, :]
-        mask = kpos <= qpos  # [T, S]
-        if window is not None:
-            mask &= kpos > qpos - window
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=gqa)
+        return attend_chunk(q, keys, values, start, k_start, self.scale, window)  # flash, a bool [T, S] mask
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from moepage.engine.attention.base import KVLayer, MixerContext, TokenMixer
 from moepage.engine.kv_cache import KVCache
 from moepage.engine.model_args import ConfigError, ModelArgs, bool_field, float_field, int_field
+from moepage.kernels.chunk_attention import attend_chunk
 from moepage.kernels.cpu_bf16 import linear
 from moepage.kernels.norm import rms_norm
 from moepage.kernels.rope import RotaryTable, apply_rope
@@ -237,12 +238,6 @@ class MultiLatentAttention(TokenMixer):
             k_nope, v = torch.split(kv, [Dn, s.v_head_dim], dim=-1)  # [N, S, Dn], [N, S, Dv]
         keys = torch.cat([k_nope, cached[:, s.kv_lora_rank:].expand(N, S, s.qk_rope_head_dim)], dim=-1)  # [N, S, Dq]
         query = torch.cat([q_nope, q_pe], dim=-1)  # [N, T, Dq]
-        if start == 0:
-            out = F.scaled_dot_product_attention(query[None], keys[None], v[None], is_causal=True,
-                                                 scale=s.softmax_scale)
-        else:
-            qpos = torch.arange(start, start + T, device=query.device)[:, None]
-            mask = torch.arange(S, device=query.device)[None, :] <= qpos  # [T, S]
-            out = F.scaled_dot_product_attention(query[None], keys[None], v[None], attn_mask=mask,
-                                                 scale=s.softmax_scale)
+        # flash with a bool [T, S] mask (SDPA's own choice for keys wider than values was the math path's scores)
+        out = attend_chunk(query[None], keys[None], v[None], start, 0, s.softmax_scale)
         return out[0].transpose(0, 1).reshape(T, N * s.v_head_dim)  # [T, N*Dv]

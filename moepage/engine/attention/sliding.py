@@ -10,11 +10,11 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from moepage.engine.attention.base import MixerContext
 from moepage.engine.attention.gqa import GQA
 from moepage.engine.model_args import ModelArgs
+from moepage.kernels.chunk_attention import attend_chunk
 from moepage.kernels.sink_attention import attend_with_sinks
 
 
@@ -86,9 +86,4 @@ class SlidingWindowAttention(GQA):
                 k_start: int = 0) -> torch.Tensor:
         if self.sinks is not None:
             return attend_with_sinks(q, keys, values, self.sinks, self.scale, start, k_start, self.window)
-        T, S = q.shape[2], keys.shape[2]
-        qpos = torch.arange(start, start + T, device=q.device)[:, None]
-        kpos = torch.arange(k_start, k_start + S, device=q.device)[None, :]
-        mask = (kpos <= qpos) & (kpos > qpos - self.window)  # [T, S]
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale,
-                                              enable_gqa=self.args.num_heads != self.args.num_kv_heads)
+        return attend_chunk(q, keys, values, start, k_start, self.scale, self.window)
