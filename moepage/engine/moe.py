@@ -139,6 +139,14 @@ class SparseMoE:
             return torch.zeros_like(x)
         if x.shape[0] == 1:
             return self._experts_one_token(x, indices[0].tolist(), weights[0])
+        if not self.output_observers:  # GGML-quantized experts: one C++ call a layer (engine/quantized_expert.py)
+            from moepage.engine.quantized_expert import experts_prefill
+
+            order = sorted(set(indices.reshape(-1).tolist()))
+            self._prefetch(order)
+            out = experts_prefill(self.cache, self.layer, x, indices, weights, order)
+            if out is not None:
+                return out
         out = torch.zeros_like(x)  # [T, H]
         groups: dict[int, tuple[list[int], list[int]]] = {}
         for t, row in enumerate(indices.tolist()):

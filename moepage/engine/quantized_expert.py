@@ -15,6 +15,7 @@ from moepage.engine.model_args import ModelArgs
 from moepage.engine.moe import PreparedExpert, prepare_expert
 from moepage.kernels.ggml import QuantizedTensor, interleaved_for_matvec
 from moepage.kernels.ggml_experts import swiglu_quantized
+from moepage.kernels import ggml_gemm
 from moepage.paging.pread import aligned_bytes
 from moepage.engine.fp8_expert import fp8_expert_loader
 from moepage.paging.fp8_experts import FP8_SOURCES
@@ -51,6 +52,42 @@ def prepare_quantized_expert(w, device, buffer: torch.Tensor | None = None) -> Q
     return QuantizedExpert(gate, up, down, w.nbytes, buffer if on_cpu else None)
 
 
+def experts_prefill(cache, layer: int, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+                    order: list[int]) -> torch.Tensor | None:
+    """A prompt chunk through one layer's routed quantized experts: x [T, H], indices / weights [T, K] the router's
+    choice, order its experts ascending -> [T, H] in x's dtype, or None where the experts are not GGML-quantized
+    (or ggml's kernels are absent): the caller then computes expert by expert.
+
+    The experts go through csrc/ggml_gemm.cpp in batches of as many as half the cache holds (all of them when
+    resident), each batch in one call; every token's weighted expert outputs are summed in float32 in ascending
+    expert order across batches, so the result is the same bits at any budget, and (each row's products being the
+    one-token kernels') row t's result is what the decode computes for token t alone."""
+    if not getattr(cache.load, "ggml_swiglu", False) or x.device.type != "cpu" or x.dim() != 2 or not order \
+            or ggml_gemm.backend() is None:
+        return None
+    room = max(1, cache.budget // max(1, cache.nbytes_of(layer)) // 2)
+    acc = torch.zeros(x.shape, dtype=torch.float32)  # [T, H]
+    for i in range(0, len(order), room):
+        ids = order[i : i + room]
+        keys = [(layer, e) for e in ids]
+        held = cache.acquire_many(keys)
+        try:
+            types = ggml_gemm.fusable(held)
+            if types is None and i == 0:
+                return None
+            if i + room < len(order):  # the next batch's reads run while this one computes
+                cache.prefetch([(layer, e) for e in order[i + room : i + 2 * room]])
+            if types is not None:
+                ggml_gemm.experts_accumulate(acc, x, indices, weights, ids, held, types)
+                continue
+            for e, ex in zip(ids, held):  # a batch of other types (not seen in practice): same order, same sum
+                tok, pos = (indices == e).nonzero(as_tuple=True)
+                acc[tok] += weights[tok, pos, None].float() * ex.compute(x[tok]).float()
+        finally:
+            cache.release_many(keys)
+    return acc.to(x.dtype)
+
+
 ExpertLoad = Callable[[int, int], object]
 
 
@@ -80,10 +117,15 @@ def expert_loader(source: ExpertSource, args: ModelArgs, dtype: torch.dtype, dev
                 buffer = aligned_bytes(slot) if buffer is None else buffer
                 return prepare_quantized_expert(source.read_quantized(layer, e, into=buffer), device, buffer)
 
+            load_slot.ggml_swiglu = True  # experts_prefill takes what it loads
             return load_slot, (lambda layer: slot), slot
         sizes = {layer: source.stored_nbytes(layer) for layer in args.moe_layers}
-        return (lambda layer, e: prepare_quantized_expert(source.read_quantized(layer, e), device),
-                lambda layer: sizes[layer], max(sizes.values()))
+
+        def load(layer: int, e: int) -> QuantizedExpert:
+            return prepare_quantized_expert(source.read_quantized(layer, e), device)
+
+        load.ggml_swiglu = True
+        return load, (lambda layer: sizes[layer]), max(sizes.values())
     each = PreparedExpert.nbytes_for(args.hidden_size, args.moe_intermediate_size, dtype)
 
     slots = source.reads_into  # False once a read's weights did not stay in their slot (a cast, another device)

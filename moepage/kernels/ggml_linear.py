@@ -43,6 +43,10 @@ def ggml_linear(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None =
         return out if bias is None else out + bias
     if not is_quantized(w.type):  # 16-bit weights: the exact product, as the same checkpoint in safetensors gives
         return F.linear(x, w.dequantize(x.dtype), bias)
+    from moepage.kernels.ggml_gemm import linear as gemm  # the same per-row products, tiled over many rows
+
+    if (out := gemm(x, w)) is not None:
+        return out if bias is None else out + bias
     return F.linear(rounded_activations(b, x, w).to(x.dtype), w.dequantize(x.dtype), bias)
 
 

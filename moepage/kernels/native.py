@@ -29,6 +29,7 @@ MODULES = {
     "bf16_rows": (set(), []),  # portable: the row-invariant multi-row kernels on bf16_decode's one-row dot
     "bf16_unpack": (set(), []),  # portable: AVX512-VBMI2 where the target has it, bf16_12bit.h's decoder elsewhere
     "ggml_cpu": (set(), []),  # portable: the SIMD is in the libggml-cpu it opens at run time
+    "ggml_gemm": (set(), []),  # portable: prompt-sized products on the same libggml-cpu (ggml_cpu_gemm.h)
     "mxfp4": (set(), []),  # portable: its dot vectorises for the build target
     "gated_delta": (set(), []),  # portable: plain loops (gated_delta_core.h) vectorised for the build target
     "fp8": (set(), []),  # portable: plain loops (fp8_core.h) vectorised for the build target
