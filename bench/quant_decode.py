@@ -36,6 +36,7 @@ from peers import agreement, run_result  # noqa: E402
 # the first and the last token, peak RSS.
 TAIL = """
 out = {"tokens": tokens, "prefill_tps": len(prompt) / (stamps[0] - t0),
+       "prefill_cpu_ms_per_token": 1e3 * (cpu[0] - c0) / len(prompt),
        "decode_tps": (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else None,
        "cpu_ms_per_token": 1e3 * (cpu[-1] - cpu[0]) / (len(cpu) - 1) if len(cpu) > 1 else None,
        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
@@ -57,7 +58,7 @@ if budget < 0:  # llamacpp-norepack: llama.cpp's --no-repack
     from peers import llama_no_repack
     llama_no_repack(lib)
 llm = Llama(model_path=gguf, n_ctx=ctx, n_threads=threads, n_threads_batch=threads, verbose=False, n_batch=512)
-t0 = time.perf_counter()
+t0, c0 = time.perf_counter(), time.process_time()
 for tok in llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):
     stamps.append(time.perf_counter())
     cpu.append(time.process_time())
@@ -69,7 +70,7 @@ MOEPAGE = HEAD + """
 from moepage.engine.engine import Engine, EngineConfig
 from moepage.engine.sampling import SamplingParams
 engine = Engine.load(EngineConfig(gguf, memory_budget=budget or None, ctx_size=ctx, threads=threads, tokenizer=False))
-t0 = time.perf_counter()
+t0, c0 = time.perf_counter(), time.process_time()
 for step in engine.generate(prompt, SamplingParams(max_tokens=decode, temperature=0, ignore_eos=True)):
     stamps.append(time.perf_counter())
     cpu.append(time.process_time())

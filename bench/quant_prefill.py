@@ -5,8 +5,9 @@ prompt lengths, resident and under cgroup memory caps.
         [--caps 1,0.5] [--peers default,passive,norepack] [--json PATH]
 
 Each run is a fresh process (bench/quant_decode.py's children) that prefills the same random prompt ids and decodes
-2 tokens; prefill tok/s = prompt tokens / time to the first token (model loading excluded). Per length and cap it
-prints every run, each system's median and range, the ratio of the medians and the run-by-run ratios. Capped rows
+2 tokens; prefill tok/s = prompt tokens / time to the first token (model loading excluded), and the process CPU time
+per prompt token (all threads; what the prefill costs whatever the machine's load). Per length and cap it prints
+every run, each system's medians, the ratio of the medians and the run-by-run ratios. Capped rows
 need root and cgroup v1 (page cache dropped before each run; moepage gets --memory-budget = cap - --overhead).
 """
 from __future__ import annotations
@@ -63,7 +64,8 @@ def main():
                         r = run(system, a.gguf, prompt_file, child, limit)
                         runs[system].append(r)
                         print(f"{n} tokens, cap {cap:.0%}, run {rep} {system}: " + (
-                            f"{r['prefill_tps']:.1f} tok/s prefill" if r.get("prefill_tps")
+                            f"{r['prefill_tps']:.1f} tok/s prefill, "
+                            f"{r.get('prefill_cpu_ms_per_token') or 0:.2f} CPU ms/token" if r.get("prefill_tps")
                             else r.get("error", "?")[:300]), file=sys.stderr, flush=True)
                 label = (f"{os.path.basename(a.gguf)}, {n}-token prompt, {a.threads} threads, " +
                          (f"cap {cap:.0%} = {limit / 2**20:.0f} MiB" if limit else "no cap"))
@@ -83,8 +85,10 @@ def report(label: str, systems: list[str], runs: dict[str, list[dict]]) -> None:
         if not rates[s]:
             print(f"  {s:17s} no prefill rate: " + "; ".join(r.get("error", "?")[:160] for r in runs[s]))
             continue
+        cpu = [r["prefill_cpu_ms_per_token"] for r in runs[s] if r.get("prefill_cpu_ms_per_token")]
         print(f"  {s:17s} prefill median {statistics.median(rates[s]):.1f} tok/s (runs "
-              + ", ".join(f"{x:.1f}" for x in rates[s]) + ")")
+              + ", ".join(f"{x:.1f}" for x in rates[s]) + ")"
+              + (f", CPU {statistics.median(cpu):.2f} ms per prompt token (all threads)" if cpu else ""))
     for peer in systems[1:]:
         if rates["moepage"] and rates[peer] and len(rates["moepage"]) == len(rates[peer]):
             pairs = [m / p for m, p in zip(rates["moepage"], rates[peer])]
