@@ -185,9 +185,8 @@ def test_the_avx2_build_without_openmp_passes_the_kernel_tests():
         pytest.skip("no C++ compiler")
     env = dict(os.environ, MOEPAGE_KERNEL_ARCH="haswell", MOEPAGE_KERNEL_OPENMP="0")
     env.pop("MOEPAGE_KERNELS", None)
-    run = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
-                          os.path.join(ROOT, "tests", "test_kernels.py"), os.path.join(ROOT, "tests", "test_bf16_token.py")],
-                         capture_output=True, text=True, env=env,
-                         timeout=1200, cwd=ROOT)
+    tests = [os.path.join(ROOT, "tests", name) for name in ("test_kernels.py", "test_bf16_token.py")]
+    run = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
+                         capture_output=True, text=True, env=env, timeout=1200, cwd=ROOT)
     assert run.returncode == 0, run.stdout[-3000:]
     assert " passed" in run.stdout and "skipped" not in run.stdout
