@@ -179,3 +179,34 @@ def test_prefill_matches_the_dequantized_path(q4_k_m, family, monkeypatch, two_t
     new16, old16 = prefill_logits(path, "bfloat16", True, monkeypatch), prefill_logits(path, "bfloat16", False, monkeypatch)
     err_new, err_old = (new16 - old).abs().mean().item(), (old16 - old).abs().mean().item()
     assert err_new <= 1.5 * err_old, f"{family} bfloat16: mean |error| {err_new} against the previous {err_old}"
+
+
+def test_reused_prompt_prefixes_of_a_q4_k_m_gguf_are_exact(q4_k_m):
+    """Prompt re-use on a quantized GGUF (16-token chunks, so the re-used prefix and the fresh prefill split the
+    prompt into the same chunks): each turn's greedy tokens and log-probabilities (the logits' bits) equal a prefill
+    from the first token, with a title request in between."""
+    from conftest import prompt_ids
+    from moepage.engine.engine import Engine, EngineConfig
+    from moepage.engine.sampling import SamplingParams
+
+    def load(**over):
+        return Engine.load(EngineConfig(model=q4_k_m["qwen3_moe"], ctx_size=256, threads=1, dtype="bfloat16",
+                                        tokenizer=False, prefill_chunk=16, **over))
+
+    def greedy(engine, ids):
+        steps = list(engine.generate(ids, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=0)))
+        return [s.token for s in steps], [s.logprob for s in steps]
+
+    plain, cached = load(), load(prefix_cache=True)
+    try:
+        vocab = plain.args.vocab_size
+        turn = prompt_ids(53, vocab, seed=3)
+        assert greedy(cached, turn) == greedy(plain, turn)
+        title = prompt_ids(29, vocab, seed=5)
+        assert greedy(cached, title) == greedy(plain, title)
+        longer = turn + prompt_ids(21, vocab, seed=10)
+        assert greedy(cached, longer) == greedy(plain, longer)
+        assert cached.last_stats.cached_prompt_tokens >= len(turn) // 16 * 16 > 0
+    finally:
+        plain.close()
+        cached.close()
