@@ -4,10 +4,11 @@ with every norm, scale and scalar moved off its init so a wrong convention shows
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
+
+from family_support import chat_tokenizer, save
 
 # 6 layers, 5:1 sliding/full, a window shorter than the prompts, the full layers wider with fewer kv heads and
 # k = v (the 26B-A4B's attention_k_eq_v), proportional RoPE on a quarter of their pairs
@@ -48,17 +49,11 @@ def save_gemma4(path, tokenizer_dir=None, dtype=torch.float32, seed: int = 0, vo
     tokenizer_dir when given); returns path."""
     from transformers import Gemma4Config, Gemma4ForConditionalGeneration
 
-    path = Path(path)
     cfg = Gemma4Config(text_config={**TEXT, "vocab_size": vocab_size, **text}, vision_config=VISION, audio_config=None)
     torch.manual_seed(seed)
     model = Gemma4ForConditionalGeneration(cfg).eval()
     perturb(model, seed, router_std, qk_norm)
-    model.to(dtype).save_pretrained(path)
-    if tokenizer_dir is not None:
-        for f in Path(tokenizer_dir).iterdir():
-            if f.is_file() and f.name != "info.json":
-                shutil.copy(f, path / f.name)
-    return path
+    return save(model, Path(path), tokenizer_dir, dtype, shard_size=None)
 
 
 def load_reference(path, dtype=torch.float32):
@@ -69,10 +64,6 @@ def load_reference(path, dtype=torch.float32):
     return Gemma4ForConditionalGeneration.from_pretrained(path, dtype=dtype, experts_implementation="eager").eval()
 
 
-def config_of(path) -> dict:
-    return json.loads((Path(path) / "config.json").read_text())
-
-
 CHAT_TEMPLATE = Path(__file__).parent / "data" / "gemma4" / "chat_template.jinja"  # llama.cpp's copy of Gemma 4's
 SPECIALS = ["<bos>", "<eos>", "<pad>", "<|turn>", "<turn|>", "<|channel>", "<channel|>", "<|tool>", "<tool|>",
             "<|tool_call>", "<tool_call|>", "<|tool_response>", "<tool_response|>", '<|"|>', "<|image|>"]
@@ -81,18 +72,8 @@ SPECIALS = ["<bos>", "<eos>", "<pad>", "<|turn>", "<turn|>", "<|channel>", "<cha
 def gemma_tokenizer(tokenizer_dir, out_dir) -> int:
     """The test tokenizer with Gemma 4's turn and channel tokens added and its chat template (the published one, as
     llama.cpp keeps it in models/templates), written to out_dir; returns the vocabulary size."""
-    from tokenizers import AddedToken, Tokenizer
-
-    tok = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS
-                            if tok.token_to_id(t) is None])
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tok.save(str(out_dir / "tokenizer.json"))
-    config = json.loads((Path(tokenizer_dir) / "tokenizer_config.json").read_text())
-    config.update(bos_token="<bos>", eos_token="<turn|>", pad_token="<pad>", chat_template=CHAT_TEMPLATE.read_text())
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-    return tok.get_vocab_size(with_added_tokens=True)
+    return chat_tokenizer(tokenizer_dir, out_dir, SPECIALS, bos_token="<bos>", eos_token="<turn|>", pad_token="<pad>",
+                          chat_template=CHAT_TEMPLATE.read_text())
 
 
 def spm_tokenizer(out_dir, vocab_size: int = 700) -> int:
@@ -122,8 +103,6 @@ def spm_tokenizer(out_dir, vocab_size: int = 700) -> int:
 def router_margins(model, ids: list[int]) -> torch.Tensor:
     """[T] per position, the smallest gap over layers between the k-th and (k+1)-th router log-probabilities
     (transformers, its dtype): where it is tiny a last-bit difference may pick another expert."""
-    k = model.config.text_config.top_k_experts
-    with torch.no_grad():
-        probs = model(input_ids=torch.tensor([ids]), output_router_logits=True).router_logits
-    top = torch.stack([p.reshape(len(ids), -1).float().log().topk(k + 1, dim=-1).values for p in probs])
-    return (top[..., k - 1] - top[..., k]).min(0).values
+    from gguf_support import router_margins as margins
+
+    return margins(model, ids, model.config.text_config.top_k_experts, probabilities=True)

@@ -86,19 +86,37 @@ CONVERT_WRAPPER = textwrap.dedent("""
         except NotImplementedError:
             return "gpt-2"
     base.TextModel.get_vocab_base_pre = get_vocab_base_pre
-    for hf_dir, out, outtype in json.loads(sys.argv[2]):
-        sys.argv = [src + "/convert_hf_to_gguf.py", hf_dir, "--outfile", out, "--outtype", outtype]
+    for hf_dir, out, outtype, extra in json.loads(sys.argv[2]):
+        sys.argv = [src + "/convert_hf_to_gguf.py", hf_dir, "--outfile", out, "--outtype", outtype, *extra]
         runpy.run_path(src + "/convert_hf_to_gguf.py", run_name="__main__")
 """)
 
 
-def convert(converter_dir: str, jobs: list[tuple[str, str, str]]) -> None:
-    """Run convert_hf_to_gguf for each (hf_dir, out_path, outtype) in one Python process."""
-    cmd = [sys.executable, "-c", CONVERT_WRAPPER, converter_dir, json.dumps([[str(a), str(b), c] for a, b, c in jobs])]
+def convert(converter_dir: str, jobs: list[tuple[str, str, str]], extra: tuple[str, ...] = (),
+            timeout: float | None = 600) -> None:
+    """Run convert_hf_to_gguf for each (hf_dir, out_path, outtype) in one Python process, with the extra arguments
+    (e.g. --no-mtp) on each."""
+    jobs = json.dumps([[str(a), str(b), c, list(extra)] for a, b, c in jobs])
     env = dict(os.environ, NO_LOCAL_GGUF="1")  # the wrapper already put the vendored gguf-py first
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    r = subprocess.run([sys.executable, "-c", CONVERT_WRAPPER, converter_dir, jobs], capture_output=True, text=True,
+                       env=env, timeout=timeout)
     if r.returncode != 0:
         raise RuntimeError(f"convert_hf_to_gguf failed ({r.returncode}):\n{r.stderr[-4000:]}")
+
+
+def convert_one(converter_dir: str, hf_dir, out_path, outtype: str = "f16", extra: tuple[str, ...] = ()) -> str:
+    convert(converter_dir, [(hf_dir, out_path, outtype)], extra)
+    return str(out_path)
+
+
+def hf_and_gguf(tmp_path_factory, name: str, make_hf, convert_with=convert_one) -> tuple:
+    """(make_hf(root): a tiny HF checkpoint under a new temporary root, its f16 GGUF written by
+    convert_with(converter, hf, out) with llama.cpp's converter); skips without llama-cpp-python or the converter."""
+    llama_cpp_module()
+    root = tmp_path_factory.mktemp(name)
+    converter = find_converter(str(root / "src"))
+    hf = make_hf(root)
+    return hf, convert_with(converter, hf, root / "model-f16.gguf")
 
 
 def quantize(src: str, dst: str, ftype_name: str) -> str:
@@ -156,3 +174,100 @@ class LlamaCppGreedy:
 
     def close(self):
         self.llm.close()
+
+
+# llama.cpp multiplies F16 weights by activations rounded to f16, so a router whose k-th and (k+1)-th logits are
+# closer than this can pick a different expert there than a float32 reference does; from that token on the two
+# caches hold different values. Measured: the tiny Mixtral's layer-0 router at its 45th token has top-2 margin 0.0017,
+# and llama.cpp's logits move by 3.7 exactly there (and only there: before it they agree within 0.007).
+ROUTER_TIE = 0.01
+
+
+def router_margins(model, ids: list[int], top_k: int, probabilities: bool = False):
+    """[T] per position, the smallest gap over layers between the k-th and (k+1)-th router logits of model
+    (transformers, output_router_logits; probabilities: its routers give probabilities, compared as log-probabilities,
+    as Gemma 4's)."""
+    import torch
+
+    with torch.no_grad():
+        router = model(input_ids=torch.tensor([ids]), output_router_logits=True).router_logits
+    scores = [r.reshape(len(ids), -1).float() for r in router]
+    top = torch.stack([(s.log() if probabilities else s).topk(top_k + 1, dim=-1).values for s in scores])  # [L, T, k+1]
+    return (top[..., top_k - 1] - top[..., top_k]).min(0).values
+
+
+def first_tie(margins, tie: float = ROUTER_TIE) -> int:
+    """The first position whose router margin is under tie, or the number of positions."""
+    tied = (margins < tie).nonzero()
+    return int(tied[0]) if len(tied) else len(margins)
+
+
+def first_router_tie(hf_dir: str, ids: list[int], top_k: int, model=None) -> int:
+    """The first position where some layer's router (model, else transformers' float32 model of hf_dir) has its k-th
+    and (k+1)-th logits within ROUTER_TIE, or len(ids)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = model or AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    return first_tie(router_margins(model, ids, top_k))
+
+
+def check_greedy_against_llama_cpp(engine, path: str, ids: list[int], first_tie_at, n: int = 32,
+                                   max_gap: float = 0.05, min_tokens: int = 8, lazy: bool = False):
+    """engine (the GGUF at path, loaded): its n greedy tokens after ids against llama.cpp's own. Logits (teacher-forced
+    on llama.cpp's tokens) within max_gap of llama.cpp's, compared up to the first router near-tie
+    (first_tie_at(ids + llama.cpp's tokens), a position: from there f16 rounding may pick another expert and the two
+    continuations part for a reason that is not a bug), which must come at least min_tokens in; a token that differs
+    there only where llama.cpp's own top two are within 3x the gap. lazy: when all n tokens are equal and every logit
+    within max_gap, no tie is looked for (all n compared). Returns (moepage's tokens, the number compared)."""
+    import torch
+
+    from family_support import greedy
+
+    ours = greedy(engine, ids, n)
+    llm = LlamaCppGreedy(path)
+    try:
+        theirs, rows = llm.generate(ids, n)
+    finally:
+        llm.close()
+    logits = engine.logits_all(ids + theirs)[len(ids) - 1 : len(ids) - 1 + n]
+    gaps = (logits - torch.stack([torch.from_numpy(r) for r in rows])).abs().amax(dim=-1)  # [n]
+    k = n
+    if not (lazy and ours == theirs and gaps.max() < max_gap):
+        k = min(n, first_tie_at(ids + theirs) - len(ids) + 1)
+        assert k >= min_tokens, f"a router near-tie after {k} tokens; pick a prompt without one ({ours} vs {theirs})"
+    gap = gaps[:k].max().item()
+    assert gap < max_gap, f"logits differ from llama.cpp's by {gap} within {k} tokens"
+    i = next((j for j, (x, y) in enumerate(zip(ours[:k], theirs[:k])) if x != y), None)
+    if i is not None:  # only where llama.cpp's own top two are within the logit gap
+        margin = float(rows[i][theirs[i]] - rows[i][ours[i]])
+        assert margin < 3 * gap, f"diverged at token {i} with margin {margin:.4f} (gap {gap:.4f})"
+    print(f"\n{path}: compared {k} tokens with llama.cpp, logit gap {gap:.4f}, first divergence {i}")
+    return ours, k
+
+
+def check_paged_gguf(engine, path: str, ids: list[int], first_tie_at, also=(), tokenizer: bool = True,
+                     **compare) -> int:
+    """check_greedy_against_llama_cpp (closing engine after), then the same tokens from the file (and from each of
+    also: split directories of it) at 25% of the experts and at the minimum, paging. Returns the tokens compared."""
+    from family_support import check_budgets
+
+    ours, n = check_greedy_against_llama_cpp(engine, path, ids, first_tie_at, **compare)
+    a, each = engine.args, engine.plan.expert_bytes_each
+    engine.close()
+    check_budgets([path, *also], ids, ours, each, a, ("25%", "minimum"), dtype="float32", tokenizer=tokenizer)
+    return n
+
+
+def check_gguf_against_llama_cpp(hf_dir, gguf_path, prompt: str = "import os\nimport sys\n\ndef main():\n",
+                                 min_tokens: int = 8) -> int:
+    """A llama.cpp-converted GGUF served by moepage (fp32, experts paged from the file): 32 greedy tokens equal to
+    llama.cpp's with every logit within 0.05 of its own, or, where they are not, equal up to the first router
+    near-tie of hf_dir's transformers model (first_router_tie) and within 0.05 before it; then the same tokens at 25%
+    of the experts and the minimum. Returns the number of tokens compared."""
+    from moepage.engine.engine import Engine, EngineConfig
+
+    engine = Engine.load(EngineConfig(str(gguf_path), dtype="float32"))
+    ids, top_k = engine.tokenizer.encode(prompt), engine.args.top_k
+    return check_paged_gguf(engine, str(gguf_path), ids, lambda seq: first_router_tie(str(hf_dir), seq, top_k),
+                            min_tokens=min_tokens, lazy=True)

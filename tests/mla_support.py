@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from family_support import random_model, save
+
 MLA = dict(vocab_size=400, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
            kv_lora_rank=32, q_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
            intermediate_size=96, moe_intermediate_size=32, n_shared_experts=1, n_routed_experts=8,
@@ -29,28 +31,9 @@ CLASSES = {"deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM"),
            "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM")}
 
 
-def randomize(model: torch.nn.Module, seed: int) -> None:
-    """Decisive random weights: matrices N(0, 0.08), norms 1 + N(0, 0.2) off their init, router weights larger so
-    routing is decided, every e_score_correction_bias non-zero (a buffer: transformers inits it to zeros)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if p.dim() == 1:
-                p.copy_(1 + 0.2 * noise if name.endswith("norm.weight") else 0.2 * noise)
-            elif name.endswith("mlp.gate.weight"):
-                p.copy_(0.3 * noise)
-            else:
-                p.copy_(0.08 * noise)
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.copy_(0.05 * torch.randn(b.shape, generator=g))
-
-
-def copy_tokenizer(out_dir, tokenizer_dir):
-    if tokenizer_dir is not None:
-        for name in ("tokenizer.json", "tokenizer_config.json"):
-            (out_dir / name).write_bytes((tokenizer_dir / name).read_bytes())
+# Decisive random weights (family_support.randomize): router weights larger so routing is decided, every
+# e_score_correction_bias non-zero (a buffer: transformers inits it to zeros)
+WEIGHTS = dict(router_std=0.3, correction_bias_std=0.05)
 
 
 def mla_config(family: str, eos: int | None = None, **over):
@@ -62,12 +45,8 @@ def mla_config(family: str, eos: int | None = None, **over):
 def save_mla(family: str, out_dir, tokenizer_dir=None, seed: int = 0, dtype=torch.float32, **over):
     import transformers
 
-    torch.manual_seed(seed)
-    model = getattr(transformers, CLASSES[family][1])(mla_config(family, **over))
-    randomize(model, seed)
-    model.to(dtype).save_pretrained(out_dir, max_shard_size="200KB")
-    copy_tokenizer(out_dir, tokenizer_dir)
-    return out_dir
+    model = random_model(getattr(transformers, CLASSES[family][1]), mla_config(family, **over), seed, **WEIGHTS)
+    return save(model, out_dir, tokenizer_dir, dtype)
 
 
 def publish_kimi_names(out_dir) -> None:
@@ -97,30 +76,9 @@ def save_kimi_k25(out_dir, tokenizer_dir=None, seed: int = 0, dtype=torch.float3
     """Kimi K2.5's wrapper: a DeepSeek-V3 text model (text_config) beside a tiny vision tower and projector."""
     from transformers import Kimi_K25Config, Kimi_K25ForConditionalGeneration
 
-    torch.manual_seed(seed)
     text = {**FAMILY_CONFIGS["deepseek_v3"], "model_type": "deepseek_v3", "eos_token_id": None, **over}
     config = Kimi_K25Config(text_config=text, vision_config=KIMI_VISION, projection_hidden_size=32,
                             tie_word_embeddings=False)
-    model = Kimi_K25ForConditionalGeneration(config)
-    randomize(model, seed)
-    model.to(dtype).save_pretrained(out_dir, max_shard_size="200KB")
+    save(random_model(Kimi_K25ForConditionalGeneration, config, seed, **WEIGHTS), out_dir, tokenizer_dir, dtype)
     publish_kimi_names(out_dir)
-    copy_tokenizer(out_dir, tokenizer_dir)
     return out_dir
-
-
-def convert_mla_to_gguf(converter_dir: str, hf_dir, out_path, outtype: str = "f16") -> str:
-    """llama.cpp's convert_hf_to_gguf.py (tests/gguf_support.py's wrapper; its deepseek2 class skips MTP itself)."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    from gguf_support import CONVERT_WRAPPER
-
-    r = subprocess.run([sys.executable, "-c", CONVERT_WRAPPER, converter_dir,
-                        json.dumps([[str(hf_dir), str(out_path), outtype]])],
-                       capture_output=True, text=True, env=dict(os.environ, NO_LOCAL_GGUF="1"), timeout=600)
-    if r.returncode != 0:
-        raise RuntimeError(f"convert_hf_to_gguf failed ({r.returncode}):\n{r.stderr[-4000:]}")
-    return str(out_path)

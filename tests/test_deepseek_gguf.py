@@ -11,10 +11,9 @@ import json
 
 import pytest
 
-from gguf_support import find_converter, llama_cpp_module
-from mla_support import convert_mla_to_gguf, save_mla
+from gguf_support import check_gguf_against_llama_cpp, convert_one, find_converter, llama_cpp_module
+from mla_support import save_mla
 from moepage.engine.engine import Engine, EngineConfig
-from qwen35_support import check_gguf_against_llama_cpp
 from qwen35_support import one_torch_thread  # noqa: F401 (autouse: one thread here)
 
 VARIANTS = {
@@ -38,7 +37,7 @@ def converted(tmp_path_factory, tokenizer_dir):
         if family not in made:
             hf = save_mla(family, root / f"{family}-hf", tokenizer_dir, vocab_size=info["vocab_size"],
                           eos=info["eos_token_id"], **VARIANTS[family])
-            made[family] = hf, convert_mla_to_gguf(converter, hf, root / f"{family}-f16.gguf")
+            made[family] = hf, convert_one(converter, hf, root / f"{family}-f16.gguf")  # deepseek2 skips MTP itself
         return made[family]
 
     return get

@@ -5,19 +5,20 @@ state bounded by the window and counted so, hostile configs refused naming the k
 checkpoint's own chat template."""
 from __future__ import annotations
 
+import functools
 import json
 
 import httpx
 import pytest
 import torch
 
-from gemma4_support import config_of, gemma_tokenizer, load_reference, save_gemma4
+from family_support import check_budgets, check_chunked_prefill_and_reuse, edited_config_dir, greedy
+from gemma4_support import gemma_tokenizer, load_reference, save_gemma4
 from qwen35_support import one_torch_thread  # noqa: F401 (autouse: one thread here)
 from moepage.engine.attention.sliding import WindowState
 from moepage.engine.checkpoint import open_checkpoint
 from moepage.engine.engine import Engine, EngineConfig
 from moepage.engine.model_args import ConfigError
-from moepage.engine.sampling import SamplingParams
 from moepage.engine.sequence_state import state_nbytes
 from server_support import MODEL_ID, serving
 
@@ -27,21 +28,11 @@ def checkpoints(tmp_path_factory, tokenizer_dir):
     root = tmp_path_factory.mktemp("gemma4")
     tok = root / "tokenizer"
     gemma_tokenizer(tokenizer_dir, tok)
-    made = {}
-
-    def get(dtype=torch.float32):
-        if dtype not in made:
-            made[dtype] = save_gemma4(root / str(dtype)[6:], tok, dtype=dtype)
-        return made[dtype]
-    return get
+    return functools.cache(lambda dtype=torch.float32: save_gemma4(root / str(dtype)[6:], tok, dtype=dtype))
 
 
 def prompt(n: int, seed: int = 1) -> list[int]:
     return torch.randint(0, 400, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def greedy(engine, ids, n=32):
-    return [s.token for s in engine.generate(ids, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))]
 
 
 def test_published_layout_reads_the_text_model_only(checkpoints):
@@ -92,21 +83,12 @@ def test_budgets_and_a_split_directory_give_identical_tokens(tmp_path, checkpoin
     engine = Engine.load(EngineConfig(str(path), threads=1, preload=False))
     full = greedy(engine, ids)
     a, each = engine.args, engine.plan.expert_bytes_each
-    total = each * len(a.moe_layers) * a.num_experts
     engine.close()
     assert open_checkpoint(str(path)).experts.stored_nbytes(0) == 3 * 64 * 32 * 2  # gate, up, down in bf16
     out = tmp_path / "split"
     split_checkpoint(str(path), str(out))
     assert verify_split(str(out)) == []
-    for where in (path, out):
-        for label, budget in (("100%", total), ("25%", total // 4), ("minimum", a.top_k * each)):
-            e = Engine.load(EngineConfig(str(where), threads=1, preload=False, expert_cache_bytes=budget))
-            assert greedy(e, ids) == full, f"{where.name} {label} budget changed the output"
-            stats = e.cache.stats.snapshot()
-            assert stats["misses"] > 0 and e.cache.used_bytes <= e.cache.budget
-            if label != "100%":
-                assert stats["evictions"] > 0, f"{label}: no eviction happened"
-            e.close()
+    check_budgets([path, out], ids, full, each, a, threads=1)
 
 
 def test_sliding_layers_keep_and_count_only_the_window(checkpoints):
@@ -125,15 +107,7 @@ def test_sliding_layers_keep_and_count_only_the_window(checkpoints):
 def test_prefill_in_chunks_and_prompt_reuse_give_the_same_tokens(checkpoints):
     """fp32 (chunks of another row count sum bf16 products in another order: in this tiny model's sharp scale-1
     attention that last bit can turn a token; in fp32 chunked and whole prefill agree within 2e-6)."""
-    path = checkpoints()
-    ids = prompt(30, seed=4)
-    whole = Engine.load(EngineConfig(str(path), threads=1, prefill_chunk=64))
-    want = greedy(whole, ids, 12)
-    whole.close()
-    chunked = Engine.load(EngineConfig(str(path), threads=1, prefill_chunk=5, prefix_cache=True))
-    assert greedy(chunked, ids, 12) == want
-    assert greedy(chunked, ids, 12) == want  # the second run re-uses the cached prefix (sliding states restored)
-    chunked.close()
+    check_chunked_prefill_and_reuse(checkpoints(), prompt(30, seed=4), threads=1)  # sliding states restored
 
 
 @pytest.mark.parametrize("change, match", [
@@ -147,14 +121,7 @@ def test_prefill_in_chunks_and_prompt_reuse_give_the_same_tokens(checkpoints):
     ({"per_layer_config": {"5": {"head_dim": 1 << 40}}}, "head_dim"),
 ])
 def test_hostile_configs_are_refused_naming_the_key(tmp_path, checkpoints, change, match):
-    src = checkpoints()
-    d = tmp_path / "m"
-    d.mkdir()
-    for f in src.iterdir():
-        (d / f.name).write_bytes(f.read_bytes())
-    cfg = config_of(d)
-    cfg["text_config"].update(change)
-    (d / "config.json").write_text(json.dumps(cfg))
+    d = edited_config_dir(checkpoints(), tmp_path / "m", lambda config: config["text_config"].update(change))
     with pytest.raises(ConfigError, match=match):
         open_checkpoint(str(d))
 

@@ -9,10 +9,9 @@ import pytest
 import torch
 
 from gemma4_support import load_reference, router_margins, save_gemma4, spm_tokenizer
-from gguf_support import LlamaCppGreedy, convert, find_converter, llama_cpp_module
+from gguf_support import ROUTER_TIE, check_paged_gguf, first_tie, hf_and_gguf, llama_cpp_module
 from qwen35_support import one_torch_thread  # noqa: F401 (autouse: one thread here)
 from moepage.engine.engine import Engine, EngineConfig
-from moepage.engine.sampling import SamplingParams
 from moepage.paging.gguf_stacked_experts import GGUFStackedExpertSource
 from server_support import MODEL_ID, serving
 
@@ -20,20 +19,16 @@ from server_support import MODEL_ID, serving
 # no top-k choice of this prompt and its continuation is a near-tie (tests/gemma4_support.py router_margins), q/k norm
 # weights small enough that the scale-1 attention is not near one-hot (where f16 rounding would swing it)
 SHAPE = dict(hidden_size=256, intermediate_size=256, moe_intermediate_size=256, head_dim=64, global_head_dim=128)
-ROUTER_TIE = 0.01  # as tests/test_gguf_families.py: llama.cpp's rounded activations may pick another expert there
 PROMPT = list(range(300, 310))
 
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    llama_cpp_module()
-    root = tmp_path_factory.mktemp("gemma4-gguf")
-    converter = find_converter(str(root / "src"))
-    vocab = spm_tokenizer(root / "tok")
-    hf = save_gemma4(root / "hf", root / "tok", vocab_size=vocab, router_std=16.0, qk_norm=0.25, **SHAPE)
-    out = root / "model-f16.gguf"
-    convert(converter, [(str(hf), str(out), "f16")])
-    return hf, str(out)
+    def make_hf(root):
+        return save_gemma4(root / "hf", root / "tok", vocab_size=spm_tokenizer(root / "tok"), router_std=16.0,
+                           qk_norm=0.25, **SHAPE)
+
+    return hf_and_gguf(tmp_path_factory, "gemma4-gguf", make_hf)
 
 
 def test_gguf_reads_the_gemma4_layers(converted):
@@ -66,34 +61,10 @@ def test_f16_greedy_equals_llama_cpp_at_every_budget(tmp_path, converted):
     from moepage.surgery.split_gguf import split_gguf
 
     hf, path = converted
-    params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
-    engine = Engine.load(EngineConfig(path, dtype="float32", tokenizer=False))
-    ours = [s.token for s in engine.generate(PROMPT, params)]
-    llm = LlamaCppGreedy(path)
-    try:
-        theirs, rows = llm.generate(PROMPT, 32)
-    finally:
-        llm.close()
-    margins = router_margins(load_reference(hf), PROMPT + theirs)
-    tie = (margins < ROUTER_TIE).nonzero()
-    n = min(32, (int(tie[0]) if len(tie) else len(margins)) - len(PROMPT) + 1)
-    assert n >= 8, f"a router near-tie after {n} tokens; pick a prompt without one"
-    logits = engine.logits_all(PROMPT + theirs)[len(PROMPT) - 1 : len(PROMPT) - 1 + n]
-    gap = (logits - torch.stack([torch.from_numpy(r) for r in rows[:n]])).abs().max().item()
-    assert gap < 0.05, f"logits differ from llama.cpp's by {gap} within {n} tokens"
-    i = next((k for k, (x, y) in enumerate(zip(ours[:n], theirs[:n])) if x != y), None)
-    if i is not None:  # only where llama.cpp's own top two are within the logit gap
-        assert float(rows[i][theirs[i]] - rows[i][ours[i]]) < 3 * gap, (i, ours, theirs)
-    a, each = engine.args, engine.plan.expert_bytes_each
-    engine.close()
     split_gguf(path, str(tmp_path / "split"))
-    for where in (path, str(tmp_path / "split")):
-        for budget in (each * len(a.moe_layers) * a.num_experts // 4, a.top_k * each):  # 25% and the minimum
-            paged = Engine.load(EngineConfig(where, dtype="float32", tokenizer=False, expert_cache_bytes=budget,
-                                             preload=False))
-            assert [s.token for s in paged.generate(PROMPT, params)] == ours, (where, budget)
-            assert paged.cache.stats.snapshot()["evictions"] > 0
-            paged.close()
+    engine = Engine.load(EngineConfig(path, dtype="float32", tokenizer=False))
+    check_paged_gguf(engine, path, PROMPT, lambda seq: first_tie(router_margins(load_reference(hf), seq)),
+                     also=[str(tmp_path / "split")], tokenizer=False)
 
 
 def test_gguf_tokenizer_and_template_match_llama_cpp_over_http(converted):

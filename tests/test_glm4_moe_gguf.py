@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from glm4_support import config_of, first_sigmoid_router_tie, glm_tokenizer, save_glm4_moe
-from gguf_support import LlamaCppGreedy, find_converter, llama_cpp_module
+from family_support import config_of
+from glm4_support import first_sigmoid_router_tie, glm_tokenizer, save_glm4_moe
+from gguf_support import check_paged_gguf, hf_and_gguf
 from moepage.engine.engine import Engine, EngineConfig
-from moepage.engine.sampling import SamplingParams
 from qwen35_support import convert_to_gguf
 from qwen35_support import one_torch_thread  # noqa: F401 (autouse: one thread here)
 
@@ -20,12 +20,10 @@ PROMPT = "import os\nimport sys\n\ndef main():\n"
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory, tokenizer_dir):
-    llama_cpp_module()
-    root = tmp_path_factory.mktemp("glm4-gguf")
-    converter = find_converter(str(root / "src"))
-    vocab = glm_tokenizer(tokenizer_dir, root / "tok")
-    hf = save_glm4_moe(root / "hf", root / "tok", vocab_size=vocab, **SHAPE)
-    return hf, convert_to_gguf(converter, hf, root / "model-f16.gguf", "f16")
+    def make_hf(root):
+        return save_glm4_moe(root / "hf", root / "tok", vocab_size=glm_tokenizer(tokenizer_dir, root / "tok"), **SHAPE)
+
+    return hf_and_gguf(tmp_path_factory, "glm4-gguf", make_hf, convert_to_gguf)
 
 
 def test_gguf_metadata_gives_the_config(converted):
@@ -47,25 +45,4 @@ def test_f16_greedy_equals_llama_cpp_at_every_budget(converted):
     hf, path = converted
     engine = Engine.load(EngineConfig(path, dtype="float32"))
     ids = engine.tokenizer.encode(PROMPT)
-    params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
-    ours = [s.token for s in engine.generate(ids, params)]
-    llm = LlamaCppGreedy(path)
-    try:
-        theirs, rows = llm.generate(ids, 32)
-    finally:
-        llm.close()
-    n = min(32, first_sigmoid_router_tie(hf, ids + theirs, config_of(hf)) - len(ids) + 1)
-    assert n >= 8, f"a router near-tie after {n} tokens; pick a prompt without one"
-    logits = engine.logits_all(ids + theirs)[len(ids) - 1 : len(ids) - 1 + n]
-    gap = (logits - torch.stack([torch.from_numpy(r) for r in rows[:n]])).abs().max().item()
-    assert gap < 0.05, f"logits differ from llama.cpp's by {gap} within {n} tokens"
-    i = next((k for k, (x, y) in enumerate(zip(ours[:n], theirs[:n])) if x != y), None)
-    if i is not None:  # only where llama.cpp's own top two are within the logit gap
-        assert float(rows[i][theirs[i]] - rows[i][ours[i]]) < 3 * gap, (i, ours, theirs)
-    a, each = engine.args, engine.plan.expert_bytes_each
-    engine.close()
-    for budget in (each * len(a.moe_layers) * a.num_experts // 4, a.top_k * each):  # 25% and the minimum
-        paged = Engine.load(EngineConfig(path, dtype="float32", expert_cache_bytes=budget, preload=False))
-        assert [s.token for s in paged.generate(ids, params)] == ours
-        assert paged.cache.stats.snapshot()["evictions"] > 0
-        paged.close()
+    check_paged_gguf(engine, path, ids, lambda seq: first_sigmoid_router_tie(hf, seq, config_of(hf)))

@@ -9,6 +9,7 @@ import json
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from family_support import serving_chat_model
 from glm4_support import CHAT_TEMPLATE, glm_tokenizer, save_glm4_moe
 from moepage.engine.chat_template import BoundedSandbox
 from moepage.server.tool_choice import GLM_XML, forced_prefix, template_tool_format
@@ -102,15 +103,9 @@ def test_format_and_forced_prefix_from_the_template():
 
 @pytest.fixture(scope="module")
 def glm_server(tmp_path_factory, tokenizer_dir):
-    from server_support import load_engine, serving
-
-    root = tmp_path_factory.mktemp("glm-http")
-    vocab = glm_tokenizer(tokenizer_dir, root / "tok")
-    path = save_glm4_moe(root / "hf", root / "tok", vocab_size=vocab, zero_head=True, max_position_embeddings=2048)
-    engine = load_engine(str(path), ctx=2048)
-    with serving(engine) as (url, _):
-        yield engine, url
-    engine.close()
+    with serving_chat_model(tmp_path_factory.mktemp("glm-http"), tokenizer_dir, glm_tokenizer, save_glm4_moe,
+                            2048) as served:
+        yield served
 
 
 def test_served_over_http_streamed_and_not(glm_server):

@@ -4,19 +4,19 @@ equal to transformers.generate, the same tokens at expert budgets of 100%, 25% a
 state bounded by the window and counted so, hostile configs refused, and a Harmony chat over HTTP."""
 from __future__ import annotations
 
-import json
+import functools
 
 import httpx
 import pytest
 import torch
 
+from family_support import check_budgets, check_chunked_prefill_and_reuse, edited_config_dir, greedy
 from gpt_oss_support import reference, save_gpt_oss
 from gpt_oss_support import one_torch_thread  # noqa: F401 (autouse: one thread here)
 from moepage.engine.attention.sliding import WindowState
 from moepage.engine.checkpoint import open_checkpoint
 from moepage.engine.engine import Engine, EngineConfig
 from moepage.engine.model_args import ConfigError
-from moepage.engine.sampling import SamplingParams
 from moepage.engine.sequence_state import state_nbytes
 from server_support import MODEL_ID, serving
 
@@ -26,14 +26,8 @@ KINDS = ("float", "mxfp4")
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("gpt_oss")
-    made = {}
-
-    def get(kind: str, dtype=torch.float32):
-        key = (kind, dtype)
-        if key not in made:
-            made[key] = save_gpt_oss(root / f"{kind}_{str(dtype)[6:]}", dtype=dtype, mxfp4_experts=kind == "mxfp4")
-        return made[key]
-    return get
+    return functools.cache(lambda kind, dtype=torch.float32: save_gpt_oss(
+        root / f"{kind}_{str(dtype)[6:]}", dtype=dtype, mxfp4_experts=kind == "mxfp4"))
 
 
 def prompt(n: int, seed: int = 1) -> list[int]:
@@ -52,11 +46,6 @@ def test_fp32_logits_match_transformers(checkpoints, kind):
     diff = (got - want).abs().max().item()
     assert diff < 1e-4, f"{kind}: max abs logit diff {diff}"
     engine.close()
-
-
-def greedy(engine, ids, n=32, **kw):
-    return [s.token for s in engine.generate(ids, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True,
-                                                                  **kw))]
 
 
 def reference_greedy(model, ids: list[int], n: int) -> tuple[list[int], list[bool]]:
@@ -96,18 +85,10 @@ def test_budgets_give_identical_tokens(checkpoints, kind):
     engine = Engine.load(EngineConfig(str(path), threads=1, preload=False))
     full = greedy(engine, ids)
     each = engine.plan.expert_bytes_each
-    total = each * len(engine.args.moe_layers) * engine.args.num_experts
     engine.close()
     src = open_checkpoint(str(path)).experts
     assert each == src.stored_nbytes(0)  # a bf16 file computed in bf16: what is stored is what is held
-    for label, budget in (("100%", total), ("25%", total // 4), ("minimum", engine.args.top_k * each)):
-        e = Engine.load(EngineConfig(str(path), threads=1, preload=False, expert_cache_bytes=budget))
-        assert greedy(e, ids) == full, f"{kind} {label} budget changed the output"
-        stats = e.cache.stats.snapshot()
-        assert stats["misses"] > 0 and e.cache.used_bytes <= e.cache.budget
-        if label != "100%":
-            assert stats["evictions"] > 0, f"{label}: no eviction happened"
-        e.close()
+    check_budgets([path], ids, full, each, engine.args, threads=1)
 
 
 def test_mxfp4_experts_cost_their_mxfp4_bytes(checkpoints):
@@ -137,15 +118,7 @@ def test_sliding_layers_keep_and_count_only_the_window(checkpoints):
 
 
 def test_prefill_in_chunks_and_prompt_reuse_give_the_same_tokens(checkpoints):
-    path = checkpoints("float", torch.bfloat16)
-    ids = prompt(30, seed=4)
-    whole = Engine.load(EngineConfig(str(path), threads=1, prefill_chunk=64))
-    want = greedy(whole, ids, 12)
-    whole.close()
-    chunked = Engine.load(EngineConfig(str(path), threads=1, prefill_chunk=5, prefix_cache=True))
-    assert greedy(chunked, ids, 12) == want
-    assert greedy(chunked, ids, 12) == want  # the second run re-uses the cached prefix
-    chunked.close()
+    check_chunked_prefill_and_reuse(checkpoints("float", torch.bfloat16), prompt(30, seed=4), threads=1)
 
 
 @pytest.mark.parametrize("change, match", [
@@ -155,14 +128,7 @@ def test_prefill_in_chunks_and_prompt_reuse_give_the_same_tokens(checkpoints):
     ({"num_local_experts": None}, "num_local_experts"),
 ])
 def test_hostile_configs_are_refused_naming_the_key(tmp_path, checkpoints, change, match):
-    src = checkpoints("float")
-    d = tmp_path / "m"
-    d.mkdir()
-    for f in src.iterdir():
-        (d / f.name).write_bytes(f.read_bytes())
-    cfg = json.loads((d / "config.json").read_text())
-    cfg.update(change)
-    (d / "config.json").write_text(json.dumps(cfg))
+    d = edited_config_dir(checkpoints("float"), tmp_path / "m", lambda config: config.update(change))
     with pytest.raises(ConfigError, match=match):
         open_checkpoint(str(d))
 

@@ -5,22 +5,17 @@ the same greedy tokens from a split directory at the minimum budget), DeepSeek-V
 configs are refused with the key named, the GGUF exporter refuses MLA (llama.cpp's converter writes it)."""
 from __future__ import annotations
 
-import json
-
-import httpx
 import pytest
 import torch
 
 from conftest import prompt_ids
+from family_support import check_budgets_from_split_dirs, check_serves_over_http, edited_config_dir, greedy
 from mla_support import save_kimi_k25, save_mla
 from moepage.engine.attention.mla import MLAShape
 from moepage.engine.checkpoint import open_checkpoint
 from moepage.engine.engine import Engine, EngineConfig
 from moepage.engine.model_args import ConfigError
-from moepage.engine.moe import PreparedExpert
-from moepage.engine.sampling import SamplingParams
 from moepage.engine.sequence_state import state_nbytes
-from moepage.surgery.split import split_checkpoint
 from qwen35_support import one_torch_thread  # noqa: F401 (autouse: one thread here)
 
 
@@ -32,10 +27,6 @@ def v3(tmp_path_factory, tokenizer_dir):
 @pytest.fixture(scope="module")
 def kimi(tmp_path_factory, tokenizer_dir):
     return save_kimi_k25(tmp_path_factory.mktemp("kimi"), tokenizer_dir)
-
-
-def greedy(engine, ids, n=16):
-    return [s.token for s in engine.generate(ids, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))]
 
 
 def test_latent_cache_bytes_are_what_the_budget_counts(v3):
@@ -74,46 +65,22 @@ def test_kimi_k25_wrapper_text_model_matches_transformers(kimi, tmp_path):
     with torch.no_grad():
         want = ref(input_ids=torch.tensor([ids])).logits[0]
     assert (ours - want).abs().max().item() < 1e-4
-    tokens = greedy(engine, ids[:16])
-    a = engine.args
+    tokens = greedy(engine, ids[:16], 16)
     engine.close()
-    split_checkpoint(str(kimi), str(tmp_path / "split"))
-    each = PreparedExpert.nbytes_for(a.hidden_size, a.moe_intermediate_size, torch.float32)
-    paged = Engine.load(EngineConfig(str(tmp_path / "split"), expert_cache_bytes=a.top_k * each, preload=False,
-                                     tokenizer=False))
-    assert greedy(paged, ids[:16]) == tokens
-    paged.close()
+    check_budgets_from_split_dirs(kimi, ids[:16], tokens, tmp_path, torch.float32, lossless=(False,),
+                                  labels=("minimum",))
 
 
 def test_serve_answers_over_http(v3):
-    from server_support import load_engine, serving
-
-    engine = load_engine(str(v3))
-    ids = prompt_ids(12, 400, seed=6)
-    want = greedy(engine, ids, 8)
-    with serving(engine) as (url, _):
-        r = httpx.post(f"{url}/v1/completions", json={"model": "hardening-test", "prompt": ids, "max_tokens": 8,
-                                                         "temperature": 0}, timeout=120)
-    assert r.status_code == 200, r.text
-    assert r.json()["choices"][0]["text"] == engine.tokenizer.decode(want)
-    engine.close()
+    check_serves_over_http(v3)
 
 
 @pytest.mark.parametrize("key, value", [("kv_lora_rank", 1 << 30), ("qk_rope_head_dim", 7), ("q_lora_rank", -1),
                                         ("scoring_func", "softmax"), ("n_group", 3),
                                         ("partial_rotary_factor", 0.5), ("v_head_dim", None)])
 def test_hostile_config_is_refused_naming_the_key(v3, tmp_path, key, value):
-    config = json.loads((v3 / "config.json").read_text())
-    if value is None:
-        config.pop(key)
-    else:
-        config[key] = value
-    d = tmp_path / "bad"
-    d.mkdir()
-    (d / "config.json").write_text(json.dumps(config))
-    for f in v3.glob("*.safetensors*"):
-        (d / f.name).symlink_to(f)
-    with pytest.raises(ConfigError, match=key if key != "n_group" else "n_group"):
+    d = edited_config_dir(v3, tmp_path / "bad", lambda c: c.pop(key) if value is None else c.update({key: value}))
+    with pytest.raises(ConfigError, match=key):
         open_checkpoint(str(d))
 
 

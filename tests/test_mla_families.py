@@ -5,15 +5,15 @@ bf16 greedy tokens equal to transformers.generate, the same tokens at 100%/25%/m
 split --lossless directories."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 from conftest import prompt_ids
+from family_support import check_budgets_from_split_dirs, greedy_of, reference_greedy
 from mla_support import save_mla
 from moepage.engine.engine import Engine, EngineConfig
-from moepage.engine.moe import PreparedExpert
-from moepage.engine.sampling import SamplingParams
-from moepage.surgery.split import split_checkpoint
 from qwen35_support import one_torch_thread  # noqa: F401 (autouse: one thread here)
 
 FAMILIES = ("deepseek_v3", "deepseek_v2", "glm4_moe_lite")
@@ -22,25 +22,14 @@ PROMPT_SEED = {"deepseek_v3": 2, "deepseek_v2": 2, "glm4_moe_lite": 6}  # prompt
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, tokenizer_dir):
-    made = {}
-
-    def get(family: str, dtype: str):
-        if (family, dtype) not in made:
-            made[family, dtype] = save_mla(family, tmp_path_factory.mktemp(f"{family}-{dtype}"), tokenizer_dir,
-                                           dtype=getattr(torch, dtype))
-        return made[family, dtype]
-
-    return get
+    return functools.cache(lambda family, dtype: save_mla(family, tmp_path_factory.mktemp(f"{family}-{dtype}"),
+                                                          tokenizer_dir, dtype=getattr(torch, dtype)))
 
 
 def reference(path, dtype=torch.float32):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
-
-
-def greedy(engine, ids, n=32):
-    return [s.token for s in engine.generate(ids, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -69,19 +58,6 @@ def test_fp32_logits_match_transformers(checkpoint, family):
 def test_bf16_greedy_and_budgets_from_split_dirs(checkpoint, tmp_path, family):
     src = checkpoint(family, "bfloat16")
     ids = prompt_ids(24, 400, seed=PROMPT_SEED[family])
-    full = Engine.load(EngineConfig(str(src), tokenizer=False))
-    want = greedy(full, ids)
-    a = full.args
-    full.close()
-    out = reference(src, torch.bfloat16).generate(torch.tensor([ids]), max_new_tokens=32, min_new_tokens=32,
-                                                  do_sample=False, eos_token_id=None, pad_token_id=0)
-    assert want == out[0, len(ids):].tolist()
-    each = PreparedExpert.nbytes_for(a.hidden_size, a.moe_intermediate_size, torch.bfloat16)
-    total = each * len(a.moe_layers) * a.num_experts
-    for lossless in (False, True):
-        d = tmp_path / f"split-{lossless}"
-        split_checkpoint(str(src), str(d), lossless=lossless)
-        for label, budget in (("100%", total), ("25%", total // 4), ("minimum", a.top_k * each)):
-            engine = Engine.load(EngineConfig(str(d), expert_cache_bytes=budget, preload=False, tokenizer=False))
-            assert greedy(engine, ids) == want, f"lossless={lossless} {label}"
-            engine.close()
+    want = greedy_of(src, ids, tokenizer=False)
+    assert want == reference_greedy(src, ids, reference=reference)
+    check_budgets_from_split_dirs(src, ids, want, tmp_path)

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from gguf_support import find_converter, llama_cpp_module
+from gguf_support import check_gguf_against_llama_cpp, hf_and_gguf
 from moepage.engine.engine import Engine, EngineConfig
-from qwen35_support import check_gguf_against_llama_cpp, convert_to_gguf, save_qwen35
+from qwen35_support import convert_to_gguf, save_qwen35
 from qwen35_support import one_torch_thread  # noqa: F401 (autouse: one thread here)
 
 # K-quant friendly sizes (rows a multiple of 256), the published multimodal layout with its tiny vision tower
@@ -19,12 +19,9 @@ SHAPE = dict(hidden_size=256, head_dim=64, linear_key_head_dim=64, linear_value_
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory, tokenizer_dir):
-    llama_cpp_module()
-    root = tmp_path_factory.mktemp("qwen35-gguf")
-    converter = find_converter(str(root / "src"))
     vocab = json.loads((tokenizer_dir / "info.json").read_text())["vocab_size"]
-    hf = save_qwen35(root / "hf", tokenizer_dir, vocab_size=vocab, **SHAPE)
-    return hf, convert_to_gguf(converter, hf, root / "model-f16.gguf", "f16")
+    return hf_and_gguf(tmp_path_factory, "qwen35-gguf",
+                       lambda root: save_qwen35(root / "hf", tokenizer_dir, vocab_size=vocab, **SHAPE), convert_to_gguf)
 
 
 def test_gguf_reads_the_hybrid_layers(converted):

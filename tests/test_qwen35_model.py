@@ -6,17 +6,19 @@ Shape legend: V vocab, H hidden.
 """
 from __future__ import annotations
 
+import functools
 import json
 
-import httpx
 import pytest
 import torch
 
 from conftest import prompt_ids
+from family_support import (check_budgets_from_split_dirs, check_serves_over_http, edited_config_dir, greedy,
+                            greedy_of, logits_gap, reference_greedy)
 from moepage.engine.checkpoint import open_checkpoint
 from moepage.engine.engine import Engine, EngineConfig
 from moepage.engine.model_args import ConfigError
-from qwen35_support import check_budgets_from_split_dirs, greedy, save_qwen35, save_qwen35_text, with_published_extras
+from qwen35_support import save_qwen35, save_qwen35_text, with_published_extras
 from qwen35_support import one_torch_thread  # noqa: F401 (autouse: one thread here)
 
 
@@ -29,27 +31,19 @@ def reference(path, dtype=torch.float32):
 @pytest.fixture(scope="module")
 def published(tmp_path_factory, tokenizer_dir):
     """{dtype name: the published multimodal layout (mtp shard and config extras included)}, built lazily."""
-    made = {}
+    def build(dtype: str):
+        d = save_qwen35(tmp_path_factory.mktemp(f"qwen35-{dtype}"), tokenizer_dir, dtype=getattr(torch, dtype))
+        with_published_extras(d)
+        return d
 
-    def get(dtype: str):
-        if dtype not in made:
-            d = save_qwen35(tmp_path_factory.mktemp(f"qwen35-{dtype}"), tokenizer_dir, dtype=getattr(torch, dtype))
-            with_published_extras(d)
-            made[dtype] = d
-        return made[dtype]
-
-    return get
+    return functools.cache(build)
 
 
 @pytest.mark.parametrize("layout", ["published", "text"])
 def test_fp32_logits_match_transformers(layout, published, tmp_path):
     path = published("float32") if layout == "published" else save_qwen35_text(tmp_path, seed=1)
     engine = Engine.load(EngineConfig(str(path), tokenizer=False))
-    ids = prompt_ids(64, engine.args.vocab_size)
-    ours = engine.logits_all(ids)
-    with torch.no_grad():
-        ref = reference(path)(torch.tensor([ids])).logits[0]
-    diff = (ours.float() - ref.float()).abs().max().item()
+    diff = logits_gap(engine, path, prompt_ids(64, engine.args.vocab_size), reference)
     assert diff < 1e-4, f"{layout}: max abs logit diff {diff}"
     assert engine.args.mixers.count("linear_attention") == 3
     engine.close()
@@ -65,21 +59,14 @@ def test_visual_tower_and_mtp_are_never_read(published):
 
 def test_bf16_greedy_matches_transformers_generate(published):
     path = published("bfloat16")
-    engine = Engine.load(EngineConfig(str(path)))
-    ids = prompt_ids(24, engine.args.vocab_size, seed=2)
-    ours = greedy(engine, ids)
-    engine.close()
-    out = reference(path, torch.bfloat16).generate(torch.tensor([ids]), max_new_tokens=32, min_new_tokens=32,
-                                                   do_sample=False, eos_token_id=None, pad_token_id=0)
-    assert ours == out[0, len(ids):].tolist()
+    ids = prompt_ids(24, 400, seed=2)
+    assert greedy_of(path, ids) == reference_greedy(path, ids, reference=reference)
 
 
 def test_budgets_give_identical_tokens_from_split_dirs(published, tmp_path):
     src = published("bfloat16")
     ids = prompt_ids(40, 400, seed=3)
-    full = Engine.load(EngineConfig(str(src), tokenizer=False))
-    want = greedy(full, ids)
-    full.close()
+    want = greedy_of(src, ids, tokenizer=False)
     check_budgets_from_split_dirs(src, ids, want, tmp_path)
 
 
@@ -112,31 +99,14 @@ def test_prompt_reuse_through_recurrent_layers_is_exact(published):
 
 
 def test_layer_types_of_the_wrong_length_are_refused(published, tmp_path):
-    config = json.loads((published("float32") / "config.json").read_text())
-    config["text_config"]["layer_types"] = ["linear_attention"] * 3
-    d = tmp_path / "bad"
-    d.mkdir()
-    (d / "config.json").write_text(json.dumps(config))
-    for f in published("float32").glob("*.safetensors*"):
-        (d / f.name).symlink_to(f)
+    d = edited_config_dir(published("float32"), tmp_path / "bad",
+                          lambda config: config["text_config"].update(layer_types=["linear_attention"] * 3))
     with pytest.raises(ConfigError, match="layer_types"):
         open_checkpoint(str(d))
 
 
 def test_serve_answers_over_http(published):
-    from server_support import load_engine, serving
-
-    engine = load_engine(str(published("bfloat16")))
-    ids = prompt_ids(12, 400, seed=6)
-    want = greedy(engine, ids, 8)
-    with serving(engine) as (url, _):
-        r = httpx.post(f"{url}/v1/completions", json={"model": "hardening-test", "prompt": ids, "max_tokens": 8,
-                                                         "temperature": 0}, timeout=120)
-    assert r.status_code == 200, r.text
-    body = r.json()
-    assert body["usage"]["completion_tokens"] == 8
-    assert body["choices"][0]["text"] == engine.tokenizer.decode(want)
-    engine.close()
+    check_serves_over_http(published("bfloat16"))
 
 
 def test_snapshot_at_the_current_length_continues_exactly(published):

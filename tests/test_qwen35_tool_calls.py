@@ -9,6 +9,7 @@ import json
 import httpx
 import pytest
 
+from family_support import serving_chat_model
 from moepage.server.tool_choice import QWEN3_CODER_XML, forced_prefix, template_tool_format
 from qwen35_support import CHAT_TEMPLATE, qwen35_tokenizer, save_qwen35
 from qwen35_support import one_torch_thread  # noqa: F401 (autouse: one thread here)
@@ -19,15 +20,9 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tokenizer_dir):
-    from server_support import load_engine, serving
-
-    root = tmp_path_factory.mktemp("qwen35-tools")
-    vocab = qwen35_tokenizer(tokenizer_dir, root / "tok")
-    path = save_qwen35(root / "hf", root / "tok", vocab_size=vocab, zero_head=True, max_position_embeddings=4096)
-    engine = load_engine(str(path), ctx=4096)
-    with serving(engine) as (url, _):
-        yield engine, url
-    engine.close()
+    with serving_chat_model(tmp_path_factory.mktemp("qwen35-tools"), tokenizer_dir, qwen35_tokenizer, save_qwen35,
+                            4096) as served:
+        yield served
 
 
 def test_the_template_picks_the_xml_format():

@@ -8,10 +8,11 @@ import json
 
 import pytest
 
-from gguf_support import find_converter, llama_cpp_module
+from family_support import check_budgets, greedy
+from gguf_support import check_gguf_against_llama_cpp, hf_and_gguf
 from moepage.engine.engine import Engine, EngineConfig
 from moepage.engine.families.qwen3_next import GGUF_NAMES
-from qwen35_support import check_gguf_against_llama_cpp, convert_to_gguf, save_qwen3_next
+from qwen35_support import convert_to_gguf, save_qwen3_next
 from qwen35_support import one_torch_thread  # noqa: F401 (autouse: one thread here)
 
 # K-quant friendly sizes (rows a multiple of 256); every layer sparse, as published (llama.cpp's converter has no
@@ -22,12 +23,10 @@ SHAPE = dict(hidden_size=256, head_dim=64, linear_key_head_dim=64, linear_value_
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory, tokenizer_dir):
-    llama_cpp_module()
-    root = tmp_path_factory.mktemp("qwen3-next-gguf")
-    converter = find_converter(str(root / "src"))
     vocab = json.loads((tokenizer_dir / "info.json").read_text())["vocab_size"]
-    hf = save_qwen3_next(root / "hf", tokenizer_dir, vocab_size=vocab, **SHAPE)
-    return hf, convert_to_gguf(converter, hf, root / "model-f16.gguf", "f16")
+    return hf_and_gguf(tmp_path_factory, "qwen3-next-gguf",
+                       lambda root: save_qwen3_next(root / "hf", tokenizer_dir, vocab_size=vocab, **SHAPE),
+                       convert_to_gguf)
 
 
 def test_gguf_reads_the_split_projections(converted):
@@ -49,19 +48,13 @@ def test_f16_greedy_equals_llama_cpp_at_every_budget(converted):
 
 
 def test_split_of_the_gguf_gives_the_files_tokens_at_the_minimum(converted, tmp_path):
-    from moepage.engine.sampling import SamplingParams
     from moepage.surgery.split_gguf import split_gguf
 
     _, path = converted
     split_gguf(path, str(tmp_path / "split"))
-    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     whole = Engine.load(EngineConfig(path, dtype="float32"))
     ids = whole.tokenizer.encode("import os\n")
-    want = [s.token for s in whole.generate(ids, params)]
-    minimum = whole.args.top_k * whole.plan.expert_bytes_each
+    want = greedy(whole, ids, 16)
+    a, each = whole.args, whole.plan.expert_bytes_each
     whole.close()
-    paged = Engine.load(EngineConfig(str(tmp_path / "split"), dtype="float32", expert_cache_bytes=minimum,
-                                     preload=False))
-    assert [s.token for s in paged.generate(ids, params)] == want
-    assert paged.cache.stats.snapshot()["evictions"] > 0
-    paged.close()
+    check_budgets([tmp_path / "split"], ids, want, each, a, ("minimum",), dtype="float32")
