@@ -5,8 +5,9 @@ engine/batch_step.py against each of them decoded alone, in alternating rounds, 
 
 Each round decodes --steps tokens of sequence 0 alone (model.forward, the server's single-sequence step), then
 --steps batched steps of all --streams sequences; the sequences keep their KV caches across rounds (the prompts are
---prompt random token ids). Reports per round the alone tok/s, the aggregate tok/s together, their ratio, and the
-expert cache's hit rate in each phase; medians at the end. bench/agent.py measures the same over HTTP.
+--prompt random token ids). Reports per round the alone tok/s, the aggregate tok/s together, their ratio, the
+process CPU time per token of each phase (less at the mercy of a loaded machine than the wall clock) and the expert
+cache's hit rate in each phase; medians and ranges at the end. bench/agent.py measures the same over HTTP.
 """
 from __future__ import annotations
 
@@ -55,12 +56,12 @@ def main():
             seqs.append(s)
 
         def phase(fn, steps, tokens_per_step):
-            h0, m0, t0 = stats.hits, stats.misses, time.perf_counter()
+            h0, m0, t0, c0 = stats.hits, stats.misses, time.perf_counter(), time.process_time()
             for _ in range(steps):
                 fn()
-            dt = time.perf_counter() - t0
+            dt, cpu = time.perf_counter() - t0, time.process_time() - c0
             hits, misses = stats.hits - h0, stats.misses - m0
-            return steps * tokens_per_step / dt, hits / max(1, hits + misses)
+            return steps * tokens_per_step / dt, hits / max(1, hits + misses), 1e3 * cpu / (steps * tokens_per_step)
 
         def alone():
             s = seqs[0]
@@ -73,17 +74,19 @@ def main():
                 s.sample()
 
         for r in range(a.rounds):
-            one, one_hit = phase(alone, a.steps, 1)
-            agg, agg_hit = phase(together, a.steps, a.streams)
+            one, one_hit, one_cpu = phase(alone, a.steps, 1)
+            agg, agg_hit, agg_cpu = phase(together, a.steps, a.streams)
             rows.append({"round": r, "alone_tps": one, "together_tps": agg, "ratio": agg / one,
-                         "alone_hit_rate": one_hit, "together_hit_rate": agg_hit})
+                         "alone_cpu_ms_per_token": one_cpu, "together_cpu_ms_per_token": agg_cpu,
+                         "cpu_ratio": one_cpu / agg_cpu, "alone_hit_rate": one_hit, "together_hit_rate": agg_hit})
             print(json.dumps(rows[-1]), flush=True)
         for s in seqs:
             s.finish()
     engine.close()
-    med = {k: statistics.median(r[k] for r in rows) for k in ("alone_tps", "together_tps", "ratio")}
-    spread = {k: (min(r[k] for r in rows), max(r[k] for r in rows)) for k in ("ratio",)}
-    print("RESULT " + json.dumps({"median": med, "ratio_range": spread["ratio"], "rows": rows}), flush=True)
+    keys = ("alone_tps", "together_tps", "ratio", "alone_cpu_ms_per_token", "together_cpu_ms_per_token", "cpu_ratio")
+    med = {k: statistics.median(r[k] for r in rows) for k in keys}
+    spread = {k: (min(r[k] for r in rows), max(r[k] for r in rows)) for k in ("ratio", "cpu_ratio")}
+    print("RESULT " + json.dumps({"median": med, "range": spread, "rows": rows}), flush=True)
 
 
 if __name__ == "__main__":
