@@ -82,16 +82,19 @@ def _prefilled(engine: Engine, ids: list[int], n: int):
     return kv
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_one_call_per_token_equals_the_per_layer_calls(q4_k_m, dtype):
+def test_one_call_per_token_equals_the_per_layer_calls(q4_k_m, family, dtype):
     """kernels/ggml_token.py runs every layer of a resident Q4_K_M in one C++ call: its hidden state and KV writes
-    are bit for bit those of one attention_decode + one experts_one_token call per layer, and its greedy tokens
-    those of the per-layer path (the final norm's summation order may differ by an ulp)."""
+    are bit for bit those of one attention_decode + one experts_one_token call per layer (with Qwen2-MoE's shared
+    expert and its sigmoid gate: SparseMoE's own ops), and its greedy tokens those of the per-layer path (the final
+    norm's summation order may differ by an ulp)."""
     from moepage.engine.attention.gqa import QK_NORM_MODE
 
-    engine = Engine.load(EngineConfig(q4_k_m["qwen3_moe"], dtype=dtype, tokenizer=False, ctx_size=128))
+    engine = Engine.load(EngineConfig(q4_k_m[family], dtype=dtype, tokenizer=False, ctx_size=128))
     try:
         m = engine.model
+        assert (m.layers[0].moe.shared is not None) == (family == "qwen2_moe")
         ids = list(range(7, 31))
         a, b = _prefilled(engine, ids, 4), _prefilled(engine, ids, 4)
         with torch.inference_mode():

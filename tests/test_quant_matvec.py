@@ -127,3 +127,21 @@ def test_many_small_calls_finish_quickly(threads):
     for _ in range(3000):
         assert torch.equal(ggml_linear(x, w), first)
     assert time.perf_counter() - t0 < 30
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_finite_argmax_is_torchs_argmax_and_refuses_nan_and_inf(dtype):
+    """The greedy sampler's one pass (kernels/ggml_cpu.py finite_argmax): torch.argmax's first-of-ties index on
+    finite logits (many ties: values drawn from a few levels), -1 once any value is NaN, +inf or -inf."""
+    from moepage.kernels.ggml_cpu import finite_argmax
+
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 7, 1023, 1024, 1025, 151_936):
+        for _ in range(3):
+            x = torch.randint(-4, 4, (n,), generator=g).to(dtype) * 0.5
+            assert finite_argmax(x) == int(torch.argmax(x))
+            for bad in (float("nan"), float("inf"), float("-inf")):
+                y = x.clone()
+                y[int(torch.randint(0, n, (1,), generator=g))] = bad
+                assert finite_argmax(y) == -1
+    assert finite_argmax(torch.zeros(4, dtype=torch.float16)) is None  # not a type it reads: torch's ops run

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from moepage.kernels.ggml_cpu import finite_argmax
+
 
 class NonFiniteLogits(RuntimeError):
     """The model's logits hold NaN or inf: a weight file is most likely corrupt or changed since it was written."""
@@ -109,11 +111,15 @@ class Sampler:
     def __call__(self, raw: torch.Tensor) -> TokenChoice:
         """raw [V] logits -> the next token (and its logprobs from the model's own distribution)."""
         p = self.p
-        if not bool(torch.isfinite(raw).all()):
+        plain = self.bias is None and p.repetition_penalty == 1.0 and not (p.presence_penalty or p.frequency_penalty)
+        # greedy: one C++ pass checks and picks (kernels/ggml_cpu.py; -1: a NaN or inf), else torch's ops
+        fast = finite_argmax(raw) if p.greedy and plain else None
+        if fast == -1 or (fast is None and not bool(torch.isfinite(raw).all())):
             raise NonFiniteLogits(f"the model produced non-finite logits (NaN or inf) at output token "
                                   f"{self.generated + 1}: a weight file may be corrupt or changed; see `moepage verify`")
-        plain = self.bias is None and p.repetition_penalty == 1.0 and not (p.presence_penalty or p.frequency_penalty)
-        if p.greedy and plain:
+        if fast is not None:
+            token = fast
+        elif p.greedy and plain:
             token = int(torch.argmax(raw))  # widening to float32 is exact and keeps the order (and the first of ties)
         else:
             raw = raw.float()

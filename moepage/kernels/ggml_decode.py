@@ -79,7 +79,9 @@ def quantized_decode_kernel(layers, dtype: torch.dtype, device: torch.device) ->
                 return None
     if not any(isinstance(t, GGMLWeight) for t in matrices):
         return None
-    for t in matrices:
+    shared = [t for layer in layers if layer.moe is not None and layer.moe.shared is not None
+              for t in layer.moe.shared]  # a shared expert's matrices (Qwen2-MoE): only ever multiplied too
+    for t in matrices + shared:
         if isinstance(t, GGMLWeight):
             t.qweight = interleaved_for_matvec(t.qweight)  # in place: the GGMLWeight's bytes are the same memory
     return QuantizedDecodeKernel(b.module, {id(t): _ggml_bytes(t)[:2] for t in matrices})

@@ -4,11 +4,12 @@ from a table of every expert's bytes in the expert cache; Python only embeds the
 arithmetic as one attention_decode and one experts_one_token call per layer (model.py's fused path), so the
 hidden state is bit for bit theirs.
 
-It applies when every layer is a GQA mixer with a routed MoE whose softmax top-k runs in the kernel (no shared
-expert, observers, elastic routing or trace), the lm_head is a GGML matrix ggml multiplies, and the expert cache
-holds every expert of every layer; anything else (a cap, a prefill, a family block) takes the per-layer path. A
-table stays valid while the cache evicts nothing: the call holds the cache's lock, so no read or eviction runs
-under it, and the table is rebuilt (or dropped) once an eviction was counted.
+It applies when every layer is a GQA mixer with a routed MoE whose softmax top-k runs in the kernel (no observers,
+elastic routing or trace; a shared expert of GGML matrices with an optional sigmoid gate, as Qwen2-MoE's, rides in
+the same call), the lm_head is a GGML matrix ggml multiplies, and the expert cache holds every expert of every
+layer; anything else (a cap, a prefill, a family block) takes the per-layer path. A table stays valid while the
+cache evicts nothing: the call holds the cache's lock, so no read or eviction runs under it, and the table is
+rebuilt (or dropped) once an eviction was counted.
 
 Shape legend: H hidden, V vocab, L sparse layers, K experts per token.
 """
@@ -37,6 +38,33 @@ class TokenKernel:
         self.stamp = None  # (evictions, entries, first entry's value) when the plan was built
         self.refused = False  # the model's shape never fits (checked once)
 
+    @staticmethod
+    def _shared(moe, dtype: torch.dtype) -> list[tuple[torch.Tensor, int]] | None:
+        """A block's shared expert as (GGML bytes, type id) for gate, up, down; [] when it has none; None when the
+        kernel cannot run it (not GGML matrices ggml multiplies, or a gate that is not [1, H] of the model dtype)."""
+        if moe.shared is None:
+            return []
+        b = ggml_backend()
+        out = []
+        for t in moe.shared:
+            q = t.qweight if isinstance(t, GGMLWeight) else None
+            if q is None or b is None or not b.multiplies(q.type.id) \
+                    or q.shape[1] % b.activation_block(q.type.id):
+                return None
+            out.append((q.data.view(q.shape[0], -1), q.kernel_type))
+        g = moe.shared_gate
+        if g is not None and not (type(g) is torch.Tensor and g.dtype == dtype and g.dim() == 2 and g.shape[0] == 1):
+            return None
+        return out
+
+    @staticmethod
+    def _kernel_routes(moe) -> bool:
+        """The block's softmax top-k may run in the kernel (SparseMoE.routes_in_kernel, a shared expert allowed)."""
+        if moe.shared is None:
+            return moe.routes_in_kernel
+        return (moe.gate.selects_like_kernel and moe.elastic is None and not moe.observers
+                and not moe.output_observers and moe._guess is None)
+
     def _fits(self, model) -> bool:
         a = model.args
         if model.rms_norm is not rms_norm or getattr(a, "final_logit_softcapping", None) is not None \
@@ -45,7 +73,8 @@ class TokenKernel:
                 or not self._head_fits(model):
             return False
         for layer in model.layers:
-            if layer.moe is None or getattr(layer, "block", None) is not None or layer.dense is not None:
+            if layer.moe is None or getattr(layer, "block", None) is not None or layer.dense is not None \
+                    or self._shared(layer.moe, model.dtype) is None:
                 return False
         return True
 
@@ -55,7 +84,7 @@ class TokenKernel:
 
     def _routes_here(self, model) -> bool:
         """Per call: what may change while serving (observers, elastic routing, a trace recorder)."""
-        return not model.cache.on_access and all(layer.moe.routes_in_kernel and layer.moe.elastic is None
+        return not model.cache.on_access and all(self._kernel_routes(layer.moe) and layer.moe.elastic is None
                                                  for layer in model.layers)
 
     def _stamp(self, cache, keys):
@@ -94,6 +123,9 @@ class TokenKernel:
                            a.head_dim, r, tr, moe.routing.top_k, moe.routing.norm_topk_prob,
                            moe.routing.weights_in_logits_dtype, [x.gate.data for x in experts],
                            [x.up.data for x in experts], [x.down.data for x in experts], *types, g0.shape[0])
+            shared = self._shared(moe, model.dtype)
+            if shared:
+                plan.add_shared(*shared[0], *shared[1], *shared[2], moe.shared_gate)
         plan.set_head(model.norm, lm.data.view(lm.shape[0], -1), lm.kernel_type)
         return plan
 
@@ -106,8 +138,9 @@ class TokenKernel:
             return 0
         with cache._cond:
             slots = [getattr(e.value, "buffer", None) for e in cache._entries.values()]
-            held = [model.lm_head.qweight.data] + [t for t, _ in self.weights.values()] + [b for b in slots
-                                                                                           if b is not None]
+            shared = [t for layer in model.layers for t, _ in self._shared(layer.moe, model.dtype)]
+            held = [model.lm_head.qweight.data] + [t for t, _ in self.weights.values()] + shared + [
+                b for b in slots if b is not None]
             done = collapse_all(held)
         log.info("huge pages under %d MiB of resident weights", done >> 20)
         return done

@@ -50,16 +50,47 @@ void rope_row(float* x, const T* cos, const T* sin, int64_t D) {
   std::copy(y.begin(), y.end(), x);
 }
 
-// q . k over D values, eight partial sums (the compiler vectorises them; a single running sum it cannot)
+// Eight floats in a generic vector (AVX2, NEON as two halves, SSE2 likewise): the attention loops below, with
+// every lane's arithmetic the scalar loop's (a product rounded, then a sum: no contraction), so the bits do not
+// depend on the target. GCC did not vectorise the scalar loops over c10::BFloat16 (a 16-bit load, shift, scalar
+// multiply-add per value).
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+typedef uint16_t u16x8 __attribute__((vector_size(16)));
+
+inline f32x8 load8(const float* p) {
+  f32x8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline f32x8 load8(const c10::BFloat16* p) {  // bf16 -> float: the 16 bits moved to the top of each lane
+  u16x8 h;
+  std::memcpy(&h, p, sizeof h);
+  const u32x8 u = __builtin_convertvector(h, u32x8) << 16;
+  f32x8 v;
+  std::memcpy(&v, &u, sizeof v);
+  return v;
+}
+inline void store8(float* p, f32x8 v) { std::memcpy(p, &v, sizeof v); }
+
+// q . k over D values, eight partial sums (lane j: the values d = j mod 8), added pairwise at the end
 template <class T>
 float dot_row(const float* q, const T* k, int64_t D) {
-  float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+  f32x8 acc = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
   int64_t d = 0;
-  for (; d + 8 <= D; d += 8)
-    for (int j = 0; j < 8; ++j) acc[j] += q[d + j] * static_cast<float>(k[d + j]);
+  for (; d + 8 <= D; d += 8) acc += load8(q + d) * load8(k + d);
   float total = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
   for (; d < D; ++d) total += q[d] * static_cast<float>(k[d]);
   return total;
+}
+
+// o[d] += w * v[d] for d < D
+template <class T>
+void add_scaled(float* o, float w, const T* v, int64_t D) {
+  int64_t d = 0;
+  const f32x8 w8 = {w, w, w, w, w, w, w, w};
+  for (; d + 8 <= D; d += 8) store8(o + d, load8(o + d) + w8 * load8(v + d));
+  for (; d < D; ++d) o[d] += w * static_cast<float>(v[d]);
 }
 
 struct Weight {
@@ -193,10 +224,7 @@ void attention_half(const AttnLayer& a, const float* hp, T* kc, T* vc, int64_t G
         sum[j] += s[j * P + p];
       }
     for (int64_t p = 0; p < P; ++p)
-      for (int64_t j = 0; j < per_kv; ++j) {
-        const float w = s[j * P + p];
-        for (int64_t d = 0; d < D; ++d) o[j * D + d] += w * static_cast<float>(values[p * D + d]);
-      }
+      for (int64_t j = 0; j < per_kv; ++j) add_scaled(o.data() + j * D, s[j * P + p], values + p * D, D);
     for (int64_t j = 0; j < per_kv; ++j)
       for (int64_t d = 0; d < D; ++d) attn[(g * per_kv + j) * D + d] = round_to<T>(o[j * D + d] / sum[j]);
   }, 2 * G * P * D * static_cast<int64_t>(sizeof(T)));  // the keys and values read

@@ -8,8 +8,12 @@
 // under it; whoever builds it answers for the experts' bytes staying those experts' (kernels/ggml_token.py: the
 // expert cache holds every expert and none was evicted since).
 //
+// A layer may have a shared expert (Qwen2-MoE): its matvecs run in the routed experts' two parallel regions, its
+// activation and sigmoid gate through the ATen ops model.py's per-layer path calls (at::silu, at::linear,
+// at::sigmoid on the same model-dtype tensors), so the bits are the per-layer path's.
+//
 // Shape legend: H hidden, E experts of a layer, K experts per token, I expert intermediate size, V vocab, L layers,
-// G kv heads, S cache positions, D head dim.
+// G kv heads, S cache positions, D head dim, F shared expert intermediate size.
 #pragma once
 
 #include "ggml_cpu_decode.h"
@@ -25,6 +29,8 @@ struct PlanLayer {
   Kind kg, ku, kd;
   int64_t I;
   std::vector<const uint8_t*> gate, up, down;  // [E] each expert's bytes
+  std::unique_ptr<Weight> sg, su, sd;           // the shared expert (gate, up [F, H], down [H, F]) or null
+  torch::Tensor sgate;                          // its sigmoid gate [1, H] of the model dtype, or undefined
 };
 
 class TokenPlan {
@@ -72,6 +78,31 @@ class TokenPlan {
     layers_.push_back(std::move(l));
   }
 
+  // The last added layer's shared expert: GGML bytes [rows, bytes per row] with type ids, and its gate [1, H] of
+  // the model dtype (or none): out = routed + sigmoid(r gate^T) * down(silu(r gate_w^T) * r up^T)
+  void add_shared(torch::Tensor gate, int64_t tg, torch::Tensor up, int64_t tu, torch::Tensor down, int64_t td,
+                  c10::optional<torch::Tensor> shared_gate) {
+    TORCH_CHECK(!layers_.empty(), "add the layer first");
+    PlanLayer& l = layers_.back();
+    const int64_t H = l.attn.H;
+    l.sg = std::make_unique<Weight>(weight(gate, tg, "shared gate"));
+    l.su = std::make_unique<Weight>(weight(up, tu, "shared up"));
+    l.sd = std::make_unique<Weight>(weight(down, td, "shared down"));
+    const int64_t F = l.sg->rows;
+    TORCH_CHECK(l.sg->cols == H && l.su->cols == H && l.su->rows == F && l.sd->rows == H && l.sd->cols == F,
+                "shared expert shapes");
+    TORCH_CHECK(H % l.sg->kind.dot->blck_size == 0 && H % l.su->kind.dot->blck_size == 0 &&
+                    F % l.sd->kind.dot->blck_size == 0, "shared expert activation block sizes");
+    if (shared_gate.has_value() && shared_gate->defined()) {
+      TORCH_CHECK(shared_gate->dim() == 2 && shared_gate->size(0) == 1 && shared_gate->size(1) == H &&
+                      shared_gate->scalar_type() == dtype_ && shared_gate->device().is_cpu(),
+                  "shared expert gate: [1, H] of the model dtype");
+      l.sgate = *shared_gate;
+      keep_.push_back(*shared_gate);
+    }
+    for (auto* t : {&gate, &up, &down}) keep_.push_back(*t);
+  }
+
   void set_head(torch::Tensor norm, torch::Tensor lm_head, int64_t type) {
     TORCH_CHECK(!layers_.empty(), "add the layers first");
     head_ = std::make_unique<Weight>(weight(lm_head, type, "lm_head"));
@@ -110,7 +141,7 @@ class TokenPlan {
       TORCH_CHECK(kcs[i].size(2) == D, "every layer has the same head dim");
     }
     auto hf = h.to(at::kFloat).contiguous();
-    std::vector<float> x(hf.data_ptr<float>(), hf.data_ptr<float>() + H), h2(H), r2(H), sum(H);
+    std::vector<float> x(hf.data_ptr<float>(), hf.data_ptr<float>() + H), h2(H), r2(H), sum(H), shared(H);
     std::vector<int64_t> chosen;
     std::vector<const uint8_t*> g, u, d;
     for (size_t i = 0; i < layers_.size(); ++i) {
@@ -130,14 +161,65 @@ class TokenPlan {
         g[j] = l.gate[ids[j]], u[j] = l.up[ids[j]], d[j] = l.down[ids[j]];
         chosen.push_back(ids[j]);
       }
-      experts_sum(r2.data(), H, l.I, K, g.data(), u.data(), d.data(), l.kg, l.ku, l.kd, wp, sum.data());
-      for (int64_t j = 0; j < H; ++j) x[j] = round_to<T>(h2[j] + round_to<T>(sum[j]));  // residual + experts, in T
+      if (!l.sg) {
+        experts_sum(r2.data(), H, l.I, K, g.data(), u.data(), d.data(), l.kg, l.ku, l.kd, wp, sum.data());
+        for (int64_t j = 0; j < H; ++j) x[j] = round_to<T>(h2[j] + round_to<T>(sum[j]));  // residual + experts, in T
+        continue;
+      }
+      shared_sum<T>(l, r2.data(), g, u, d, wp, sum.data(), shared.data());
+      for (int64_t j = 0; j < H; ++j)  // residual + (experts + shared expert), each sum rounded to T
+        x[j] = round_to<T>(h2[j] + round_to<T>(round_to<T>(sum[j]) + shared[j]));
     }
     if (!head) return {as_model_dtype<T>(x.data(), H), chosen};
     rms_norm_row<T>(x.data(), static_cast<const T*>(norm_), H, eps_, r2.data());
-    std::vector<float> logits(head_->rows);
-    fused_matvec(r2.data(), H, {head_.get()}, {logits.data()});
-    return {as_model_dtype<T>(logits.data(), head_->rows), chosen};
+    return {head_logits<T>(r2.data()), chosen};
+  }
+
+  // Routed experts (sum [H], fp32) and the shared expert (shared [H], its gated output rounded to T) of layer l for
+  // r [H], as SparseMoE.__call__ computes them: g = r gate^T, u = r up^T rounded to T; silu(g) (ATen), times u,
+  // rounded; its down product rounded to T; times sigmoid(r sgate^T) (ATen) rounded to T.
+  template <class T>
+  void shared_sum(const PlanLayer& l, const float* r, const std::vector<const uint8_t*>& g,
+                  const std::vector<const uint8_t*>& u, const std::vector<const uint8_t*>& d, const float* w,
+                  float* sum, float* shared) const {
+    const int64_t H = l.attn.H, F = l.sg->rows, K = static_cast<int64_t>(g.size());
+    const SharedFFN sh{l.sg->data, l.su->data, l.sd->data, &l.sg->kind, &l.su->kind, &l.sd->kind, F,
+                       [&](float* gate, float* up, float* act) {
+                         const auto st = at::silu(as_model_dtype<T>(gate, F));
+                         const T* sp = st.template data_ptr<T>();
+                         for (int64_t i = 0; i < F; ++i)
+                           act[i] = round_to<T>(static_cast<float>(sp[i]) * round_to<T>(up[i]));
+                       },
+                       shared};
+    experts_sum(r, H, l.I, K, g.data(), u.data(), d.data(), l.kg, l.ku, l.kd, w, sum, &sh);
+    for (int64_t j = 0; j < H; ++j) shared[j] = round_to<T>(shared[j]);
+    if (!l.sgate.defined()) return;
+    const auto gate = at::sigmoid(at::linear(as_model_dtype<T>(r, H), l.sgate));  // [1, 1] of T
+    const float gv = static_cast<float>(gate.template data_ptr<T>()[0]);
+    for (int64_t j = 0; j < H; ++j) shared[j] = round_to<T>(gv * shared[j]);
+  }
+
+  // r [H] -> logits [1, V] of T: each task multiplies its rows and rounds them to T (the values fused_matvec and
+  // as_model_dtype give, with no serial pass over the V logits after the parallel region)
+  template <class T>
+  torch::Tensor head_logits(const float* r) const {
+    const Weight& w = *head_;
+    const int64_t V = w.rows, K = w.cols, wb = w.kind.row_bytes(K), per = rows_per_task(wb);
+    const auto xq = quantize_activations(r, 1, K, w.kind);
+    auto out = torch::empty({1, V}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+    T* o = static_cast<T*>(out.data_ptr());
+    parallel((V + per - 1) / per, [&](int64_t task) {
+      const int64_t n0 = task * per, n1 = std::min(V, n0 + per);
+      thread_local std::vector<float> acc;
+      acc.resize(n1 - n0);
+      if (w.kind.gemv != nullptr) {
+        w.kind.gemv(K, acc.data(), n1 - n0, w.data + n0 * wb, xq.data(), 1, n1 - n0);
+      } else {
+        for (int64_t n = n0; n < n1; ++n) w.kind.cpu->vec_dot(K, &acc[n - n0], 0, w.data + n * wb, 0, xq.data(), 0, 1);
+      }
+      for (int64_t n = n0; n < n1; ++n) o[n] = static_cast<T>(acc[n - n0]);
+    }, V * wb);
+    return out;
   }
 
   at::ScalarType dtype_;
