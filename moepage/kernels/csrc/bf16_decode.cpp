@@ -57,7 +57,8 @@ torch::Tensor experts_one_token(torch::Tensor x, std::vector<torch::Tensor> w13,
   }
   std::vector<const bf16*> p13(E), p2(E);
   std::vector<int64_t> I(E);
-  for (int64_t e = 0; e < E; ++e) p13[e] = w13[e].data_ptr<bf16>(), p2[e] = w2[e].data_ptr<bf16>(), I[e] = w2[e].size(1);
+  for (int64_t e = 0; e < E; ++e)
+    p13[e] = w13[e].data_ptr<bf16>(), p2[e] = w2[e].data_ptr<bf16>(), I[e] = w2[e].size(1);
   const bf16* res = nullptr;
   if (residual.has_value() && residual->defined()) {
     check_bf16_2d(*residual, "residual");

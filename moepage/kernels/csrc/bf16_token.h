@@ -77,7 +77,8 @@ class Bf16TokenPlan {
     TORCH_CHECK(k_caches.size() == layers_.size() && v_caches.size() == layers_.size(), "one KV cache per layer");
     const auto [cp, sp] = rope_rows(cos, sin, D);
     std::vector<std::pair<int64_t, int64_t>> gs;
-    for (size_t i = 0; i < layers_.size(); ++i) gs.push_back(check_cache(k_caches[i], v_caches[i], layers_[i].attn, pos));
+    for (size_t i = 0; i < layers_.size(); ++i)
+      gs.push_back(check_cache(k_caches[i], v_caches[i], layers_[i].attn, pos));
     auto out = h.clone();
     bf16* x = out.data_ptr<bf16>();
     std::vector<bf16> h2(H), r2(H);
