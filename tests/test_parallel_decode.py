@@ -248,3 +248,18 @@ def test_a_client_that_does_not_read_stalls_no_one(served):
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 30
         assert time.perf_counter() - t0 < 20
         assert app.state.worker.running == 1  # the unread stream is still generating beside it, not before it
+
+
+@pytest.mark.parametrize("parallel,want", [(1, "lru"), (4, "stale")])
+def test_auto_policy_counts_a_batched_steps_experts(model_dir, parallel, want):
+    """A cache that holds one token's experts (3 layers x top-2) but not four rows' picks LRU for one sequence and
+    'stale' for --parallel 4, whose steps walk more experts than it holds (docs/agent-serving.md)."""
+    each = 3 * SPEC.hidden * 64 * 2 + 3 * 4096  # PreparedExpert.nbytes_for at the demo's expert width 64
+    engine = load(model_dir, parallel=parallel, expert_cache_bytes=12 * each, preload=False)
+    try:
+        capacity = engine.plan.expert_cache_bytes // engine.plan.expert_bytes_each
+        per_token = len(engine.args.moe_layers) * SPEC.top_k
+        assert per_token <= capacity < 4 * per_token
+        assert engine.cache.policy.name == want
+    finally:
+        engine.close()

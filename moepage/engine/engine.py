@@ -183,7 +183,7 @@ class Engine:
             load=load_expert,
             nbytes_of=expert_nbytes,
             budget_bytes=plan.expert_cache_bytes,
-            policy=choose_policy(cfg.policy, plan, len(args.moe_layers) * args.top_k),
+            policy=choose_policy(cfg.policy, plan, len(args.moe_layers) * args.top_k * max(1, cfg.parallel)),
             workers=cfg.io_threads,
         )
         model = MoEModel(args, weights, cache, dtype, device, embed_rows)
@@ -363,9 +363,10 @@ def read_buffer_bytes(ckpt: Checkpoint, io_threads: int) -> int:
 
 
 def choose_policy(name: str, plan: MemoryPlan, experts_per_token: int) -> str:
-    """'auto': a cache smaller than one token's experts is walked cyclically layer by layer, where LRU always
-    evicts what comes next and 'stale' keeps a fixed subset; from one token's experts up, LRU wins (replays in
-    docs/performance.md)."""
+    """'auto': a cache smaller than one step's experts (experts_per_token: one token's, times --parallel, the rows a
+    batched step can hold) is walked cyclically layer by layer, where LRU always evicts what comes next and 'stale'
+    keeps a fixed subset; from one step's experts up, LRU wins (replays in docs/performance.md; 4 streams at a 30%
+    cap in docs/agent-serving.md)."""
     if name != "auto":
         return name
     capacity = plan.expert_cache_bytes // max(1, plan.expert_bytes_each)
