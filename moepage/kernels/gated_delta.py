@@ -7,7 +7,7 @@ The recurrent state S [Hv, Dk, Dv] of each value head evolves per token as
 with q, k l2-normalised and q scaled by Dk^-0.5.
 
 Shape legend: T tokens, C conv channels, W conv kernel width, Hk key heads, Hv value heads (a multiple of Hk),
-Dk key head dim, Dv value head dim, N chunks, L chunk length.
+Dk key head dim, Dv value head dim, L block length (the chunk rule's `chunk`), R rows.
 """
 from __future__ import annotations
 
@@ -17,23 +17,34 @@ import torch.nn.functional as F
 L2NORM_EPS = 1e-6
 
 
-def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor,
+                  block: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """x [T, C] (inputs in time order), weight [C, W], state [W-1, C] (the inputs before x; zeros at the start) ->
-    silu(depthwise causal conv) [T, C] in x's dtype, and the new state [W-1, C] (the last W-1 inputs)."""
+    silu(depthwise causal conv) [T, C] in x's dtype, and the new state [W-1, C] (the last W-1 inputs, a tensor of its
+    own). Computed `block` rows at a time into the one output, so the temporaries are a block's, not the chunk's."""
     T, C = x.shape
-    full = torch.cat([state.to(x.dtype), x], dim=0)  # [W-1+T, C]
-    out = F.conv1d(full.t().unsqueeze(0).to(weight.dtype), weight.unsqueeze(1), groups=C)  # [1, C, T]
-    return F.silu(out[0].t()).to(x.dtype), full[full.shape[0] - state.shape[0]:]
+    W1 = state.shape[0]
+    out = torch.empty(T, C, dtype=x.dtype, device=x.device)
+    prev = state.to(x.dtype)
+    for r0 in range(0, T, block):
+        full = torch.cat([prev, x[r0:r0 + block]], dim=0)  # [W-1+L, C]
+        conv = F.conv1d(full.t().unsqueeze(0).to(weight.dtype), weight.unsqueeze(1), groups=C)  # [1, C, L]
+        out[r0:r0 + block] = F.silu(conv[0].t())
+        prev = full[full.shape[0] - W1:]
+    return out, prev.clone()
 
 
 def l2norm(x: torch.Tensor, eps: float = L2NORM_EPS) -> torch.Tensor:
     return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
 
 
-def _heads_first(q, k, v, g, beta):
-    """Float32 [Hv, T, D] (q, k repeated over the value heads each key head serves), l2-normed q, k, q scaled."""
+def _heads_first(q, k, v, g, beta, tiled: bool = False):
+    """Float32 [Hv, T, D] (q, k repeated over the value heads each key head serves: value head h reads key head
+    h // (Hv/Hk), or h % Hk where tiled), l2-normed q, k, q scaled."""
     Hk, Hv = k.shape[1], v.shape[1]
-    if Hk != Hv:
+    if Hk != Hv and tiled:
+        q, k = q.repeat(1, Hv // Hk, 1), k.repeat(1, Hv // Hk, 1)
+    elif Hk != Hv:
         q, k = q.repeat_interleave(Hv // Hk, dim=1), k.repeat_interleave(Hv // Hk, dim=1)
     q, k, v, g, beta = (t.transpose(0, 1).to(torch.float32, memory_format=torch.contiguous_format)
                         for t in (q, k, v, g, beta))
@@ -42,37 +53,45 @@ def _heads_first(q, k, v, g, beta):
 
 
 def chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
-                           state: torch.Tensor, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+                           state: torch.Tensor, chunk: int = 64,
+                           tiled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """A prompt: q, k [T, Hk, Dk], v [T, Hv, Dv], g (log decay, <= 0) and beta [T, Hv], state [Hv, Dk, Dv] ->
-    out [T, Hv, Dv] (q's dtype) and the state after the last token (float32)."""
+    out [T, Hv, Dv] (q's dtype) and the state after the last token (float32). tiled: as _heads_first's.
+
+    One block of L = `chunk` tokens at a time (the last one padded with zeros): its float32 heads-first
+    q, k, v, decays, [Hv, L, L] pairwise/system/intra matrices and solves are made, used and dropped inside the loop,
+    and its outputs written into the one [T, Hv, Dv] result, so the temporaries are one block's whatever T is. The
+    same operations per block as transformers' torch_chunk_gated_delta_rule (bit for bit the rule that did every
+    block at once and batched their matmuls, at the lengths tried: docs/agent-serving.md)."""
     T = q.shape[0]
-    out_dtype = q.dtype
-    q, k, v, g, beta = _heads_first(q, k, v, g, beta)  # [Hv, T, D], g and beta [Hv, T]
-    pad = (chunk - T % chunk) % chunk
-    q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
-    g, beta = (F.pad(t, (0, pad)) for t in (g, beta))
-    Hv = v.shape[0]
-    k_beta, v_beta = k * beta.unsqueeze(-1), v * beta.unsqueeze(-1)
-    q, k, k_beta, v_beta = (t.reshape(Hv, -1, chunk, t.shape[-1]) for t in (q, k, k_beta, v_beta))  # [Hv, N, L, D]
-    decay = g.reshape(Hv, -1, chunk).cumsum(dim=-1)  # [Hv, N, L]: log decay from the chunk start
+    out = torch.empty(v.shape, dtype=q.dtype, device=q.device)  # [T, Hv, Dv]
+    s = state.to(torch.float32)
     upper = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).triu(1)
-    pairwise = (decay.unsqueeze(-1) - decay.unsqueeze(-2)).masked_fill(upper, float("-inf")).exp()  # [Hv, N, L, L]
-    system = (k_beta @ k.transpose(-1, -2)) * pairwise
-    intra = (q @ k.transpose(-1, -2)) * pairwise
-    new_values = torch.linalg.solve_triangular(system, v_beta, upper=False, unitriangular=True)
-    k_cumdecay = torch.linalg.solve_triangular(system, k_beta * decay.exp().unsqueeze(-1), upper=False,
-                                               unitriangular=True)
-    s = state.to(new_values)
-    out = torch.zeros_like(new_values)  # [Hv, N, L, Dv]
-    q = q * decay.exp().unsqueeze(-1)
-    k = k * (decay[..., -1:] - decay).exp().unsqueeze(-1)
-    chunk_decay = decay[..., -1].exp()[..., None, None]  # [Hv, N, 1, 1]
-    for i in range(decay.shape[1]):
-        v_new = new_values[:, i] - k_cumdecay[:, i] @ s
-        out[:, i] = q[:, i] @ s + intra[:, i] @ v_new
-        s = s * chunk_decay[:, i] + k[:, i].transpose(-1, -2) @ v_new
-    out = out.reshape(Hv, -1, out.shape[-1])[:, :T]
-    return out.transpose(0, 1).to(out_dtype, memory_format=torch.contiguous_format), s
+    for r0 in range(0, T, chunk):
+        r1 = min(T, r0 + chunk)
+        qb, kb, vb, gb, bb = _heads_first(q[r0:r1], k[r0:r1], v[r0:r1], g[r0:r1], beta[r0:r1], tiled)
+        if r1 - r0 < chunk:  # the last block padded with zeros as the whole-chunk rule pads (the same rounding)
+            pad = chunk - (r1 - r0)
+            qb, kb, vb = (F.pad(t, (0, 0, 0, pad)) for t in (qb, kb, vb))
+            gb, bb = (F.pad(t, (0, pad)) for t in (gb, bb))
+        k_beta, v_beta = kb * bb.unsqueeze(-1), vb * bb.unsqueeze(-1)
+        del vb
+        decay = gb.cumsum(dim=-1)  # [Hv, L]: log decay from the block start
+        pairwise = (decay.unsqueeze(-1) - decay.unsqueeze(-2)).masked_fill(upper, float("-inf")).exp()
+        system = (k_beta @ kb.transpose(-1, -2)) * pairwise  # [Hv, L, L]
+        intra = (qb @ kb.transpose(-1, -2)) * pairwise
+        del pairwise
+        new_values = torch.linalg.solve_triangular(system, v_beta, upper=False, unitriangular=True)
+        k_cumdecay = torch.linalg.solve_triangular(system, k_beta * decay.exp().unsqueeze(-1), upper=False,
+                                                   unitriangular=True)
+        del system, k_beta, v_beta
+        v_new = new_values - k_cumdecay @ s  # [Hv, L, Dv]
+        del new_values, k_cumdecay
+        out[r0:r1] = ((qb * decay.exp().unsqueeze(-1)) @ s + intra @ v_new)[:, :r1 - r0].transpose(0, 1)
+        del qb, intra
+        last = decay[:, -1:]  # [Hv, 1]
+        s = s * last.exp().unsqueeze(-1) + (kb * (last - decay).exp().unsqueeze(-1)).transpose(-1, -2) @ v_new
+    return out, s
 
 
 def recurrent_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
@@ -107,8 +126,15 @@ def recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.T
     return out.unsqueeze(0).to(out_dtype), state
 
 
-def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x, gate [..., Dv] -> w * rmsnorm(x) * silu(gate) (plain w, not 1 + w), in x's dtype."""
+def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float,
+                   block: int | None = None) -> torch.Tensor:
+    """x, gate [..., Dv] -> w * rmsnorm(x) * silu(gate) (plain w, not 1 + w), in x's dtype. block: x, gate [R, Dv]
+    done `block` rows at a time into one output (each row's result is the same; the float32 temporaries a block's)."""
+    if block is not None and x.shape[0] > block:
+        out = torch.empty_like(x)
+        for r0 in range(0, x.shape[0], block):
+            out[r0:r0 + block] = gated_rms_norm(x[r0:r0 + block], gate[r0:r0 + block], weight, eps)
+        return out
     dtype = x.dtype
     h = x.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)

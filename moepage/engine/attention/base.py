@@ -80,6 +80,19 @@ class TokenMixer(ABC):
         """Bytes one sequence's state of one such layer takes at max_tokens (no allocation)."""
 
     @classmethod
+    def workspace_nbytes(cls, args: ModelArgs, tokens: int, positions: int, dtype: torch.dtype) -> int:
+        """A bound on the bytes of tensors one such layer's forward allocates at its worst moment for a prefill chunk
+        of `tokens` tokens attending up to `positions` positions, its output included (the engine's memory plan keeps
+        the largest over a model's mixers out of the expert cache). This default is a softmax attention's: the q (and
+        gate), k, v projections, their normed and rotated copies, the attention output and its gated copy, a bool
+        [T, S] mask and the [T, H] result."""
+        e = torch.empty(0, dtype=dtype).element_size()
+        T, q, kv = tokens, args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
+        proj = T * ((2 * q if args.attn_output_gate else q) + 2 * kv) * e
+        rotated = 3 * T * (q + kv) * e + (8 * T * (q + kv) if args.qk_norm else 0)  # copies; float32 norm temporaries
+        return proj + rotated + 3 * T * q * e + T * positions + T * args.hidden_size * e
+
+    @classmethod
     def cache_shape(cls, args: ModelArgs) -> tuple[int, int, int | None]:
         """A positional mixer's slot of the shared KV cache: (kv heads, key width, value width; None: the key
         width, 0: keys only). Every positional layer of a model must agree."""

@@ -98,6 +98,24 @@ class GatedDeltaShape:
             return {"in_proj_qkv": (C, H), "in_proj_z": (self.value_dim, H), "in_proj_ba": (2 * Hv, H), **shared}
         return {"in_proj_qkvz": (C + self.value_dim, H), "in_proj_ba": (2 * Hv, H), **shared}
 
+    def workspace_nbytes(self, tokens: int, dtype: torch.dtype) -> int:
+        """A bound on the bytes of tensors one prefill chunk of `tokens` tokens allocates in GatedDeltaNet.__call__
+        at its worst moment (activations in dtype): the largest of its phases, each the whole-chunk tensors alive then
+        plus that phase's block temporaries (float32, L = chunk tokens; conv, rule and norm go a block at a time)."""
+        e, f = torch.empty(0, dtype=dtype).element_size(), 4
+        T, L, C, V, Hv = tokens, min(tokens, self.chunk), self.conv_channels, self.value_dim, self.num_v_heads
+        D = max(self.k_head_dim, self.v_head_dim)
+        gates = T * Hv * (2 * e + 4 * f)  # b, a, beta; g and softplus's float32 temporaries
+        conv_block = (L + self.conv_kernel) * C * (2 * e + 2 * f)  # cat, its weight-dtype copy, conv, silu
+        # heads-first q, k, v (+ repeats, l2norm, padding), k_beta, v_beta, solves, v_new, outputs: ~12 [Hv, L, D];
+        # pairwise, system, intra [Hv, L, L]; the float32 state and its next value
+        rule_block = (12 * Hv * L * D + 3 * Hv * L * L + 2 * Hv * self.k_head_dim * self.v_head_dim) * f
+        norm_block = 6 * L * V * f
+        conv = T * (2 * C + V) * e + gates + conv_block  # projections (q|k|v, z) and the conv output
+        rule = T * (C + 2 * V) * e + gates + rule_block  # conv output (q, k, v are views), z, the rule's output
+        norm = T * 3 * V * e + norm_block  # z, the rule's output, the normed output
+        return max(conv, rule, norm, T * (V + self.hidden) * e)
+
     def state_nbytes(self, conv_dtype: torch.dtype) -> int:
         """Bytes of one sequence's GatedDeltaState: conv state in conv_dtype, recurrent state in float32."""
         conv = (self.conv_kernel - 1) * self.conv_channels * torch.empty(0, dtype=conv_dtype).element_size()
@@ -181,20 +199,23 @@ class GatedDeltaNet:
         """x [T, H] continuing state (a prompt from its first token, a later part of it, or one decode token)."""
         s, w, T = self.shape, self.w, x.shape[0]
         mixed, z, b, a = self._project(x)
-        mixed, state.conv = causal_conv1d(mixed, self.conv_weight, state.conv)
+        mixed, state.conv = causal_conv1d(mixed, self.conv_weight, state.conv, s.chunk)
         q, k, v = torch.split(mixed, [s.key_dim, s.key_dim, s.value_dim], dim=-1)
         q, k = q.reshape(T, s.num_k_heads, s.k_head_dim), k.reshape(T, s.num_k_heads, s.k_head_dim)
         v = v.reshape(T, s.num_v_heads, s.v_head_dim)
-        if s.tiled_value_heads and s.num_v_heads != s.num_k_heads:  # [q_0 .. q_Hk-1, q_0 ..]: one per value head
-            q, k = (t.repeat(1, s.num_v_heads // s.num_k_heads, 1) for t in (q, k))
         beta = b.sigmoid()
         g = -w["A_log"].float().exp() * F.softplus(a.float() + w["dt_bias"])  # [T, Hv], log decay
+        tiled = s.tiled_value_heads and s.num_v_heads != s.num_k_heads  # [q_0 .. q_Hk-1, q_0 ..]: one per value head
         if T == 1 and state.tokens > 0:  # as transformers: the recurrent step for a decode token, chunks otherwise
+            if tiled:
+                q, k = (t.repeat(1, s.num_v_heads // s.num_k_heads, 1) for t in (q, k))
             out, state.recurrent = recurrent_step(q, k, v, g, beta, state.recurrent)
-        else:
-            out, state.recurrent = chunk_gated_delta_rule(q, k, v, g, beta, state.recurrent, s.chunk)
+        else:  # a block of s.chunk tokens at a time (the heads repeated per block)
+            out, state.recurrent = chunk_gated_delta_rule(q, k, v, g, beta, state.recurrent, s.chunk, tiled)
+        del mixed, q, k, v
         state.tokens += T
-        out = gated_rms_norm(out.reshape(-1, s.v_head_dim), z.reshape(-1, s.v_head_dim), w["norm"], s.rms_norm_eps)
+        out = gated_rms_norm(out.reshape(-1, s.v_head_dim), z.reshape(-1, s.v_head_dim), w["norm"], s.rms_norm_eps,
+                             block=s.chunk * s.num_v_heads)
         return linear(out.reshape(T, s.value_dim), w["out_proj"])
 
     def prefill(self, x: torch.Tensor, state: GatedDeltaState) -> torch.Tensor:
@@ -239,6 +260,10 @@ class GatedDeltaMixer(TokenMixer):
     @classmethod
     def state_nbytes(cls, args, max_tokens: int, dtype: torch.dtype) -> int:
         return shape_of(args)[0].state_nbytes(dtype)
+
+    @classmethod
+    def workspace_nbytes(cls, args, tokens: int, positions: int, dtype: torch.dtype) -> int:
+        return shape_of(args)[0].workspace_nbytes(tokens, dtype)
 
     def new_state(self, dtype: torch.dtype, device) -> GatedDeltaState:
         return GatedDeltaState.zeros(self.net.shape, dtype, device)
