@@ -96,17 +96,23 @@ class ServeProcess:
     def start(self, timeout: float = 120.0) -> "ServeProcess":
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+        if self.wait_healthy(timeout):
+            return self
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"moepage serve exited {self.proc.returncode}: {self.proc.stderr.read()[-2000:]}")
+        raise RuntimeError(f"moepage serve did not answer /health on {self.url} within {timeout} s")
+
+    def wait_healthy(self, timeout: float) -> bool:
+        """Whether the process answers /health with 200 within timeout seconds (False at once if it exits)."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"moepage serve exited {self.proc.returncode}: {self.proc.stderr.read()[-2000:]}")
+        while time.monotonic() < deadline and self.proc.poll() is None:
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return self
+                    return True
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
-        raise RuntimeError(f"moepage serve did not answer /health on {self.url} within {timeout} s")
+        return False
 
     def stop(self):
         if self.proc is not None and self.proc.poll() is None:
