@@ -19,7 +19,7 @@ def register(sub):
 def run(args) -> int:
     from moepage.engine.checkpoint import open_checkpoint
     from moepage.engine.engine import EngineConfig, packable_lm_head, read_buffer_bytes, resolve_dtype
-    from moepage.engine.memory_plan import planned_resident_bytes
+    from moepage.engine.memory_plan import planned_resident_bytes, prefill_workspace_bytes
     from moepage.engine.quantized_expert import expert_loader
     from moepage.engine.sequence_state import state_nbytes
     from moepage.commands import plural
@@ -50,13 +50,15 @@ def run(args) -> int:
     if buffers:
         budgeted += buffers
         how.append(f"{human(buffers)} of read buffers for the page-in threads")
+    ctx = args.ctx_size or min(a.max_position_embeddings, 4096)
+    chunk = min(EngineConfig(path).prefill_chunk, ctx)
+    workspace = prefill_workspace_bytes(a, chunk, ctx, dtype)  # what the engine keeps out of the expert cache
     n_experts = len(a.moe_layers) * a.num_experts
     _, _, each = expert_loader(ckpt.experts, a, dtype, cpu)  # what the engine's cache holds per expert
     held = "as stored (GGML blocks)" if getattr(ckpt.experts, "quantized", False) else \
         "as stored (FP8 + block scales)" if isinstance(ckpt.experts, FP8_SOURCES) else \
         f"as {str(dtype).replace('torch.', '')}"
     stored_each = max((ckpt.experts.stored_nbytes(layer) for layer in a.moe_layers), default=0)
-    ctx = args.ctx_size or min(a.max_position_embeddings, 4096)
     kv = state_nbytes(a, ctx, dtype)
     print(f"model: {ckpt.root} ({ckpt.kind}, {a.family})")
     print(f"layers {a.num_layers} ({len(a.moe_layers)} MoE), hidden {a.hidden_size}, heads {a.num_heads}/{a.num_kv_heads} "
@@ -70,10 +72,11 @@ def run(args) -> int:
         print(state_line(a, dtype))
     if how:
         print(f"under a memory budget: {human(budgeted)} resident ({', '.join(how)})")
+    print(f"prefill workspace: {human(workspace)} (a {chunk}-token chunk's temporaries, in the budgets below)")
     print("memory budget -> experts resident:")
     for frac in (1.0, 0.75, 0.5, 0.3, 0.1):
-        print(f"  {human(budgeted + kv + frac * each * n_experts):>10}  {frac:>4.0%}")
-    print(f"  {human(budgeted + kv + a.top_k * each):>10}  minimum ({plural(a.top_k, 'expert')}: one token's "
+        print(f"  {human(budgeted + workspace + kv + frac * each * n_experts):>10}  {frac:>4.0%}")
+    print(f"  {human(budgeted + workspace + kv + a.top_k * each):>10}  minimum ({plural(a.top_k, 'expert')}: one token's "
           "experts of one layer)")
     return 0
 

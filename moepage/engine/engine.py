@@ -25,7 +25,7 @@ from moepage.kernels.ggml import ggml_backend
 from moepage.paging.allocator import return_freed_memory
 from moepage.paging.bf16_12bit import ENCODING, PackedMatrix, fused_kernel
 from moepage.paging.budget import MemoryPlan, plan_memory
-from moepage.engine.memory_plan import planned_resident_bytes
+from moepage.engine.memory_plan import planned_resident_bytes, prefill_workspace_bytes
 from moepage.paging.trace import TraceRecorder
 from moepage.paging.cache import ExpertCache
 
@@ -159,10 +159,12 @@ class Engine:
         lora = LoraMerge.open(cfg.lora, ckpt) if cfg.lora else None  # wraps ckpt.experts: merged at page-in
         load_expert, expert_nbytes, each = expert_loader(ckpt.experts, args, dtype, device)
         buffers = read_buffer_bytes(ckpt, cfg.io_threads)
+        workspace = prefill_workspace_bytes(args, min(max(1, cfg.prefill_chunk), ctx), ctx, dtype) \
+            if cfg.memory_budget is not None else 0  # a prefill chunk's temporaries, out of the expert cache
         if cfg.memory_budget is not None and not cfg.lora:  # the budget checked from the headers, before loading
             planned = planned_resident_bytes(ckpt, names, dtype, embed_rows is not None, head_rows is not None)
             plan_memory(cfg.memory_budget, planned, kv_bytes, each, n_experts, args.top_k, cfg.expert_cache_bytes,
-                        buffers, (cfg.prompt_cache_bytes or 0) if cfg.prefix_cache else 0)
+                        buffers, (cfg.prompt_cache_bytes or 0) if cfg.prefix_cache else 0, workspace)
         weights = {c: ckpt.resident_tensor(n, resident_dtype(args, c, dtype), device) for c, n in names.items()
                    if not (c == "embed" and embed_rows is not None) and not (c == "lm_head" and head_rows is not None)}
         if head_rows is not None:  # read a block of rows at a time and keep it in the 12-bit form
@@ -173,10 +175,10 @@ class Engine:
         prompt_cache_bytes = 0
         if cfg.prefix_cache:
             prompt_cache_bytes = cfg.prompt_cache_bytes if cfg.prompt_cache_bytes is not None else \
-                default_prompt_cache_bytes(cfg.memory_budget, resident_bytes, kv_bytes, buffers, args.top_k * each,
-                                           one_kv)
+                default_prompt_cache_bytes(cfg.memory_budget, resident_bytes, kv_bytes, buffers + workspace,
+                                           args.top_k * each, one_kv)
         plan = plan_memory(cfg.memory_budget, resident_bytes, kv_bytes, each, n_experts, args.top_k,
-                           cfg.expert_cache_bytes, buffers, prompt_cache_bytes)
+                           cfg.expert_cache_bytes, buffers, prompt_cache_bytes, workspace)
         if embed_rows is not None:
             plan.on_disk_bytes = ckpt.tensor_nbytes(names["embed"])
         cache = ExpertCache(

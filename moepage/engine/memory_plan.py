@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import torch
 
+from moepage.engine.attention import mixer_class
 from moepage.engine.checkpoint import Checkpoint
+from moepage.engine.model_args import ModelArgs
 from moepage.engine.weight_names import resident_dtype
 
 
@@ -53,3 +55,10 @@ def planned_resident_bytes(ckpt: Checkpoint, names: dict[str, str], dtype: torch
             continue
         total += resident_nbytes(ckpt, name, resident_dtype(ckpt.args, canonical, dtype))
     return total
+
+
+def prefill_workspace_bytes(args: ModelArgs, tokens: int, positions: int, dtype: torch.dtype) -> int:
+    """The temporaries a prefill chunk of `tokens` tokens allocates in the model's hungriest token mixer (attending
+    up to `positions` positions): kept out of the expert cache, so a chunk runs inside the budget."""
+    return max((mixer_class(kind).workspace_nbytes(args, tokens, positions, dtype) for kind in set(args.mixers)),
+               default=0)

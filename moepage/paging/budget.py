@@ -44,6 +44,7 @@ class MemoryPlan:
     on_disk_bytes: int = 0  # resident-kind weights read from disk on demand instead (the embedding table)
     buffer_bytes: int = 0  # read buffers the page-in threads keep (encoded shards are decoded from them)
     prompt_cache_bytes: int = 0  # snapshots of earlier conversations' states (the prompt cache's capacity)
+    workspace_bytes: int = 0  # a prefill chunk's temporaries in its largest token mixer (TokenMixer.workspace_nbytes)
 
     @property
     def min_expert_cache(self) -> int:
@@ -52,7 +53,7 @@ class MemoryPlan:
     @property
     def min_budget(self) -> int:
         return (self.resident_bytes + self.kv_bytes + self.prompt_cache_bytes + self.buffer_bytes
-                + self.min_expert_cache)
+                + self.workspace_bytes + self.min_expert_cache)
 
     @property
     def fraction_resident(self) -> float:
@@ -64,6 +65,7 @@ class MemoryPlan:
             f"{head}: resident weights {human(self.resident_bytes)}, KV cache {human(self.kv_bytes)}, "
             + (f"prompt cache {human(self.prompt_cache_bytes)}, " if self.prompt_cache_bytes else "")
             + (f"read buffers {human(self.buffer_bytes)}, " if self.buffer_bytes else "")
+            + (f"prefill workspace {human(self.workspace_bytes)}, " if self.workspace_bytes else "")
             + f"expert cache {human(self.expert_cache_bytes)} = {self.fraction_resident:.0%} of "
             f"{self.experts_total} experts ({human(self.expert_bytes_total)}, {human(self.expert_bytes_each)} each)"
             + (f"; embedding table ({human(self.on_disk_bytes)}) read from disk row by row" if self.on_disk_bytes else "")
@@ -76,21 +78,22 @@ class BudgetError(ValueError):
 
 def plan_memory(
     budget: int | None, resident_bytes: int, kv_bytes: int, expert_bytes_each: int, experts_total: int, top_k: int,
-    expert_cache_bytes: int | None = None, buffer_bytes: int = 0, prompt_cache_bytes: int = 0,
+    expert_cache_bytes: int | None = None, buffer_bytes: int = 0, prompt_cache_bytes: int = 0, workspace_bytes: int = 0,
 ) -> MemoryPlan:
     """Split the budget; `expert_cache_bytes` overrides what is left for experts (tests, benchmarks)."""
     total = expert_bytes_each * experts_total
     if expert_cache_bytes is None:
         expert_cache_bytes = total if budget is None else (budget - resident_bytes - kv_bytes - buffer_bytes
-                                                           - prompt_cache_bytes)
+                                                           - prompt_cache_bytes - workspace_bytes)
     plan = MemoryPlan(budget, resident_bytes, kv_bytes, total, expert_bytes_each, experts_total, top_k,
                       min(int(expert_cache_bytes), total) if total else 0, buffer_bytes=buffer_bytes,
-                      prompt_cache_bytes=prompt_cache_bytes)
+                      prompt_cache_bytes=prompt_cache_bytes, workspace_bytes=workspace_bytes)
     if experts_total and expert_cache_bytes < plan.min_expert_cache:
         raise BudgetError(
             f"memory budget too small: resident weights {human(resident_bytes)} + KV cache {human(kv_bytes)} "
             + (f"+ read buffers {human(buffer_bytes)} " if buffer_bytes else "")
             + (f"+ prompt cache {human(prompt_cache_bytes)} " if prompt_cache_bytes else "")
+            + (f"+ prefill workspace {human(workspace_bytes)} " if workspace_bytes else "")
             + f"leave {human(max(0, expert_cache_bytes))} for experts, but one token needs {top_k} "
             f"expert{'s' * (top_k != 1)} x "
             f"{human(expert_bytes_each)} = {human(plan.min_expert_cache)}; the minimum budget is "
