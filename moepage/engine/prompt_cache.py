@@ -13,11 +13,16 @@ tokens of the generation prompt). What a re-used prefix cannot give: a prompt's 
 one at a time) are computed again.
 
 A sequence's state (SequenceState: KVCache today; per-layer states such as Gated DeltaNet's conv + recurrent state
-through LayerStates) offers nbytes, mark(length), snapshot(length), restore(snapshot, length) and rewind(length);
-the last two return the length they could go back to (a recurrent state only to a marked one, or 0).
+or a sliding layer's last window - 1 keys and values through LayerStates) offers nbytes, mark(length),
+snapshot(length), restore(snapshot, length) and rewind(length); the last two return the length they could go back to
+(a recurrent state only to a marked one, or 0). A recurrent state keeps copies at its last few marks (PromptCache.mark
+picks which: message ends first), and a snapshot carries them, so a prompt sent again (a retry, "regenerate") or one
+whose last user message was edited goes back to an earlier chunk end: re-use needs one token left to prefill, and a
+settled reply's end is past the prompt. Every copy beyond each live state's newest counts in the cache's bytes.
 """
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Protocol, Sequence
@@ -106,28 +111,85 @@ class CachedPrompt:
     snapshot: StateSnapshot
 
 
+def reach(state, length: int) -> int:
+    """How many of its first `length` tokens a state or snapshot can go back to exactly (a KV cache: any)."""
+    f = getattr(state, "reach", None)
+    return f(length) if f is not None else min(length, state.length)
+
+
+def covers(a: StateSnapshot, b: StateSnapshot) -> bool:
+    """Whether snapshot a restores every length that b restores (b's tokens a prefix of a's)."""
+    return all(reach(a, m) == m for m in getattr(b, "restorable", (b.length,)))
+
+
 class PromptCache:
     """Snapshots of earlier sequences in LRU order, within capacity_bytes, plus the live sequence the engine holds
     (its state object: re-used in place, stashed here only when another prompt is about to overwrite it).
-    Used by the engine's thread only; snapshot_stats reads counters (no lock: /metrics never waits on a copy)."""
+    keep_marks: how many chunk ends a live recurrent state keeps copies at (the newest, then message ends, then
+    the most recent); the copies beyond each live state's newest count in capacity_bytes like the snapshots, and
+    give way after them. Used by the engine's thread only; snapshot_stats reads counters (no lock: /metrics never
+    waits on a copy)."""
 
-    def __init__(self, capacity_bytes: int, chunks: ChunkSchedule | int):
+    def __init__(self, capacity_bytes: int, chunks: ChunkSchedule | int, keep_marks: int = 4):
         if capacity_bytes < 0:
             raise ValueError(f"prompt cache bytes must be >= 0, got {capacity_bytes}")
+        if keep_marks < 1:
+            raise ValueError(f"a state keeps at least its newest mark, got keep_marks={keep_marks}")
         self.capacity = int(capacity_bytes)
+        self.keep_marks = int(keep_marks)
         self.schedule = chunks if isinstance(chunks, ChunkSchedule) else ChunkSchedule(int(chunks))
         self.entries: OrderedDict[int, CachedPrompt] = OrderedDict()  # key: id(entry); oldest first
+        self.live: weakref.WeakSet = weakref.WeakSet()  # the states with marks (LayerStates) begin/mark saw
         self.stats = PromptCacheStats()
-        self.nbytes = 0  # of the snapshots held
+        self.nbytes = 0  # of the snapshots held and the live states' older marks
 
     def _add(self, entry: CachedPrompt):
         self.entries[id(entry)] = entry
-        self.nbytes += entry.snapshot.nbytes
 
     def _drop(self, key: int) -> CachedPrompt:
-        entry = self.entries.pop(key)
-        self.nbytes -= entry.snapshot.nbytes
-        return entry
+        return self.entries.pop(key)
+
+    def _bytes(self) -> int:
+        """The snapshots' bytes plus the live states' marked copies, each copy once (a snapshot shares the copies
+        of the state it was taken from), less each live state's newest mark (the state's own, as without a cache)."""
+        copies: dict[int, int] = {}
+        total = 0
+        for e in self.entries.values():
+            total += getattr(e.snapshot, "positional_nbytes", e.snapshot.nbytes)
+            copies |= {id(c): c.nbytes for c in getattr(e.snapshot, "copies", list)()}
+        free = set()
+        for s in self.live:
+            copies |= {id(c): c.nbytes for c in s.copies()}
+            free |= {id(c) for c in s.copies(newest=True)}
+        return total + sum(n for k, n in copies.items() if k not in free)
+
+    def _fit(self):
+        """Evict the least recently used snapshots, then the live states' oldest marks, to the capacity."""
+        while (n := self._bytes()) > self.capacity:
+            if self.entries:
+                self._drop(next(iter(self.entries)))
+                self.stats.evictions += 1
+                continue
+            older = [(m, s) for s in self.live for m in s.marks[:-1]]
+            if not older:
+                break
+            m, s = min(older, key=lambda t: t[0])
+            s.forget(m)
+        self.nbytes = n
+
+    def mark(self, state: SequenceState, ids: Sequence[int], length: int):
+        """The state is the one after ids[:length] (a fixed chunk end): mark it, keeping copies at up to keep_marks
+        chunk ends (the newest; then those right after a message end, a prompt's likely branch points; then the
+        most recent), within the capacity."""
+        marks = getattr(state, "marks", None)
+        if marks is None:  # positional layers only: nothing to copy
+            state.mark(length)
+            return
+        older = [m for m in marks if m < length]
+        ranked = sorted(older, key=lambda m: (m <= len(ids) and ids[m - 1] in self.schedule.ends, m), reverse=True)
+        state.mark(length, keep=frozenset(ranked[: self.keep_marks - 1]))
+        self.live.add(state)
+        self._fit()
 
     def reusable(self, cached: Sequence[int], ids: Sequence[int]) -> int:
         """Tokens of ids a state after `cached` (which ends at a fixed chunk end) serves exactly: their common
@@ -142,16 +204,22 @@ class PromptCache:
         """Before prefilling ids: put the best state into `state` (live holds the tokens whose exact state it has
         now) and return how many leading tokens need no prefill."""
         self.stats.lookups += 1
-        start = self.reusable(live, ids)
-        best = max(self.entries.values(), key=lambda e: self.reusable(e.ids, ids), default=None)
-        if best is not None and self.reusable(best.ids, ids) > start:
-            self._stash(state, live)
+        if getattr(state, "marks", None) is not None:
+            self.live.add(state)
+        start = reach(state, self.reusable(live, ids))  # a recurrent state: the largest mark within the prefix
+        best, best_n = None, start
+        for e in self.entries.values():
+            if (n := reach(e.snapshot, self.reusable(e.ids, ids))) > best_n:
+                best, best_n = e, n
+        if best is not None:
             self._drop(id(best))  # it becomes the live state
-            start = state.restore(best.snapshot, self.reusable(best.ids, ids))
+            self._stash(state, live)
+            start = state.restore(best.snapshot, best_n)
         else:
             if not self._kept(live, ids):  # the prefill overwrites what only the live state holds
                 self._stash(state, live)
             start = state.rewind(start)
+        self._fit()
         self.stats.hits += start > 0
         self.stats.reused_tokens += start
         self.stats.computed_tokens += len(ids) - start
@@ -163,18 +231,21 @@ class PromptCache:
 
     def _stash(self, state: SequenceState, live: Sequence[int]):
         ids = tuple(live)
-        if not ids or not self.capacity or any(e.ids[: len(ids)] == ids for e in self.entries.values()):
-            return  # nothing exact, or a cached sequence holds it already
+        if not ids or not self.capacity:
+            return
+        marks = getattr(state, "marks", None)
+        points = (len(ids),) if marks is None else tuple(m for m in marks if m < len(ids)) + (len(ids),)
+        if any(e.ids[: len(ids)] == ids and all(reach(e.snapshot, m) == m for m in points)
+               for e in self.entries.values()):
+            return  # a cached sequence holds it already
         snap = state.snapshot(len(ids))
         if snap.nbytes > self.capacity:
             return
-        for key in [k for k, e in self.entries.items() if ids[: len(e.ids)] == e.ids]:
+        for key in [k for k, e in self.entries.items() if ids[: len(e.ids)] == e.ids and covers(snap, e.snapshot)]:
             self._drop(key)  # a prefix of what is stored now
-        while self.entries and self.nbytes + snap.nbytes > self.capacity:
-            self._drop(next(iter(self.entries)))
-            self.stats.evictions += 1
         self._add(CachedPrompt(ids, snap))
         self.stats.stored += 1
+        self._fit()
 
     def snapshot_stats(self) -> dict:
         s = self.stats
@@ -184,24 +255,47 @@ class PromptCache:
 
 
 class LayerStatesSnapshot:
-    def __init__(self, parts: list, length: int):
+    """parts: each positional layer's snapshot after `length` tokens (None at recurrent layers); marks: for each
+    length it can be restored at (length itself and earlier marks), the recurrent layers' copies (None at
+    positional layers). No marks: positional layers only, restorable at any length up to `length`."""
+
+    def __init__(self, parts: list, length: int, marks: dict[int, list] | None = None):
         self.parts, self.length = parts, length
+        self.marks = dict(marks or {})
+
+    @property
+    def restorable(self) -> tuple[int, ...]:
+        return tuple(sorted(self.marks)) if self.marks else (self.length,)
+
+    def reach(self, length: int) -> int:
+        if not self.marks:
+            return min(length, self.length)
+        return max((m for m in self.marks if m <= length), default=0)
+
+    def copies(self) -> list:
+        return [c for cs in self.marks.values() for c in cs if c is not None]
+
+    @property
+    def positional_nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts if p is not None)
 
     @property
     def nbytes(self) -> int:
-        return sum(p.nbytes for p in self.parts)
+        return self.positional_nbytes + sum(c.nbytes for c in self.copies())
 
 
 class LayerStates:
     """A sequence's state as one object per layer. Positional layers (a KV cache) take snapshot(length) at any time
-    after; recurrent ones (snapshot() / restore() with no length, e.g. GatedDeltaState) are copied when mark(length)
-    says the state is the one after `length` tokens, and only those lengths can be snapshot."""
+    after; recurrent ones (snapshot() / restore() with no length: GatedDeltaState, a sliding layer's WindowState of
+    its last window - 1 keys and values) are copied when mark(length) says the state is the one after `length`
+    tokens, and only those lengths (and the current one) can be snapshot or gone back to. mark(length, keep) keeps
+    the earlier copies whose lengths are in keep (none by default: only the newest)."""
 
     def __init__(self, layers: list):
         self.layers = layers
         self.length = 0
         self._initial = [None if self._positional(s) else s.snapshot() for s in layers]  # before the first token
-        self._marked: dict[int, list] = {}  # length -> copies of the recurrent layers' states
+        self._marked: dict[int, list] = {}  # length -> copies of the recurrent layers' states (None: positional)
 
     @staticmethod
     def _positional(layer) -> bool:
@@ -215,35 +309,63 @@ class LayerStates:
     def _recurrent(self) -> bool:
         return any(i is not None for i in self._initial)
 
-    def mark(self, length: int):
-        self._marked = {length: [None if self._positional(s) else s.snapshot() for s in self.layers]}
+    @property
+    def marks(self) -> tuple[int, ...] | None:
+        """The lengths copies are kept at, ascending (None for positional layers only: any length is kept)."""
+        return tuple(sorted(self._marked)) if self._recurrent else None
+
+    def copies(self, newest: bool = False) -> list:
+        """The marked copies held (newest: only those of the newest mark)."""
+        if not self._marked:
+            return []
+        held = [self._marked[max(self._marked)]] if newest else self._marked.values()
+        return [c for cs in held for c in cs if c is not None]
+
+    def forget(self, length: int):
+        self._marked.pop(length, None)
+
+    def mark(self, length: int, keep=frozenset()):
+        if not self._recurrent:
+            return
+        self._marked = {m: c for m, c in self._marked.items() if m in keep and m < length}
+        self._marked[length] = [None if self._positional(s) else s.snapshot() for s in self.layers]
+
+    def reach(self, length: int) -> int:
+        if not self._recurrent:
+            return min(length, self.length)
+        return max((m for m in self._marked if m <= length), default=0)
 
     def snapshot(self, length: int) -> LayerStatesSnapshot:
-        recurrent = self._marked.get(length)
-        if recurrent is None and any(not self._positional(s) for s in self.layers):
-            raise ValueError(f"no recurrent state was kept after {length} tokens (mark it during the prefill)")
-        return LayerStatesSnapshot([s.snapshot(length) if self._positional(s) else recurrent[i]
-                                    for i, s in enumerate(self.layers)], length)
+        """A copy of the state after `length` tokens (a length mark() kept, or the current length) with the
+        earlier marks' copies (shared: a copy is never written)."""
+        marks = {m: c for m, c in self._marked.items() if m <= length}
+        if self._recurrent and length not in marks:
+            if length != self.length:
+                raise ValueError(f"no recurrent state was kept after {length} tokens (mark it during the prefill)")
+            marks[length] = [None if self._positional(s) else s.snapshot() for s in self.layers]
+        return LayerStatesSnapshot([s.snapshot(length) if self._positional(s) else None for s in self.layers],
+                                   length, marks)
 
-    def _recurrent_at(self, parts: list, length: int) -> int:
-        for layer, part, initial in zip(self.layers, parts, self._initial):
+    def _recurrent_at(self, copies: list | None):
+        for layer, part, initial in zip(self.layers, copies or self._initial, self._initial):
             if not self._positional(layer):
-                layer.restore(part if length else initial)
-        return length
+                layer.restore(part if copies else initial)
 
     def restore(self, snap: LayerStatesSnapshot, length: int) -> int:
-        n = (snap.length if length >= snap.length else 0) if self._recurrent else min(length, snap.length)
-        self._recurrent_at(snap.parts, n)
+        n = snap.reach(length) if self._recurrent else min(length, snap.length)
+        self._recurrent_at(snap.marks.get(n) if n else None)
         for layer, part in zip(self.layers, snap.parts):
             if self._positional(layer):
                 layer.restore(part, n)
-        self.length, self._marked = n, {n: [p if i is not None else None for p, i in zip(snap.parts, self._initial)]}
+        self.length = n
+        self._marked = {m: c for m, c in snap.marks.items() if m <= n} if self._recurrent else {}
         return n
 
     def rewind(self, length: int) -> int:
-        marked = max((m for m in self._marked if m <= length), default=0)
-        n = marked if self._recurrent else length
-        self._recurrent_at(self._marked.get(n, self._initial), n)
+        n = self.reach(length) if self._recurrent else length
+        if self._recurrent:
+            self._recurrent_at(self._marked.get(n) if n else None)
+            self._marked = {m: c for m, c in self._marked.items() if m <= n}
         for layer in self.layers:
             if self._positional(layer):
                 layer.rewind(n)

@@ -91,7 +91,7 @@ class Sequence:
             slot.kv_ids = list(ids[:end])
             if fixed:  # exactly what a longer prompt's prefill computes here
                 slot.exact_ids = list(slot.kv_ids)
-                slot.kv.mark(end)
+                mark(e, slot, ids, end)
         self.pos = end
         if self.pos < len(ids):
             return False
@@ -164,6 +164,15 @@ class Sequence:
             slot.settle_ids = ids[:end]
 
 
+def mark(engine: "Engine", slot: Slot, ids: list[int], end: int):
+    """The slot's state is the one after ids[:end], a fixed chunk end: the prompt cache keeps copies of recurrent
+    layers at a few such ends (prompt_cache.PromptCache.mark), else the state keeps the newest."""
+    if engine.prompt_cache is not None:
+        engine.prompt_cache.mark(slot.kv, ids, end)
+    else:
+        slot.kv.mark(end)
+
+
 def settle(engine: "Engine") -> bool:
     """Idle work: one prefill chunk of some free slot's finished reply (Slot.settle_ids) from its exact prefix on,
     the chunk a fresh prefill of those tokens runs there, so the state stays exact. False when there is none.
@@ -183,7 +192,7 @@ def settle(engine: "Engine") -> bool:
         engine.prompt_cache.stats.settled_tokens += end - s
         if fixed:
             slot.exact_ids = list(slot.kv_ids)
-            slot.kv.mark(end)
+            mark(engine, slot, ids, end)
     except Exception:
         slot.settle_ids = None
         raise

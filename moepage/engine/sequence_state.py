@@ -3,8 +3,8 @@
 The positional (attention) layers share one KVCache, a slot each, so the fused decode kernels keep taking per-layer
 K/V views; every recurrent layer (Gated DeltaNet) has its own state object. The prompt cache's protocol (mark,
 snapshot, restore, rewind; prompt_cache.LayerStates) holds: a prefix of the KV cache is valid at any length, a
-recurrent state at the length mark() last copied it at (the engine marks each whole prefill chunk), at the current
-length (snapshot only) and at 0.
+recurrent state at the lengths mark() kept copies at (the engine marks each whole prefill chunk; the prompt cache
+picks which copies stay), at the current length (snapshot only) and at 0.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from moepage.engine.attention import mixer_class
 from moepage.engine.attention.base import KVLayer
 from moepage.engine.kv_cache import KVCache
 from moepage.engine.model_args import ModelArgs
-from moepage.engine.prompt_cache import LayerStates, LayerStatesSnapshot
+from moepage.engine.prompt_cache import LayerStates
 
 
 class SequenceState(LayerStates):
@@ -38,14 +38,6 @@ class SequenceState(LayerStates):
 
     def __getitem__(self, layer: int):
         return self.per_layer[layer]
-
-    def snapshot(self, length: int) -> LayerStatesSnapshot:
-        """A copy of the state after `length` tokens: a length mark() kept, or the current length (the live
-        recurrent states are copied; the marked copy stays for rewind)."""
-        if length == self.length and length not in self._marked:
-            return LayerStatesSnapshot([s.snapshot(length) if self._positional(s) else s.snapshot()
-                                        for s in self.layers], length)
-        return super().snapshot(length)
 
 
 def state_nbytes(args: ModelArgs, max_tokens: int, dtype: torch.dtype) -> int:
