@@ -252,7 +252,14 @@ def test_a_client_that_does_not_read_stalls_no_one(served):
         deadline = time.perf_counter() + 1
         while app.state.worker.running > 1 and time.perf_counter() < deadline:
             time.sleep(0.01)
-        assert app.state.worker.running == 1
+        if app.state.worker.running == 0:  # a fast machine: it reached the context's end meanwhile, not cancelled
+            s.settimeout(30)
+            data = b""
+            while b"[DONE]" not in data and (part := s.recv(1 << 16)):
+                data += part
+            assert b'"finish_reason":"length"' in data.replace(b" ", b"")
+        else:
+            assert app.state.worker.running == 1
 
 
 @pytest.mark.parametrize("parallel,want", [(1, "lru"), (4, "stale")])
