@@ -1,7 +1,7 @@
-"""One prefill chunk through one Gated DeltaNet layer (and one gated GQA layer) of the Qwen3.5-35B-A3B shape, random
-weights: the peak bytes of tensors it allocates (moepage/engine/alloc_peak.py, beyond its input and the layer's
-weights), the ops that reach it, the mixer's planned workspace (TokenMixer.workspace_nbytes) and, in a child
-process per case, the peak RSS growth.
+"""One prefill chunk through one Gated DeltaNet layer of the Qwen3.5-35B-A3B shape, random weights: the peak bytes of
+tensors it allocates (moepage/engine/alloc_peak.py, beyond its input and the layer's weights), the largest
+allocations, the mixer's planned workspace (GatedDeltaShape.workspace_nbytes) and, in a second child process
+without the tracker, the peak RSS growth over the chunk.
 
     python bench/prefill_workspace.py [--tokens 512] [--dtype bfloat16] [--trace 12] [--threads 2]
 """
@@ -12,11 +12,10 @@ import json
 import subprocess
 import sys
 
-# The Qwen3.5-35B-A3B text config's sizes (hidden 2048, 16 key heads x 128, 32 value heads x 128, conv 4; attention
-# 16 query heads, 2 kv heads, head dim 256, the output gate).
+# The Qwen3.5-35B-A3B text config's linear-attention sizes (hidden 2048, 16 key heads x 128, 32 value heads x 128,
+# conv 4).
 SHAPE = dict(hidden_size=2048, linear_num_key_heads=16, linear_num_value_heads=32, linear_key_head_dim=128,
-             linear_value_head_dim=128, linear_conv_kernel_dim=4, num_attention_heads=16, num_key_value_heads=2,
-             head_dim=256)
+             linear_value_head_dim=128, linear_conv_kernel_dim=4)
 
 
 def rss(field: str) -> int:
@@ -24,38 +23,29 @@ def rss(field: str) -> int:
         return next(int(line.split()[1]) << 10 for line in f if line.startswith(field + ":"))
 
 
-def layer(kind: str, dtype, tokens: int):
+def layer(dtype, tokens: int):
     """(mixer, its fresh state, x [T, H], planned workspace bytes)."""
     import torch
 
     from moepage.engine.attention.gated_delta import GatedDeltaMixer, GatedDeltaNet, GatedDeltaShape
-    from moepage.engine.attention.gqa import GQA
-    from moepage.engine.attention.base import KVLayer, MixerContext
-    from moepage.engine.kv_cache import KVCache
-    from moepage.engine.model_args import ModelArgs
-    from moepage.kernels.rope import RotaryTable
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(tokens, SHAPE["hidden_size"], generator=gen).to(dtype)
-    if kind == "gated_delta":
-        shape = GatedDeltaShape.from_config(SHAPE)
-        w = {n: (torch.randn(s, generator=gen) * 0.02).to(dtype) for n, s in shape.weight_shapes("qwen3_5_moe").items()}
-        w["A_log"] = torch.zeros(shape.num_v_heads, dtype=dtype)
-        mixer = GatedDeltaMixer(GatedDeltaNet(shape, w))
-        ws = shape.workspace_nbytes(tokens, dtype)
-        return mixer, mixer.new_state(dtype, "cpu"), x, ws
-    args = ModelArgs.for_test(**SHAPE) if hasattr(ModelArgs, "for_test") else None
-    raise SystemExit("gqa case: no ModelArgs helper")
+    shape = GatedDeltaShape.from_config(SHAPE)
+    w = {n: (torch.randn(s, generator=gen) * 0.02).to(dtype) for n, s in shape.weight_shapes("qwen3_5_moe").items()}
+    w["A_log"] = torch.zeros(shape.num_v_heads, dtype=dtype)
+    mixer = GatedDeltaMixer(GatedDeltaNet(shape, w))
+    return mixer, mixer.new_state(dtype, "cpu"), x, shape.workspace_nbytes(tokens, dtype)
 
 
-def measure(kind: str, dtype_name: str, tokens: int, trace: int, threads: int, track: bool) -> dict:
+def measure(dtype_name: str, tokens: int, trace: int, threads: int, track: bool) -> dict:
     import torch
 
     from moepage.engine.alloc_peak import AllocPeak
 
     torch.set_num_threads(threads)
     dtype = getattr(torch, dtype_name)
-    mixer, state, x, planned = layer(kind, dtype, tokens)
+    mixer, state, x, planned = layer(dtype, tokens)
     with torch.inference_mode():
         mixer.forward(x[:8], mixer.new_state(dtype, "cpu"), 0)  # warm: kernels built, thread pools up
         if not track:  # peak RSS growth alone (the tracker's own bookkeeping moves the C allocator's reuse)
@@ -66,7 +56,7 @@ def measure(kind: str, dtype_name: str, tokens: int, trace: int, threads: int, t
         with AllocPeak(trace=trace > 0) as p:
             out = mixer.forward(x, state, 0)
         del out
-    result = {"kind": kind, "dtype": dtype_name, "tokens": tokens, "peak_mib": round(p.peak / 2**20, 1),
+    result = {"dtype": dtype_name, "tokens": tokens, "peak_mib": round(p.peak / 2**20, 1),
               "planned_mib": round(planned / 2**20, 1), "peak_op": p.peak_op}
     if trace:
         result["largest"] = [(op, round(n / 2**20, 2), round(live / 2**20, 1))
@@ -80,19 +70,17 @@ def main():
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--trace", type=int, default=12, help="list this many of the largest allocations")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--kinds", default="gated_delta")
-    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--rss", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        print(json.dumps(measure(a.child, a.dtype, a.tokens, a.trace, a.threads, not a.rss)))
+        print(json.dumps(measure(a.dtype, a.tokens, a.trace, a.threads, not a.rss)))
         return
-    for kind in a.kinds.split(","):  # a fresh process per case: its peak RSS is the case's own
-        cmd = [sys.executable, __file__, "--child", kind, "--tokens", str(a.tokens), "--dtype", a.dtype,
-               "--trace", str(a.trace), "--threads", str(a.threads)]
-        result = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
-        result |= json.loads(subprocess.run(cmd + ["--rss"], check=True, capture_output=True, text=True).stdout)
-        print(json.dumps(result), flush=True)
+    cmd = [sys.executable, __file__, "--child", "--tokens", str(a.tokens), "--dtype", a.dtype, "--trace", str(a.trace),
+           "--threads", str(a.threads)]  # fresh processes: each peak is the chunk's own
+    result = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    result |= json.loads(subprocess.run(cmd + ["--rss"], check=True, capture_output=True, text=True).stdout)
+    print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

@@ -76,7 +76,8 @@ def run(args) -> int:
     print("memory budget -> experts resident:")
     for frac in (1.0, 0.75, 0.5, 0.3, 0.1):
         print(f"  {human(budgeted + workspace + kv + frac * each * n_experts):>10}  {frac:>4.0%}")
-    print(f"  {human(budgeted + workspace + kv + a.top_k * each):>10}  minimum ({plural(a.top_k, 'expert')}: one token's "
+    minimum = budgeted + workspace + kv + a.top_k * each
+    print(f"  {human(minimum):>10}  minimum ({plural(a.top_k, 'expert')}: one token's "
           "experts of one layer)")
     return 0
 
