@@ -195,3 +195,47 @@ def test_default_prompt_cache_bytes_never_crowds_out_the_experts():
     assert default_prompt_cache_bytes(5000 + kv + 100 + 400 + 600, 5000, kv, 100, 400) == 300  # half the spare
     assert default_prompt_cache_bytes(5000 + kv + 100 + 400 + 10**6, 5000, kv, 100, 400) == kv
     assert default_prompt_cache_bytes(5000 + kv + 100 + 400, 5000, kv, 100, 400) == 0  # a tight budget: none
+
+
+def test_recurrent_states_keep_their_last_marks_within_the_cache_bytes_and_a_resent_prompt_reuses_them():
+    """A Gated DeltaNet layer marked at each 16-token chunk end keeps copies at up to keep_marks of them (message ends
+    first); the copies beyond the newest count in the cache's bytes and give way to its capacity; the same prompt
+    sent again goes back to the chunk end before its last token, if kept, and continues to a fresh run's bits."""
+    shape = GatedDeltaShape(hidden=32, num_k_heads=2, num_v_heads=2, k_head_dim=8, v_head_dim=8, chunk=8)
+    g = torch.Generator().manual_seed(1)
+    weights = {n: 0.2 * torch.randn(s, generator=g) for n, s in shape.weight_shapes("qwen3_5_moe").items()}
+    mixer = GatedDeltaNet(shape, weights)
+    x = torch.randn(100, 32, generator=g)
+    one = mixer.new_state().nbytes  # one copy
+
+    def run(states: LayerStates, cache: PromptCache, live, ids) -> tuple[int, torch.Tensor]:
+        start = cache.begin(states, live, ids)
+        s, out = start, None
+        while s < len(ids):
+            e, fixed = cache.schedule.end(ids, s)
+            out = mixer(x[ids[s:e]], states.layers[1])
+            states.layers[0].length = e
+            if fixed:
+                cache.mark(states, ids, e)
+            s = e
+        return start, out
+
+    ids = list(range(48))  # chunk ends 16, 32, 48
+    fresh = run(LayerStates([kv_state(128), mixer.new_state()]), PromptCache(0, 16), [], ids)[1]
+    for capacity, keep, marks in ((1 << 20, 4, (16, 32, 48)), (1 << 20, 2, (32, 48)), (one, 4, (32, 48)),
+                                  (one - 1, 4, (48,))):
+        states, cache = LayerStates([kv_state(128), mixer.new_state()]), PromptCache(capacity, 16, keep_marks=keep)
+        assert run(states, cache, [], ids)[0] == 0
+        assert states.marks == marks and cache.nbytes == (len(marks) - 1) * one <= capacity
+        start, out = run(states, cache, ids, ids)  # sent again: re-use leaves the last chunk to prefill
+        assert start == (32 if 32 in marks else 0) and torch.equal(out, fresh)
+
+    ends = ChunkSchedule(16, frozenset({99}))  # a message end after position 5: chunk ends 6, 22, 38
+    ids = list(range(5)) + [99] + list(range(10, 44))
+    states, cache = LayerStates([kv_state(128), mixer.new_state()]), PromptCache(1 << 20, ends, keep_marks=2)
+    run(states, cache, [], ids)
+    assert states.marks == (6, 38)  # the message end outranks the more recent 22
+    other = ids[:30] + [50, 51, 52]
+    assert run(states, cache, ids[:38], other)[0] == 6  # 22 is gone: back to the message end
+    snap = states.snapshot(6)
+    assert snap.restorable == (6,) and snap.reach(5) == 0 and snap.reach(40) == 6
