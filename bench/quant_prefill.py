@@ -51,7 +51,7 @@ def main():
             json.dump([rng.randrange(a.vocab) for _ in range(n)], f)
             prompt_file = f.name
         child = argparse.Namespace(prompt_tokens=n, decode=2, threads=a.threads, time_limit=a.time_limit,
-                                   overhead=a.overhead)
+                                   overhead=a.overhead, burn=0)
         try:
             for cap in (float(c) for c in a.caps.split(",")):
                 limit = None if cap >= 1 else int(cap * size) + a.cap_base
