@@ -43,7 +43,7 @@ def hybrid(tmp_path_factory):
 
 @pytest.mark.parametrize("model", ["hybrid", "qwen3_moe"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_planned_workspace_bounds_each_mixers_peak(model, dtype, hybrid, checkpoints, request):
+def test_planned_workspace_bounds_each_mixers_peak(model, dtype, hybrid, checkpoints):
     path = hybrid if model == "hybrid" else checkpoints("qwen3_moe", "bfloat16")
     ctx, chunks = 320, [150, 130]  # the second chunk attends to the first; 150 = two blocks and a short one
     engine = Engine.load(EngineConfig(str(path), ctx_size=ctx, dtype=dtype, tokenizer=False))
