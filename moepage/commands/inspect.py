@@ -21,7 +21,7 @@ def run(args) -> int:
     from moepage.engine.engine import EngineConfig, packable_lm_head, read_buffer_bytes, resolve_dtype
     from moepage.engine.memory_plan import planned_resident_bytes, prefill_workspace_bytes
     from moepage.engine.quantized_expert import expert_loader
-    from moepage.engine.sequence_state import state_nbytes
+    from moepage.engine.sequence_state import sequence_nbytes
     from moepage.commands import plural
     from moepage.paging.budget import human
     from moepage.paging.fp8_experts import FP8_SOURCES
@@ -59,7 +59,7 @@ def run(args) -> int:
         "as stored (FP8 + block scales)" if isinstance(ckpt.experts, FP8_SOURCES) else \
         f"as {str(dtype).replace('torch.', '')}"
     stored_each = max((ckpt.experts.stored_nbytes(layer) for layer in a.moe_layers), default=0)
-    kv = state_nbytes(a, ctx, dtype)
+    kv = sequence_nbytes(a, ctx, dtype)  # as the engine's plan counts a slot
     print(f"model: {ckpt.root} ({ckpt.kind}, {a.family})")
     print(f"layers {a.num_layers} ({len(a.moe_layers)} MoE), hidden {a.hidden_size}, heads {a.num_heads}/{a.num_kv_heads} "
           f"x {a.head_dim}, vocab {a.vocab_size}, max positions {a.max_position_embeddings}")
@@ -105,7 +105,8 @@ def state_line(a, dtype) -> str:
         return (f"per sequence: latent KV {human(kv_nbytes_per_1k(a, dtype))} per 1k tokens ({a.mixers.count('mla')} "
                 f"MLA layers x {latent} values a token: the compressed latent and the rope key, not per-head K/V)")
     return (f"per sequence: recurrent state {human(recurrent_state_nbytes(a, dtype))} "
-            f"({a.mixers.count('linear_attention')} linear-attention layers, any length) + KV "
+            f"({a.mixers.count('linear_attention')} linear-attention layers, any length; held twice: the live state "
+            f"and its copy at the newest chunk end) + KV "
             f"{human(kv_nbytes_per_1k(a, dtype))} per 1k tokens ({a.mixers.count('full_attention')} attention layers)")
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from moepage.engine.model_args import ModelArgs, expert_shapes, resident_shape
-from moepage.engine.sequence_state import state_nbytes
+from moepage.engine.sequence_state import sequence_nbytes, state_nbytes
 from moepage.engine.weight_names import resident_dtype, resident_names
 
 Q4_K, Q6_K = 144 / 256, 210 / 256  # bytes per weight
@@ -91,7 +91,7 @@ def budgets_for(sizes: ConfigSizes) -> tuple[int, ...]:
 def budget_table(args: ModelArgs, sizes: ConfigSizes, ctx: int) -> list[str]:
     """Lines of the table: fraction of experts resident at each of budgets_for(sizes) GiB, bf16 and Q4_K_M, with
     one sequence's recurrent state and ctx tokens of KV (MLA: the latent cache) counted."""
-    state = state_nbytes(args, ctx, torch.bfloat16)
+    state = sequence_nbytes(args, ctx, torch.bfloat16)  # as the engine's plan counts a slot
     rows = [f"  {'budget':>8}  {'bf16':>6}  {'Q4_K_M':>6}   (one sequence's state for {ctx} tokens counted)"]
     for gib in budgets_for(sizes):
         b = gib << 30

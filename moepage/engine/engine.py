@@ -14,7 +14,7 @@ from moepage.engine.kv_cache import ContextOverflow
 from moepage.engine.lora_merge import LoraMerge
 from moepage.engine.model import MoEModel
 from moepage.engine.prompt_cache import ChunkSchedule, PromptCache, message_end_ids
-from moepage.engine.sequence_state import SequenceState, state_nbytes
+from moepage.engine.sequence_state import SequenceState, sequence_nbytes
 from moepage.engine.quantized_expert import expert_loader
 from moepage.engine.sampling import SamplingParams
 from moepage.engine.sequence import Sequence, Slot
@@ -153,7 +153,7 @@ class Engine:
         ctx = int(cfg.ctx_size or min(args.max_position_embeddings, 4096))
         if cfg.parallel < 1:
             raise ValueError(f"parallel must be at least 1, got {cfg.parallel}")
-        one_kv = state_nbytes(args, ctx, dtype)  # KV of the attention layers + the recurrent layers' states
+        one_kv = sequence_nbytes(args, ctx, dtype)  # KV + recurrent/sliding states and their newest marked copy
         kv_bytes = one_kv * cfg.parallel
         n_experts = len(args.moe_layers) * args.num_experts
         lora = LoraMerge.open(cfg.lora, ckpt) if cfg.lora else None  # wraps ckpt.experts: merged at page-in

@@ -44,3 +44,11 @@ def state_nbytes(args: ModelArgs, max_tokens: int, dtype: torch.dtype) -> int:
     """Bytes of one sequence's SequenceState at max_tokens positions: KV of the attention layers plus every recurrent
     layer's state (which does not grow with the length)."""
     return sum(mixer_class(kind).state_nbytes(args, max_tokens, dtype) for kind in args.mixers)
+
+
+def sequence_nbytes(args: ModelArgs, max_tokens: int, dtype: torch.dtype) -> int:
+    """What one sequence slot holds: its state plus the copy of every non-positional layer's state (recurrent,
+    sliding window) kept at its newest chunk end, which cannot be rewound to (prompt_cache.LayerStates.mark)."""
+    copies = sum(mixer_class(kind).state_nbytes(args, max_tokens, dtype) for kind in args.mixers
+                 if not mixer_class(kind).positional)
+    return state_nbytes(args, max_tokens, dtype) + copies
