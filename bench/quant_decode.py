@@ -84,21 +84,29 @@ engine.close()
 def run(system: str, gguf: str, prompt_file: str, a, limit: int | None) -> dict:
     ctx = str(a.prompt_tokens + a.decode + 64)
     env = dict(os.environ)
-    budget = limit - a.overhead if limit and system == "moepage" else (-1 if "norepack" in system else 0)
-    code = MOEPAGE if system == "moepage" else LLAMA_CPP
-    cmd = [sys.executable, "-c", code, gguf, prompt_file, str(a.decode), str(a.threads), ctx, str(a.time_limit),
-           str(budget)]
+    ours = system.startswith("moepage")
+    budget = limit - a.overhead if limit and ours else (-1 if "norepack" in system else 0)
+    threads = system.split("-t")[1].split("-")[0] if system.startswith("moepage-t") else str(a.threads)
+    cmd = [sys.executable, "-c", MOEPAGE if ours else LLAMA_CPP, gguf, prompt_file, str(a.decode), threads, ctx,
+           str(a.time_limit), str(budget)]
     if system.startswith("llamacpp"):
         env.pop("OMP_WAIT_POLICY", None)
         if system.endswith("passive"):  # its OpenMP threads sleep instead of spinning, as moepage's do
             env["OMP_WAIT_POLICY"] = "PASSIVE"
     cgroup = make_cgroup(f"moepage-quant-{limit}", limit) if limit else None
-    if cgroup and system == "moepage":  # kernels built outside the cap: a compiler inside it would be OOM-killed
+    if cgroup and ours:  # kernels built outside the cap: a compiler inside it would be OOM-killed
         subprocess.run([sys.executable, "-m", "moepage.kernels.native"], capture_output=True, cwd=os.path.dirname(HERE))
 
     if cgroup:
         drop_caches()
-    return run_result(system, cmd, cgroup, env, a.time_limit * 3 + 600, os.path.dirname(HERE))
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+               for _ in range(0 if system.endswith("-idle") else a.burn)]
+    try:
+        return run_result(system, cmd, cgroup, env, a.time_limit * 3 + 600, os.path.dirname(HERE))
+    finally:
+        for p in burners:
+            p.kill()
+            p.wait()
 
 
 def report(label: str, systems: list[str], runs: dict[str, list[dict]], a) -> None:
@@ -114,12 +122,13 @@ def report(label: str, systems: list[str], runs: dict[str, list[dict]], a) -> No
         print(f"  {s:17s} decode median {statistics.median(rates[s]):.2f} tok/s (range {min(rates[s]):.2f}-"
               f"{max(rates[s]):.2f}; runs " + ", ".join(f"{x:.2f}" for x in rates[s]) + f"), CPU {cpu:.1f} ms/token, "
               f"peak RSS {rss:.0f} MiB")
+    first = systems[0]
     for peer in systems[1:]:
-        if rates["moepage"] and rates[peer]:
-            pairs = [m / p for m, p in zip(rates["moepage"], rates[peer])]
-            print(f"  moepage / {peer}: {statistics.median(rates['moepage']) / statistics.median(rates[peer]):.2f}x "
+        if rates[first] and rates[peer]:
+            pairs = [m / p for m, p in zip(rates[first], rates[peer])]
+            print(f"  {first} / {peer}: {statistics.median(rates[first]) / statistics.median(rates[peer]):.2f}x "
                   "of the medians; run by run " + ", ".join(f"{x:.2f}x" for x in pairs))
-    ours = next((r.get("tokens", []) for r in runs["moepage"] if r.get("tokens")), [])
+    ours = next((r.get("tokens", []) for r in runs[first] if r.get("tokens")), [])
     for peer in systems[1:]:
         theirs = next((r.get("tokens", []) for r in runs[peer] if r.get("tokens")), [])
         if ours and theirs:
@@ -141,7 +150,10 @@ def main():
                     help="bytes added to every cap (e.g. a process baseline, so both systems can start at low caps)")
     ap.add_argument("--overhead", type=int, default=330 << 20,
                     help="bytes of a cap left outside moepage's --memory-budget (Python, torch, buffers)")
-    ap.add_argument("--burn", type=int, default=0, help="CPU-burning neighbour processes during the runs")
+    ap.add_argument("--burn", type=int, default=0, help="CPU-burning neighbour processes during each run")
+    ap.add_argument("--moepage", default=None,
+                    help="moepage's variants instead of one at --threads, comma-separated: tN (N threads; t0 = its "
+                         "default), tN-idle (without the --burn neighbours), e.g. t0,t0-idle,t1")
     ap.add_argument("--llama-passive", action="store_true",
                     help="also run llama.cpp with OMP_WAIT_POLICY=PASSIVE (its threads sleep between jobs, as moepage's do)")
     ap.add_argument("--llama-norepack", action="store_true", help="also run llama.cpp with repacking off")
@@ -154,14 +166,14 @@ def main():
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump([rng.randrange(a.vocab) for _ in range(a.prompt_tokens)], f)
         prompt_file = f.name
-    if a.peers:
-        systems = ["moepage"] + [{"default": "llamacpp"}.get(p, f"llamacpp-{p}") for p in a.peers.split(",")]
+    ours = [f"moepage-{v}" for v in a.moepage.split(",")] if a.moepage else ["moepage"]
+    if a.peers is not None:  # --peers "" runs moepage alone
+        systems = ours + [{"default": "llamacpp"}.get(p, f"llamacpp-{p}") for p in a.peers.split(",") if p]
     else:
-        systems = (["moepage", "llamacpp"] + (["llamacpp-passive"] if a.llama_passive else [])
+        systems = (ours + ["llamacpp"] + (["llamacpp-passive"] if a.llama_passive else [])
                    + (["llamacpp-norepack"] if a.llama_norepack else []))
     size = os.path.getsize(a.gguf)
     results: list[dict] = []
-    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(a.burn)]
     try:
         for cap in (float(c) for c in a.caps.split(",")):
             limit = None if cap >= 1 else int(cap * size) + a.cap_base
@@ -186,9 +198,6 @@ def main():
                 with open(a.json, "w") as f:
                     json.dump({"args": vars(a), "gguf_bytes": size, "caps": results}, f, indent=1)
     finally:
-        for p in burners:
-            p.kill()
-            p.wait()
         os.unlink(prompt_file)
 
 

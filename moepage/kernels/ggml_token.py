@@ -16,9 +16,11 @@ Shape legend: H hidden, V vocab, L sparse layers, K experts per token.
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
+from moepage.kernels.busy_threads import BusyThreads
 from moepage.kernels.ggml import QuantizedTensor, ggml_backend
 from moepage.kernels.huge_pages import collapse_all
 from moepage.kernels.ggml_linear import GGMLWeight
@@ -37,6 +39,7 @@ class TokenKernel:
         self.plan = None
         self.stamp = None  # (evictions, entries, first entry's value) when the plan was built
         self.refused = False  # the model's shape never fits (checked once)
+        self.busy = None  # BusyThreads over torch's thread count when the first token ran
 
     @staticmethod
     def _shared(moe, dtype: torch.dtype) -> list[tuple[torch.Tensor, int]] | None:
@@ -166,9 +169,25 @@ class TokenKernel:
             if self.plan is None:
                 return None
             kv = [state[i] for i in range(len(model.layers))]
-            out, chosen = self.plan.decode(h.contiguous(), [x.keys for x in kv], [x.values for x in kv], cos, sin,
-                                           start, head)
+            out, chosen = self._timed(self.plan.decode, h.contiguous(), [x.keys for x in kv],
+                                      [x.values for x in kv], cos, sin, start, head)
             with cache.stats.lock:
                 cache.stats.hits += len(chosen)
         state.length = start + 1
         return out
+
+    def _timed(self, call, *args):
+        """call(*args) at the thread count BusyThreads picks (torch's count restored after), its wall time recorded."""
+        most = torch.get_num_threads()
+        if self.busy is None or self.busy.most != most:
+            self.busy = BusyThreads(most)
+        n = self.busy.next()
+        if n != most:
+            torch.set_num_threads(n)
+        t0 = time.perf_counter()
+        try:
+            return call(*args)
+        finally:
+            self.busy.record(n, time.perf_counter() - t0)
+            if n != most:
+                torch.set_num_threads(most)
