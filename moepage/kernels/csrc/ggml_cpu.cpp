@@ -32,29 +32,8 @@ void q8_k_to_float(const void* src, float* y, int64_t k) {
 
 // Opens the ggml CPU backend library at `path` (its libggml-base beside it); returns the CPU features it uses.
 std::string open(const std::string& path) {
-  if (lib.traits != nullptr) return lib.features;
-  void* h = open_isolated(path);
-  TORCH_CHECK(h != nullptr, path, ": cannot load (", dlerror(), ")");
-  auto init = reinterpret_cast<void (*)()>(symbol(h, "ggml_cpu_init", path));
-  auto traits = reinterpret_cast<const TypeTraits* (*)(int)>(symbol(h, "ggml_get_type_traits", path));
-  auto cpu = reinterpret_cast<const TypeTraitsCpu* (*)(int)>(symbol(h, "ggml_get_type_traits_cpu", path));
-  init();
-  const TypeTraits* q4k = traits(TYPE_Q4_K);
-  TORCH_CHECK(q4k && q4k->blck_size == 256 && q4k->type_size == 144 && cpu(TYPE_Q4_K)->vec_dot_type == TYPE_Q8_K,
-              path, ": its type tables do not match ggml 0.20's layout");
-  std::string features;
-  for (const char* f : {"avx2", "fma", "f16c", "avx512", "avx512_vnni", "avx512_bf16", "neon", "dotprod",
-                        "matmul_int8", "sve"}) {
-    auto has = reinterpret_cast<int (*)()>(dlsym(h, (std::string("ggml_cpu_has_") + f).c_str()));
-    if (has != nullptr && has()) features += (features.empty() ? "" : " ") + std::string(f);
-  }
-  lib.cpu_traits = cpu;
-  lib.features = features;
-  const bool has_x8 = features.find("avx2") != std::string::npos ||
-                      (features.find("neon") != std::string::npos && features.find("matmul_int8") != std::string::npos);
-  if (has_x8) lib.gemv_q4_k_x8 = reinterpret_cast<gemv_t>(dlsym(h, "ggml_gemv_q4_K_8x8_q8_K"));
-  lib.traits = traits;
-  return features;
+  open_library(path);
+  return lib.features;
 }
 
 // (block size, bytes per block, activation type id, whether ggml has a CPU dot product for it)

@@ -74,6 +74,35 @@ void* open_isolated(const std::string& path) {
   return dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
 }
 
+// Opens the ggml CPU backend library at `path` (its libggml-base beside it) into `lib`: its type tables, checked
+// against ggml 0.20's layout, the CPU features it uses and, where ggml's own repack would use it, the interleaved
+// Q4_K gemv. Returns the library's handle, or nullptr when `lib` was open already.
+void* open_library(const std::string& path) {
+  if (lib.traits != nullptr) return nullptr;
+  void* h = open_isolated(path);
+  TORCH_CHECK(h != nullptr, path, ": cannot load (", dlerror(), ")");
+  auto init = reinterpret_cast<void (*)()>(symbol(h, "ggml_cpu_init", path));
+  auto traits = reinterpret_cast<const TypeTraits* (*)(int)>(symbol(h, "ggml_get_type_traits", path));
+  auto cpu = reinterpret_cast<const TypeTraitsCpu* (*)(int)>(symbol(h, "ggml_get_type_traits_cpu", path));
+  init();
+  const TypeTraits* q4k = traits(TYPE_Q4_K);
+  TORCH_CHECK(q4k && q4k->blck_size == 256 && q4k->type_size == 144 && cpu(TYPE_Q4_K)->vec_dot_type == TYPE_Q8_K,
+              path, ": its type tables do not match ggml 0.20's layout");
+  std::string features;
+  for (const char* f : {"avx2", "fma", "f16c", "avx512", "avx512_vnni", "avx512_bf16", "neon", "dotprod",
+                        "matmul_int8", "sve"}) {
+    auto has = reinterpret_cast<int (*)()>(dlsym(h, (std::string("ggml_cpu_has_") + f).c_str()));
+    if (has != nullptr && has()) features += (features.empty() ? "" : " ") + std::string(f);
+  }
+  lib.cpu_traits = cpu;
+  lib.features = features;
+  const bool has_x8 = features.find("avx2") != std::string::npos ||
+                      (features.find("neon") != std::string::npos && features.find("matmul_int8") != std::string::npos);
+  if (has_x8) lib.gemv_q4_k_x8 = reinterpret_cast<gemv_t>(dlsym(h, "ggml_gemv_q4_K_8x8_q8_K"));
+  lib.traits = traits;
+  return h;
+}
+
 // ---- the thread pool (thread_pool.h) -------------------------------------------------------------
 using moepage_pool::Pool;
 

@@ -6,34 +6,13 @@
 // size, R experts per token (top-k), E experts in the call, A routed (token, expert) pairs of those experts.
 #include "ggml_cpu_gemm.h"
 
-// Opens the ggml CPU library at `path`; returns the CPU features it uses (as ggml_cpu.open).
+// Opens the ggml CPU library at `path` (as ggml_cpu.open) and ggml's interleaved Q4_K gemm beside its gemv;
+// returns the CPU features it uses.
 std::string open(const std::string& path) {
-  if (lib.traits != nullptr) return lib.features;
-  void* h = open_isolated(path);
-  TORCH_CHECK(h != nullptr, path, ": cannot load (", dlerror(), ")");
-  auto init = reinterpret_cast<void (*)()>(symbol(h, "ggml_cpu_init", path));
-  auto traits = reinterpret_cast<const TypeTraits* (*)(int)>(symbol(h, "ggml_get_type_traits", path));
-  auto cpu = reinterpret_cast<const TypeTraitsCpu* (*)(int)>(symbol(h, "ggml_get_type_traits_cpu", path));
-  init();
-  const TypeTraits* q4k = traits(TYPE_Q4_K);
-  TORCH_CHECK(q4k && q4k->blck_size == 256 && q4k->type_size == 144 && cpu(TYPE_Q4_K)->vec_dot_type == TYPE_Q8_K,
-              path, ": its type tables do not match ggml 0.20's layout");
-  std::string features;
-  for (const char* f : {"avx2", "avx512", "neon", "matmul_int8"}) {
-    auto has = reinterpret_cast<int (*)()>(dlsym(h, (std::string("ggml_cpu_has_") + f).c_str()));
-    if (has != nullptr && has()) features += (features.empty() ? "" : " ") + std::string(f);
-  }
-  const bool has_x8 = features.find("avx2") != std::string::npos ||
-                      (features.find("neon") != std::string::npos && features.find("matmul_int8") != std::string::npos);
-  if (has_x8) {  // as ggml_cpu.open: the interleaved layout where ggml's own repack uses it
-    lib.gemv_q4_k_x8 = reinterpret_cast<gemv_t>(dlsym(h, "ggml_gemv_q4_K_8x8_q8_K"));
-    if (lib.gemv_q4_k_x8 != nullptr)
-      gemm_kernels.gemm_q4_k_x8 = reinterpret_cast<gemv_t>(dlsym(h, "ggml_gemm_q4_K_8x8_q8_K"));
-  }
-  lib.cpu_traits = cpu;
-  lib.features = features;
-  lib.traits = traits;
-  return features;
+  void* h = open_library(path);
+  if (h != nullptr && lib.gemv_q4_k_x8 != nullptr)
+    gemm_kernels.gemm_q4_k_x8 = reinterpret_cast<gemv_t>(dlsym(h, "ggml_gemm_q4_K_8x8_q8_K"));
+  return lib.features;
 }
 
 // Whether interleaved Q4_K rows go 4 at a time through ggml's gemm (else each through the gemv); returns the old value.
