@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 
 
@@ -54,3 +55,15 @@ def run_result(system: str, cmd: list[str], cgroup: str | None = None, env: dict
 def agreement(a: list[int], b: list[int]) -> int:
     """How many greedy tokens two runs share before the first difference."""
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def alternate(systems: list[str], repeats: int, run, line) -> dict[str, list[dict]]:
+    """run(system) -> result for each system, `repeats` rounds, the order reversed every other round (so drift in the
+    machine's load falls on both sides); line(rep, system, result) is printed to stderr after each run."""
+    runs: dict[str, list[dict]] = {s: [] for s in systems}
+    for rep in range(repeats):
+        for system in systems if rep % 2 == 0 else systems[::-1]:
+            r = run(system)
+            runs[system].append(r)
+            print(line(rep, system, r), file=sys.stderr, flush=True)
+    return runs

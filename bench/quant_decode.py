@@ -30,7 +30,7 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from bench import can_cap, drop_caches, make_cgroup  # noqa: E402
-from peers import agreement, run_result  # noqa: E402
+from peers import agreement, alternate, run_result  # noqa: E402
 
 # Both children: greedy decode after the prompt; decode tok/s from token arrival times, process CPU seconds between
 # the first and the last token, peak RSS.
@@ -180,15 +180,11 @@ def main():
             if limit and not can_cap():
                 print(f"skipping the {cap:.0%} cap: needs root and cgroup v1 memory", file=sys.stderr)
                 continue
-            runs: dict[str, list[dict]] = {s: [] for s in systems}
-            for rep in range(a.repeats):
-                for system in systems if rep % 2 == 0 else systems[::-1]:
-                    r = run(system, a.gguf, prompt_file, a, limit)
-                    runs[system].append(r)
-                    print(f"cap {cap:.0%} run {rep} {system}: " + (
-                        f"{r['decode_tps']:.2f} tok/s decode, {r.get('prefill_tps', 0):.1f} tok/s prefill, "
-                        f"{r.get('cpu_ms_per_token') or 0:.1f} CPU ms/token" if r.get("decode_tps")
-                        else r.get("error", "?")[:300]), file=sys.stderr, flush=True)
+            runs = alternate(systems, a.repeats, lambda system: run(system, a.gguf, prompt_file, a, limit),
+                             lambda rep, system, r: f"cap {cap:.0%} run {rep} {system}: " + (
+                                 f"{r['decode_tps']:.2f} tok/s decode, {r.get('prefill_tps', 0):.1f} tok/s prefill, "
+                                 f"{r.get('cpu_ms_per_token') or 0:.1f} CPU ms/token" if r.get("decode_tps")
+                                 else r.get("error", "?")[:300]))
             label = os.path.basename(a.gguf) + (f", cap {cap:.0%}" + (f" + {a.cap_base / 2**20:.0f} MiB" if a.cap_base
                                                                        else "") + f" = {limit / 2**20:.0f} MiB"
                                                  if limit else ", no cap")

@@ -23,6 +23,7 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from bench import can_cap  # noqa: E402
+from peers import alternate  # noqa: E402
 from quant_decode import run  # noqa: E402
 
 
@@ -58,15 +59,11 @@ def main():
                 if limit and not can_cap():
                     print(f"skipping the {cap:.0%} cap: needs root and cgroup v1 memory", file=sys.stderr)
                     continue
-                runs: dict[str, list[dict]] = {s: [] for s in systems}
-                for rep in range(a.repeats):
-                    for system in systems if rep % 2 == 0 else systems[::-1]:
-                        r = run(system, a.gguf, prompt_file, child, limit)
-                        runs[system].append(r)
-                        print(f"{n} tokens, cap {cap:.0%}, run {rep} {system}: " + (
-                            f"{r['prefill_tps']:.1f} tok/s prefill, "
-                            f"{r.get('prefill_cpu_ms_per_token') or 0:.2f} CPU ms/token" if r.get("prefill_tps")
-                            else r.get("error", "?")[:300]), file=sys.stderr, flush=True)
+                runs = alternate(systems, a.repeats, lambda system: run(system, a.gguf, prompt_file, child, limit),
+                                 lambda rep, system, r: f"{n} tokens, cap {cap:.0%}, run {rep} {system}: " + (
+                                     f"{r['prefill_tps']:.1f} tok/s prefill, "
+                                     f"{r.get('prefill_cpu_ms_per_token') or 0:.2f} CPU ms/token" if r.get("prefill_tps")
+                                     else r.get("error", "?")[:300]))
                 label = (f"{os.path.basename(a.gguf)}, {n}-token prompt, {a.threads} threads, " +
                          (f"cap {cap:.0%} = {limit / 2**20:.0f} MiB" if limit else "no cap"))
                 report(label, systems, runs)
