@@ -271,3 +271,17 @@ def check_gguf_against_llama_cpp(hf_dir, gguf_path, prompt: str = "import os\nim
     ids, top_k = engine.tokenizer.encode(prompt), engine.args.top_k
     return check_paged_gguf(engine, str(gguf_path), ids, lambda seq: first_router_tie(str(hf_dir), seq, top_k),
                             min_tokens=min_tokens, lazy=True)
+
+
+def tiny_q4_k_m(root, tokenizer_dir, families=("qwen3_moe", "qwen2_moe")) -> dict[str, str]:
+    """{family: path} of a tiny random Q4_K_M GGUF per family under root, made with llama.cpp's converter and
+    quantizer (qwen2_moe has a shared expert)."""
+    llama_cpp_module()
+    converter = find_converter(str(root))
+    out = {}
+    for family in families:
+        hf = make_gguf_source(root / family, family, tokenizer_dir, seed=3)
+        f16 = str(root / f"{family}-f16.gguf")
+        convert(converter, [(hf, f16, "f16")])
+        out[family] = quantize(f16, str(root / f"{family}-q4_k_m.gguf"), "LLAMA_FTYPE_MOSTLY_Q4_K_M")
+    return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gguf_support import convert, find_converter, llama_cpp_module, make_gguf_source, quantize
+from gguf_support import tiny_q4_k_m
 from moepage.engine.engine import Engine, EngineConfig
 from moepage.kernels.ggml_cpu import backend
 from moepage.kernels.ggml_decode import QuantizedDecodeKernel
@@ -18,16 +18,7 @@ N_TOKENS = 12
 @pytest.fixture(scope="module")
 def q4_k_m(tmp_path_factory, tokenizer_dir):
     """{family: path} of a tiny Q4_K_M GGUF per family (qwen2_moe has a shared expert: routing stays in Python)."""
-    llama_cpp_module()
-    root = tmp_path_factory.mktemp("gguf-quant-decode")
-    converter = find_converter(str(root))
-    out = {}
-    for family in ("qwen3_moe", "qwen2_moe"):
-        hf = make_gguf_source(root / family, family, tokenizer_dir, seed=3)
-        f16 = str(root / f"{family}-f16.gguf")
-        convert(converter, [(hf, f16, "f16")])
-        out[family] = quantize(f16, str(root / f"{family}-q4_k_m.gguf"), "LLAMA_FTYPE_MOSTLY_Q4_K_M")
-    return out
+    return tiny_q4_k_m(tmp_path_factory.mktemp("gguf-quant-decode"), tokenizer_dir)
 
 
 def decode_logits(engine: Engine, ids: list[int], n: int, forced: list[int] | None = None) -> tuple[list[int],

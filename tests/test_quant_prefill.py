@@ -133,18 +133,9 @@ def test_fusable_declines_mixed_types():
 @pytest.fixture(scope="module")
 def q4_k_m(tmp_path_factory, tokenizer_dir):
     """{family: path} of a tiny Q4_K_M GGUF per family (qwen2_moe has a shared expert)."""
-    from gguf_support import convert, find_converter, llama_cpp_module, make_gguf_source, quantize
+    from gguf_support import tiny_q4_k_m
 
-    llama_cpp_module()
-    root = tmp_path_factory.mktemp("gguf-quant-prefill")
-    converter = find_converter(str(root))
-    out = {}
-    for family in ("qwen3_moe", "qwen2_moe"):
-        hf = make_gguf_source(root / family, family, tokenizer_dir, seed=3)
-        f16 = str(root / f"{family}-f16.gguf")
-        convert(converter, [(hf, f16, "f16")])
-        out[family] = quantize(f16, str(root / f"{family}-q4_k_m.gguf"), "LLAMA_FTYPE_MOSTLY_Q4_K_M")
-    return out
+    return tiny_q4_k_m(tmp_path_factory.mktemp("gguf-quant-prefill"), tokenizer_dir)
 
 
 def prefill_logits(path: str, dtype: str, gemm: bool, monkeypatch) -> torch.Tensor:
