@@ -3,10 +3,11 @@ kernel with a bool [T, S] mask: it equals the explicit-mask math attention (floa
 steps) for GQA, a sliding window and MLA's wider keys, and never allocates the [N, T, S] scores."""
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from moepage.kernels.chunk_attention import attend_chunk, chunk_mask
 
@@ -25,8 +26,8 @@ def reference(q, keys, values, q_start, k_start, scale, window=None):
     k = keys.double().repeat_interleave(N // G, dim=1)
     v = values.double().repeat_interleave(N // G, dim=1)
     mask = chunk_mask(q_start, q.shape[2], k_start, keys.shape[2], window, q.device)
-    with sdpa_kernel([SDPBackend.MATH]):
-        return F.scaled_dot_product_attention(q.double(), k, v, attn_mask=mask, scale=scale)
+    scores = (q.double() @ k.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
+    return scores.softmax(-1) @ v
 
 
 CASES = {  # N, G, T, S (keys, the chunk's own last), D, Dv, window, k_start
@@ -68,7 +69,26 @@ def test_no_scores_tensor_is_allocated():
     scores = N * T * S * 4
     assert 0 < biggest < scores // 8, f"an op allocated {biggest} bytes (scores would be {scores})"
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:  # the check can fail: math does
-        with sdpa_kernel([SDPBackend.MATH]):
-            F.scaled_dot_product_attention(q, keys, values, attn_mask=chunk_mask(S - T, T, 0, S, None, q.device),
-                                           scale=D**-0.5, enable_gqa=True)
+        torch.ops.aten._scaled_dot_product_attention_math(q, keys, values, chunk_mask(S - T, T, 0, S, None, q.device),
+                                                          scale=D**-0.5, enable_gqa=True)
     assert max(e.cpu_memory_usage for e in prof.events()) >= scores // 2
+
+
+def test_other_threads_keep_every_attention_backend():
+    """The engine thread's chunk attention flips no process-wide SDPA switch: a `sdpa_kernel` context there left
+    another thread's GQA-broadcast SDPA with no kernel ("No available kernel", bug)."""
+    q, keys = torch.randn(1, 4, 8, 32), torch.randn(1, 2, 40, 32)
+    done, seen = threading.Event(), set()
+
+    def engine():
+        for _ in range(300):
+            attend_chunk(q, keys, keys, 32, 0, 32**-0.5)
+        done.set()
+
+    worker = threading.Thread(target=engine)
+    worker.start()
+    while not done.is_set():
+        seen.add((torch.backends.cuda.math_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled()))
+    worker.join()
+    assert seen <= {(True, True)}
+    F.scaled_dot_product_attention(q[:, :, :1], keys[:, :1], keys[:, :1])  # broadcast heads: the math path

@@ -4,8 +4,9 @@ a window, fewer than `window` positions back), given as one bool [T, S] mask tha
 block, so the [N, T, S] scores are never held. SDPA's math path holds them (float32, and again for the softmax:
 330 MB a layer for a 512-token chunk over 10k keys and 16 heads, 2.7 GB with DeepSeek-V3's 128 heads), and SDPA
 falls back to it silently for any input its fused kernel refuses: MLA's keys are wider than its values, so MLA
-took it until the values were padded to the keys' width here. The kernel is asked for alone, so a shape it cannot
-take fails loudly instead of quietly costing the memory the budget does not hold. One call per chunk, its order of
+took it until the values were padded to the keys' width here. The kernel's op is called directly, so a shape it
+cannot take fails loudly instead of quietly costing the memory the budget does not hold, and no process-wide
+backend switch (`sdpa_kernel`) is flipped under the other threads' attention. One call per chunk, its order of
 sums fixed by the chunk's shape: a chunk computes the same values whether its keys came from a fresh prefill or a
 re-used prefix (engine/prompt_cache.py).
 
@@ -15,9 +16,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-_FUSED = [SDPBackend.FLASH_ATTENTION]
+_FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 
 def chunk_mask(q_start: int, T: int, k_start: int, S: int, window: int | None, device) -> torch.Tensor:
@@ -45,6 +45,6 @@ def attend_chunk(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, q_st
         values = F.pad(values, (0, D - Dv))
     elif Dv > D:  # nor do zero products to a score
         q, keys = F.pad(q, (0, Dv - D)), F.pad(keys, (0, Dv - D))
-    with sdpa_kernel(_FUSED):
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=N != G)
+    bias = torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, float("-inf"))  # as SDPA turns a bool mask
+    out = _FLASH_CPU(q, keys, values, 0.0, False, attn_mask=bias, scale=scale)[0]
     return out[..., :Dv] if Dv < D else out
