@@ -152,12 +152,25 @@ def make_gguf_source(out_dir, family: str, tokenizer_dir, seed: int = 0, **over)
 
 
 class LlamaCppGreedy:
-    """llama.cpp's own greedy continuation (and logits) for a token prompt, fp32 CPU, 2 threads."""
+    """llama.cpp's own greedy continuation (and logits) for a token prompt, fp32 CPU, 2 threads, on its plain CPU
+    buffers (`--no-repack`): the reference is the same on every CPU, and on AMX CPUs llama.cpp built native puts
+    weights in AMX buffers whose backend aborts on some graphs (`GGML_ASSERT(*cur_backend_id != -1)`, DeepSeek)."""
 
     def __init__(self, path: str, n_ctx: int = 256):
         llama_cpp = llama_cpp_module()
-        self.llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_threads=2, n_batch=n_ctx, logits_all=True,
-                                   verbose=False, seed=0)
+        lib, default = llama_cpp.llama_cpp, llama_cpp.llama_cpp.llama_model_default_params
+
+        def plain():
+            p = default()
+            p.use_extra_bufts = False
+            return p
+
+        lib.llama_model_default_params = plain
+        try:
+            self.llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_threads=2, n_batch=n_ctx, logits_all=True,
+                                       verbose=False, seed=0)
+        finally:
+            lib.llama_model_default_params = default
 
     def generate(self, ids: list[int], n: int) -> tuple[list[int], list]:
         """n greedy tokens after ids, and the logits row (numpy [V]) that chose each of them."""
