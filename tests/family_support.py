@@ -154,6 +154,28 @@ def reference_greedy(path, ids: list[int], n: int = 32, dtype=torch.bfloat16, re
     return out[0, len(ids):].tolist()
 
 
+def reference_greedy_margins(path, ids: list[int], n: int = 32, dtype=torch.bfloat16,
+                             reference=reference_model) -> tuple[list[int], list[float]]:
+    """reference_greedy's tokens and, at each, the gap between its top two logits."""
+    out = reference(path, dtype).generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                          eos_token_id=None, pad_token_id=0, output_logits=True,
+                                          return_dict_in_generate=True)
+    margins = [float(top[0] - top[1]) for top in (row[0].float().topk(2).values for row in out.logits)]
+    return out.sequences[0, len(ids):].tolist(), margins
+
+
+def check_greedy_until_a_near_tie(ours: list[int], theirs: list[int], margins: list[float], min_tokens: int = 16,
+                                  tie: float = 2**-5) -> None:
+    """Greedy tokens equal to the reference's, or equal up to a step where the reference's top two logits were
+    within bf16 rounding of each other (sums in another order, e.g. torch on AMX CPUs, flip such a choice), after at
+    least min_tokens equal tokens."""
+    first = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
+    if first is None:
+        assert len(ours) == len(theirs)
+        return
+    assert margins[first] < tie and first >= min_tokens, (first, margins[first], ours, theirs)
+
+
 def check_budgets(where, ids, want: list[int], each: int, args, labels=("100%", "25%", "minimum"), **engine) -> None:
     """Each directory or file in where gives the greedy tokens want at expert budgets of 100%, 25% and the minimum
     (top-k experts of each bytes; the labels kept), paging: misses, evictions below 100%, the budget held."""

@@ -1,7 +1,8 @@
 """DeepSeek-V3, DeepSeek-V2 and GLM-4.7-Flash (multi-head latent attention) against transformers on tiny random
 checkpoints with more than one expert group (V3, GLM: a non-zero e_score_correction_bias; V2: group-limited greedy
 softmax routing), a dense first layer, shared experts and YaRN with mscale (V3, V2): fp32 logits within 1e-4,
-bf16 greedy tokens equal to transformers.generate, the same tokens at 100%/25%/minimum expert budgets from split and
+bf16 greedy tokens equal to transformers.generate (up to a
+near-tie of its logits), the same tokens at 100%/25%/minimum expert budgets from split and
 split --lossless directories."""
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from conftest import prompt_ids
-from family_support import check_budgets_from_split_dirs, greedy_of, reference_greedy
+from family_support import check_budgets_from_split_dirs, check_greedy_until_a_near_tie, greedy_of, reference_greedy_margins
 from mla_support import save_mla
 from moepage.engine.engine import Engine, EngineConfig
 from qwen35_support import one_torch_thread  # noqa: F401 (autouse: one thread here)
@@ -59,5 +60,5 @@ def test_bf16_greedy_and_budgets_from_split_dirs(checkpoint, tmp_path, family):
     src = checkpoint(family, "bfloat16")
     ids = prompt_ids(24, 400, seed=PROMPT_SEED[family])
     want = greedy_of(src, ids, tokenizer=False)
-    assert want == reference_greedy(src, ids, reference=reference)
+    check_greedy_until_a_near_tie(want, *reference_greedy_margins(src, ids, reference=reference))
     check_budgets_from_split_dirs(src, ids, want, tmp_path)
