@@ -136,7 +136,7 @@ def test_finite_argmax_is_torchs_argmax_and_refuses_nan_and_inf(dtype):
     from moepage.kernels.ggml_cpu import finite_argmax
 
     g = torch.Generator().manual_seed(0)
-    for n in (1, 7, 1023, 1024, 1025, 151_936):
+    for n in (1, 7, 33, 1023, 1024, 1025, 2063, 151_936):  # lane and block tails
         for _ in range(3):
             x = torch.randint(-4, 4, (n,), generator=g).to(dtype) * 0.5
             assert finite_argmax(x) == int(torch.argmax(x))
