@@ -2,7 +2,7 @@
 cgroup memory caps, and beside CPU-burning neighbours.
 
     python bench/quant_decode.py MODEL.gguf [--repeats 5] [--decode 64] [--prompt-tokens 128] [--threads 2]
-        [--caps 1,0.5,0.3] [--burn 1] [--llama-passive] [--llama-norepack]
+        [--caps 1,0.5,0.3] [--burn 1] [--llama-passive] [--llama-norepack] [--llama DIR]
 
 Each run is a fresh process on the same prompt ids; the systems alternate (order reversed every other repeat) so
 drift in a shared machine's memory bandwidth and load hits them alike. Per cap (a fraction of the GGUF file's
@@ -91,6 +91,8 @@ def run(system: str, gguf: str, prompt_file: str, a, limit: int | None) -> dict:
            str(a.time_limit), str(budget)]
     if system.startswith("llamacpp"):
         env.pop("OMP_WAIT_POLICY", None)
+        if a.llama:  # another llama-cpp-python build (e.g. without AMX) for the llama.cpp child only
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (a.llama, env.get("PYTHONPATH")) if p)
         if system.endswith("passive"):  # its OpenMP threads sleep instead of spinning, as moepage's do
             env["OMP_WAIT_POLICY"] = "PASSIVE"
     cgroup = make_cgroup(f"moepage-quant-{limit}", limit) if limit else None
@@ -160,6 +162,8 @@ def main():
     ap.add_argument("--peers", default=None,
                     help="the llama.cpp variants to run instead, comma-separated: default, passive, norepack, "
                          "norepack-passive")
+    ap.add_argument("--llama", default=None,
+                    help="directory of another llama-cpp-python build for the llama.cpp runs (pip install --target)")
     ap.add_argument("--json", default=None, help="also write every run's result, per cap, to this JSON file")
     a = ap.parse_args()
     rng = random.Random(0)

@@ -74,7 +74,7 @@ def test_the_one_call_decode_gives_the_same_bytes_at_any_thread_count(q4_k_m, dt
         flip.record(2, 1.0)  # a first time at 2, so every probe (at the other count) wins and switches
         counts = []
         record = flip.record
-        flip.record = lambda n, s: (counts.append(n), record(n, s))
+        flip.record = lambda n, s, cpu=None: (counts.append(n), record(n, s))  # unmeasured: contended
         token.busy = flip
         tokens, logits = decode_logits(engine, ids, 12)
     finally:
@@ -83,3 +83,27 @@ def test_the_one_call_decode_gives_the_same_bytes_at_any_thread_count(q4_k_m, dt
     assert {1, 2} <= set(counts) and len(counts) >= 12
     assert tokens == fixed_tokens and torch.equal(logits, fixed)
 
+
+
+def drive_cpu(b: BusyThreads, seconds: dict[int, float], cores: float, tokens: int) -> list[int]:
+    """As drive, each token using `cores` CPU seconds per wall second."""
+    out = []
+    for _ in range(tokens):
+        n = b.next()
+        b.record(n, seconds[n], cores * seconds[n])
+        out.append(n)
+    return out
+
+
+def test_probes_run_only_while_the_process_gets_less_cpu_than_its_threads_could_use():
+    """Idle (1.7 of 2 cores busy): no token at one thread, ever; neighbours (0.8 cores): probes as before, and the
+    faster count wins; an unmeasured token counts as contended."""
+    b = BusyThreads(2, CFG)
+    assert drive_cpu(b, {2: 0.020, 1: 0.032}, 1.7, 64) == [2] * 64
+    ran = drive_cpu(b, {2: 0.090, 1: 0.045}, 0.8, 16)
+    assert 1 in ran and b.chosen == 1
+    b = BusyThreads(2, CFG)
+    drive_cpu(b, {2: 0.020, 1: 0.032}, 1.7, 20)
+    assert b.contended_now() is False
+    b.record(2, 0.020)
+    assert b.contended_now() is True

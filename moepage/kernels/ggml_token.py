@@ -177,17 +177,18 @@ class TokenKernel:
         return out
 
     def _timed(self, call, *args):
-        """call(*args) at the thread count BusyThreads picks (torch's count restored after), its wall time recorded."""
+        """call(*args) at the thread count BusyThreads picks (torch's count restored after), its wall and the process's
+        CPU time recorded."""
         most = torch.get_num_threads()
         if self.busy is None or self.busy.most != most:
             self.busy = BusyThreads(most)
         n = self.busy.next()
         if n != most:
             torch.set_num_threads(n)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         try:
             return call(*args)
         finally:
-            self.busy.record(n, time.perf_counter() - t0)
+            self.busy.record(n, time.perf_counter() - t0, time.process_time() - c0)
             if n != most:
                 torch.set_num_threads(most)
