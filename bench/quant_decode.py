@@ -91,7 +91,7 @@ def run(system: str, gguf: str, prompt_file: str, a, limit: int | None) -> dict:
            str(a.time_limit), str(budget)]
     if system.startswith("llamacpp"):
         env.pop("OMP_WAIT_POLICY", None)
-        if a.llama:  # another llama-cpp-python build (e.g. without AMX) for the llama.cpp child only
+        if getattr(a, "llama", None):  # another llama-cpp-python build (e.g. without AMX) for the llama.cpp child only
             env["PYTHONPATH"] = os.pathsep.join(p for p in (a.llama, env.get("PYTHONPATH")) if p)
         if system.endswith("passive"):  # its OpenMP threads sleep instead of spinning, as moepage's do
             env["OMP_WAIT_POLICY"] = "PASSIVE"

@@ -39,6 +39,8 @@ def main():
     ap.add_argument("--cap-base", type=int, default=0, help="bytes added to every cap")
     ap.add_argument("--overhead", type=int, default=330 << 20,
                     help="bytes of a cap left outside moepage's --memory-budget (Python, torch, buffers)")
+    ap.add_argument("--llama", default=None,
+                    help="directory of another llama-cpp-python build for the llama.cpp runs (pip install --target)")
     ap.add_argument("--peers", default="default",
                     help="llama.cpp variants, comma-separated: default, passive, norepack, norepack-passive")
     ap.add_argument("--json", default=None, help="also write every run's result to this JSON file")
@@ -52,7 +54,7 @@ def main():
             json.dump([rng.randrange(a.vocab) for _ in range(n)], f)
             prompt_file = f.name
         child = argparse.Namespace(prompt_tokens=n, decode=2, threads=a.threads, time_limit=a.time_limit,
-                                   overhead=a.overhead, burn=0)
+                                   overhead=a.overhead, burn=0, llama=a.llama)
         try:
             for cap in (float(c) for c in a.caps.split(",")):
                 limit = None if cap >= 1 else int(cap * size) + a.cap_base
