@@ -12,9 +12,10 @@ import sys
 import time
 
 
-def llama_no_repack(lib) -> None:
-    """In a llama.cpp child, before any model loads (lib = llama_cpp.llama_cpp): llama.cpp's --no-repack, so the
-    weights stay in the file's mmap instead of being copied into anonymous memory (as under a cap they must)."""
+def llama_no_repack(lib):
+    """Before a model loads (lib = llama_cpp.llama_cpp): llama.cpp's --no-repack, so the weights stay in the file's
+    mmap instead of being copied into anonymous memory (as under a cap they must). Returns the replaced function,
+    for a caller that restores it."""
     default = lib.llama_model_default_params
 
     def no_repack():
@@ -23,6 +24,7 @@ def llama_no_repack(lib) -> None:
         return p
 
     lib.llama_model_default_params = no_repack
+    return default
 
 
 def enter_cgroup(cgroup: str | None):

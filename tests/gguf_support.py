@@ -18,6 +18,9 @@ import pytest
 
 from conftest import family_config, save_random_checkpoint
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
+from peers import llama_no_repack  # noqa: E402
+
 LLAMA_CPP_VERSION = "0.3.36"
 CANDIDATES = [
     "/tmp/lcp/llama_cpp_python-{v}/vendor/llama.cpp",
@@ -158,19 +161,12 @@ class LlamaCppGreedy:
 
     def __init__(self, path: str, n_ctx: int = 256):
         llama_cpp = llama_cpp_module()
-        lib, default = llama_cpp.llama_cpp, llama_cpp.llama_cpp.llama_model_default_params
-
-        def plain():
-            p = default()
-            p.use_extra_bufts = False
-            return p
-
-        lib.llama_model_default_params = plain
+        default = llama_no_repack(llama_cpp.llama_cpp)
         try:
             self.llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_threads=2, n_batch=n_ctx, logits_all=True,
                                        verbose=False, seed=0)
         finally:
-            lib.llama_model_default_params = default
+            llama_cpp.llama_cpp.llama_model_default_params = default
 
     def generate(self, ids: list[int], n: int) -> tuple[list[int], list]:
         """n greedy tokens after ids, and the logits row (numpy [V]) that chose each of them."""

@@ -11,12 +11,13 @@ from test_quant_decode import decode_logits, q4_k_m  # noqa: F401 (the tiny Q4_K
 CFG = BusyThreadsConfig(probe_first=8, probe_most=8, probe_tokens=2, window=4, margin=0.9)
 
 
-def drive(b: BusyThreads, seconds: dict[int, float], tokens: int) -> list[int]:
-    """The thread count of each of `tokens` tokens, each taking seconds[count]."""
+def drive(b: BusyThreads, seconds: dict[int, float], tokens: int, cores: float | None = None) -> list[int]:
+    """The thread count of each of `tokens` tokens, each taking seconds[count] and using `cores` CPU seconds per
+    wall second (None: not measured)."""
     out = []
     for _ in range(tokens):
         n = b.next()
-        b.record(n, seconds[n])
+        b.record(n, seconds[n], None if cores is None else cores * seconds[n])
         out.append(n)
     return out
 
@@ -85,25 +86,16 @@ def test_the_one_call_decode_gives_the_same_bytes_at_any_thread_count(q4_k_m, dt
 
 
 
-def drive_cpu(b: BusyThreads, seconds: dict[int, float], cores: float, tokens: int) -> list[int]:
-    """As drive, each token using `cores` CPU seconds per wall second."""
-    out = []
-    for _ in range(tokens):
-        n = b.next()
-        b.record(n, seconds[n], cores * seconds[n])
-        out.append(n)
-    return out
-
 
 def test_probes_run_only_while_the_process_gets_less_cpu_than_its_threads_could_use():
     """Idle (1.7 of 2 cores busy): no token at one thread, ever; neighbours (0.8 cores): probes as before, and the
     faster count wins; an unmeasured token counts as contended."""
     b = BusyThreads(2, CFG)
-    assert drive_cpu(b, {2: 0.020, 1: 0.032}, 1.7, 64) == [2] * 64
-    ran = drive_cpu(b, {2: 0.090, 1: 0.045}, 0.8, 16)
+    assert drive(b, {2: 0.020, 1: 0.032}, 64, cores=1.7) == [2] * 64
+    ran = drive(b, {2: 0.090, 1: 0.045}, 16, cores=0.8)
     assert 1 in ran and b.chosen == 1
     b = BusyThreads(2, CFG)
-    drive_cpu(b, {2: 0.020, 1: 0.032}, 1.7, 20)
+    drive(b, {2: 0.020, 1: 0.032}, 20, cores=1.7)
     assert b.contended_now() is False
     b.record(2, 0.020)
     assert b.contended_now() is True

@@ -3,10 +3,10 @@ so many tokens try `probe_tokens` tokens at the other count (1 against the confi
 gave the lower median wall time per token. The tokens between probes start at `probe_first` and double after each
 probe that changed nothing, up to `probe_most` (back to `probe_first` after a switch). A probe is due only while the
 process gets less CPU than its threads could use (median CPU seconds per wall second of the recent tokens below
-`contended` times the count): on an idle machine n threads always won, and probing there cost 12 of the first 64
-tokens at one thread (about 10% of a short answer's rate). Beside CPU-burning neighbours a worker the scheduler deschedules holds every parallel region it claimed a
-task of, and one thread can be faster. Only the thread count changes: every parallel region's tasks (and so every
-output row) are the same for any count, so the tokens are bit for bit the same.
+`contended` times the count): on an idle machine n threads always win, so probing there only slows tokens
+(docs/performance.md). Beside CPU-burning neighbours a worker the scheduler deschedules holds every parallel region
+it claimed a task of, and one thread can be faster. Only the thread count changes: every parallel region's tasks
+(and so every output row) are the same for any count, so the tokens are bit for bit the same.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Causal softmax attention of a prompt chunk over the keys before it and its own, in torch's fused CPU
 flash-attention kernel: the queries at positions q_start.. see the keys at or before their own position (and, with
-a window, fewer than `window` positions back), given as one bool [T, S] mask that the kernel applies block by
-block, so the [N, T, S] scores are never held. SDPA's math path holds them (float32, and again for the softmax:
+a window, fewer than `window` positions back), given as one [T, S] 0 / -inf bias (the one SDPA makes of a bool
+mask) that the kernel applies block by block, so the [N, T, S] scores are never held. SDPA's math path holds them (float32, and again for the softmax:
 330 MB a layer for a 512-token chunk over 10k keys and 16 heads, 2.7 GB with DeepSeek-V3's 128 heads), and SDPA
 falls back to it silently for any input its fused kernel refuses: MLA's keys are wider than its values, so MLA
 took it until the values were padded to the keys' width here. The kernel's op is called directly, so a shape it
