@@ -3,7 +3,10 @@ AVX-512) against llama.cpp built without AVX-512, on one machine, resident decod
 
     # llama.cpp without AVX-512 (once, ~10 min on 2 cores), from the sdist tests use:
     CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF -DGGML_FMA=ON -DGGML_F16C=ON" \
-        pip install --no-deps --no-binary :all: --target /work/benchdata/llama-avx2 llama-cpp-python==0.3.36
+        pip install --no-cache-dir --no-deps --no-binary :all: --target /work/benchdata/llama-avx2 \
+        llama-cpp-python==0.3.36
+    (--no-cache-dir: otherwise pip reuses the native wheel it built for the [test] extra, CMAKE_ARGS ignored; the
+    script refuses a llama.cpp whose system info has AVX512 = 1)
     python bench/avx2_decode.py --bf16 DIR BF16.gguf --q4 Q4_K_M.gguf --llama /work/benchdata/llama-avx2 [--repeats 3]
 
 Each run is a fresh process on the same prompt ids (greedy; decode tok/s from token arrival times, and the process's
@@ -143,6 +146,9 @@ def main():
         p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800,
                            env=environment(system, a))
         print(f"{what}: " + (p.stdout.strip() or p.stderr[-400:]).replace("\n", " | "), flush=True)
+        if system == "llamacpp" and "AVX512 = 1" in p.stdout:
+            sys.exit("this llama.cpp was built with AVX-512 (a cached native wheel?): rebuild it with "
+                     "--no-cache-dir")
     rng = random.Random(0)
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump([rng.randrange(a.vocab) for _ in range(a.prompt_tokens)], f)

@@ -2,7 +2,8 @@
 // "vec_dot type" (Q8_0 blocks for Q4_0..Q8_0, Q8_K for K-quants, F16 for F16, ...) with ggml's `from_float`, then
 // every weight row is one call of ggml's `vec_dot` on the stored bytes, as llama.cpp's CPU backend does. The
 // library (libggml-cpu from the libggml-python wheel, or another build) is opened at run time, so its SIMD is
-// whatever it was built for (AVX2, AVX-512, NEON) and nothing here needs CPU-specific flags.
+// whatever it was built for (AVX2, AVX-512, NEON). Where this module is built with AVX512BW, the Q6_K dot product and
+// the interleaved Q4_K gemv are ours (ggml_q6k_avx512.h, ggml_q4k_avx512.h): the library's AVX2 bits, faster.
 //
 // Threads: a pool of our own whose workers spin briefly (yielding) and then sleep on a condition variable,
 // so a decode step with busy neighbours does not burn the cores it shares.
@@ -243,6 +244,27 @@ int64_t finite_argmax(torch::Tensor raw) {
   return finite_argmax_t(raw.data_ptr<c10::BFloat16>(), raw.numel());
 }
 
+// Whether kinds made from now on use our dot products where they give the library's bits (ggml_cpu_core.h
+// own_vec_dot); returns the previous setting. For A/B checks: plans made before keep their kernels.
+bool use_own_kernels(bool on) {
+  const bool was = own_kernels;
+  own_kernels = on;
+  return was;
+}
+
+// The GGML type ids that get our dot product instead of the library's (while use_own_kernels is on); the
+// interleaved Q4_K as TYPE_Q4_K | INTERLEAVED where its gemv is ours.
+std::vector<int64_t> own_kernel_types() {
+  std::vector<int64_t> out;
+  if (lib.traits == nullptr) return out;
+  for (int id = 0; id < TYPE_COUNT; ++id) {
+    const TypeTraitsCpu* c = lib.cpu_traits(id);
+    if (c != nullptr && c->vec_dot != nullptr && own_vec_dot(id, c->vec_dot) != c->vec_dot) out.push_back(id);
+  }
+  if (lib.gemv_q4_k_x8 != nullptr && own_gemv_q4_k_x8() != lib.gemv_q4_k_x8) out.push_back(TYPE_Q4_K | INTERLEAVED);
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   const auto free_gil = py::call_guard<py::gil_scoped_release>();  // page-in threads run while a kernel computes
   m.def("open", &open, "open a ggml 0.20 CPU backend library; returns the CPU features it was built for");
@@ -255,6 +277,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         free_gil);
   m.def("linear", &linear, "x [M, K] @ GGML weight [N, K]^T with ggml's vec_dot", free_gil);
   m.def("experts_one_token", &experts_one_token, "one token through E quantized SwiGLU experts, summed", free_gil);
+  m.def("use_own_kernels", &use_own_kernels, "our dot products where they give ggml's bits (on by default)");
+  m.def("own_kernel_types", &own_kernel_types, "GGML type ids whose dot product (or, with the interleaved bit, gemv) is ours, not the library's");
   m.def("finite_argmax", &finite_argmax, "raw [V] -> its first argmax, or -1 when a value is NaN or inf");
   m.def("attention_decode", &attention_decode, "one decode token through a layer's attention half", free_gil);
   py::class_<TokenPlan>(m, "TokenPlan", "one decode token through every layer, the final norm and the lm_head")

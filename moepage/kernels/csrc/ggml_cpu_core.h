@@ -19,6 +19,8 @@
 #include <vector>
 
 #include "thread_pool.h"
+#include "ggml_q4k_avx512.h"
+#include "ggml_q6k_avx512.h"
 
 namespace {
 
@@ -46,7 +48,7 @@ struct TypeTraitsCpu {  // struct ggml_type_traits_cpu
   int64_t nrows;
 };
 
-constexpr int TYPE_F32 = 0, TYPE_Q4_K = 12, TYPE_Q8_K = 15;
+constexpr int TYPE_F32 = 0, TYPE_Q4_K = 12, TYPE_Q6_K = 14, TYPE_Q8_K = 15;
 constexpr int TYPE_COUNT = 40;  // ids below MXFP4 + 1: every ggml since 0.20 has them
 // A weight's type id with this bit set: the type's 8-row interleaved layout (ggml_cpu_interleave.h)
 constexpr int64_t INTERLEAVED = 256;
@@ -129,10 +131,40 @@ struct Kind {
   const TypeTraits* dot;  // the activation's type
   const TypeTraitsCpu* dot_cpu;
   gemv_t gemv = nullptr;  // the 8-row interleaved layout's kernel, or row-by-row vec_dot when null
+  vec_dot_t vec_dot = nullptr;  // one row's dot product: ggml's, or ours where it gives ggml's bits faster
 
   int64_t row_bytes(int64_t K) const { return K / t->blck_size * t->type_size; }
   int64_t dot_row_bytes(int64_t K) const { return K / dot->blck_size * dot->type_size; }
 };
+
+// Our dot product for type `id` where it is the library's own bit for bit (its Q6_K kernel is the AVX2 one: ours
+// does its arithmetic 64 bytes at a time, ggml_q6k_avx512.h) and own_kernels is on; else the library's `fallback`.
+bool own_kernels = true;
+bool own_replaces_avx2() { return own_kernels && lib.features.find("avx2") != std::string::npos; }
+
+vec_dot_t own_vec_dot(int id, vec_dot_t fallback) {
+#if defined(MOEPAGE_HAS_Q6K_AVX512)
+  if (id == TYPE_Q6_K && own_replaces_avx2()) return vec_dot_q6_k_avx512;
+#endif
+  return fallback;
+}
+
+#if defined(MOEPAGE_HAS_Q4K_X8_AVX512)
+// ggml's gemv signature over nc rows (a multiple of 8) of interleaved Q4_K in AVX-512 (ggml_q4k_avx512.h) for one
+// activation row; the library's kernel for more
+void gemv_q4_k_x8_own(int n, float* s, size_t bs, const void* vx, const void* vy, int nr, int nc) {
+  if (nr != 1) return lib.gemv_q4_k_x8(n, s, bs, vx, vy, nr, nc);
+  gemv_q4_k_x8_avx512(n, s, vx, vy, nc);
+}
+#endif
+
+// The interleaved Q4_K gemv: ours where it gives the library's (AVX2) bits faster, else the library's.
+gemv_t own_gemv_q4_k_x8() {
+#if defined(MOEPAGE_HAS_Q4K_X8_AVX512)
+  if (own_replaces_avx2()) return gemv_q4_k_x8_own;
+#endif
+  return lib.gemv_q4_k_x8;
+}
 
 Kind kind(int64_t type) {
   TORCH_CHECK(lib.traits != nullptr, "the ggml CPU library is not open");
@@ -141,10 +173,11 @@ Kind kind(int64_t type) {
   Kind k{static_cast<int>(id), lib.traits(id), lib.cpu_traits(id), nullptr, nullptr};
   if (type & INTERLEAVED) {
     TORCH_CHECK(id == TYPE_Q4_K && lib.gemv_q4_k_x8 != nullptr, "no interleaved kernel for GGML type id ", id);
-    k.gemv = lib.gemv_q4_k_x8;
+    k.gemv = own_gemv_q4_k_x8();
   }
   TORCH_CHECK(k.t != nullptr && k.t->blck_size > 0 && k.cpu != nullptr && k.cpu->vec_dot != nullptr,
               "ggml has no CPU dot product for type ", k.t && k.t->type_name ? k.t->type_name : "?");
+  k.vec_dot = own_vec_dot(k.id, k.cpu->vec_dot);
   k.dot = lib.traits(k.cpu->vec_dot_type);
   k.dot_cpu = lib.cpu_traits(k.cpu->vec_dot_type);
   TORCH_CHECK(k.cpu->vec_dot_type == TYPE_F32 || (k.dot_cpu != nullptr && k.dot_cpu->from_float != nullptr),
@@ -212,7 +245,7 @@ void matvec_segments(const std::vector<Segment>& segs) {
       s.k->gemv(s.K, s.out + n0, s.N, s.w + n0 * wb, s.xq, 1, n1 - n0);
       return;
     }
-    for (int64_t n = n0; n < n1; ++n) s.k->cpu->vec_dot(s.K, s.out + n, 0, s.w + n * wb, 0, s.xq, 0, 1);
+    for (int64_t n = n0; n < n1; ++n) s.k->vec_dot(s.K, s.out + n, 0, s.w + n * wb, 0, s.xq, 0, 1);
   }, bytes);
 }
 
@@ -227,7 +260,7 @@ void matvec(const uint8_t* w, const Kind& k, int64_t N, int64_t K, const uint8_t
       return;
     }
     for (int64_t n = n0; n < n1; ++n)
-      for (int64_t m = 0; m < M; ++m) k.cpu->vec_dot(K, out + m * ldo + n, 0, w + n * wb, 0, xq + m * xb, 0, 1);
+      for (int64_t m = 0; m < M; ++m) k.vec_dot(K, out + m * ldo + n, 0, w + n * wb, 0, xq + m * xb, 0, 1);
   }, N * wb);
 }
 

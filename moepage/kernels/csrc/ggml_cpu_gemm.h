@@ -80,7 +80,7 @@ inline void product_tile(const Product& p, int64_t n0, int64_t n1) {
     const int64_t s1 = std::min(n1, s0 + SUBTILE);
     for (int64_t m = 0; m < p.M; ++m)
       for (int64_t n = s0; n < s1; ++n)
-        p.k->cpu->vec_dot(p.K, p.out + m * p.ldo + n, 0, p.w + n * wb, 0, p.rows[m], 0, 1);
+        p.k->vec_dot(p.K, p.out + m * p.ldo + n, 0, p.w + n * wb, 0, p.rows[m], 0, 1);
   }
 }
 

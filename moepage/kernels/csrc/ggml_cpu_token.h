@@ -215,7 +215,7 @@ class TokenPlan {
       if (w.kind.gemv != nullptr) {
         w.kind.gemv(K, acc.data(), n1 - n0, w.data + n0 * wb, xq.data(), 1, n1 - n0);
       } else {
-        for (int64_t n = n0; n < n1; ++n) w.kind.cpu->vec_dot(K, &acc[n - n0], 0, w.data + n * wb, 0, xq.data(), 0, 1);
+        for (int64_t n = n0; n < n1; ++n) w.kind.vec_dot(K, &acc[n - n0], 0, w.data + n * wb, 0, xq.data(), 0, 1);
       }
       for (int64_t n = n0; n < n1; ++n) o[n] = static_cast<T>(acc[n - n0]);
     }, V * wb);
