@@ -69,7 +69,7 @@ def add_engine_arguments(p: argparse.ArgumentParser):
     p.add_argument("--policy", default="auto",
                    help="expert cache eviction policy: lru | lfu | stale | auto (stale when the cache holds fewer experts "
                         "than one token uses, else lru)")
-    p.add_argument("--io-threads", type=int, default=2, help="threads reading experts from disk")
+    p.add_argument("--io-threads", type=int, default=4, help="threads reading experts from disk")
     p.add_argument("--no-prefetch", action="store_true", help="read experts only when a layer needs them")
     p.add_argument("--pregate", action="store_true",
                    help="during decode, read the experts the next layer's router picks for the current hidden state "

@@ -41,7 +41,7 @@ class EngineConfig:
     dtype: str = "auto"
     ctx_size: int | None = None
     policy: str = "auto"  # lru | lfu | stale | auto (stale below one token's experts, else lru: docs/performance.md)
-    io_threads: int = 2
+    io_threads: int = 4  # page-in readers: more reads in flight keep an NVMe queue fuller (docs/performance.md)
     prefetch: bool = True
     device: str = "cpu"
     threads: int | None = None

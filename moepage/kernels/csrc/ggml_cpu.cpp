@@ -86,10 +86,14 @@ void relayout_(torch::Tensor raw, int64_t type, int64_t N, int64_t K, bool inter
   TORCH_CHECK(N % 8 == 0, "an interleaved matrix has a multiple of 8 rows, not ", N);
   uint8_t* p = raw.data_ptr<uint8_t>();
   const int64_t rb = k.row_bytes(K), B = K / k.t->blck_size;
-  parallel(N / 8, [&](int64_t g) {
-    std::vector<uint8_t> copy(p + g * 8 * rb, p + (g + 1) * 8 * rb);
+  // On the calling thread: a page-in thread calls this while decode runs, and the pool is the decode's (a region
+  // here would hold the pool's lock and both cores while a token waits)
+  thread_local std::vector<uint8_t> copy;
+  copy.resize(8 * rb);
+  for (int64_t g = 0; g < N / 8; ++g) {
+    std::memcpy(copy.data(), p + g * 8 * rb, 8 * rb);
     (interleave ? interleave_group : deinterleave_group)(copy.data(), p + g * 8 * rb, B);
-  }, N * rb);
+  }
 }
 
 // x [M, K] float32 -> M rows of `type`'s activation blocks (uint8 [M, bytes per row]), ggml's from_float
@@ -278,7 +282,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "x [M, K] @ GGML weight [N, K]^T with ggml's vec_dot", free_gil);
   m.def("experts_one_token", &experts_one_token, "one token through E quantized SwiGLU experts, summed", free_gil);
   m.def("use_own_kernels", &use_own_kernels, "our dot products where they give ggml's bits (on by default)");
-  m.def("own_kernel_types", &own_kernel_types, "GGML type ids whose dot product (or, with the interleaved bit, gemv) is ours, not the library's");
+  m.def("own_kernel_types", &own_kernel_types,
+        "GGML type ids whose dot product (or, with the interleaved bit, gemv) is ours, not the library's");
   m.def("finite_argmax", &finite_argmax, "raw [V] -> its first argmax, or -1 when a value is NaN or inf");
   m.def("attention_decode", &attention_decode, "one decode token through a layer's attention half", free_gil);
   py::class_<TokenPlan>(m, "TokenPlan", "one decode token through every layer, the final norm and the lm_head")
