@@ -154,7 +154,8 @@ def test_disk_budget_is_held_with_experts_evicted_and_fetched_again(models, tmp_
     model, _, ref = models
     budget = 600_000  # about six of the demo's 96 KiB experts
     with HubStandIn({"me/demo": model}) as hub:
-        flags = ["--disk-budget", str(budget), "--expert-cache", "250000"]  # memory: two experts
+        # memory: two experts; two readers, so the disk tier's floor (a staged expert per reader and one more) fits
+        flags = ["--disk-budget", str(budget), "--expert-cache", "250000", "--io-threads", "2"]
         with LazyServe("me/demo", hub_env(hub, str(tmp_path)), *flags) as p:
             for prompt in PROMPTS + [LONG]:
                 r = complete(p.url, prompt, 8)
