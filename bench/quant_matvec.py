@@ -1,8 +1,8 @@
 """One decode token's quantized matvec, x [1, K] @ W [N, K]^T: moepage's path (kernels/csrc/ggml_cpu.cpp over
 libggml-cpu's `vec_dot`, or the 8-row interleaved gemv for "Q4_K x8"; where moepage's own AVX-512 kernel stands in
 for the library's, Q6_K and Q4_K x8 on AVX512BW builds, the library's kernel alone in the next column: the same bits)
-and torch (dequantize, then F.linear). docs/performance.md also
-has moepage's own former block-decoding gemv (csrc/ggml_gemv.cpp, removed) measured with this script.
+and torch (dequantize, then F.linear). docs/performance.md also has moepage's own former block-decoding gemv
+(csrc/ggml_gemv.cpp, removed) measured with this script.
 
     python bench/quant_matvec.py [--threads 2] [--iters 20]
     MOEPAGE_GGML_LIB=.../llama_cpp/lib/libggml-cpu.so python bench/quant_matvec.py   # llama.cpp's own build
@@ -58,7 +58,8 @@ def main():
     torch.set_num_threads(a.threads)
     ggml = backend()
     print(f"ggml: {ggml.path if ggml else 'unavailable'} ({ggml.features if ggml else '-'}); {a.threads} threads")
-    print("| shape | type | MB | moepage ms (GB/s) | the library's own kernel ms (GB/s) | torch dequantize + F.linear ms |")
+    print("| shape | type | MB | moepage ms (GB/s) | the library's own kernel ms (GB/s) "
+          "| torch dequantize + F.linear ms |")
     print("|---|---|---|---|---|---|")
     own = set(ggml.module.own_kernel_types()) if ggml else set()
     for label, (n, k) in SHAPES.items():
@@ -92,6 +93,7 @@ def main():
             except ValueError:
                 cells.append("-")
             print(f"| {label} {n} x {k} | {qtype} | {mb:.1f} | " + " | ".join(cells) + " |", flush=True)
+
 
 if __name__ == "__main__":
     main()

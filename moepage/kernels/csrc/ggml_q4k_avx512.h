@@ -27,25 +27,23 @@ constexpr int PREFETCH_BLOCKS = 12;  // how far ahead the weights are prefetched
 
 inline __m512i join(__m256i lo, __m256i hi) { return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1); }
 
-// one group's scales and mins of sub-blocks 2sb, 2sb + 1 as ggml unpacks them: (scales_0, scales_1, mins_01)
-inline void q4k_x8_scales(const uint8_t* scales, int sb, __m256i& s0, __m256i& s1, __m256i& mins) {
+// one sub-block's 12 scale-and-min bytes of a group, unpacked as ggml's gemv does (6-bit scales, then mins)
+inline __m128i q4k_x8_unpack(const uint8_t* twelve) {
   constexpr uint32_t kmask1 = 0x3f3f3f3f, kmask2 = 0x0f0f0f0f, kmask3 = 0x03030303;
+  uint32_t u[4];
+  std::memcpy(u, twelve, 12);
+  u[3] = ((u[2] >> 4) & kmask2) | (((u[1] >> 6) & kmask3) << 4);
+  const uint32_t a = u[1] & kmask1;
+  u[1] = (u[2] & kmask2) | (((u[0] >> 6) & kmask3) << 4);
+  u[2] = a;
+  u[0] &= kmask1;
+  return _mm_set_epi32(u[3], u[2], u[1], u[0]);
+}
+
+// one group's scales and mins of sub-blocks 2sb, 2sb + 1 as ggml arranges them: (scales_0, scales_1, mins_01)
+inline void q4k_x8_scales(const uint8_t* scales, int sb, __m256i& s0, __m256i& s1, __m256i& mins) {
   const __m128i scalemask = _mm_set_epi8(7, 7, 3, 3, 6, 6, 2, 2, 5, 5, 1, 1, 4, 4, 0, 0);
-  uint32_t u0[4], u1[4];
-  std::memcpy(u0, scales + 24 * sb, 12);
-  u0[3] = ((u0[2] >> 4) & kmask2) | (((u0[1] >> 6) & kmask3) << 4);
-  const uint32_t a0 = u0[1] & kmask1;
-  u0[1] = (u0[2] & kmask2) | (((u0[0] >> 6) & kmask3) << 4);
-  u0[2] = a0;
-  u0[0] &= kmask1;
-  std::memcpy(u1, scales + 12 + 24 * sb, 12);
-  u1[3] = ((u1[2] >> 4) & kmask2) | (((u1[1] >> 6) & kmask3) << 4);
-  const uint32_t a1 = u1[1] & kmask1;
-  u1[1] = (u1[2] & kmask2) | (((u1[0] >> 6) & kmask3) << 4);
-  u1[2] = a1;
-  u1[0] &= kmask1;
-  const __m128i ms0 = _mm_set_epi32(u0[3], u0[2], u0[1], u0[0]);
-  const __m128i ms1 = _mm_set_epi32(u1[3], u1[2], u1[1], u1[0]);
+  const __m128i ms0 = q4k_x8_unpack(scales + 24 * sb), ms1 = q4k_x8_unpack(scales + 12 + 24 * sb);
   s0 = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(ms0, scalemask));
   s1 = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(ms1, scalemask));
   mins = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(_mm_shuffle_epi32(ms0, 78), _mm_shuffle_epi32(ms1, 78)));
