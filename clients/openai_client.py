@@ -33,8 +33,11 @@ message = reply.choices[0].message
 if message.tool_calls:
     messages.append(message.model_dump(exclude_none=True))
     for call in message.tool_calls:
-        args = json.loads(call.function.arguments)
-        messages.append({"role": "tool", "tool_call_id": call.id, "content": json.dumps({"city": args.get("city"),
-                                                                                          "temp_c": 21})})
+        try:  # a model may write arguments that are not JSON (OpenAI's API documents the same): say so to it
+            args = json.loads(call.function.arguments)
+            result = {"city": args.get("city"), "temp_c": 21} if isinstance(args, dict) else {"error": "not an object"}
+        except ValueError as exc:
+            result = {"error": f"arguments are not JSON: {exc}"}
+        messages.append({"role": "tool", "tool_call_id": call.id, "content": json.dumps(result)})
     reply = client.chat.completions.create(model=model, messages=messages, tools=tools, max_tokens=128)
 print(reply.choices[0].message.content)
