@@ -172,6 +172,25 @@ def test_same_tokens_from_gguf_split_and_a_quarter_budget(qwen3_ggufs):
     quarter.close()
 
 
+@pytest.mark.parametrize("kind", ["q4_k_m", "split_q4_k_m"])
+def test_embedding_read_from_disk_under_a_budget_gives_the_same_bits(qwen3_ggufs, kind):
+    """Under --memory-budget the GGML-encoded token_embd is read a row at a time and stays out of the budget."""
+    full = load(qwen3_ggufs[kind], dtype="bfloat16")
+    ids = prompt(full)
+    want = greedy(full, ids, 16)
+    paged = load(qwen3_ggufs[kind], dtype="bfloat16", memory_budget=64 << 20)
+    on_disk = paged.ckpt.gguf.info("token_embd.weight").nbytes
+    assert paged.model.embed is None and paged.plan.on_disk_bytes == on_disk
+    assert paged.plan.resident_bytes == full.plan.resident_bytes - on_disk
+    rows = torch.tensor([0, 3, ids[0], full.args.vocab_size - 1])
+    assert torch.equal(paged.model.embed_rows(rows), torch.nn.functional.embedding(rows, full.model.embed))
+    assert greedy(paged, ids, 16) == want
+    with pytest.raises(IndexError, match="outside the embedding table"):
+        paged.model.embed_rows(torch.tensor([full.args.vocab_size]))
+    full.close()
+    paged.close()
+
+
 def test_experts_stay_quantized_in_cache_and_budget(qwen3_ggufs):
     path = qwen3_ggufs["q4_k_m"]
     f = GGUFFile(path)

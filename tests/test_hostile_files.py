@@ -451,9 +451,22 @@ def test_embedding_rows_read_from_a_changed_file_are_refused(model, tmp_path):
     ckpt = open_checkpoint(str(d))
     rows = ckpt.tensor_rows("model.embed_tokens.weight", torch.float32, "cpu")
     assert rows(torch.tensor([1, 2])).shape == (2, 64)
-    flip_in_place(d / "model.safetensors", rows.info.start + rows.row_bytes)
+    flip_in_place(d / "model.safetensors", rows.start + rows.row_bytes)
     with pytest.raises(ExpertReadError, match=r"model\.safetensors: changed since it was loaded \(rows of "
                                               r"model\.embed_tokens\.weight\)"):
+        rows(torch.tensor([1, 2]))
+
+
+def test_gguf_embedding_rows_read_from_a_changed_file_are_refused(tmp_path):
+    import torch
+    from test_gguf_reader import tiny_qwen3moe
+
+    path, _ = tiny_qwen3moe(tmp_path / "m.gguf")
+    ckpt = open_checkpoint(path)
+    rows = ckpt.tensor_rows("token_embd.weight", torch.float32, "cpu")
+    assert rows(torch.tensor([1, 2])).shape == (2, rows.cols)
+    flip_in_place(path, rows.start + rows.row_bytes)
+    with pytest.raises(ExpertReadError, match=r"m\.gguf: changed since it was loaded \(rows of token_embd\.weight\)"):
         rows(torch.tensor([1, 2]))
 
 

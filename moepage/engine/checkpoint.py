@@ -18,8 +18,9 @@ from moepage.paging.fp8_experts import Fp8ExpertSource, Fp8SplitExpertSource, fp
 from moepage.paging.model_paths import read_model_json, resolve_model_file
 from moepage.paging.safetensors_file import CheckpointError, SafetensorsFile, shown
 from moepage.paging.sources import (
-    ExpertSource, SafetensorsExpertSource, ShardFiles, SplitExpertSource, TensorIndex, TensorRows,
+    ExpertSource, SafetensorsExpertSource, ShardFiles, SplitExpertSource, TensorIndex,
 )
+from moepage.paging.tensor_rows import TensorRows
 
 MANIFEST = "moepage.json"
 INDEX = "model.safetensors.index.json"
@@ -54,7 +55,11 @@ class Checkpoint:
         """The resident tensor `name` read row by row from disk, where the format allows it."""
         if self.index is None:
             return None
-        return TensorRows(self.index.file_of(name, "resident weight"), name, dtype, device)
+        f = self.index.file_of(name, "resident weight")
+        info = f.tensors[name]
+        if len(info.shape) != 2:
+            return None
+        return TensorRows.plain(f, name, info.start, tuple(info.shape), info.dtype, dtype, device)
 
     def resident_checkpoint_names(self) -> dict[str, str]:
         """canonical -> checkpoint name for every resident tensor."""

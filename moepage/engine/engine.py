@@ -349,7 +349,7 @@ def packable_lm_head(cfg: EngineConfig, ckpt, names: dict[str, str], dtype: torc
     able = (dtype == torch.bfloat16 and device.type == "cpu" and ckpt.args.hidden_size % 64 == 0
             and fused_kernel() is not None)
     rows = ckpt.tensor_rows(names["lm_head"], dtype, device) if able else None
-    if rows is not None and rows.info.dtype != torch.bfloat16:
+    if rows is not None and rows.stored_dtype != torch.bfloat16:
         rows = None  # a float32 checkpoint computed in bf16 keeps the plain path (the packed form is of bf16 bits)
     if want and rows is None:
         raise ValueError("pack_lm_head needs a bf16 safetensors lm_head, hidden size a multiple of 64, and the "

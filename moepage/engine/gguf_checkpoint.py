@@ -23,6 +23,7 @@ from moepage.kernels.ggml import QuantizedTensor
 from moepage.kernels.ggml_linear import GGMLWeight
 from moepage.paging.gguf_experts import GGUFExpertSource, GGUFSplitExpertSource
 from moepage.paging.gguf_file import GGUFFile
+from moepage.paging.tensor_rows import TensorRows
 
 _QK = re.compile(r"^blk\.(\d+)\.attn_([qk])\.weight$")
 ONE_ROW = re.compile(r"^blk\.\d+\.ffn_gate_inp_shexp\.weight$")  # HF shape [1, H]; GGUF may store [H]
@@ -56,6 +57,22 @@ class GGUFCheckpoint(Checkpoint):
             rows = unpermute_qk(q.data.view(info.shape[0], -1), heads)  # whole rows move: GGML rows are whole blocks
             q = QuantizedTensor(rows.reshape(-1).contiguous(), q.type, q.shape, name)
         return GGMLWeight(q.to(device), dtype)
+
+    def tensor_rows(self, name: str, dtype: torch.dtype, device) -> TensorRows | None:
+        """A 2-D tensor read row by row (GGML rows are whole blocks), decoded as resident_tensor's would be: F32
+        through the family's gguf_tensor, other types as GGMLWeight rows."""
+        info = self.gguf.info(name, "resident weight")
+        if len(info.shape) != 2 or (_QK.match(name) and self.config.get("gguf_architecture") == "llama"):
+            return None
+        fix = getattr(self.family, "gguf_tensor", None) if info.type.name == "F32" else None
+        rows, cols = info.shape
+
+        def decode(raw: torch.Tensor, n: int) -> torch.Tensor:  # [N, B] -> [N, C]
+            q = QuantizedTensor(raw.reshape(-1), info.type, (n, cols), name)
+            out = q.dequantize(torch.float32 if fix is not None else dtype)
+            return fix(name, out) if fix is not None else out
+
+        return TensorRows(self.gguf, name, info.start, (rows, cols), info.nbytes // rows, decode, dtype, device)
 
     def load_tokenizer(self):
         if "tokenizer.ggml.model" not in self.metadata:

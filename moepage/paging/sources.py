@@ -187,34 +187,6 @@ def read_encoded_expert(f: SafetensorsFile, names: dict[str, str], what: str, in
     return ExpertWeights(**views, read_nbytes=span.numel())
 
 
-class TensorRows:
-    """A 2-D tensor kept on disk and read a row at a time (an embedding table outside the memory budget)."""
-
-    def __init__(self, f: SafetensorsFile, name: str, dtype: torch.dtype, device):
-        info = f.tensors[name]
-        self.f, self.info, self.dtype, self.device = f, info, dtype, torch.device(device)
-        self.rows, self.cols = info.shape
-        self.row_bytes = info.nbytes // self.rows
-
-    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids [T] -> rows [T, cols] in the compute dtype."""
-        if self.f.changed():
-            raise ExpertReadError(str(changed_error(self.f.path, f"rows of {self.info.name}")))
-        flat = ids.reshape(-1).tolist()
-        out = torch.empty(len(flat), self.cols, dtype=self.info.dtype)
-        raw = out.view(torch.uint8)  # [T, row bytes]
-        for i, row in enumerate(flat):
-            if not 0 <= row < self.rows:
-                raise IndexError(f"token id {row} is outside the embedding table ({self.rows} rows)")
-            self.f.read_into(memoryview(raw[i].numpy()), self.info.start + row * self.row_bytes)
-        return out.to(device=self.device, dtype=self.dtype).view(*ids.shape, self.cols)
-
-    def block(self, n0: int, n1: int) -> torch.Tensor:
-        """Rows [n0, n1) in one read, in the compute dtype [n1 - n0, cols]."""
-        span = self.f.read_span(self.info.start + n0 * self.row_bytes, self.info.start + n1 * self.row_bytes)
-        return span.view(self.info.dtype).view(n1 - n0, self.cols).to(device=self.device, dtype=self.dtype)
-
-
 class TensorIndex:
     """Tensor name -> the safetensors file that holds it, for one checkpoint."""
 
