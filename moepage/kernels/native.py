@@ -34,7 +34,7 @@ MODULES = {
     "gated_delta": (set(), []),  # portable: plain loops (gated_delta_core.h) vectorised for the build target
     "fp8": (set(), []),  # portable: plain loops (fp8_core.h) vectorised for the build target
 }
-VERSION = "v20"
+VERSION = "v21"
 STALE_LOCK_SECONDS = 600  # a build lock older than this was left by a killed build (torch would wait on it forever)
 
 

@@ -16,6 +16,7 @@
 #pragma once
 
 #include "ggml_cpu_core.h"
+#include "ggml_q4k_gemm_avx512.h"
 
 namespace {
 
@@ -29,6 +30,14 @@ struct GemmKernels {
 GemmKernels gemm_kernels;
 
 constexpr int64_t Q8_K_BLOCK = 292, Q8_KX4_BLOCK = 4 * Q8_K_BLOCK;
+
+// The interleaved Q4_K gemm: ours where it gives the library's (AVX2) bits faster, else the library's.
+inline void gemm_q4_k_x8(int n, float* s, size_t bs, const void* vx, const void* vy, int nr, int nc) {
+#if defined(MOEPAGE_HAS_Q4K_X8_AVX512)
+  if (own_replaces_avx2()) return gemm_q4_k_x8_avx512(n, s, bs, vx, vy, nr, nc, gemm_kernels.gemm_q4_k_x8);
+#endif
+  gemm_kernels.gemm_q4_k_x8(n, s, bs, vx, vy, nr, nc);
+}
 
 // 4 rows of Q8_K blocks -> ggml's block_q8_Kx4 (d[4], qs[1024] eight bytes of each row in turn, bsums[64] four of
 // each row in turn): a permutation of the bytes, so the 4-row gemm reads exactly the values from_float gave.
@@ -63,10 +72,10 @@ inline void product_tile(const Product& p, int64_t n0, int64_t n1) {
   const int64_t wb = p.k->row_bytes(p.K);
   if (p.k->gemv != nullptr && p.x4 != nullptr) {  // 8-row interleaved through the gemm: n0, n1 multiples of 8
     const int64_t full = p.M & ~int64_t(3), nc = n1 - n0;
-    if (full > 0) gemm_kernels.gemm_q4_k_x8(p.K, p.out + n0, p.ldo, p.w + n0 * wb, p.x4, full, nc);
+    if (full > 0) gemm_q4_k_x8(p.K, p.out + n0, p.ldo, p.w + n0 * wb, p.x4, full, nc);
     if (p.M > full) {  // the padded last group into scratch, its real rows copied out
       std::vector<float> tmp(4 * nc);
-      gemm_kernels.gemm_q4_k_x8(p.K, tmp.data(), nc, p.w + n0 * wb, p.x4 + full * (p.K / 256) * Q8_K_BLOCK, 4, nc);
+      gemm_q4_k_x8(p.K, tmp.data(), nc, p.w + n0 * wb, p.x4 + full * (p.K / 256) * Q8_K_BLOCK, 4, nc);
       for (int64_t m = full; m < p.M; ++m)
         std::memcpy(p.out + m * p.ldo + n0, tmp.data() + (m - full) * nc, nc * sizeof(float));
     }

@@ -24,6 +24,23 @@ bool set_gemm(bool on) {  // for the tests: one setting for the process
 
 bool has_gemm() { return gemm_kernels.gemm_q4_k_x8 != nullptr; }
 
+// This module's setting of ggml_cpu's use_own_kernels (its Q6_K dot product, and the Q4_K gemm of
+// ggml_q4k_gemm_avx512.h); returns the previous one.
+bool use_own_kernels(bool on) {
+  const bool was = own_kernels;
+  own_kernels = on;
+  return was;
+}
+
+// Whether the interleaved Q4_K gemm is ours (AVX-512, the library's bits) rather than the library's.
+bool own_gemm() {
+#if defined(MOEPAGE_HAS_Q4K_X8_AVX512)
+  return has_gemm() && own_replaces_avx2();
+#else
+  return false;
+#endif
+}
+
 std::vector<const uint8_t*> row_pointers(const std::vector<uint8_t>& q, int64_t M, int64_t rb) {
   std::vector<const uint8_t*> rows(M);
   for (int64_t m = 0; m < M; ++m) rows[m] = q.data() + m * rb;
@@ -167,6 +184,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("open", &open, "open a ggml 0.20 CPU backend library; returns the CPU features it was built for");
   m.def("set_gemm", &set_gemm, "interleaved Q4_K rows 4 at a time through ggml's gemm (True) or one by one");
   m.def("has_gemm", &has_gemm, "whether ggml's 4x8 Q4_K gemm is in use for the interleaved layout");
+  m.def("use_own_kernels", &use_own_kernels, "our kernels where they give the library's bits (True) or its own");
+  m.def("own_gemm", &own_gemm, "whether the interleaved Q4_K gemm is ours (AVX-512) rather than the library's");
   m.def("linear", &linear, "x [M, K] @ GGML weight [N, K]^T -> float32 [M, N], tiled over many rows", free_gil);
   m.def("experts_accumulate", &experts_accumulate, "acc [T, H] += a layer's routed SwiGLU experts for T tokens",
         free_gil);
