@@ -93,10 +93,11 @@ inline void product_tile(const Product& p, int64_t n0, int64_t n1) {
   }
 }
 
-// Weight rows per task: about 32 KiB of weights (a multiple of 8 rows), fewer for products with many rows.
+// Weight rows per task: about 32 KiB of weights, a multiple of 16 rows (the AVX-512 gemm takes 8-row groups in
+// pairs; an odd one goes through the library's kernel).
 inline int64_t tile_rows(const Product& p) {
   const int64_t wb = p.k->row_bytes(p.K);
-  return std::max<int64_t>(8, (32 * 1024 / std::max<int64_t>(1, wb)) & ~int64_t(7));
+  return std::max<int64_t>(16, (32 * 1024 / std::max<int64_t>(1, wb)) & ~int64_t(15));
 }
 
 // Every product's tiles in one parallel region.
