@@ -18,12 +18,11 @@ Decode = Callable[[torch.Tensor, int], torch.Tensor]  # stored bytes [N, B], N -
 class TensorRows:
     def __init__(self, f: PreadFile, name: str, start: int, shape: tuple[int, int], row_bytes: int, decode: Decode,
                  dtype: torch.dtype, device, stored_dtype: torch.dtype | None = None):
-        """stored_dtype: the rows' torch dtype where they are stored as plain values (None: GGML blocks)."""
+        """A tensor whose extent the file's header reader checked against the file; stored_dtype: the rows' torch
+        dtype where they are stored as plain values (None: GGML blocks)."""
         self.f, self.name, self.start, self.row_bytes, self.decode = f, name, start, row_bytes, decode
         self.rows, self.cols = shape
         self.dtype, self.device, self.stored_dtype = dtype, torch.device(device), stored_dtype
-        if self.rows * row_bytes + start > f.size:
-            raise ExpertReadError(f"{f.path}: {name} ({self.rows} rows of {row_bytes} bytes) lies outside the file")
 
     @classmethod
     def plain(cls, f: PreadFile, name: str, start: int, shape: tuple[int, int], stored: torch.dtype,

@@ -248,14 +248,6 @@ int64_t finite_argmax(torch::Tensor raw) {
   return finite_argmax_t(raw.data_ptr<c10::BFloat16>(), raw.numel());
 }
 
-// Whether kinds made from now on use our dot products where they give the library's bits (ggml_cpu_core.h
-// own_vec_dot); returns the previous setting. For A/B checks: plans made before keep their kernels.
-bool use_own_kernels(bool on) {
-  const bool was = own_kernels;
-  own_kernels = on;
-  return was;
-}
-
 // The GGML type ids that get our dot product instead of the library's (while use_own_kernels is on); the
 // interleaved Q4_K as TYPE_Q4_K | INTERLEAVED where its gemv is ours.
 std::vector<int64_t> own_kernel_types() {

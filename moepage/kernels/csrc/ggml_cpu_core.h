@@ -1,4 +1,5 @@
-// The shared core of moepage's ggml CPU kernels (included by ggml_cpu.cpp only): the library's type tables,
+// The shared core of moepage's ggml CPU kernels (included by ggml_cpu.cpp and, through ggml_cpu_gemm.h,
+// ggml_gemm.cpp; each module keeps its own state): the library's type tables,
 // a thread pool with passive waiting, activation conversion and matvecs on GGML bytes.
 #pragma once
 #include <torch/extension.h>
@@ -141,6 +142,14 @@ struct Kind {
 // does its arithmetic 64 bytes at a time, ggml_q6k_avx512.h) and own_kernels is on; else the library's `fallback`.
 bool own_kernels = true;
 bool own_replaces_avx2() { return own_kernels && lib.features.find("avx2") != std::string::npos; }
+
+// Whether this module uses our kernels where they give the library's bits from now on (kinds made before keep
+// theirs); returns the previous setting. For A/B checks.
+bool use_own_kernels(bool on) {
+  const bool was = own_kernels;
+  own_kernels = on;
+  return was;
+}
 
 vec_dot_t own_vec_dot(int id, vec_dot_t fallback) {
 #if defined(MOEPAGE_HAS_Q6K_AVX512)

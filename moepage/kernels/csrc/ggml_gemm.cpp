@@ -24,14 +24,6 @@ bool set_gemm(bool on) {  // for the tests: one setting for the process
 
 bool has_gemm() { return gemm_kernels.gemm_q4_k_x8 != nullptr; }
 
-// This module's setting of ggml_cpu's use_own_kernels (its Q6_K dot product, and the Q4_K gemm of
-// ggml_q4k_gemm_avx512.h); returns the previous one.
-bool use_own_kernels(bool on) {
-  const bool was = own_kernels;
-  own_kernels = on;
-  return was;
-}
-
 // Whether the interleaved Q4_K gemm is ours (AVX-512, the library's bits) rather than the library's.
 bool own_gemm() {
 #if defined(MOEPAGE_HAS_Q4K_X8_AVX512)
